@@ -1,0 +1,81 @@
+"""vdistream: stream database backups through virtual devices, the way SQL Server's VDI does.
+
+This module only re-exports; importing it configures nothing (no logging, no signal
+handlers, no global metrics).
+"""
+
+from vdistream.errors import ConfigError as ConfigError
+from vdistream.errors import JobAbortedError as JobAbortedError
+from vdistream.errors import JobError as JobError
+from vdistream.errors import StorageError as StorageError
+from vdistream.errors import VDAbortError as VDAbortError
+from vdistream.errors import VDBusyError as VDBusyError
+from vdistream.errors import VDClosedError as VDClosedError
+from vdistream.errors import VDIError as VDIError
+from vdistream.errors import VDInstanceNameError as VDInstanceNameError
+from vdistream.errors import VDInvalidError as VDInvalidError
+from vdistream.errors import VdistreamError as VdistreamError
+from vdistream.errors import VDMemoryError as VDMemoryError
+from vdistream.errors import VDNotOpenError as VDNotOpenError
+from vdistream.errors import VDNotSupportedError as VDNotSupportedError
+from vdistream.errors import VDOpenError as VDOpenError
+from vdistream.errors import VDProtocolError as VDProtocolError
+from vdistream.errors import VDSecurityError as VDSecurityError
+from vdistream.errors import VDTimeoutError as VDTimeoutError
+from vdistream.errors import VDUnexpectedError as VDUnexpectedError
+from vdistream.protocol import ClientState as ClientState
+from vdistream.protocol import Command as Command
+from vdistream.protocol import CommandCode as CommandCode
+from vdistream.protocol import CommandResult as CommandResult
+from vdistream.protocol import Completion as Completion
+from vdistream.protocol import Features as Features
+from vdistream.protocol import HResult as HResult
+from vdistream.protocol import ServerState as ServerState
+from vdistream.protocol import VDConfig as VDConfig
+from vdistream.protocol import Whence as Whence
+from vdistream.vdi import ClientVirtualDevice as ClientVirtualDevice
+from vdistream.vdi import ClientVirtualDeviceSet as ClientVirtualDeviceSet
+from vdistream.vdi import PendingCommand as PendingCommand
+from vdistream.vdi import Registry as Registry
+from vdistream.vdi import ServerVirtualDevice as ServerVirtualDevice
+from vdistream.vdi import ServerVirtualDeviceSet as ServerVirtualDeviceSet
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ClientState",
+    "ClientVirtualDevice",
+    "ClientVirtualDeviceSet",
+    "Command",
+    "CommandCode",
+    "CommandResult",
+    "Completion",
+    "ConfigError",
+    "Features",
+    "HResult",
+    "JobAbortedError",
+    "JobError",
+    "PendingCommand",
+    "Registry",
+    "ServerState",
+    "ServerVirtualDevice",
+    "ServerVirtualDeviceSet",
+    "StorageError",
+    "VDAbortError",
+    "VDBusyError",
+    "VDClosedError",
+    "VDConfig",
+    "VDIError",
+    "VDInstanceNameError",
+    "VDInvalidError",
+    "VDMemoryError",
+    "VDNotOpenError",
+    "VDNotSupportedError",
+    "VDOpenError",
+    "VDProtocolError",
+    "VDSecurityError",
+    "VDTimeoutError",
+    "VDUnexpectedError",
+    "VdistreamError",
+    "Whence",
+)

@@ -1,0 +1,19 @@
+"""The live virtual device set on anyio: client and server facades over one core."""
+
+from vdistream.vdi.client import ClientVirtualDevice as ClientVirtualDevice
+from vdistream.vdi.client import ClientVirtualDeviceSet as ClientVirtualDeviceSet
+from vdistream.vdi.core import PendingCommand as PendingCommand
+from vdistream.vdi.registry import Registry as Registry
+from vdistream.vdi.registry import default_registry as default_registry
+from vdistream.vdi.server import ServerVirtualDevice as ServerVirtualDevice
+from vdistream.vdi.server import ServerVirtualDeviceSet as ServerVirtualDeviceSet
+
+__all__ = (
+    "ClientVirtualDevice",
+    "ClientVirtualDeviceSet",
+    "PendingCommand",
+    "Registry",
+    "ServerVirtualDevice",
+    "ServerVirtualDeviceSet",
+    "default_registry",
+)
