@@ -482,11 +482,13 @@ class ServerVirtualDevice:
                     set_name=core.name,
                     device=device.label,
                 )
-        pending = PendingCommand(core, device, code, size, position, slot, offset)
         refusal = self._refusal(core, code)
         if refusal is not None:
+            # A refused command never reaches the client, so it holds no buffer.
+            pending = PendingCommand(core, device, code, size, position)
             pending.finish(CommandResult(refusal))
             return pending
+        pending = PendingCommand(core, device, code, size, position, slot, offset)
         if slot is not None:
             slot.pending += 1
         device.queue.append(pending)

@@ -1,0 +1,75 @@
+"""The public surface: `__all__` lists exactly what the package re-exports."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+PACKAGES = ["vdistream", "vdistream.protocol", "vdistream.vdi"]
+API_NAMES = [
+    "ClientVirtualDeviceSet",
+    "ClientVirtualDevice",
+    "ServerVirtualDeviceSet",
+    "ServerVirtualDevice",
+    "Features",
+    "CommandCode",
+    "Completion",
+    "Whence",
+    "VDConfig",
+    "Command",
+    "CommandResult",
+    "VDIError",
+    "VDNotOpenError",
+    "VDTimeoutError",
+    "VDAbortError",
+    "VDSecurityError",
+    "VDInvalidError",
+    "VDInstanceNameError",
+    "VDNotSupportedError",
+    "VDMemoryError",
+    "VDUnexpectedError",
+    "VDProtocolError",
+    "VDOpenError",
+    "VDClosedError",
+    "VDBusyError",
+]
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_all_is_a_tuple_of_exactly_the_public_names(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = module.__all__
+    assert isinstance(exported, tuple)
+    assert len(set(exported)) == len(exported)
+    for attr in exported:
+        assert hasattr(module, attr), attr
+    public = {
+        attr
+        for attr, value in vars(module).items()
+        if not attr.startswith("_") and not isinstance(value, type(sys))
+    }
+    assert public == set(exported)
+
+
+def test_api_md_names_are_importable_from_the_top() -> None:
+    import vdistream
+
+    missing = [name for name in API_NAMES if name not in vdistream.__all__]
+    assert missing == []
+
+
+def test_import_configures_nothing() -> None:
+    """Importing vdistream installs no logging handler and no signal handler."""
+    code = (
+        "import logging, signal, structlog\n"
+        "before = (logging.root.handlers[:], signal.getsignal(signal.SIGTERM),"
+        " signal.getsignal(signal.SIGINT), structlog.is_configured())\n"
+        "import vdistream\n"
+        "after = (logging.root.handlers[:], signal.getsignal(signal.SIGTERM),"
+        " signal.getsignal(signal.SIGINT), structlog.is_configured())\n"
+        "assert before == after, (before, after)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,65 @@
+"""The server timeout watchdog (api.md decision 10, spec §5.5)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from tests.vdi.conftest import active
+from vdistream import ClientState, CommandCode, Completion, Registry, VDAbortError
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_pending_command_without_completion_aborts_after_two_intervals(
+    registry: Registry,
+) -> None:
+    pair = await active(registry, server_timeout_ms=50)
+    started = anyio.current_time()
+    pending = pair.sdevs[0].send_command(CommandCode.FLUSH)
+    await pair.cdevs[0].get_command(0)  # taken, never completed
+    with anyio.fail_after(2):
+        result = await pending
+    elapsed = anyio.current_time() - started
+    assert result.completion == Completion.OPERATION_ABORTED
+    assert 0.09 <= elapsed < 1.0
+    assert pair.client.state is ClientState.ABORTED
+    assert "server timeout" in (pair.client.abort_reason or "")
+    with pytest.raises(VDAbortError, match="server timeout"):
+        await pair.cdevs[0].get_command(0)
+
+
+async def test_a_waiting_client_runs_the_watchdog_too(registry: Registry) -> None:
+    pair = await active(registry, devices=2, server_timeout_ms=30)
+    pair.sdevs[0].send_command(CommandCode.FLUSH)  # device 0's command is never taken
+    with anyio.fail_after(2), pytest.raises(VDAbortError, match="server timeout"):
+        await pair.cdevs[1].get_command(None)
+
+
+async def test_completions_restart_the_clock(registry: Registry) -> None:
+    pair = await active(registry, server_timeout_ms=50)
+    sdev, cdev = pair.sdevs[0], pair.cdevs[0]
+    pending = sdev.send_command(CommandCode.FLUSH)
+    for _ in range(6):  # 6 x 60 ms > 2 x 50 ms, but never 100 ms without a completion
+        nxt = sdev.send_command(CommandCode.FLUSH)
+        await anyio.sleep(0.06)
+        cdev.complete_command(await cdev.get_command(0), 0)
+        assert (await pending).completion == 0
+        pending = nxt
+    assert pair.client.state is ClientState.ACTIVE
+
+
+async def test_no_pending_command_no_abort(registry: Registry) -> None:
+    pair = await active(registry, server_timeout_ms=10)
+    await anyio.sleep(0.1)
+    with pytest.raises(TimeoutError), anyio.fail_after(0.05):
+        await pair.cdevs[0].get_command(None)
+    assert pair.client.state is ClientState.ACTIVE
+
+
+async def test_zero_means_no_watchdog(registry: Registry) -> None:
+    pair = await active(registry, server_timeout_ms=0)
+    pending = pair.sdevs[0].send_command(CommandCode.FLUSH)
+    with pytest.raises(TimeoutError), anyio.fail_after(0.1):
+        await pending
+    assert pair.client.state is ClientState.ACTIVE

@@ -1,0 +1,3 @@
+from vdistream.cli import main
+
+raise SystemExit(main())
