@@ -1,0 +1,45 @@
+"""Client-side media: where each device's byte stream goes (``Sink``) or comes from
+(``Source``), addressed by URL (``open_storage("file:///backups")``).
+
+The contracts, including what every call guarantees after cancellation, are in
+``vdistream.storage.base``; ``vdistream.testing.check_storage`` checks an implementation
+against them.
+"""
+
+from vdistream.storage.base import Sink as Sink
+from vdistream.storage.base import Source as Source
+from vdistream.storage.base import Storage as Storage
+from vdistream.storage.file import FileSink as FileSink
+from vdistream.storage.file import FileSource as FileSource
+from vdistream.storage.file import FileStorage as FileStorage
+from vdistream.storage.memory import MemorySink as MemorySink
+from vdistream.storage.memory import MemorySource as MemorySource
+from vdistream.storage.memory import MemoryStorage as MemoryStorage
+from vdistream.storage.memory import MemoryStore as MemoryStore
+from vdistream.storage.memory import MemoryStores as MemoryStores
+from vdistream.storage.null import NullSink as NullSink
+from vdistream.storage.null import NullStorage as NullStorage
+from vdistream.storage.registry import StorageFactory as StorageFactory
+from vdistream.storage.registry import StorageRegistry as StorageRegistry
+from vdistream.storage.registry import default_registry as default_registry
+from vdistream.storage.registry import open_storage as open_storage
+
+__all__ = (
+    "FileSink",
+    "FileSource",
+    "FileStorage",
+    "MemorySink",
+    "MemorySource",
+    "MemoryStorage",
+    "MemoryStore",
+    "MemoryStores",
+    "NullSink",
+    "NullStorage",
+    "Sink",
+    "Source",
+    "Storage",
+    "StorageFactory",
+    "StorageRegistry",
+    "default_registry",
+    "open_storage",
+)

@@ -1,0 +1,430 @@
+"""``file:///abs/dir`` (and plain paths): one regular file per key under a directory.
+
+Durable commit, the way pgBackRest and restic do it:
+
+1. a sink writes ``.{name}.{16 hex}.tmp`` in the storage directory (``O_EXCL``; hidden
+   from ``list``; its name can never be a key);
+2. ``commit`` checks ``fstat`` size against the sink's size, fsyncs and closes it;
+3. publishes it with ``os.link(temp, final)``: the kernel creates the final name only
+   if it does not exist (``EEXIST`` otherwise, atomically), so a committed file is never
+   replaced or truncated, unlike ``rename``; then unlinks the temporary name;
+4. fsyncs the final file's directory and its parents up to the storage directory, so
+   the new name (and any directory created for it) survives a crash.
+
+Keys containing ``/`` become subdirectories, created at commit. The temporary file
+always lives in the storage directory itself, so ``abort`` has exactly one file to
+remove and leaves no directories behind. Hard links need the storage directory and its
+subdirectories on one file system that supports them (any POSIX local file system);
+otherwise commit fails with a ``StorageError`` and nothing is published.
+
+File data goes through aiofiles (unbuffered, so every byte reaches the kernel within
+the call); fsync, link, unlink and directory work run in ``anyio.to_thread``. Every
+``OSError`` is translated with ``vdistream.errors.translate_os_error``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import aiofiles
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+from aiofiles.threadpool.binary import AsyncFileIO
+
+from vdistream.errors import (
+    StorageError,
+    StorageExistsError,
+    StorageIntegrityError,
+    StorageNotFoundError,
+    StorageURLError,
+    translate_os_error,
+)
+from vdistream.storage._common import (
+    SinkState,
+    byte_view,
+    check_key,
+    check_position,
+    require,
+)
+from vdistream.storage.base import Sink, Source, Storage
+
+__all__ = ("FileSink", "FileSource", "FileStorage")
+
+_TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{16}\.tmp", re.DOTALL)
+# Errors that mean "there is no object under this key" for stat, open and delete.
+_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})
+
+
+class FileStorage(Storage):
+    """The directory ``path``; it is created when the first sink opens."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        self.url = self.path.as_uri()
+
+    @classmethod
+    def from_url(cls, url: str) -> FileStorage:
+        """``file:///abs/dir`` or ``file://localhost/abs/dir`` (percent-decoded)."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "file":
+            raise StorageURLError("expected a file:// URL", url=url)
+        if parts.netloc not in ("", "localhost"):
+            raise StorageURLError("a file URL must not name another host", url=url)
+        if parts.query or parts.fragment:
+            raise StorageURLError("a file URL takes no query or fragment", url=url)
+        path = unquote(parts.path)
+        if not path.startswith("/") or "\0" in path:
+            raise StorageURLError("a file URL needs an absolute path", url=url)
+        return cls(path)
+
+    def __repr__(self) -> str:
+        return f"<FileStorage {self.url}>"
+
+    def _path(self, key: str) -> Path:
+        check_key(key, url=self.url)
+        if any(_TEMP_NAME.fullmatch(part) for part in key.split("/")):
+            raise StorageURLError(f"invalid key {key!r}: reserved temporary name", url=self.url)
+        return self.path.joinpath(*key.split("/"))
+
+    async def open_sink(self, key: str, *, device: str | None = None) -> FileSink:
+        final = self._path(key)
+        name = final.name[:200]  # leave room for the suffix within NAME_MAX
+        temp = self.path / f".{name}.{secrets.token_hex(8)}.tmp"
+        url = final.as_uri()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        # Shielded so that a cancellation cannot lose the handle of a file just created.
+        with anyio.CancelScope(shield=True), translate_os_error("open", url=url, device=device):
+            await anyio.to_thread.run_sync(_make_directory, self.path)
+            file = await aiofiles.open(temp, "xb", buffering=0)
+        return FileSink(file, root=self.path, temp=temp, final=final, url=url, device=device)
+
+    async def open_source(self, key: str) -> FileSource:
+        path = self._path(key)
+        url = path.as_uri()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True), _reading("open", url):
+            file = await aiofiles.open(path, "rb", buffering=0)
+            try:
+                info = await anyio.to_thread.run_sync(os.fstat, file.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+            except BaseException:
+                await file.close()
+                raise
+        return FileSource(file, size=info.st_size, url=url)
+
+    async def list(self, prefix: str = "") -> builtins.list[str]:
+        with translate_os_error("list", url=self.url):
+            return await anyio.to_thread.run_sync(_list_keys, self.path, prefix)
+
+    async def stat(self, key: str) -> int:
+        path = self._path(key)
+        with _reading("stat", path.as_uri()):
+            info = await anyio.to_thread.run_sync(os.stat, path)
+        if not stat.S_ISREG(info.st_mode):
+            raise StorageNotFoundError("stat failed: not a regular file", url=path.as_uri())
+        return info.st_size
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        with anyio.CancelScope(shield=True), _reading("delete", path.as_uri()):
+            await anyio.to_thread.run_sync(os.unlink, path)
+            await anyio.to_thread.run_sync(_fsync_dir, path.parent)
+
+
+class FileSink(Sink):
+    """Writes a temporary file; ``commit`` links it under the key (see module doc)."""
+
+    def __init__(
+        self,
+        file: AsyncFileIO,
+        *,
+        root: Path,
+        temp: Path,
+        final: Path,
+        url: str,
+        device: str | None,
+    ) -> None:
+        self.url = url
+        self.device = device
+        self.temp_path = temp
+        self.final_path = final
+        self._root = root
+        self._file = file
+        self._position = 0  # where the file offset is: the end of the last write
+        self._size = 0
+        self._written = 0
+        self._state = SinkState.OPEN
+
+    def __repr__(self) -> str:
+        return f"<FileSink {self.url} {self._state.value}, {self._size} bytes>"
+
+    @property
+    def random_access(self) -> bool:
+        return True
+
+    @property
+    def bytes_written(self) -> int:
+        return self._written
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Translate OSErrors; any error leaves the sink failed (only abort remains)."""
+        try:
+            with translate_os_error(what, url=self.url, device=self.device):
+                yield
+        except BaseException:
+            self._state = SinkState.FAILED
+            raise
+
+    async def write(self, data: memoryview, *, position: int | None = None) -> None:
+        require(self._state, SinkState.OPEN, what="write", url=self.url, device=self.device)
+        check_position(position, random_access=True, url=self.url, device=self.device)
+        view = byte_view(data)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        # Shielded: the engine reuses the buffer as soon as we return, so a write that
+        # has started must not be abandoned half-way in a worker thread.
+        with anyio.CancelScope(shield=True), self._io("write"):
+            if position is not None and position != self._position:
+                await self._file.seek(position)
+                self._position = position
+            done = 0
+            while done < view.nbytes:  # unbuffered writes may be short
+                with view[done:] as rest:
+                    done += await self._file.write(rest)
+        self._position += done
+        if done:
+            self._size = max(self._size, self._position)
+        self._written += done
+
+    async def flush(self) -> None:
+        require(self._state, SinkState.OPEN, what="flush", url=self.url, device=self.device)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True), self._io("flush"):
+            await anyio.to_thread.run_sync(os.fsync, self._file.fileno())
+
+    async def commit(self) -> None:
+        if self._state is SinkState.COMMITTED:
+            return
+        require(
+            self._state,
+            SinkState.OPEN,
+            SinkState.SEALED,
+            what="commit",
+            url=self.url,
+            device=self.device,
+        )
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True):
+            if self._state is SinkState.OPEN:
+                await self._seal()
+            await self._publish()
+
+    async def _seal(self) -> None:
+        """Check the byte count, fsync and close: the data is final from here on."""
+        fd = self._file.fileno()
+        with self._io("commit"):
+            actual = (await anyio.to_thread.run_sync(os.fstat, fd)).st_size
+            if actual != self._size:
+                raise StorageIntegrityError(
+                    f"commit refused: the file holds {actual} bytes, the sink wrote {self._size}",
+                    url=self.url,
+                    device=self.device,
+                )
+            await anyio.to_thread.run_sync(os.fsync, fd)
+            await self._file.close()
+        self._state = SinkState.SEALED
+
+    async def _publish(self) -> None:
+        with self._io("commit"):
+            await anyio.to_thread.run_sync(_make_directory, self.final_path.parent)
+            linked = await anyio.to_thread.run_sync(_link_new, self.temp_path, self.final_path)
+        if not linked:
+            # The old object stays as it was; we stay sealed so the caller may delete
+            # it and commit again, or abort.
+            raise StorageExistsError(
+                "commit refused: an object is already committed under this key",
+                url=self.url,
+                device=self.device,
+            )
+        with self._io("commit"):
+            await anyio.to_thread.run_sync(
+                _finish_link, self._root, self.temp_path, self.final_path
+            )
+        self._state = SinkState.COMMITTED
+
+    async def abort(self) -> None:
+        if self._state in (SinkState.COMMITTED, SinkState.ABORTED):
+            return
+        # No checkpoint first: abort must run even in an already-cancelled scope (it is
+        # what __aexit__ calls on the way out of one).
+        with (
+            anyio.CancelScope(shield=True),
+            translate_os_error("abort", url=self.url, device=self.device),
+        ):
+            try:
+                await self._file.close()  # idempotent
+            finally:
+                await anyio.to_thread.run_sync(_unlink_if_present, self.temp_path)
+        self._state = SinkState.ABORTED
+
+
+class FileSource(Source):
+    """Reads an open regular file; positional reads seek first."""
+
+    def __init__(self, file: AsyncFileIO, *, size: int, url: str) -> None:
+        self.url = url
+        self._file = file
+        self._size = size
+        self._position = 0
+        self._closed = False
+
+    @property
+    def random_access(self) -> bool:
+        return True
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
+        if self._closed:
+            raise StorageError("cannot read: the source is closed", url=self.url)
+        check_position(position, random_access=True, url=self.url)
+        view = byte_view(buffer)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        # Shielded for the same reason as FileSink.write: the buffer is shared memory.
+        with anyio.CancelScope(shield=True), translate_os_error("read", url=self.url):
+            if position is not None and position != self._position:
+                await self._file.seek(position)
+                self._position = position
+            done = 0
+            while done < view.nbytes:
+                with view[done:] as rest:
+                    count = await self._file.readinto(rest)
+                if not count:
+                    break
+                done += count
+        self._position += done
+        return done
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True), translate_os_error("close", url=self.url):
+            await self._file.close()
+
+
+# --- blocking helpers, run in worker threads ----------------------------------------
+
+
+@contextlib.contextmanager
+def _reading(what: str, url: str) -> Iterator[None]:
+    """Like translate_os_error, but every "no such file" flavour means not found."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            raise StorageNotFoundError(f"{what} failed: no such object", url=url) from exc
+        with translate_os_error(what, url=url):
+            raise
+
+
+def _make_directory(directory: Path) -> None:
+    """Create ``directory`` and its parents; a file in the way is an error, not 'exists'."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except FileExistsError as exc:
+        # makedirs reports "a file is where a directory must go" as EEXIST, which
+        # would otherwise read as "object already committed".
+        raise NotADirectoryError(
+            errno.ENOTDIR, "a file is in the way of this directory", str(directory)
+        ) from exc
+
+
+def _link_new(temp: Path, final: Path) -> bool:
+    """Give ``temp`` the name ``final`` unless that name exists (then False).
+
+    link(2) fails with EEXIST instead of replacing, atomically; rename(2) would replace.
+    """
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _finish_link(root: Path, temp: Path, final: Path) -> None:
+    """Drop the temporary name and make the new name durable; undo on failure."""
+    inode = os.stat(temp).st_ino
+    try:
+        os.unlink(temp)
+        directory = final.parent
+        while True:  # the key's directory and every parent up to the root may be new
+            _fsync_dir(directory)
+            if directory == root:
+                break
+            directory = directory.parent
+    except BaseException:
+        # Not durable means not committed: take our name back (only if it is still
+        # our file) so nothing is published that the caller was told failed.
+        with contextlib.suppress(OSError):
+            if os.stat(final).st_ino == inode:
+                os.unlink(final)
+        _unlink_if_present(temp)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_if_present(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _list_keys(root: Path, prefix: str) -> builtins.list[str]:
+    """Committed keys under ``root`` starting with ``prefix``; skips temporaries and
+    directories that cannot hold a match. A missing root holds no keys."""
+    keys: builtins.list[str] = []
+    pending = [""]  # directories to scan, relative to root, each ending with "/"
+    while pending:
+        relative = pending.pop()
+        try:
+            entries = os.scandir(root / relative)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for entry in entries:
+                key = relative + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    sub = key + "/"
+                    if sub.startswith(prefix) or prefix.startswith(sub):
+                        pending.append(sub)
+                elif (
+                    key.startswith(prefix)
+                    and not _TEMP_NAME.fullmatch(entry.name)
+                    and entry.is_file()
+                ):
+                    keys.append(key)
+    return sorted(keys)
