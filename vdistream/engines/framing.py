@@ -1,0 +1,343 @@
+"""The stream format of the simulated engine (its stand-in for SQL Server's MTF).
+
+A backup of ``L`` logical bytes over ``N`` devices is cut into chunks of ``C`` bytes
+(``C`` a multiple of the block size ``B``; the engine uses its MAXTRANSFERSIZE).
+Chunk ``k`` goes to device ``k % N``, round-robin, so device ``d`` carries chunks
+``d, d + N, d + 2N, ...`` in that order. Every chunk is full except the last one of
+the whole backup, which is padded with zeros to a multiple of ``B``.
+
+Each device's stream is self-describing and block-aligned::
+
+    +--------------+-------------------------------------------+---------------+
+    | header block | payload: this device's chunks, in order    | trailer block |
+    |   B bytes    | (a multiple of B bytes, possibly empty)    |   B bytes     |
+    +--------------+-------------------------------------------+---------------+
+
+Header block (little-endian, unused bytes zero)::
+
+    off len field
+      0   8 magic            b"VDSTRHDR"
+      8   2 format version   1
+     10   2 field bytes      48 (the size of this table)
+     12  16 backup id        random, shared by every device of one backup
+     28   2 device index     0..N-1
+     30   2 device count     N
+     32   4 block size       B
+     36   4 chunk size       C
+     40   4 flags            bit 0: written to disk-like (random access) devices
+     44   4 CRC-32           of bytes 0..43
+
+Trailer block (little-endian, unused bytes zero)::
+
+    off len field
+      0   8 magic            b"VDSTRTRL"
+      8   2 format version   1
+     10   2 field bytes      92
+     12  16 backup id
+     28   2 device index
+     30   2 device count
+     32   8 total length     L, the logical size of the whole backup
+     40   8 payload length   bytes between this device's header and trailer
+     48   8 chunk count      chunks on this device
+     56  32 SHA-256          of this device's payload (padding included)
+     88   4 CRC-32           of bytes 0..87
+
+A restore can therefore read each stream with any read sizes, find the trailer as the
+last block of the stream, and detect a missing, truncated, swapped, duplicated or
+foreign stream: the header names the device's place in the backup, the trailer its
+length and digest, and every device names the same backup id and total length.
+
+``DeviceStreamParser`` is the sans-I/O reader of one device's stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+import uuid
+import zlib
+
+from vdistream.engines.base import StreamFormatError
+
+__all__ = (
+    "FORMAT_VERSION",
+    "HEADER_MAGIC",
+    "TRAILER_MAGIC",
+    "DeviceStreamParser",
+    "StreamHeader",
+    "StreamTrailer",
+    "chunk_count",
+    "device_chunk_count",
+    "device_payload_length",
+    "round_up",
+)
+
+HEADER_MAGIC = b"VDSTRHDR"
+TRAILER_MAGIC = b"VDSTRTRL"
+FORMAT_VERSION = 1
+FLAG_DISK_LIKE = 0x1
+
+_HEADER = struct.Struct("<8sHH16sHHIII")
+_TRAILER = struct.Struct("<8sHH16sHHQQQ32s")
+_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEADER.size + _CRC.size
+TRAILER_SIZE = _TRAILER.size + _CRC.size
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def chunk_count(total_length: int, chunk_size: int) -> int:
+    """Chunks of a backup of ``total_length`` bytes."""
+    return -(-total_length // chunk_size)
+
+
+def device_chunk_count(total_length: int, chunk_size: int, devices: int, index: int) -> int:
+    """Chunks device ``index`` carries (round-robin by chunk number)."""
+    chunks = chunk_count(total_length, chunk_size)
+    return chunks // devices + (1 if index < chunks % devices else 0)
+
+
+def device_payload_length(
+    total_length: int, chunk_size: int, block_size: int, devices: int, index: int
+) -> int:
+    """Payload bytes on device ``index``: its chunks, the last one of the backup padded."""
+    chunks = chunk_count(total_length, chunk_size)
+    length = device_chunk_count(total_length, chunk_size, devices, index) * chunk_size
+    if chunks and (chunks - 1) % devices == index:
+        tail = total_length - (chunks - 1) * chunk_size
+        length -= chunk_size - round_up(tail, block_size)
+    return length
+
+
+def _problem(message: str, set_name: str | None, device: str | None) -> StreamFormatError:
+    return StreamFormatError(message, set_name=set_name, device=device)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamHeader:
+    backup_id: uuid.UUID
+    device_index: int
+    device_count: int
+    block_size: int
+    chunk_size: int
+    flags: int = 0
+
+    def pack_into(self, block: memoryview) -> None:
+        """Write the header block into ``block`` (zeroing the rest of it)."""
+        fields = _HEADER.pack(
+            HEADER_MAGIC,
+            FORMAT_VERSION,
+            HEADER_SIZE,
+            self.backup_id.bytes,
+            self.device_index,
+            self.device_count,
+            self.block_size,
+            self.chunk_size,
+            self.flags,
+        )
+        block[: len(fields)] = fields
+        block[len(fields) : HEADER_SIZE] = _CRC.pack(zlib.crc32(fields))
+        block[HEADER_SIZE:] = bytes(block.nbytes - HEADER_SIZE)
+
+    @classmethod
+    def unpack(
+        cls, block: bytes, *, set_name: str | None = None, device: str | None = None
+    ) -> StreamHeader:
+        if len(block) < HEADER_SIZE or block[:8] != HEADER_MAGIC:
+            raise _problem(
+                "the stream does not start with a header block (not a stream of this engine)",
+                set_name,
+                device,
+            )
+        fields = block[: _HEADER.size]
+        _, version, size, backup_id, index, count, block_size, chunk_size, flags = _HEADER.unpack(
+            fields
+        )
+        if version != FORMAT_VERSION or size != HEADER_SIZE:
+            raise _problem(f"unsupported stream format version {version}", set_name, device)
+        (crc,) = _CRC.unpack_from(block, _HEADER.size)
+        if crc != zlib.crc32(fields):
+            raise _problem("the header block is corrupt (CRC mismatch)", set_name, device)
+        return cls(uuid.UUID(bytes=backup_id), index, count, block_size, chunk_size, flags)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamTrailer:
+    backup_id: uuid.UUID
+    device_index: int
+    device_count: int
+    total_length: int
+    payload_length: int
+    chunk_count: int
+    sha256: bytes
+
+    def pack_into(self, block: memoryview) -> None:
+        """Write the trailer block into ``block`` (zeroing the rest of it)."""
+        fields = _TRAILER.pack(
+            TRAILER_MAGIC,
+            FORMAT_VERSION,
+            TRAILER_SIZE,
+            self.backup_id.bytes,
+            self.device_index,
+            self.device_count,
+            self.total_length,
+            self.payload_length,
+            self.chunk_count,
+            self.sha256,
+        )
+        block[: len(fields)] = fields
+        block[len(fields) : TRAILER_SIZE] = _CRC.pack(zlib.crc32(fields))
+        block[TRAILER_SIZE:] = bytes(block.nbytes - TRAILER_SIZE)
+
+    @classmethod
+    def unpack(
+        cls, block: bytes, *, set_name: str | None = None, device: str | None = None
+    ) -> StreamTrailer:
+        if len(block) < TRAILER_SIZE or block[:8] != TRAILER_MAGIC:
+            raise _problem(
+                "the stream does not end with a trailer block (truncated or incomplete)",
+                set_name,
+                device,
+            )
+        fields = block[: _TRAILER.size]
+        (_, version, size, backup_id, index, count, total, payload, chunks, digest) = (
+            _TRAILER.unpack(fields)
+        )
+        if version != FORMAT_VERSION or size != TRAILER_SIZE:
+            raise _problem(f"unsupported stream format version {version}", set_name, device)
+        (crc,) = _CRC.unpack_from(block, _TRAILER.size)
+        if crc != zlib.crc32(fields):
+            raise _problem("the trailer block is corrupt (CRC mismatch)", set_name, device)
+        return cls(uuid.UUID(bytes=backup_id), index, count, total, payload, chunks, digest)
+
+
+class DeviceStreamParser:
+    """Reads one device's stream, fed in pieces of any size, without I/O.
+
+    ``feed(data)`` returns the payload bytes that are now known *not* to be the last
+    payload block or the trailer, in stream order: ``memoryview`` items are slices of
+    ``data`` itself (zero copy: the caller must keep ``data`` valid until it has used
+    them), ``bytes`` items are copies the parser held back earlier. It holds back the
+    last two blocks it saw, because only the end of the stream tells which block is the
+    trailer, and the last payload block is where the final chunk's padding lies.
+
+    ``finish()`` is called at the end of the stream: it checks the length, parses and
+    verifies the trailer against the header and the payload it counted and hashed, and
+    returns the held-back final payload block (``b""`` for an empty payload) with the
+    trailer. Every problem raises ``StreamFormatError`` naming the device.
+    """
+
+    def __init__(
+        self,
+        *,
+        block_size: int,
+        device_index: int,
+        device_count: int,
+        set_name: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        self.block_size = block_size
+        self.device_index = device_index
+        self.device_count = device_count
+        self.set_name = set_name
+        self.device = device
+        self.header: StreamHeader | None = None
+        self.stream_bytes = 0
+        self.payload_bytes = 0  # emitted so far
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._hash = hashlib.sha256()
+
+    def _error(self, message: str) -> StreamFormatError:
+        return _problem(message, self.set_name, self.device)
+
+    def _parse_header(self) -> StreamHeader:
+        header = StreamHeader.unpack(bytes(self._head), set_name=self.set_name, device=self.device)
+        if header.block_size != self.block_size:
+            raise self._error(
+                f"the backup was written with BLOCKSIZE={header.block_size}, "
+                f"this restore uses {self.block_size}"
+            )
+        if header.device_count != self.device_count:
+            raise self._error(
+                f"the backup has {header.device_count} device stream(s), "
+                f"this restore has {self.device_count} device(s)"
+            )
+        if header.device_index != self.device_index:
+            raise self._error(
+                f"this device carries stream {header.device_index} of the backup, "
+                f"expected stream {self.device_index} (streams swapped?)"
+            )
+        if header.chunk_size <= 0 or header.chunk_size % header.block_size:
+            raise self._error(f"bad chunk size {header.chunk_size} in the header")
+        return header
+
+    def feed(self, data: memoryview) -> list[bytes | memoryview]:
+        out: list[bytes | memoryview] = []
+        self.stream_bytes += data.nbytes
+        if self.header is None:
+            take = min(self.block_size - len(self._head), data.nbytes)
+            self._head += data[:take]
+            data = data[take:]
+            if len(self._head) < self.block_size:
+                return out
+            self.header = self._parse_header()
+        keep = 2 * self.block_size
+        emit = len(self._tail) + data.nbytes - keep
+        if emit <= 0:
+            self._tail += data
+            return out
+        if emit <= len(self._tail):
+            out.append(bytes(self._tail[:emit]))
+            del self._tail[:emit]
+            self._tail += data
+        else:
+            if self._tail:
+                out.append(bytes(self._tail))
+            borrowed = emit - len(self._tail)
+            out.append(data[:borrowed])
+            self._tail = bytearray(data[borrowed:])
+        for item in out:
+            self._hash.update(item)
+        self.payload_bytes += emit
+        return out
+
+    def finish(self) -> tuple[bytes, StreamTrailer]:
+        block = self.block_size
+        header = self.header
+        if header is None:
+            raise self._error(
+                f"the stream ends after {self.stream_bytes} bytes, before its header block"
+            )
+        if self.stream_bytes % block:
+            raise self._error(
+                f"the stream is {self.stream_bytes} bytes long, not a multiple of the "
+                f"block size {block} (truncated)"
+            )
+        if len(self._tail) < block:
+            raise self._error("the stream ends right after its header: no trailer block")
+        trailer = StreamTrailer.unpack(
+            bytes(self._tail[-block:]), set_name=self.set_name, device=self.device
+        )
+        final = bytes(self._tail[:-block])
+        self._tail.clear()
+        self._hash.update(final)
+        payload = self.payload_bytes + len(final)
+        if trailer.backup_id != header.backup_id:
+            raise self._error("the trailer belongs to another backup than the header")
+        if (trailer.device_index, trailer.device_count) != (
+            header.device_index,
+            header.device_count,
+        ):
+            raise self._error("the trailer names another device stream than the header")
+        if trailer.payload_length != payload:
+            raise self._error(
+                f"the stream carries {payload} payload bytes, its trailer says "
+                f"{trailer.payload_length} (truncated or spliced)"
+            )
+        if trailer.sha256 != self._hash.digest():
+            raise self._error("the payload does not match its SHA-256 digest (corrupt)")
+        return final, trailer
