@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-PACKAGES = ["vdistream", "vdistream.protocol", "vdistream.vdi"]
+PACKAGES = [
+    "vdistream",
+    "vdistream.protocol",
+    "vdistream.vdi",
+    "vdistream.storage",
+    "vdistream.engines",
+    "vdistream.testing",
+]
 API_NAMES = [
     "ClientVirtualDeviceSet",
     "ClientVirtualDevice",

@@ -4,10 +4,24 @@ This module only re-exports; importing it configures nothing (no logging, no sig
 handlers, no global metrics).
 """
 
+from vdistream.coordinator import AbortCause as AbortCause
+from vdistream.coordinator import DeviceResult as DeviceResult
+from vdistream.coordinator import Job as Job
+from vdistream.coordinator import JobKind as JobKind
+from vdistream.coordinator import JobOptions as JobOptions
+from vdistream.coordinator import JobResult as JobResult
+from vdistream.coordinator import JobStatus as JobStatus
+from vdistream.coordinator import backup as backup
+from vdistream.coordinator import restore as restore
 from vdistream.errors import ConfigError as ConfigError
 from vdistream.errors import JobAbortedError as JobAbortedError
 from vdistream.errors import JobError as JobError
 from vdistream.errors import StorageError as StorageError
+from vdistream.errors import StorageExistsError as StorageExistsError
+from vdistream.errors import StorageFullError as StorageFullError
+from vdistream.errors import StorageIntegrityError as StorageIntegrityError
+from vdistream.errors import StorageNotFoundError as StorageNotFoundError
+from vdistream.errors import StorageURLError as StorageURLError
 from vdistream.errors import VDAbortError as VDAbortError
 from vdistream.errors import VDBusyError as VDBusyError
 from vdistream.errors import VDClosedError as VDClosedError
@@ -33,6 +47,10 @@ from vdistream.protocol import HResult as HResult
 from vdistream.protocol import ServerState as ServerState
 from vdistream.protocol import VDConfig as VDConfig
 from vdistream.protocol import Whence as Whence
+from vdistream.storage import Sink as Sink
+from vdistream.storage import Source as Source
+from vdistream.storage import Storage as Storage
+from vdistream.storage import open_storage as open_storage
 from vdistream.vdi import ClientVirtualDevice as ClientVirtualDevice
 from vdistream.vdi import ClientVirtualDeviceSet as ClientVirtualDeviceSet
 from vdistream.vdi import PendingCommand as PendingCommand
@@ -43,6 +61,7 @@ from vdistream.vdi import ServerVirtualDeviceSet as ServerVirtualDeviceSet
 __version__ = "0.1.0"
 
 __all__ = (
+    "AbortCause",
     "ClientState",
     "ClientVirtualDevice",
     "ClientVirtualDeviceSet",
@@ -51,16 +70,30 @@ __all__ = (
     "CommandResult",
     "Completion",
     "ConfigError",
+    "DeviceResult",
     "Features",
     "HResult",
+    "Job",
     "JobAbortedError",
     "JobError",
+    "JobKind",
+    "JobOptions",
+    "JobResult",
+    "JobStatus",
     "PendingCommand",
     "Registry",
     "ServerState",
     "ServerVirtualDevice",
     "ServerVirtualDeviceSet",
+    "Sink",
+    "Source",
+    "Storage",
     "StorageError",
+    "StorageExistsError",
+    "StorageFullError",
+    "StorageIntegrityError",
+    "StorageNotFoundError",
+    "StorageURLError",
     "VDAbortError",
     "VDBusyError",
     "VDClosedError",
@@ -78,4 +111,7 @@ __all__ = (
     "VDUnexpectedError",
     "VdistreamError",
     "Whence",
+    "backup",
+    "open_storage",
+    "restore",
 )
