@@ -184,8 +184,8 @@ def main() -> None:
         )
         for label, mine, theirs, cpu, dd_cpu, rss in rows:
             print(
-                f"{label:<42}{mine:>8.2f}{theirs:>8.2f}{mine / theirs:>7.2f}"
-                f"{cpu:>9.2f}{dd_cpu:>8.2f}{rss:>9.0f}"
+                f"{label:<42}{mine:>9.2f}{theirs:>9.2f}{mine / theirs:>9.2f}"
+                f"{cpu:>9.2f}{dd_cpu:>9.2f}{rss:>9.0f}"
             )
         area = 16 * 4
         for gib in (1, 8):
