@@ -1,18 +1,52 @@
-"""The ``vdistream`` command line.
+"""The ``vdistream`` command line: backup, restore, verify, list, demo.
 
-Only the version for now; backup, restore, verify, list and serve arrive with the
-coordinator, the engines and the daemon. Parsing lives here; the work lives in the
-library, so that everything the CLI does can also be done by an embedding program.
+Parsing and presentation live here; the work lives in :mod:`vdistream.operations`, so
+an embedding program can do everything the command line does. Exit codes: 0 only for
+a complete, committed backup, a complete restore, a verified backup or a listing; 1
+when the operation failed; 2 for bad usage (a wrong URL, a missing option). Errors are
+one line on stderr naming what failed and where. ``--json`` prints one JSON object on
+stdout at the end (an array for ``list``). Ctrl-C aborts the job cleanly (the set is
+aborted, the device streams drained and removed) and exits with 130.
+
+The command line configures no logging: it prints its own progress on stderr, a
+refreshed line on a terminal and a plain line every few seconds otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
+from typing import Any, TextIO
+
+import anyio
 
 from vdistream import __version__
+from vdistream.catalog import CatalogError
+from vdistream.coordinator import Job
+from vdistream.errors import ConfigError, StorageURLError, VdistreamError
+from vdistream.operations import (
+    BackupSettings,
+    list_backups,
+    run_backup,
+    run_restore,
+    run_verify,
+)
 
 __all__ = ["main"]
+
+MIB = 1024 * 1024
+
+
+def _size(text: str) -> int:
+    """``1048576``, ``1M``, ``64K``, ``4MiB`` -> bytes."""
+    units = {"k": 1024, "kib": 1024, "m": MIB, "mib": MIB, "g": 1024 * MIB, "gib": 1024 * MIB}
+    raw = text.strip().lower()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if raw.endswith(unit):
+            return int(float(raw[: -len(unit)]) * factor)
+    return int(raw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +56,201 @@ def build_parser() -> argparse.ArgumentParser:
         "VDI does.",
     )
     parser.add_argument("--version", action="version", version=f"vdistream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("backup", help="back up a database into a destination")
+    b.add_argument("source", help="sqlite:///path/app.db, postgresql://..., cmd:COMMAND")
+    b.add_argument("dest", help="a directory or a storage URL (file://, memory://, null://)")
+    b.add_argument("--mode", choices=["basebackup", "dump"], help="PostgreSQL: what to take")
+    b.add_argument("--devices", type=int, default=4, help="virtual devices (default 4)")
+    b.add_argument("--max-transfer-size", type=_size, default=MIB, help="default 1M")
+    b.add_argument("--buffer-count", type=int, default=None, help="default 2 per device")
+    b.add_argument("--block-size", type=_size, default=65536, help="default 64K")
+    b.add_argument("--stall-timeout", type=float, default=60.0, help="seconds (default 60)")
+    b.add_argument("--id", dest="backup_id", help="the backup id (default: time + random)")
+    b.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    r = sub.add_parser("restore", help="restore a backup into a target")
+    r.add_argument("backup", help="DEST/ID or the location of the backup's manifest.json")
+    r.add_argument(
+        "target",
+        help="sqlite: a database file; postgresql basebackup: an empty data directory; "
+        "dump: a database URL; cmd: a command reading the stream on stdin",
+    )
+    r.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    r.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("verify", help="re-read and check a backup without touching the source")
+    v.add_argument("backup", help="DEST/ID or the location of the backup's manifest.json")
+    v.add_argument("--no-content", action="store_true", help="check streams only")
+    v.add_argument("--json", action="store_true")
+
+    ls = sub.add_parser("list", help="list the backups in a destination")
+    ls.add_argument("dest")
+    ls.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="create a SQLite database, back it up, verify it, restore it")
+    d.add_argument("--dir", default="vdistream-demo", help="where (default ./vdistream-demo)")
+    d.add_argument("--db", help="an existing SQLite database to use instead")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
+class Progress:
+    """Shows a job's progress on stderr while it runs."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self.stream = stream
+        self.label = label
+        self.tty = stream.isatty()
+        self.job: Job | None = None
+
+    def attach(self, job: Job) -> None:
+        self.job = job
+
+    async def run(self) -> None:
+        interval = 0.5 if self.tty else 5.0
+        while True:
+            await anyio.sleep(interval)
+            if self.job is None:
+                continue
+            snap = self.job.progress.snapshot()
+            devices = " ".join(f"{d.bytes / MIB:.0f}" for d in snap.devices)
+            line = (
+                f"{self.label}: {snap.bytes / MIB:,.1f} MiB at {snap.rate / 1e6:,.1f} MB/s "
+                f"(MiB per device: {devices})"
+            )
+            if self.tty:
+                self.stream.write("\r\x1b[K" + line)
+            else:
+                self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty and self.job is not None:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=None, default=str))
+    elif text:
+        print(text)
+
+
+async def _with_progress(label: str, work: Any) -> Any:
+    progress = Progress(sys.stderr, label)
+    result: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(progress.run)
+        result.append(await work(progress.attach))
+        tg.cancel_scope.cancel()
+    progress.done()
+    return result[0]
+
+
+async def _backup(args: argparse.Namespace) -> int:
+    settings = BackupSettings(
+        devices=args.devices,
+        block_size=args.block_size,
+        max_transfer_size=args.max_transfer_size,
+        buffer_count=args.buffer_count,
+        stall_timeout=args.stall_timeout,
+        mode=args.mode,
+        backup_id=args.backup_id,
+    )
+    outcome = await _with_progress(
+        "backup", lambda hook: run_backup(args.source, args.dest, settings, on_job=hook)
+    )
+    result = outcome.result
+    if outcome.ok:
+        _emit(
+            args,
+            outcome.summary(),
+            f"backup {result.backup_id} complete: {result.bytes:,} bytes on "
+            f"{len(result.devices)} devices in {result.duration:.1f} s\n"
+            f"manifest: {outcome.manifest_url}",
+        )
+        return 0
+    _emit(args, outcome.summary(), "")
+    print(f"vdistream: backup failed ({result.status.value}): {result.error}", file=sys.stderr)
+    return 1
+
+
+async def _restore(args: argparse.Namespace) -> int:
+    result = await _with_progress(
+        "restore",
+        lambda hook: run_restore(args.backup, args.target, overwrite=args.overwrite, on_job=hook),
+    )
+    summary = {
+        "id": result.backup_id,
+        "status": result.status.value,
+        "target": args.target,
+        "bytes": result.bytes,
+        "seconds": round(result.duration, 3),
+        "error": None if result.ok else str(result.error),
+    }
+    if result.ok:
+        _emit(args, summary, f"restored {result.backup_id} into {args.target}")
+        return 0
+    _emit(args, summary, "")
+    print(f"vdistream: restore failed: {result.error}", file=sys.stderr)
+    return 1
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    report = await run_verify(args.backup, content=not args.no_content)
+    lines = [f"{'ok ' if c.ok else 'BAD'} {c.name}: {c.detail}" for c in report.checks]
+    lines.append(f"backup {report.backup_id}: {'verified' if report.ok else 'FAILED'}")
+    _emit(args, report.summary(), "\n".join(lines))
+    if not report.ok and args.json:
+        bad = next(c for c in report.checks if not c.ok)
+        print(f"vdistream: verify failed: {bad.name}: {bad.detail}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+async def _list(args: argparse.Namespace) -> int:
+    manifests, problems = await list_backups(args.dest)
+    for problem in problems:
+        print(f"vdistream: warning: {problem}", file=sys.stderr)
+    rows = [m.summary() for m in manifests]
+    text = "\n".join(
+        f"{r['id']}  {r['engine']}{'/' + r['mode'] if r['mode'] else ''}  {r['ended']}  "
+        f"{r['bytes']:>14,} bytes  {r['devices']} devices  {r['source']}"
+        for r in rows
+    )
+    _emit(args, rows, text or f"no backups in {args.dest}")
     return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from vdistream.demo import run_demo
+
+    return await run_demo(args.dir, args.db)
+
+
+_COMMANDS = {
+    "backup": _backup,
+    "restore": _restore,
+    "verify": _verify,
+    "list": _list,
+    "demo": _demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return anyio.run(_COMMANDS[args.command], args, backend="asyncio")
+    except KeyboardInterrupt:
+        print("vdistream: interrupted; the job was aborted and cleaned up", file=sys.stderr)
+        return 130
+    except (ConfigError, StorageURLError) as exc:
+        print(f"vdistream: error: {exc}", file=sys.stderr)
+        return 2
+    except (CatalogError, VdistreamError, OSError) as exc:
+        print(f"vdistream: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

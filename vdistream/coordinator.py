@@ -43,6 +43,7 @@ from vdistream.errors import (
     JobAbortedError,
     JobError,
     StorageError,
+    StorageIntegrityError,
     VDAbortError,
     VDIError,
     VDOpenError,
@@ -50,10 +51,11 @@ from vdistream.errors import (
     VDTimeoutError,
 )
 from vdistream.log import get_logger
-from vdistream.progress import JobProgress
+from vdistream.pipeline import HashingSink, HashingSource
+from vdistream.progress import DeviceProgress, JobProgress
 from vdistream.protocol import Features, VDConfig
 from vdistream.pump import Pump, PumpEnd
-from vdistream.storage import Sink, Source, Storage, open_storage
+from vdistream.storage import Storage, open_storage
 from vdistream.vdi import ClientVirtualDevice, ClientVirtualDeviceSet, Registry
 
 __all__ = [
@@ -122,11 +124,15 @@ class JobOptions:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceResult:
+    """One device of a finished job; ``sha256`` is of the stored stream (backup: once
+    committed; restore: as read)."""
+
     name: str
     key: str
     url: str
     bytes: int
     commands: int
+    sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +192,7 @@ class Job:
         options: JobOptions | None = None,
         registry: Registry | None = None,
         keys: Sequence[str] | None = None,
+        expected: Sequence[tuple[int, str]] | None = None,
     ) -> None:
         self.kind = kind
         self.engine = engine
@@ -203,6 +210,10 @@ class Job:
         )
         if len(self.keys) != count:
             raise ValueError(f"{len(self.keys)} keys for {count} devices")
+        #: restore: (size, sha256) each stored stream must have, from the manifest
+        self.expected = list(expected) if expected is not None else None
+        self._hashes: dict[int, str | None] = {}
+        self._hash_limiter = anyio.CapacityLimiter(max(2, count))
         self._storage_arg = storage
         self.storage: Storage | None = None
         self.status = JobStatus.PENDING
@@ -332,7 +343,8 @@ class Job:
         devices = [self._vds.open_device(name) for name in names]
         for index, device in enumerate(devices):
             self.log.info("device_opened", device=device.name, index=index)
-            tg.start_soon(self._pump, index, device)
+            progress = self.progress.add_device(device.name)  # in device order
+            tg.start_soon(self._pump, index, device, progress)
 
     def _cause_of_set_abort(self) -> AbortCause:
         reason = self._vds.abort_reason or ""
@@ -379,20 +391,26 @@ class Job:
                     None,
                 )
 
-    async def _pump(self, index: int, device: ClientVirtualDevice) -> None:
+    async def _pump(
+        self, index: int, device: ClientVirtualDevice, progress: DeviceProgress
+    ) -> None:
         assert self.storage is not None
         key = self.keys[index]
         log = self.log.bind(device=device.name, key=key)
-        progress = self.progress.add_device(device.name)
-        sink: Sink | None = None
-        source: Source | None = None
+        sink: HashingSink | None = None
+        source: HashingSource | None = None
         committed = False
         try:
             try:
                 if self.kind is JobKind.BACKUP:
-                    sink = await self.storage.open_sink(key, device=device.name)
+                    sink = HashingSink(
+                        await self.storage.open_sink(key, device=device.name),
+                        limiter=self._hash_limiter,
+                    )
                 else:
-                    source = await self.storage.open_source(key)
+                    source = HashingSource(
+                        await self.storage.open_source(key), limiter=self._hash_limiter
+                    )
                 pump = Pump(
                     device,
                     progress,
@@ -403,6 +421,8 @@ class Job:
                 )
                 end = await pump.run()
                 log.info("device_closed", end=end.value, bytes=progress.bytes)
+                if source is not None:
+                    self._check_read(index, source)
                 self._ends[index] = end
                 self._maybe_commit()
                 if sink is not None:
@@ -411,6 +431,7 @@ class Job:
                         await sink.commit()
                         committed = True
                         self._committed.append(key)
+                        self._hashes[index] = sink.sha256
                         log.info("sink_committed", bytes=sink.size)
             except VDAbortError:
                 self._abort(self._cause_of_set_abort(), self._vds.abort_reason or "aborted", None)
@@ -424,6 +445,19 @@ class Job:
                     log.info("sink_aborted")
                 if source is not None:
                     await source.close()
+
+    def _check_read(self, index: int, source: HashingSource) -> None:
+        """Restore: the stream read must be the one the manifest describes."""
+        if self.expected is None:
+            return
+        size, sha256 = self.expected[index]
+        self._hashes[index] = source.sha256
+        if source.bytes_read != size or source.sha256 not in (None, sha256):
+            raise StorageIntegrityError(
+                f"stored stream does not match the manifest: read {source.bytes_read} bytes "
+                f"with SHA-256 {source.sha256}, expected {size} bytes with SHA-256 {sha256}",
+                url=source.url,
+            )
 
     async def _cleanup(self) -> None:
         """After every task ended: undo published parts of a failed job, close the set."""
@@ -455,6 +489,7 @@ class Job:
                 url=self._url(self.keys[i]),
                 bytes=p.bytes,
                 commands=p.commands,
+                sha256=self._hashes.get(i),
             )
             for i, p in enumerate(self.progress.devices)
         )

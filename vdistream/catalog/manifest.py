@@ -1,0 +1,130 @@
+"""The manifest: what a backup is, written LAST, after every device stream committed.
+
+A backup exists for ``list``, ``restore`` and ``verify`` only when its manifest is
+committed at ``<backup_id>/manifest.json`` in its destination. The manifest names the
+engine and the source (never credentials), the start and end time, the VDI
+configuration, and for each device its stream's key, URL, byte count and SHA-256, plus
+the tool versions. It carries a SHA-256 of its own canonical content, so a manifest
+edited by hand is refused with a clear message instead of restoring the wrong thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from vdistream.errors import VdistreamError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "CatalogError",
+    "DeviceEntry",
+    "Manifest",
+    "manifest_key",
+]
+
+FORMAT = "vdistream-manifest"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class CatalogError(VdistreamError):
+    """A manifest is missing, malformed, modified, or does not match its streams."""
+
+
+def manifest_key(backup_id: str) -> str:
+    return f"{backup_id}/{MANIFEST_NAME}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceEntry:
+    index: int
+    name: str
+    key: str
+    url: str
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    backup_id: str
+    engine: str  # "sqlite", "postgresql", "cmd"
+    mode: str | None
+    source: str  # without credentials
+    started: str  # ISO 8601, UTC
+    ended: str
+    vdi: dict[str, int]  # device_count, block_size, max_transfer_size, buffer_count, features
+    devices: tuple[DeviceEntry, ...]
+    versions: dict[str, str]
+    logical_bytes: int | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(d.bytes for d in self.devices)
+
+    def _body(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        body["devices"] = [dataclasses.asdict(d) for d in self.devices]
+        return {"format": FORMAT, "version": VERSION, **body}
+
+    def to_json(self) -> bytes:
+        body = self._body()
+        body["checksum"] = _checksum(body)
+        return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+
+    def summary(self) -> dict[str, Any]:
+        """What ``list --json`` shows for this backup."""
+        return {
+            "id": self.backup_id,
+            "engine": self.engine,
+            "mode": self.mode,
+            "source": self.source,
+            "started": self.started,
+            "ended": self.ended,
+            "devices": len(self.devices),
+            "bytes": self.stored_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str) -> Manifest:
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CatalogError(f"manifest {where} is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise CatalogError(f"{where} is not a vdistream manifest")
+        if body.get("version") != VERSION:
+            raise CatalogError(
+                f"manifest {where} has format version {body.get('version')!r}; "
+                f"this vdistream reads version {VERSION}"
+            )
+        stated = body.pop("checksum", None)
+        if stated != _checksum(body):
+            raise CatalogError(
+                f"manifest {where} was modified after it was written (its checksum does not "
+                "match its content); refusing to trust it"
+            )
+        try:
+            devices = tuple(DeviceEntry(**d) for d in body["devices"])
+            return cls(
+                backup_id=body["backup_id"],
+                engine=body["engine"],
+                mode=body["mode"],
+                source=body["source"],
+                started=body["started"],
+                ended=body["ended"],
+                vdi=dict(body["vdi"]),
+                devices=devices,
+                versions=dict(body["versions"]),
+                logical_bytes=body.get("logical_bytes"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise CatalogError(f"manifest {where} is incomplete: {exc!r}") from exc
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()

@@ -1,0 +1,117 @@
+"""Reading and writing manifests, listing backups, checking stored streams."""
+
+from __future__ import annotations
+
+import hashlib
+
+import anyio
+import anyio.to_thread
+
+from vdistream.catalog.manifest import MANIFEST_NAME, CatalogError, Manifest, manifest_key
+from vdistream.errors import StorageExistsError, StorageNotFoundError
+from vdistream.storage import Storage
+
+__all__ = [
+    "check_streams",
+    "hash_stream",
+    "list_manifests",
+    "parse_backup_ref",
+    "read_manifest",
+    "write_manifest",
+]
+
+_CHUNK = 4 * 1024 * 1024
+
+
+def parse_backup_ref(ref: str) -> tuple[str, str]:
+    """``DEST/ID`` or ``DEST/ID/manifest.json`` -> (DEST, ID)."""
+    text = ref.rstrip("/")
+    if text.endswith("/" + MANIFEST_NAME):
+        text = text[: -len(MANIFEST_NAME) - 1]
+    dest, sep, backup_id = text.rpartition("/")
+    if not sep or not backup_id or not dest or dest.endswith(":/"):
+        raise CatalogError(
+            f"{ref!r} names no backup: give DEST/ID (a backup's id inside its destination) "
+            "or the location of its manifest.json"
+        )
+    return dest, backup_id
+
+
+async def write_manifest(storage: Storage, manifest: Manifest) -> str:
+    """Commit the manifest (never replacing one); returns its URL."""
+    key = manifest_key(manifest.backup_id)
+    try:
+        await storage.write_bytes(key, manifest.to_json())
+    except StorageExistsError as exc:
+        raise CatalogError(
+            f"backup {manifest.backup_id} already exists in {storage.url}; not replacing it"
+        ) from exc
+    return f"{storage.url.rstrip('/')}/{key}"
+
+
+async def read_manifest(storage: Storage, backup_id: str) -> Manifest:
+    key = manifest_key(backup_id)
+    where = f"{storage.url.rstrip('/')}/{key}"
+    try:
+        data = await storage.read_bytes(key)
+    except StorageNotFoundError as exc:
+        raise CatalogError(
+            f"no backup {backup_id!r} in {storage.url}: it has no committed manifest "
+            f"({where} does not exist)"
+        ) from exc
+    manifest = Manifest.from_json(data, where=where)
+    if manifest.backup_id != backup_id:
+        raise CatalogError(
+            f"manifest {where} describes backup {manifest.backup_id!r}, not {backup_id!r}"
+        )
+    return manifest
+
+
+async def list_manifests(storage: Storage) -> tuple[list[Manifest], list[str]]:
+    """Every backup with a committed manifest, oldest first, and what could not be read."""
+    manifests: list[Manifest] = []
+    problems: list[str] = []
+    for key in await storage.list():
+        backup_id, _, name = key.rpartition("/")
+        if name != MANIFEST_NAME or not backup_id or "/" in backup_id:
+            continue
+        try:
+            manifests.append(await read_manifest(storage, backup_id))
+        except CatalogError as exc:
+            problems.append(str(exc))
+    manifests.sort(key=lambda m: (m.started, m.backup_id))
+    return manifests, problems
+
+
+async def check_streams(storage: Storage, manifest: Manifest) -> None:
+    """Every device stream exists with the size the manifest says (cheap; no reading)."""
+    for device in manifest.devices:
+        try:
+            size = await storage.stat(device.key)
+        except StorageNotFoundError as exc:
+            raise CatalogError(
+                f"backup {manifest.backup_id}: the stream of device {device.index} "
+                f"({device.url}) is missing"
+            ) from exc
+        if size != device.bytes:
+            raise CatalogError(
+                f"backup {manifest.backup_id}: the stream of device {device.index} "
+                f"({device.url}) has {size} bytes, the manifest says {device.bytes}"
+                + (" (truncated)" if size < device.bytes else "")
+            )
+
+
+async def hash_stream(storage: Storage, key: str) -> tuple[int, str]:
+    """Read a stored stream back: its size and SHA-256."""
+    hasher = hashlib.sha256()
+    size = 0
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    async with await storage.open_source(key) as source:
+        while True:
+            got = await source.readinto(view)
+            if not got:
+                break
+            await anyio.to_thread.run_sync(hasher.update, view[:got])
+            size += got
+    return size, hasher.hexdigest()

@@ -1,0 +1,313 @@
+"""What the command line (and later the daemon) does: backup, restore, verify, list.
+
+Each operation resolves URLs, runs a :class:`~vdistream.coordinator.Job` and deals with
+the catalog: a backup's manifest is written LAST, after every device stream committed,
+and a backup whose manifest could not be written is removed again, so that a backup
+either exists completely or not at all. Restore and verify trust nothing they have not
+checked: the manifest's own checksum, then every stream's size, then (while reading)
+every stream's SHA-256, then the engine's own framing, and for verify the database's
+own check of a restore into a temporary place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from vdistream import __version__
+from vdistream.catalog import (
+    CatalogError,
+    DeviceEntry,
+    Manifest,
+    check_streams,
+    hash_stream,
+    list_manifests,
+    parse_backup_ref,
+    read_manifest,
+    write_manifest,
+)
+from vdistream.coordinator import AbortCause, Job, JobKind, JobOptions, JobResult, JobStatus
+from vdistream.engines import SimulatorOptions
+from vdistream.engines.databases import content_check, resolve_source, restore_engine
+from vdistream.errors import StorageError, VdistreamError
+from vdistream.storage import Storage, open_storage
+
+__all__ = [
+    "BackupOutcome",
+    "BackupSettings",
+    "Check",
+    "VerifyReport",
+    "list_backups",
+    "run_backup",
+    "run_restore",
+    "run_verify",
+]
+
+JobHook = Callable[[Job], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupSettings:
+    """How a backup is cut: T-SQL-like transfer options plus the job's own."""
+
+    devices: int = 4
+    block_size: int = 65536
+    max_transfer_size: int = 1024 * 1024
+    buffer_count: int | None = None  # total, shared by all devices; None: 2 per device
+    stall_timeout: float = 60.0
+    mode: str | None = None  # postgresql: basebackup (default) or dump
+    backup_id: str | None = None
+
+    def simulator(self) -> SimulatorOptions:
+        return SimulatorOptions(
+            block_size=self.block_size,
+            max_transfer_size=self.max_transfer_size,
+            buffer_count=self.buffer_count,
+        )
+
+    def job(self) -> JobOptions:
+        return JobOptions(devices=self.devices, stall_timeout=self.stall_timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupOutcome:
+    result: JobResult
+    manifest: Manifest | None = None
+    manifest_url: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok and self.manifest is not None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.result.backup_id,
+            "status": self.result.status.value,
+            "manifest": self.manifest_url,
+            "bytes": self.result.bytes,
+            "devices": [dataclasses.asdict(d) for d in self.manifest.devices]
+            if self.manifest
+            else [],
+            "seconds": round(self.result.duration, 3),
+            "error": None if self.result.ok else str(self.result.error),
+            "aborted_by": self.result.aborted_by.value if self.result.aborted_by else None,
+        }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _failed(result: JobResult, error: BaseException) -> JobResult:
+    return dataclasses.replace(
+        result,
+        status=JobStatus.FAILED,
+        aborted_by=AbortCause.SINK,
+        reason=str(error),
+        error=error,
+    )
+
+
+async def run_backup(
+    source_url: str,
+    destination: str | Storage,
+    settings: BackupSettings | None = None,
+    *,
+    on_job: JobHook | None = None,
+) -> BackupOutcome:
+    """Back up ``source_url`` into ``destination``; the manifest is written last."""
+    settings = settings or BackupSettings()
+    source = resolve_source(source_url, mode=settings.mode)
+    storage = destination if isinstance(destination, Storage) else open_storage(destination)
+    versions = {"vdistream": __version__, "python": platform.python_version()}
+    versions.update(await source.describe())
+    started = _now()
+    job = Job(
+        JobKind.BACKUP,
+        source.backup_engine(settings.simulator()),
+        storage,
+        backup_id=settings.backup_id,
+        options=settings.job(),
+    )
+    if on_job is not None:
+        on_job(job)
+    result = await job.run()
+    if not result.ok:
+        return BackupOutcome(result)
+    try:
+        devices = []
+        for index, device in enumerate(result.devices):
+            sha256 = device.sha256
+            if sha256 is None:  # written out of order: hash what was committed
+                _, sha256 = await hash_stream(storage, device.key)
+            devices.append(
+                DeviceEntry(index, device.name, device.key, device.url, device.bytes, sha256)
+            )
+        engine_result = result.engine_result
+        manifest = Manifest(
+            backup_id=result.backup_id,
+            engine=source.kind,
+            mode=source.mode,
+            source=source.display,
+            started=started,
+            ended=_now(),
+            vdi={
+                "device_count": settings.devices,
+                "block_size": settings.block_size,
+                "max_transfer_size": settings.max_transfer_size,
+                "buffer_count": settings.buffer_count or 2 * settings.devices,
+                "features": getattr(engine_result, "features", 0),
+            },
+            devices=tuple(devices),
+            versions=versions,
+            logical_bytes=getattr(engine_result, "logical_bytes", None),
+        )
+        url = await write_manifest(storage, manifest)
+    except (CatalogError, StorageError) as exc:
+        # Streams without a manifest are no backup: take them away again.
+        with anyio.CancelScope(shield=True):
+            for device in result.devices:
+                try:
+                    await storage.delete(device.key)
+                except StorageError:
+                    pass
+        return BackupOutcome(_failed(result, exc))
+    return BackupOutcome(result, manifest, url)
+
+
+async def _restore_job(
+    storage: Storage,
+    manifest: Manifest,
+    target: str,
+    *,
+    overwrite: bool,
+    on_job: JobHook | None,
+) -> JobResult:
+    await check_streams(storage, manifest)
+    options = SimulatorOptions(
+        block_size=manifest.vdi["block_size"],
+        max_transfer_size=manifest.vdi["max_transfer_size"],
+    )
+    engine = restore_engine(manifest.engine, manifest.mode, target, options, overwrite=overwrite)
+    job = Job(
+        JobKind.RESTORE,
+        engine,
+        storage,
+        backup_id=manifest.backup_id,
+        options=JobOptions(devices=len(manifest.devices)),
+        keys=[d.key for d in manifest.devices],
+        expected=[(d.bytes, d.sha256) for d in manifest.devices],
+    )
+    if on_job is not None:
+        on_job(job)
+    return await job.run()
+
+
+async def run_restore(
+    backup: str, target: str, *, overwrite: bool = False, on_job: JobHook | None = None
+) -> JobResult:
+    """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``."""
+    dest, backup_id = parse_backup_ref(backup)
+    storage = open_storage(dest)
+    manifest = await read_manifest(storage, backup_id)
+    return await _restore_job(storage, manifest, target, overwrite=overwrite, on_job=on_job)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    backup_id: str
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.backup_id,
+            "status": "verified" if self.ok else "failed",
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+        }
+
+
+async def run_verify(backup: str, *, content: bool = True) -> VerifyReport:
+    """Re-read every stream and check it; then, where the engine allows, the content.
+
+    Writes nothing but a temporary restore target, removed afterwards; never touches
+    the source database.
+    """
+    dest, backup_id = parse_backup_ref(backup)
+    storage = open_storage(dest)
+    checks: list[Check] = []
+    try:
+        manifest = await read_manifest(storage, backup_id)
+    except CatalogError as exc:
+        return VerifyReport(backup_id, (Check("manifest", False, str(exc)),))
+    checks.append(Check("manifest", True, "present, checksum matches"))
+    try:
+        await check_streams(storage, manifest)
+        checks.append(Check("sizes", True, f"{len(manifest.devices)} streams present"))
+    except CatalogError as exc:
+        checks.append(Check("sizes", False, str(exc)))
+        return VerifyReport(backup_id, tuple(checks))
+
+    hashed: dict[int, Check] = {}
+
+    async def rehash(device: DeviceEntry) -> None:
+        try:
+            size, sha256 = await hash_stream(storage, device.key)
+        except StorageError as exc:
+            hashed[device.index] = Check(f"device {device.index}", False, str(exc))
+            return
+        ok = size == device.bytes and sha256 == device.sha256
+        detail = (
+            f"{size} bytes, sha256 {sha256[:16]}..."
+            if ok
+            else f"{device.url}: {size} bytes with SHA-256 {sha256}, the manifest says "
+            f"{device.bytes} bytes with {device.sha256}"
+        )
+        hashed[device.index] = Check(f"device {device.index}", ok, detail)
+
+    async with anyio.create_task_group() as tg:
+        for device in manifest.devices:
+            tg.start_soon(rehash, device)
+    checks.extend(hashed[i] for i in sorted(hashed))
+    if not content or not all(c.ok for c in checks):
+        return VerifyReport(backup_id, tuple(checks))
+
+    workdir = Path(await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "vdistream-verify-"))
+    try:
+        target, check = await content_check(manifest.engine, manifest.mode, workdir)
+        result = await _restore_job(storage, manifest, target, overwrite=False, on_job=None)
+        if not result.ok:
+            checks.append(Check("restore", False, str(result.error)))
+        else:
+            checks.append(Check("restore", True, f"{result.bytes} bytes reassembled"))
+            try:
+                checks.append(Check("content", True, await check()))
+            except (VdistreamError, OSError) as exc:
+                checks.append(Check("content", False, str(exc)))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+    return VerifyReport(backup_id, tuple(checks))
+
+
+async def list_backups(destination: str) -> tuple[list[Manifest], list[str]]:
+    return await list_manifests(open_storage(destination))
