@@ -141,11 +141,18 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 async def _with_progress(label: str, work: Any) -> Any:
     progress = Progress(sys.stderr, label)
     result: list[Any] = []
+    failure: list[Exception] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(progress.run)
-        result.append(await work(progress.attach))
-        tg.cancel_scope.cancel()
+        try:
+            result.append(await work(progress.attach))
+        except Exception as exc:  # re-raised below, outside the group: not an ExceptionGroup
+            failure.append(exc)
+        finally:
+            tg.cancel_scope.cancel()
     progress.done()
+    if failure:
+        raise failure[0]
     return result[0]
 
 

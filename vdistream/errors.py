@@ -24,6 +24,10 @@
           │    ├── StorageExistsError   a committed object would be overwritten
           │    ├── StorageFullError     no space left (ENOSPC, EFBIG, quota)
           │    └── StorageIntegrityError  sizes or checksums do not match
+          ├── PipelineError             a pipeline stage (compression, encryption) failed
+          │    ├── CorruptStreamError   stored bytes fail authentication or decoding
+          │    ├── WrongKeyError        the key given is not the key the backup was made with
+          │    └── KeyMissingError      the backup is encrypted and no key was given
           ├── ConfigError               a setting is invalid; names the key and where
           └── JobError                  a backup or restore job did not complete
                └── JobAbortedError      it was aborted; .cause says why
@@ -45,8 +49,11 @@ from vdistream.protocol.codes import HResult
 
 __all__ = [
     "ConfigError",
+    "CorruptStreamError",
     "JobAbortedError",
     "JobError",
+    "KeyMissingError",
+    "PipelineError",
     "StorageError",
     "StorageExistsError",
     "StorageFullError",
@@ -68,6 +75,7 @@ __all__ = [
     "VDTimeoutError",
     "VDUnexpectedError",
     "VdistreamError",
+    "WrongKeyError",
     "translate_os_error",
 ]
 
@@ -266,6 +274,26 @@ def translate_os_error(what: str, *, url: str, device: str | None = None) -> Ite
         cls = _ERRNO_CLASSES.get(exc.errno or 0, StorageError)
         reason = exc.strerror or str(exc)
         raise cls(f"{what} failed: {reason}", url=url, device=device) from exc
+
+
+# --- pipeline ----------------------------------------------------------------------
+
+
+class PipelineError(VdistreamError):
+    """A per-device stage (compression, encryption) failed; names the device stream."""
+
+
+class CorruptStreamError(PipelineError):
+    """Stored bytes failed authentication or decoding: flipped, truncated, reordered,
+    dropped, or swapped with another device's stream."""
+
+
+class WrongKeyError(PipelineError):
+    """The key given is not the one the backup was encrypted with."""
+
+
+class KeyMissingError(PipelineError):
+    """The backup is encrypted and no key was given."""
 
 
 # --- configuration and jobs --------------------------------------------------------
