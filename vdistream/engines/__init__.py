@@ -2,7 +2,10 @@
 
 ``Engine`` is the contract (``vdistream.engines.base``); ``SimulatedBackup`` and
 ``SimulatedRestore`` are the SQL-Server-like engine (``vdistream.engines.simulator``),
-whose stream format is ``vdistream.engines.framing``. This module only re-exports.
+whose stream format is ``vdistream.engines.framing``. The real engines reuse it with
+producers and consumers of their own (``vdistream.engines.scoped``): any command
+(``command``, over ``process``), SQLite (``sqlite``), PostgreSQL (``postgres``);
+``vdistream.engines.databases`` picks one from a URL. This module only re-exports.
 """
 
 from vdistream.engines.base import CommandFailedError as CommandFailedError
@@ -14,14 +17,41 @@ from vdistream.engines.base import EngineError as EngineError
 from vdistream.engines.base import EngineResult as EngineResult
 from vdistream.engines.base import StreamFormatError as StreamFormatError
 from vdistream.engines.base import device_names as device_names
+from vdistream.engines.command import CommandBackup as CommandBackup
+from vdistream.engines.command import CommandRestore as CommandRestore
+from vdistream.engines.command import DiscardConsumer as DiscardConsumer
+from vdistream.engines.databases import DatabaseSource as DatabaseSource
+from vdistream.engines.databases import content_check as content_check
+from vdistream.engines.databases import resolve_source as resolve_source
+from vdistream.engines.databases import restore_engine as restore_engine
 from vdistream.engines.faults import Action as Action
 from vdistream.engines.faults import FailPoint as FailPoint
 from vdistream.engines.faults import InjectedFaultError as InjectedFaultError
 from vdistream.engines.faults import Phase as Phase
+from vdistream.engines.postgres import PostgresBaseBackup as PostgresBaseBackup
+from vdistream.engines.postgres import PostgresBaseRestore as PostgresBaseRestore
+from vdistream.engines.postgres import PostgresDump as PostgresDump
+from vdistream.engines.postgres import PostgresDumpFile as PostgresDumpFile
+from vdistream.engines.postgres import PostgresDumpRestore as PostgresDumpRestore
+from vdistream.engines.postgres import PostgresURL as PostgresURL
+from vdistream.engines.process import ConsumerFailedError as ConsumerFailedError
+from vdistream.engines.process import ProcessConsumer as ProcessConsumer
+from vdistream.engines.process import ProcessFailedError as ProcessFailedError
+from vdistream.engines.process import ProcessProducer as ProcessProducer
+from vdistream.engines.process import ProducerFailedError as ProducerFailedError
+from vdistream.engines.process import ToolFailedError as ToolFailedError
+from vdistream.engines.scoped import EndpointError as EndpointError
+from vdistream.engines.scoped import ScopedBackup as ScopedBackup
+from vdistream.engines.scoped import ScopedRestore as ScopedRestore
+from vdistream.engines.scoped import ScopedStream as ScopedStream
+from vdistream.engines.scoped import TargetExistsError as TargetExistsError
 from vdistream.engines.session import ServerSession as ServerSession
 from vdistream.engines.simulator import SimulatedBackup as SimulatedBackup
 from vdistream.engines.simulator import SimulatedRestore as SimulatedRestore
 from vdistream.engines.simulator import SimulatorOptions as SimulatorOptions
+from vdistream.engines.sqlite import SQLiteBackup as SQLiteBackup
+from vdistream.engines.sqlite import SQLiteError as SQLiteError
+from vdistream.engines.sqlite import SQLiteRestore as SQLiteRestore
 from vdistream.engines.streams import ByteConsumer as ByteConsumer
 from vdistream.engines.streams import ByteProducer as ByteProducer
 from vdistream.engines.streams import BytesConsumer as BytesConsumer
@@ -42,9 +72,15 @@ __all__ = (
     "BytesProducer",
     "CallableConsumer",
     "CallableProducer",
+    "CommandBackup",
     "CommandFailedError",
+    "CommandRestore",
+    "ConsumerFailedError",
+    "DatabaseSource",
     "DeviceStats",
     "Direction",
+    "DiscardConsumer",
+    "EndpointError",
     "Engine",
     "EngineAbortedError",
     "EngineError",
@@ -55,12 +91,33 @@ __all__ = (
     "InjectedFaultError",
     "IterableProducer",
     "Phase",
+    "PostgresBaseBackup",
+    "PostgresBaseRestore",
+    "PostgresDump",
+    "PostgresDumpFile",
+    "PostgresDumpRestore",
+    "PostgresURL",
+    "ProcessConsumer",
+    "ProcessFailedError",
+    "ProcessProducer",
+    "ProducerFailedError",
+    "SQLiteBackup",
+    "SQLiteError",
+    "SQLiteRestore",
+    "ScopedBackup",
+    "ScopedRestore",
+    "ScopedStream",
     "ServerSession",
     "SimulatedBackup",
     "SimulatedRestore",
     "SimulatorOptions",
     "StreamFormatError",
+    "TargetExistsError",
+    "ToolFailedError",
     "as_consumer",
     "as_producer",
+    "content_check",
     "device_names",
+    "resolve_source",
+    "restore_engine",
 )

@@ -1,0 +1,190 @@
+"""A restore into one file that appears complete and checked, or not at all.
+
+``AtomicFileConsumer(path)`` writes the stream to a temporary file *next to* ``path``
+(same directory, so the final step is a rename on one file system), and on
+``finish()``: flushes and fsyncs it, runs the caller's ``validate(temp_path)`` (in a
+worker thread; raising there fails the restore), then puts it in place and fsyncs the
+directory. It never replaces an existing ``path`` unless ``overwrite=True``: without
+it, the existence is checked before the set opens and again, atomically, at the end
+(a hard link fails if the name exists). ``discard()`` (and leaving ``running()`` in
+any other way) removes the temporary file. Errors are ``EndpointError``\\s naming the
+path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from vdistream.engines.scoped import EndpointError, ScopedStream, TargetExistsError
+from vdistream.engines.streams import ByteConsumer
+
+__all__ = ("AtomicFileConsumer", "fsync_directory")
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or link in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFileConsumer(ByteConsumer, ScopedStream):
+    """A restore target that is one file (module docstring).
+
+    ``validate(path)`` runs in a worker thread on the complete temporary file and
+    raises (preferably an ``EndpointError``) when its content is not acceptable.
+    ``precheck()`` runs in a worker thread before the set opens, after the target's own
+    checks; ``before_place(temp_path)`` runs just before the file is put in place (for
+    example to refuse or clean up stale companion files).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        validate: Callable[[Path], object] | None = None,
+        before_place: Callable[[Path], object] | None = None,
+        precheck: Callable[[], object] | None = None,
+        what: str = "file",
+    ) -> None:
+        self.path = Path(path).absolute()
+        self.overwrite = overwrite
+        self.validate = validate
+        self.before_place = before_place
+        self.precheck = precheck
+        self.what = what
+        self.temp: Path | None = None
+        self.bytes_written = 0
+        self.placed = False
+        self._file: io.BufferedWriter | None = None
+
+    # --- lifetime -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(self._prepare)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._drop)
+
+    def _prepare(self) -> None:
+        """Refuse early what would fail late; create the temporary file."""
+        if self.path.is_dir():
+            raise TargetExistsError(f"the restore target {self.path} is a directory")
+        if not self.overwrite and (self.path.exists() or self.path.is_symlink()):
+            raise TargetExistsError(
+                f"the restore target {self.path} already exists; it is never overwritten "
+                "(remove it, choose another path, or restore with overwrite)"
+            )
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise EndpointError(f"cannot restore to {self.path}: {parent} is not a directory")
+        if self.precheck is not None:
+            self.precheck()
+        try:
+            fd, name = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".vdistream-partial", dir=parent
+            )
+        except OSError as exc:
+            raise EndpointError(
+                f"cannot create a temporary file next to {self.path}: {exc.strerror}"
+            ) from exc
+        self.temp = Path(name)
+        self._file = os.fdopen(fd, "wb")
+
+    def _drop(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
+        if self.temp is not None and not self.placed:
+            with contextlib.suppress(FileNotFoundError):
+                self.temp.unlink()
+
+    # --- the consumer ---------------------------------------------------------------
+
+    def _writer(self) -> io.BufferedWriter:
+        if self._file is None:
+            raise RuntimeError(f"{type(self).__name__} used outside its running() scope")
+        return self._file
+
+    async def write(self, view: memoryview) -> None:
+        file = self._writer()
+        try:
+            await anyio.to_thread.run_sync(file.write, view)
+        except OSError as exc:
+            raise EndpointError(
+                f"writing the restored {self.what} next to {self.path} failed: {exc.strerror}"
+            ) from exc
+        self.bytes_written += view.nbytes
+
+    async def finish(self) -> None:
+        file = self._writer()
+        await anyio.to_thread.run_sync(self._seal, file)
+
+    def _seal(self, file: io.BufferedWriter) -> None:
+        assert self.temp is not None
+        try:
+            file.flush()
+            os.fsync(file.fileno())
+        except OSError as exc:
+            raise EndpointError(
+                f"writing the restored {self.what} next to {self.path} failed: {exc.strerror}"
+            ) from exc
+        finally:
+            self._file = None
+            file.close()
+        if self.validate is not None:
+            self.validate(self.temp)
+        if self.before_place is not None:
+            self.before_place(self.temp)
+        try:
+            if self.overwrite:
+                os.replace(self.temp, self.path)
+            else:
+                self._link_into_place()
+        except OSError as exc:
+            raise EndpointError(
+                f"putting the restored {self.what} in place at {self.path} failed: {exc.strerror}"
+            ) from exc
+        self.placed = True
+        fsync_directory(self.path.parent)
+
+    def _link_into_place(self) -> None:
+        assert self.temp is not None
+        try:
+            os.link(self.temp, self.path)  # fails if the name exists: never overwrites
+        except FileExistsError:
+            raise TargetExistsError(
+                f"the restore target {self.path} appeared during the restore; it is never "
+                "overwritten"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            # A file system without hard links: check, then rename (a small race).
+            if self.path.exists():
+                raise TargetExistsError(
+                    f"the restore target {self.path} appeared during the restore"
+                ) from None
+            os.rename(self.temp, self.path)
+            return
+        self.temp.unlink()
+
+    async def discard(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._drop)

@@ -1,0 +1,677 @@
+"""A subprocess as a byte producer (its stdout) or consumer (its stdin).
+
+``ProcessProducer(argv)`` is the source of a backup: the command's standard output.
+``ProcessConsumer(argv)`` is the destination of a restore: the command's standard
+input. Both are ``ScopedStream``\\s for ``ScopedBackup`` / ``ScopedRestore``
+(``vdistream.engines.scoped``), which stripe and frame the stream exactly like the
+SQL-Server-like simulator. ``run_tool`` runs a helper command to its end (a version
+query, ``pg_verifybackup``, ``createdb``) under the same rules.
+
+How a process is run, and why:
+
+* ``argv`` is a list; no shell is involved unless the caller's argv starts one
+  (``["/bin/sh", "-c", line]``), so nothing in a path or a URL is ever interpreted.
+* The environment is passed through (``env=None``: vdistream's own, plus ``extra_env``),
+  so ``PG*`` variables, ``PATH`` and the like work as in a shell.
+* Standard input of a producer (and of ``run_tool``) is ``/dev/null``, and every
+  process starts in a session of its own, without a controlling terminal: a tool that
+  wants to prompt (for a password, a confirmation) cannot reach the user's terminal and
+  fails instead of hanging the job. The own session is also a process group, so that
+  terminating the process reaches its children too (``sh -c 'a | b'``).
+* Standard error is read while the process runs (so a chatty tool never blocks on a
+  full pipe) into a bounded buffer keeping the last ``stderr_limit`` bytes (64 KiB).
+  Errors carry that text, trimmed, with the exit status.
+* Data moves zero copy: the producer reads the pipe with ``readv`` straight into the
+  set's buffer, the consumer writes the buffer's view to the pipe. The pipes are made
+  non-blocking and waited on with ``anyio.wait_readable`` / ``wait_writable``.
+
+Failure semantics:
+
+* A producer's stream ends only when its stdout reached end of file AND the process
+  exited with status 0: ``readinto`` waits for the exit before it returns ``0``, so a
+  truncated stream from a failing tool can never complete a backup (a tool that
+  closes its output but goes on running keeps the job waiting, cancellably; the job's
+  stall watchdog ends that). A non-zero exit,
+  death by a signal, or (``fail_on_stderr=True``) any output on stderr raises
+  ``ProducerFailedError``: the engine aborts the set with it.
+* A consumer that exits non-zero, dies, or stops reading before the whole stream was
+  written raises ``ConsumerFailedError``; ``finish()`` closes its stdin and waits for
+  the exit (the tool's own work after end of input is part of the restore).
+* On abort, failure or cancellation the process group is terminated: SIGTERM, then
+  SIGKILL after ``terminate_timeout`` seconds, and the process is reaped before the
+  engine returns. No orphan is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from vdistream.engines.scoped import EndpointError, ScopedStream
+from vdistream.engines.streams import ByteConsumer, ByteProducer
+from vdistream.log import get_logger
+
+__all__ = (
+    "ConsumerFailedError",
+    "OutputTail",
+    "ProcessConsumer",
+    "ProcessFailedError",
+    "ProcessProducer",
+    "ProducerFailedError",
+    "ToolFailedError",
+    "ToolOutput",
+    "describe_status",
+    "group_alive",
+    "run_tool",
+    "terminate",
+)
+
+#: The default bound of the captured standard error.
+STDERR_LIMIT = 64 * 1024
+#: How much of the captured standard error an error message repeats.
+MESSAGE_STDERR_CHARS = 2000
+#: After the process exited, how long to wait for its stderr to reach end of file (a
+#: grandchild may still hold it open; the exit status is known, the text is a bonus).
+STDERR_GRACE_SECONDS = 2.0
+#: After killing what is left of a process group, how long to wait until it is empty.
+GROUP_GONE_SECONDS = 2.0
+#: The pipe size asked for: fewer, larger transfers than the 64 KiB default.
+PIPE_SIZE = 1 << 20
+
+_log = get_logger(__name__)
+
+
+def _command_name(argv: Sequence[str]) -> str:
+    return shlex.join(argv) if len(argv) <= 6 else shlex.join([*argv[:6], "..."])
+
+
+def describe_status(returncode: int) -> str:
+    """``"exited with status 3"`` / ``"was killed by signal SIGKILL (9)"``."""
+    if returncode < 0:
+        number = -returncode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"was killed by signal {name} ({number})"
+    return f"exited with status {returncode}"
+
+
+class ProcessFailedError(EndpointError):
+    """A process of the engine failed.
+
+    ``command`` is its argv, ``returncode`` its exit status (negative: the signal
+    number, ``None``: it could not be started or had not exited), ``stderr`` the last
+    bytes of its standard error, decoded. The message names the command, says how it
+    ended and repeats the trimmed end of its standard error.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: Sequence[str],
+        returncode: int | None = None,
+        stderr: str = "",
+        set_name: str | None = None,
+    ) -> None:
+        self.command = list(command)
+        self.returncode = returncode
+        self.stderr = stderr
+        text = stderr.strip()
+        if len(text) > MESSAGE_STDERR_CHARS:
+            text = "..." + text[-MESSAGE_STDERR_CHARS:]
+        full = f"{_command_name(command)!s}: {message}"
+        if text:
+            full += f": {text}"
+        super().__init__(full, set_name=set_name)
+
+
+class ProducerFailedError(ProcessFailedError):
+    """The process producing a backup's stream failed (module docstring)."""
+
+
+class ConsumerFailedError(ProcessFailedError):
+    """The process consuming a restore's stream failed (module docstring)."""
+
+
+class ToolFailedError(ProcessFailedError):
+    """A helper tool run by ``run_tool`` failed."""
+
+
+class OutputTail:
+    """The last ``limit`` bytes written to it, and how many were written in all."""
+
+    def __init__(self, limit: int = STDERR_LIMIT) -> None:
+        self.limit = limit
+        self.total = 0
+        self._data = bytearray()
+
+    def append(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self._data += chunk
+        if len(self._data) > self.limit:
+            del self._data[: len(self._data) - self.limit]
+
+    def text(self) -> str:
+        return self._data.decode("utf-8", errors="replace")
+
+
+def _environment(env: Mapping[str, str] | None, extra: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(os.environ if env is None else env)
+    if extra:
+        merged.update(extra)
+    return merged
+
+
+def _pipe() -> tuple[int, int]:
+    read, write = os.pipe2(os.O_CLOEXEC)  # the child's dup2 clears O_CLOEXEC on its end
+    with contextlib.suppress(OSError):  # an optimisation only (pipe-max-size may refuse)
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return read, write
+
+
+def _signal_group(process: anyio.abc.Process, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process's group (its own session), else to the process."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies do not count).
+
+    Reads ``/proc`` (blocking: call it in a worker thread); without ``/proc``, any
+    member the kernel still knows, zombie or not, counts.
+    """
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue  # it ended while we looked
+        # pid (comm) state ppid pgrp ...: comm may hold anything, so split after ")".
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+async def terminate(process: anyio.abc.Process, grace: float) -> None:
+    """SIGTERM the process group, SIGKILL after ``grace`` seconds, reap the process.
+
+    Children that outlived the leader (they ignored SIGTERM, or the leader exited
+    first) are SIGKILLed too, and the call waits (at most ``GROUP_GONE_SECONDS``)
+    until none of them runs any more; their parent is gone, so init reaps them, not
+    us. Callers shield it: it must run to its end even in a cancelled scope.
+    """
+    if process.returncode is None:
+        _signal_group(process, signal.SIGTERM)
+        with anyio.move_on_after(grace):
+            await process.wait()
+        if process.returncode is None:
+            _signal_group(process, signal.SIGKILL)
+            await process.wait()  # SIGKILL cannot be ignored: this ends
+    # The group id cannot be reused while any member lives, so this reaches only them.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    with anyio.move_on_after(GROUP_GONE_SECONDS):
+        # Polling: nothing signals the end of processes that are not our children.
+        while await anyio.to_thread.run_sync(group_alive, process.pid):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+class _Subprocess(ScopedStream):
+    """What producer and consumer share: start, stderr capture, end, termination."""
+
+    error_class: type[ProcessFailedError] = ProcessFailedError
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        terminate_timeout: float = 5.0,
+        stderr_limit: int = STDERR_LIMIT,
+    ) -> None:
+        if isinstance(argv, str | bytes):
+            raise TypeError("argv must be a sequence of arguments, not a string")
+        if not argv:
+            raise ValueError("argv must not be empty")
+        self.argv = [os.fspath(arg) for arg in argv]
+        self.env = env
+        self.extra_env = dict(extra_env or {})
+        self.cwd = cwd
+        self.terminate_timeout = terminate_timeout
+        self.stderr = OutputTail(stderr_limit)
+        self.process: anyio.abc.Process | None = None
+        self._group: anyio.abc.TaskGroup | None = None
+        self._stderr_done: anyio.Event | None = None  # made in running(): it needs a loop
+        self._fd: int | None = None  # our end of the data pipe
+        self._ended = False  # the process exited and its status was checked
+
+    # --- lifetime -----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        error: BaseException | None = None
+        self._stderr_done = anyio.Event()
+        async with anyio.create_task_group() as group:
+            self._group = group
+            try:
+                yield
+            except BaseException as exc:  # re-raised below, outside the task group
+                error = exc
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._shutdown()
+                group.cancel_scope.cancel()  # the stderr reader, if a grandchild holds it
+            self._group = None
+        if error is not None:
+            raise error
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
+    async def _start(self, stdin: int, stdout: int) -> None:
+        if self._group is None:
+            raise RuntimeError(f"{type(self).__name__} used outside its running() scope")
+        try:
+            self.process = await anyio.open_process(
+                self.argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                cwd=self.cwd,
+                env=_environment(self.env, self.extra_env),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise self.error_class(
+                f"cannot be started: {exc.strerror or exc}", command=self.argv
+            ) from exc
+        _log.debug("process_started", command=_command_name(self.argv), pid=self.process.pid)
+        self._group.start_soon(self._read_stderr, name=f"stderr of {self.argv[0]}")
+
+    async def _read_stderr(self) -> None:
+        assert self.process is not None
+        assert self.process.stderr is not None
+        try:
+            async for chunk in self.process.stderr:
+                self.stderr.append(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            assert self._stderr_done is not None
+            self._stderr_done.set()
+
+    async def _wait_exit(self) -> int:
+        """Wait for the exit (cancellable), then briefly for the rest of stderr."""
+        assert self.process is not None
+        returncode = await self.process.wait()
+        assert self._stderr_done is not None
+        with anyio.move_on_after(STDERR_GRACE_SECONDS):
+            await self._stderr_done.wait()
+        return returncode
+
+    def _failure(self, what: str) -> ProcessFailedError:
+        return self.error_class(
+            what, command=self.argv, returncode=self.returncode, stderr=self.stderr.text()
+        )
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            anyio.notify_closing(fd)
+            os.close(fd)
+
+    async def _shutdown(self) -> None:
+        """Terminate (if still running) and reap the process; close every pipe."""
+        self._close_fd()
+        process = self.process
+        if process is None:
+            return
+        if process.returncode is None:
+            _log.info("process_terminating", command=_command_name(self.argv), pid=process.pid)
+        if not self._ended:
+            await terminate(process, self.terminate_timeout)
+        await process.aclose()
+
+
+class ProcessProducer(_Subprocess, ByteProducer):
+    """The standard output of ``argv`` as a backup's bytes (module docstring).
+
+    The process starts at the first ``readinto`` (after the set is configured and
+    its devices are open), with ``/dev/null`` as its standard input.
+    ``fail_on_stderr=True`` also fails the backup when the tool writes anything to its
+    standard error (for tools that report problems there but still exit 0).
+    """
+
+    error_class = ProducerFailedError
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        fail_on_stderr: bool = False,
+        terminate_timeout: float = 5.0,
+        stderr_limit: int = STDERR_LIMIT,
+    ) -> None:
+        super().__init__(
+            argv,
+            env=env,
+            extra_env=extra_env,
+            cwd=cwd,
+            terminate_timeout=terminate_timeout,
+            stderr_limit=stderr_limit,
+        )
+        self.fail_on_stderr = fail_on_stderr
+        self.bytes_read = 0
+
+    async def readinto(self, view: memoryview) -> int:
+        if self._ended:
+            return 0
+        if self.process is None:
+            read, write = _pipe()
+            try:
+                await self._start(subprocess.DEVNULL, write)
+            except BaseException:
+                os.close(read)
+                raise
+            finally:
+                os.close(write)  # the child holds its copy: EOF comes when it is done
+            os.set_blocking(read, False)
+            self._fd = read
+        if self.fail_on_stderr and self.stderr.total:
+            raise self._failure("wrote to its standard error")
+        while True:
+            fd = self._fd
+            assert fd is not None
+            try:
+                count = os.readv(fd, [view])
+            except BlockingIOError:
+                await anyio.wait_readable(fd)
+                continue
+            except OSError as exc:
+                raise self._failure(f"reading its output failed: {exc.strerror}") from exc
+            break
+        if count:
+            self.bytes_read += count
+            return count
+        # End of its output. The stream is complete only if the tool says so.
+        self._close_fd()
+        returncode = await self._wait_exit()
+        self._ended = True
+        if returncode != 0:
+            raise self._failure(f"{describe_status(returncode)} after {self.bytes_read} bytes")
+        if self.fail_on_stderr and self.stderr.total:
+            raise self._failure("wrote to its standard error")
+        _log.debug("process_finished", command=_command_name(self.argv), bytes=self.bytes_read)
+        return 0
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._shutdown()
+
+
+class ProcessConsumer(_Subprocess, ByteConsumer):
+    """The standard input of ``argv`` as a restore's destination (module docstring).
+
+    The process starts at the first ``write`` (or at ``finish`` for an empty stream).
+    Its standard output is captured like its standard error, into ``stdout`` (bounded
+    the same way), so that a tool's chatter never mixes with vdistream's own output.
+    """
+
+    error_class = ConsumerFailedError
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        terminate_timeout: float = 5.0,
+        stderr_limit: int = STDERR_LIMIT,
+    ) -> None:
+        super().__init__(
+            argv,
+            env=env,
+            extra_env=extra_env,
+            cwd=cwd,
+            terminate_timeout=terminate_timeout,
+            stderr_limit=stderr_limit,
+        )
+        self.stdout = OutputTail(stderr_limit)
+        self.bytes_written = 0
+        self._stdout_fd: int | None = None
+
+    async def _ensure_started(self) -> int:
+        if self.process is None:
+            read, write = _pipe()
+            out_read, out_write = os.pipe2(os.O_CLOEXEC)
+            try:
+                await self._start(read, out_write)
+            except BaseException:
+                os.close(write)
+                os.close(out_read)
+                raise
+            finally:
+                os.close(read)
+                os.close(out_write)
+            os.set_blocking(write, False)
+            self._fd = write
+            self._stdout_fd = out_read
+            assert self._group is not None
+            self._group.start_soon(self._read_stdout, out_read, name=f"stdout of {self.argv[0]}")
+        if self._fd is None:
+            raise self._failure("its input was already closed")
+        return self._fd
+
+    async def _read_stdout(self, fd: int) -> None:
+        # Read through anyio's file-descriptor waits, like the data pipes.
+        os.set_blocking(fd, False)
+        buffer = bytearray(65536)
+        try:
+            while True:
+                try:
+                    count = os.readv(fd, [buffer])
+                except BlockingIOError:
+                    await anyio.wait_readable(fd)
+                    continue
+                if not count:
+                    return
+                self.stdout.append(bytes(buffer[:count]))
+        except OSError:
+            return
+        finally:
+            self._stdout_fd = None
+            anyio.notify_closing(fd)
+            os.close(fd)
+
+    async def write(self, view: memoryview) -> None:
+        fd = await self._ensure_started()
+        remaining = view
+        while remaining.nbytes:
+            try:
+                count = os.write(fd, remaining)
+            except BlockingIOError:
+                await anyio.wait_writable(fd)
+                continue
+            except BrokenPipeError:
+                raise await self._stopped_reading() from None
+            except OSError as exc:
+                raise self._failure(f"writing its input failed: {exc.strerror}") from exc
+            remaining = remaining[count:]
+            self.bytes_written += count
+
+    async def _stopped_reading(self) -> ProcessFailedError:
+        """The tool closed its input early: how it ended (waiting a bounded time)."""
+        self._close_fd()
+        with anyio.move_on_after(self.terminate_timeout):
+            await self._wait_exit()
+        status = self.returncode
+        how = describe_status(status) if status is not None else "is still running"
+        return self._failure(
+            f"stopped reading its input after {self.bytes_written} bytes and {how}"
+        )
+
+    async def finish(self) -> None:
+        await self._ensure_started()
+        self._close_fd()  # end of input: the tool finishes its work now
+        returncode = await self._wait_exit()
+        self._ended = True
+        if returncode != 0:
+            raise self._failure(describe_status(returncode))
+        _log.debug("process_finished", command=_command_name(self.argv), bytes=self.bytes_written)
+
+    async def discard(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._shutdown()
+
+
+# --- helper tools -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolOutput:
+    """What a tool run by ``run_tool`` printed: its standard output (the first
+    ``stdout_limit`` bytes, decoded), how many lines and bytes it printed in all, and
+    the end of its standard error."""
+
+    stdout: str
+    lines: int
+    bytes: int
+    stderr: str
+
+
+async def run_tool(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    what: str | None = None,
+    stdout_limit: int = 16 * 1024 * 1024,
+    terminate_timeout: float = 5.0,
+    error_class: type[ProcessFailedError] = ToolFailedError,
+) -> ToolOutput:
+    """Run ``argv`` to its end (stdin ``/dev/null``, own session, env passed through).
+
+    Returns its output if it exited with status 0; raises ``error_class`` (default
+    ``ToolFailedError``) with its stderr otherwise, when it cannot be started, or when
+    it runs longer than ``timeout`` seconds (it is then terminated). Cancellation
+    terminates and reaps it too. ``what`` prefixes the message ("verifying ...").
+    """
+    command = [os.fspath(arg) for arg in argv]
+    prefix = f"{what}: " if what else ""
+    stderr = OutputTail()
+    head = bytearray()
+    counts = [0, 0]  # bytes, newlines
+
+    try:
+        process = await anyio.open_process(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=_environment(env, extra_env),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise error_class(
+            f"{prefix}cannot be started: {exc.strerror or exc}", command=command
+        ) from exc
+
+    async def read_stdout() -> None:
+        assert process.stdout is not None
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            async for chunk in process.stdout:
+                counts[0] += len(chunk)
+                counts[1] += chunk.count(b"\n")
+                if len(head) < stdout_limit:
+                    head.extend(chunk[: stdout_limit - len(head)])
+
+    async def read_stderr() -> None:
+        assert process.stderr is not None
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            async for chunk in process.stderr:
+                stderr.append(chunk)
+
+    timed_out = False
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(read_stdout)
+            group.start_soon(read_stderr)
+            with anyio.move_on_after(timeout) as scope:
+                await process.wait()
+            if scope.cancelled_caught:
+                timed_out = True
+                group.cancel_scope.cancel()
+            else:
+                # The readers end at end of file; a grandchild holding a pipe open must
+                # not keep us here.
+                group.cancel_scope.deadline = anyio.current_time() + STDERR_GRACE_SECONDS
+    finally:
+        with anyio.CancelScope(shield=True):
+            await terminate(process, terminate_timeout)
+            await process.aclose()
+    if timed_out:
+        raise error_class(
+            f"{prefix}did not finish within {timeout:g} s and was terminated",
+            command=command,
+            stderr=stderr.text(),
+        )
+    returncode = process.returncode
+    assert returncode is not None
+    if returncode != 0:
+        raise error_class(
+            f"{prefix}{describe_status(returncode)}",
+            command=command,
+            returncode=returncode,
+            stderr=stderr.text(),
+        )
+    return ToolOutput(
+        stdout=head.decode("utf-8", errors="replace"),
+        lines=counts[1],
+        bytes=counts[0],
+        stderr=stderr.text(),
+    )

@@ -1,0 +1,188 @@
+"""Engines over producers and consumers that need a scope of their own.
+
+The real engines (a command, SQLite, PostgreSQL) do not stripe or frame anything
+themselves: they hand a ``ByteProducer`` to ``SimulatedBackup`` or a ``ByteConsumer``
+to ``SimulatedRestore``, which own the device protocol and the stream format. What
+they add is an *endpoint* with a lifetime: a subprocess whose standard error must be
+read while it runs, a temporary snapshot file, a directory being extracted into. Such
+an endpoint is a ``ScopedStream``: ``running()`` is an async context manager that
+
+* checks the cheap preconditions first (a target that must not exist, a data
+  directory that must be empty) and raises before the set is even opened;
+* owns whatever tasks the endpoint needs (a task group, entered and left by the
+  engine's own task, so structured concurrency holds);
+* on exit, whatever happened, releases everything: a process is terminated and
+  reaped, a temporary file removed, a worker thread joined.
+
+``ScopedBackup(producer)`` and ``ScopedRestore(consumer)`` are the engines: they enter
+``running()`` around the simulator's ``run``. The simulator reports a failing producer
+or consumer as a generic ``EngineError`` ("the producer failed: ..."); an endpoint's
+own ``EndpointError`` (for example ``ProducerFailedError``, carrying the tool's
+exit status and standard error) is found in that error's causes and raised instead,
+with the set's name filled in, so that callers can tell what failed by its class.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+from vdistream.engines.base import Direction, Engine, EngineError, EngineResult
+from vdistream.engines.faults import FailPoint
+from vdistream.engines.simulator import SimulatedBackup, SimulatedRestore, SimulatorOptions
+from vdistream.engines.streams import ByteConsumer, ByteProducer
+from vdistream.vdi import Registry
+
+__all__ = (
+    "EndpointError",
+    "ScopedBackup",
+    "ScopedRestore",
+    "ScopedStream",
+    "TargetExistsError",
+    "surface_endpoint_error",
+)
+
+
+class EndpointError(EngineError):
+    """The engine's producer or consumer (a tool, a file, a directory) failed.
+
+    ``detail`` is the message without the set's name; the engine fills ``set_name`` in
+    when the error leaves it (``locate``).
+    """
+
+    def __init__(
+        self, message: str, *, set_name: str | None = None, device: str | None = None
+    ) -> None:
+        self.detail = message
+        super().__init__(message, set_name=set_name, device=device)
+
+    def locate(self, set_name: str) -> None:
+        """Name the set this error happened in (once; in place, keeping the traceback)."""
+        if self.set_name is None:
+            self.set_name = set_name
+            where = [f"set {set_name!r}"]
+            if self.device is not None:
+                where.append(f"device {self.device!r}")
+            self.args = (f"{self.detail} ({', '.join(where)})",)
+
+
+class TargetExistsError(EndpointError):
+    """A restore target already exists (or is not empty) and may not be replaced."""
+
+
+class ScopedStream(abc.ABC):
+    """A producer or consumer with a lifetime of its own (module docstring)."""
+
+    @abc.abstractmethod
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Check preconditions, own the endpoint's tasks, release everything on exit."""
+
+
+def surface_endpoint_error(exc: BaseException) -> EndpointError | None:
+    """The endpoint's own error in ``exc`` or its causes, if there is one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, EndpointError):
+            return current
+        current = current.__cause__
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _endpoint_scope(endpoint: object, set_name: str) -> AsyncIterator[None]:
+    """``endpoint.running()`` when it is a ``ScopedStream``; endpoint errors surfaced."""
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if isinstance(endpoint, ScopedStream):
+                await stack.enter_async_context(endpoint.running())
+            yield
+    except EngineError as exc:
+        found = surface_endpoint_error(exc)
+        if found is None or found is exc:
+            if found is not None:
+                found.locate(set_name)
+            raise
+        found.locate(set_name)
+        # The simulator's wrapper ("the producer failed: ...") only repeats it.
+        raise found from found.__cause__
+    except Exception as exc:
+        # An endpoint's precondition or cleanup failing outside any EngineError.
+        raise EngineError(
+            f"the engine's endpoint failed: {type(exc).__name__}: {exc}", set_name=set_name
+        ) from exc
+
+
+class _OneShot(Engine):
+    def __init__(self) -> None:
+        self._ran = False
+
+    def _claim(self) -> None:
+        if self._ran:
+            raise RuntimeError(f"{type(self).__name__} serves one job; build a new one")
+        self._ran = True
+
+
+class ScopedBackup(_OneShot):
+    """``SimulatedBackup(producer)`` inside the producer's ``running()`` scope.
+
+    The stream on the devices is exactly the simulator's (same framing, same striping),
+    so ``SimulatedRestore`` (or ``ScopedRestore``) reads it back.
+    """
+
+    def __init__(
+        self,
+        producer: ByteProducer,
+        options: SimulatorOptions | None = None,
+        *,
+        fail_at: FailPoint | None = None,
+        backup_id: uuid.UUID | None = None,
+    ) -> None:
+        super().__init__()
+        self.producer = producer
+        self.options = options if options is not None else SimulatorOptions()
+        self.fail_at = fail_at
+        self.backup_id = backup_id
+
+    @property
+    def direction(self) -> Direction:
+        return Direction.BACKUP
+
+    async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
+        self._claim()
+        inner = SimulatedBackup(
+            self.producer, self.options, fail_at=self.fail_at, backup_id=self.backup_id
+        )
+        async with _endpoint_scope(self.producer, set_name):
+            return await inner.run(set_name, registry=registry)
+        raise AssertionError("unreachable")  # pragma: no cover - mypy: the scope may swallow
+
+
+class ScopedRestore(_OneShot):
+    """``SimulatedRestore(consumer)`` inside the consumer's ``running()`` scope."""
+
+    def __init__(
+        self,
+        consumer: ByteConsumer,
+        options: SimulatorOptions | None = None,
+        *,
+        fail_at: FailPoint | None = None,
+    ) -> None:
+        super().__init__()
+        self.consumer = consumer
+        self.options = options if options is not None else SimulatorOptions()
+        self.fail_at = fail_at
+
+    @property
+    def direction(self) -> Direction:
+        return Direction.RESTORE
+
+    async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
+        self._claim()
+        inner = SimulatedRestore(self.consumer, self.options, fail_at=self.fail_at)
+        async with _endpoint_scope(self.consumer, set_name):
+            return await inner.run(set_name, registry=registry)
+        raise AssertionError("unreachable")  # pragma: no cover - mypy: the scope may swallow
