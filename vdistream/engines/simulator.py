@@ -63,6 +63,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import anyio
+import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from vdistream.engines.base import (
@@ -306,11 +307,14 @@ class SimulatedBackup(_Simulator):
                     size = round_up(filled, block)
                     buffer[filled:size] = bytes(size - filled)  # the last chunk's padding
                     index = number % n
-                    hashes[index].update(buffer[:size])
                     payload[index] += size
                     chunks[index] += 1
                     total += filled
                     await write(index, buffer, size)
+                    # Hash while the client stores the same bytes (both only read them),
+                    # in a thread so the loop keeps serving the pumps. The buffer is only
+                    # reused by this loop, after the hash returned.
+                    await anyio.to_thread.run_sync(hashes[index].update, buffer[:size])
                     if filled < chunk:
                         break  # _fill only comes back short at the end of the source
                 await s.data_ended()

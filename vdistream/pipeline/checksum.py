@@ -24,6 +24,7 @@ __all__ = ["HashingSink", "HashingSource"]
 
 _SMALL = 64 * 1024  # below this, a thread hop costs more than the hash
 
+
 async def _update(
     hasher: hashlib._Hash, data: memoryview, limiter: anyio.CapacityLimiter | None
 ) -> None:
@@ -62,9 +63,23 @@ class HashingSink(Sink):
     async def write(self, data: memoryview, *, position: int | None = None) -> None:
         if position is not None and position != self.inner.size:
             self._sequential = False
-        if self._sequential:
-            await _update(self._hasher, data, self.limiter)
-        await self.inner.write(data, position=position)
+        if not self._sequential:
+            await self.inner.write(data, position=position)
+        elif data.nbytes < _SMALL:
+            self._hasher.update(data)
+            await self.inner.write(data, position=position)
+        else:
+            # Hash and store at once: both only read the buffer, and the task group
+            # returns only when both are done with it.
+            failed: list[Exception] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_update, self._hasher, data, self.limiter)
+                try:
+                    await self.inner.write(data, position=position)
+                except Exception as exc:  # raised after the group, not as an ExceptionGroup
+                    failed.append(exc)
+            if failed:
+                raise failed[0]
 
     async def flush(self) -> None:
         await self.inner.flush()

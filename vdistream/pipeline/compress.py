@@ -1,0 +1,532 @@
+"""Streaming compression of one device's byte stream: one zstd or lz4 frame per object.
+
+``CompressingSink(inner, algorithm, level)`` compresses what is written and writes the
+compressed bytes to ``inner``; ``DecompressingSource(inner, algorithm)`` reads them back.
+The stored object is a plain, standard frame (``zstd -d`` / ``lz4 -d`` decode it):
+
+* ``"zstd"``: one zstd frame with a content checksum (XXH64), levels 1..19 (default 3).
+  Memory per device grows with the level: a few MB at level 3, roughly 100 MB of
+  compressor tables at level 19; decoding needs the frame's window (8 MiB at most for
+  levels up to 19).
+* ``"lz4"``: one LZ4 frame (linked 64 KiB blocks, content checksum), the fast level.
+
+Contract (beyond ``vdistream.storage.base``)
+--------------------------------------------
+* Sequential only: ``write``/``readinto`` accept ``position`` only when it equals the
+  current logical position; anything else raises ``PipelineError``. ``random_access``
+  is False. ``size`` and ``bytes_written`` of the sink count *uncompressed* bytes; the
+  source's ``size`` is None (unknown until the end).
+* One compressor or decompressor object per stream. It is only ever used by one thread
+  at a time: calls on a sink (or source) never overlap, and every worker-thread call is
+  awaited before the next one starts.
+* CPU work runs in a worker thread through ``limiter`` (``anyio.to_thread.run_sync``
+  waits for the thread even when cancelled), so devices compress in parallel and the
+  event loop never stalls. The caller's buffer is only read while the call runs: the
+  compressor copies what it keeps, so it may be released right after ``write`` returns.
+* Cancellation follows the storage contract: a call raises on entry if already
+  cancelled (and did nothing), otherwise it runs to completion shielded, because a
+  compressor that has consumed a buffer cannot give it back.
+* ``flush`` ends the current compressed block (zstd ``FLUSH_BLOCK``, lz4 flush without
+  ending the frame), writes it and flushes ``inner``: everything written so far is
+  durable and decodable. ``commit`` ends the frame, then commits ``inner``; if that
+  commit is refused (``StorageExistsError``) ``commit`` may be called again and only
+  retries the inner commit. ``abort`` aborts ``inner``.
+* Memory is bounded per device: compressed output is gathered up to 1 MiB before it
+  is written to ``inner`` (fewer, larger writes), so at most 1 MiB plus one buffer's
+  worth of output is held. The source keeps at most 256 KiB of compressed input and
+  about 1 MiB of decoded-but-undelivered output, even for a hostile stream: zstd input
+  is fed one block at a time (a block decodes to at most 128 KiB), lz4 is asked for a
+  bounded amount of output.
+* Corruption: a stream that fails to decode, whose frame is cut short (the decoder must
+  have finished its frame at the end of the object) or that has bytes after its frame
+  raises ``CorruptStreamError`` naming the URL. Without encryption, damage is only
+  detected as well as the codec's checksum allows, and decoded bytes before the damage
+  may already have been returned; the stored-object hash catches the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Final, Protocol
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import lz4.frame  # type: ignore[import-untyped]  # lz4 ships no type information
+import zstandard
+
+from vdistream.errors import CorruptStreamError, PipelineError
+from vdistream.pipeline._stage import (
+    StageState,
+    byte_view,
+    check_sequential,
+    read_full,
+    require_state,
+    where,
+)
+from vdistream.storage import Sink, Source
+
+__all__ = (
+    "ALGORITHMS",
+    "ZSTD_DEFAULT_LEVEL",
+    "ZSTD_LEVELS",
+    "CompressingSink",
+    "DecompressingSource",
+)
+
+#: The algorithms a stage accepts ("none" means: no stage at all).
+ALGORITHMS: Final = ("zstd", "lz4")
+ZSTD_LEVELS: Final = range(1, 20)
+ZSTD_DEFAULT_LEVEL: Final = 3
+
+# Compressed output is written to the inner sink in pieces of at least this size (or at
+# flush/commit), so a small compressed result does not cost a storage call of its own.
+_OUTPUT_CHUNK = 1 << 20
+# Compressed bytes read from the inner source at a time.
+_READ_CHUNK = 1 << 18
+# A worker-thread call stops decoding once this much output is waiting for delivery.
+_DECODE_BUDGET = 1 << 20
+# The largest zstd block, compressed or decoded (RFC 8878, Block_Maximum_Size).
+_ZSTD_BLOCK_MAX = 128 * 1024
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _check_algorithm(algorithm: str, level: int | None, *, url: str) -> int | None:
+    """The level to use for ``algorithm``; ``PipelineError`` if either is unusable."""
+    if algorithm == "zstd":
+        if level is None:
+            return ZSTD_DEFAULT_LEVEL
+        if level not in ZSTD_LEVELS:
+            raise PipelineError(f"zstd level {level} is out of range 1..19 ({url})")
+        return level
+    if algorithm == "lz4":
+        if level is not None:
+            raise PipelineError(f"lz4 takes no level, got {level} ({url})")
+        return None
+    raise PipelineError(
+        f"unknown compression algorithm {algorithm!r}; expected one of "
+        f"{', '.join(ALGORITHMS)} ({url})"
+    )
+
+
+# --- encoders ------------------------------------------------------------------------
+
+
+class _Encoder(Protocol):
+    def compress(self, data: memoryview) -> bytes: ...
+    def flush(self) -> bytes: ...
+    def finish(self) -> bytes: ...
+
+
+class _ZstdEncoder:
+    def __init__(self, level: int) -> None:
+        self._obj = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+
+    def compress(self, data: memoryview) -> bytes:
+        return self._obj.compress(data)
+
+    def flush(self) -> bytes:
+        return self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+    def finish(self) -> bytes:
+        return self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+
+
+class _Lz4Encoder:
+    # The low-level API, because LZ4FrameCompressor.flush() ends the frame and a
+    # mid-stream flush must not.
+    def __init__(self) -> None:
+        self._context = lz4.frame.create_compression_context()
+        self._header: bytes | None = lz4.frame.compress_begin(
+            self._context,
+            content_checksum=True,
+            block_linked=True,
+            auto_flush=False,
+        )
+
+    def _with_header(self, data: bytes) -> bytes:
+        if self._header is None:
+            return data
+        data, self._header = self._header + data, None
+        return data
+
+    def compress(self, data: memoryview) -> bytes:
+        return self._with_header(lz4.frame.compress_chunk(self._context, data))
+
+    def flush(self) -> bytes:
+        return self._with_header(lz4.frame.compress_flush(self._context, end_frame=False))
+
+    def finish(self) -> bytes:
+        return self._with_header(lz4.frame.compress_flush(self._context, end_frame=True))
+
+
+class CompressingSink(Sink):
+    """Compresses everything written into one ``algorithm`` frame written to ``inner``."""
+
+    def __init__(
+        self,
+        inner: Sink,
+        algorithm: str,
+        level: int | None = None,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        self.inner = inner
+        self.limiter = limiter
+        self.url = inner.url
+        self.device = inner.device
+        self.algorithm = algorithm
+        self.level = _check_algorithm(algorithm, level, url=inner.url)
+        self._encoder: _Encoder | None = (
+            _ZstdEncoder(self.level) if self.level is not None else _Lz4Encoder()
+        )
+        self._pending = bytearray()  # compressed, not yet written to inner
+        self._size = 0
+        self._state = StageState.OPEN
+
+    def __repr__(self) -> str:
+        return f"<CompressingSink {self.algorithm} {self.url} {self._state.value}>"
+
+    @property
+    def random_access(self) -> bool:
+        return False
+
+    @property
+    def bytes_written(self) -> int:
+        return self._size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @contextlib.contextmanager
+    def _failing(self, what: str) -> Iterator[None]:
+        """Any error leaves the sink failed; codec errors become ``PipelineError``."""
+        try:
+            yield
+        except zstandard.ZstdError as exc:
+            self._state = StageState.FAILED
+            raise PipelineError(
+                f"{what} failed: zstd: {exc} {where(self.url, self.device)}"
+            ) from exc
+        except RuntimeError as exc:  # what lz4.frame raises
+            self._state = StageState.FAILED
+            raise PipelineError(
+                f"{what} failed: {self.algorithm}: {exc} {where(self.url, self.device)}"
+            ) from exc
+        except BaseException:
+            self._state = StageState.FAILED
+            raise
+
+    def _require_open(self, what: str) -> _Encoder:
+        require_state(self._state, StageState.OPEN, what=what, url=self.url, device=self.device)
+        assert self._encoder is not None  # dropped only when leaving OPEN
+        return self._encoder
+
+    # The three worker-thread bodies; each appends to _pending, which the event loop
+    # does not touch while the thread runs.
+    def _compress(self, encoder: _Encoder, data: memoryview) -> None:
+        self._pending += encoder.compress(data)
+
+    def _flush(self, encoder: _Encoder) -> None:
+        self._pending += encoder.flush()
+
+    def _finish(self, encoder: _Encoder) -> None:
+        self._pending += encoder.finish()
+
+    async def _drain(self) -> None:
+        if self._pending:
+            with memoryview(self._pending) as view:
+                await self.inner.write(view)
+            self._pending.clear()
+
+    async def write(self, data: memoryview, *, position: int | None = None) -> None:
+        encoder = self._require_open("write")
+        check_sequential(position, self._size, stage="compressed", url=self.url, device=self.device)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        view = byte_view(data)
+        if not view.nbytes:
+            return
+        # Shielded: once the compressor has consumed the buffer the write must finish.
+        with anyio.CancelScope(shield=True), self._failing("write"):
+            await anyio.to_thread.run_sync(self._compress, encoder, view, limiter=self.limiter)
+            self._size += view.nbytes
+            if len(self._pending) >= _OUTPUT_CHUNK:
+                await self._drain()
+
+    async def flush(self) -> None:
+        encoder = self._require_open("flush")
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True), self._failing("flush"):
+            await anyio.to_thread.run_sync(self._flush, encoder, limiter=self.limiter)
+            await self._drain()
+            await self.inner.flush()
+
+    async def commit(self) -> None:
+        if self._state is StageState.COMMITTED:
+            return
+        if self._state is not StageState.FINISHED:
+            self._require_open("commit")
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True):
+            if self._state is StageState.OPEN:
+                encoder = self._require_open("commit")
+                with self._failing("commit"):
+                    await anyio.to_thread.run_sync(self._finish, encoder, limiter=self.limiter)
+                    await self._drain()
+                self._encoder = None
+                self._state = StageState.FINISHED
+            # A refused inner commit (the key exists) leaves us FINISHED: calling commit
+            # again retries only this, as the Sink contract allows.
+            await self.inner.commit()
+            self._state = StageState.COMMITTED
+
+    async def abort(self) -> None:
+        # No checkpoint: abort runs even in an already-cancelled scope.
+        with anyio.CancelScope(shield=True):
+            await self.inner.abort()
+        if self._state is not StageState.COMMITTED:
+            self._state = StageState.ABORTED
+            self._encoder = None
+            self._pending = bytearray()
+
+
+# --- decoders ------------------------------------------------------------------------
+
+
+class _Corrupt(Exception):
+    """A decoder found the stream damaged; the source adds the URL."""
+
+
+class _Decoder(Protocol):
+    #: the frame is complete (and verified by the codec)
+    done: bool
+    #: the decoder cannot make progress without more input
+    hungry: bool
+
+    def decode(self, data: bytearray, out: bytearray, budget: int) -> None:
+        """Consume input from the front of ``data``, append output to ``out``.
+
+        Returns when the frame is done, when more input is needed (``hungry``), or once
+        ``out`` holds ``budget`` bytes or more.
+        """
+        ...
+
+    def leftover(self) -> int:
+        """Input bytes held past the end of the frame (trailing garbage)."""
+        ...
+
+
+class _ZstdDecoder:
+    """Feeds the decompressor one frame unit (header, block, checksum) at a time.
+
+    zstandard's ``decompressobj`` returns *all* the output of the input it is given, and
+    a few bytes of a hostile (or merely all-zero) stream can decode to gigabytes. A
+    block decodes to at most 128 KiB, so feeding whole blocks bounds the output per
+    step; walking the frame's structure also tells exactly where the frame ends.
+    """
+
+    def __init__(self) -> None:
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._unit = "header"  # then "block" ..., then "checksum" if present
+        self._has_checksum = False
+        self.done = False
+        self.hungry = True
+
+    def _next_unit_size(self, data: bytearray, start: int) -> int | None:
+        """Byte length of the unit at ``data[start:]``, None if not known yet."""
+        available = len(data) - start
+        if self._unit == "header":
+            if available < 5:
+                return None
+            if data[start : start + 4] != _ZSTD_MAGIC:
+                raise _Corrupt("not a zstd frame (bad magic number)")
+            descriptor = data[start + 4]
+            if descriptor & 0x08:
+                raise _Corrupt("zstd frame header has its reserved bit set")
+            single_segment = bool(descriptor & 0x20)
+            self._has_checksum = bool(descriptor & 0x04)
+            fcs_size = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+            dict_size = (0, 1, 2, 4)[descriptor & 0x03]
+            return 5 + (0 if single_segment else 1) + dict_size + fcs_size
+        if self._unit == "checksum":
+            return 4
+        if available < 3:
+            return None
+        header = int.from_bytes(data[start : start + 3], "little")
+        block_type = (header >> 1) & 0x03
+        block_size = header >> 3
+        if block_type == 3:
+            raise _Corrupt("zstd block of the reserved type")
+        if block_size > _ZSTD_BLOCK_MAX:
+            raise _Corrupt(f"zstd block of {block_size} bytes exceeds the 128 KiB limit")
+        return 3 + (1 if block_type == 1 else block_size)  # an RLE block stores 1 byte
+
+    def decode(self, data: bytearray, out: bytearray, budget: int) -> None:
+        start = 0
+        try:
+            with memoryview(data) as view:
+                while not self.done and len(out) < budget:
+                    size = self._next_unit_size(data, start)
+                    if size is None or len(data) - start < size:
+                        self.hungry = True
+                        break
+                    self.hungry = False
+                    with view[start : start + size] as unit:  # released even on error
+                        out += self._obj.decompress(unit)
+                    if self._unit == "block" and data[start] & 0x01:  # Last_Block
+                        self._unit = "checksum" if self._has_checksum else "end"
+                    elif self._unit == "header":
+                        self._unit = "block"
+                    elif self._unit == "checksum":
+                        self._unit = "end"
+                    start += size
+                    if self._unit == "end":
+                        if not self._obj.eof:
+                            raise _Corrupt("zstd frame structure and decoder disagree")
+                        self.done = True
+                        self.hungry = False
+        finally:
+            del data[:start]
+
+    def leftover(self) -> int:
+        return 0  # input past the frame stays in the caller's buffer
+
+
+class _Lz4Decoder:
+    """``LZ4FrameDecompressor`` with ``max_length``: bounded output per step."""
+
+    def __init__(self) -> None:
+        self._obj = lz4.frame.LZ4FrameDecompressor()
+        self._leftover = 0
+        self.done = False
+        self.hungry = True
+
+    def decode(self, data: bytearray, out: bytearray, budget: int) -> None:
+        # The decompressor keeps the input it could not consume yet, so hand it all
+        # over; we only add more when it says it needs input.
+        chunk = bytes(data)
+        data.clear()
+        out += self._obj.decompress(chunk, max_length=budget - len(out))
+        if self._obj.eof:
+            self.done = True
+            self.hungry = False
+            self._leftover = len(self._obj.unused_data or b"")  # None when nothing is left
+        else:
+            self.hungry = self._obj.needs_input
+
+    def leftover(self) -> int:
+        return self._leftover
+
+
+class DecompressingSource(Source):
+    """Reads the frame ``CompressingSink`` wrote and returns the uncompressed bytes."""
+
+    def __init__(
+        self,
+        inner: Source,
+        algorithm: str,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        self.inner = inner
+        self.limiter = limiter
+        self.url = inner.url
+        self.algorithm = algorithm
+        _check_algorithm(algorithm, None, url=self.url)
+        self._decoder: _Decoder = _ZstdDecoder() if algorithm == "zstd" else _Lz4Decoder()
+        self._input = bytearray()  # compressed, not yet decoded
+        self._output = bytearray()  # decoded, not yet delivered from _output_start on
+        self._output_start = 0
+        self._scratch = bytearray(_READ_CHUNK)
+        self._inner_ended = False
+        self._finished = False  # frame complete and nothing after it
+        self._position = 0
+        self._error: PipelineError | None = None
+
+    def __repr__(self) -> str:
+        return f"<DecompressingSource {self.algorithm} {self.url}>"
+
+    @property
+    def random_access(self) -> bool:
+        return False
+
+    @property
+    def size(self) -> int | None:
+        return None
+
+    @property
+    def bytes_read(self) -> int:
+        """Uncompressed bytes delivered so far."""
+        return self._position
+
+    def _corrupt(self, detail: str) -> CorruptStreamError:
+        return CorruptStreamError(f"corrupt {self.algorithm} stream: {detail} ({self.url})")
+
+    async def _read_more(self) -> bool:
+        """Append compressed bytes from ``inner`` to the input; False at its end."""
+        if self._inner_ended:
+            return False
+        with memoryview(self._scratch) as view:
+            count = await read_full(self.inner, view)
+            self._input += view[:count]
+        if count < len(self._scratch):
+            self._inner_ended = True
+        return count > 0
+
+    def _decode(self) -> None:
+        try:
+            self._decoder.decode(self._input, self._output, _DECODE_BUDGET)
+        except (_Corrupt, zstandard.ZstdError, RuntimeError) as exc:
+            raise self._corrupt(str(exc)) from exc
+
+    async def _fill_output(self) -> None:
+        """Decode until output is waiting, or the frame has ended with nothing after it."""
+        self._output.clear()
+        self._output_start = 0
+        while not self._output:
+            if self._decoder.done:
+                if self._input or self._decoder.leftover() or await self._read_more():
+                    raise self._corrupt("unexpected data after the end of the frame")
+                self._finished = True
+                return
+            if self._decoder.hungry and not await self._read_more():
+                # The decoder must have finished its frame when the object ends.
+                raise self._corrupt("truncated: the object ends inside the compressed frame")
+            await anyio.to_thread.run_sync(self._decode, limiter=self.limiter)
+
+    async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
+        if self._error is not None:
+            raise type(self._error)(str(self._error))
+        check_sequential(position, self._position, stage="decompressed", url=self.url)
+        view = byte_view(buffer)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        filled = 0
+        # Shielded: a decode step that consumed input cannot be undone half-way.
+        with anyio.CancelScope(shield=True):
+            try:
+                while filled < view.nbytes:
+                    waiting = len(self._output) - self._output_start
+                    if waiting:
+                        count = min(waiting, view.nbytes - filled)
+                        with memoryview(self._output) as out:
+                            start = self._output_start
+                            view[filled : filled + count] = out[start : start + count]
+                        self._output_start += count
+                        filled += count
+                        continue
+                    if self._finished:
+                        break
+                    await self._fill_output()
+            except PipelineError as exc:
+                self._error = exc
+                raise
+        self._position += filled
+        return filled
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.inner.close()
+        self._input = bytearray()
+        self._output = bytearray()
