@@ -77,7 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="sqlite: a database file; postgresql basebackup: an empty data directory; "
         "dump: a database URL; cmd: a command reading the stream on stdin",
     )
-    r.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing SQLite file; PostgreSQL dump: drop objects first (--clean)",
+    )
+    r.add_argument(
+        "--create", action="store_true", help="PostgreSQL dump: create the target database"
+    )
+    r.add_argument(
+        "--owner", help="PostgreSQL basebackup: give the restored directory to this user"
+    )
     r.add_argument("--json", action="store_true")
 
     v = sub.add_parser("verify", help="re-read and check a backup without touching the source")
@@ -187,7 +197,14 @@ async def _backup(args: argparse.Namespace) -> int:
 async def _restore(args: argparse.Namespace) -> int:
     result = await _with_progress(
         "restore",
-        lambda hook: run_restore(args.backup, args.target, overwrite=args.overwrite, on_job=hook),
+        lambda hook: run_restore(
+            args.backup,
+            args.target,
+            overwrite=args.overwrite,
+            create=args.create,
+            owner=args.owner,
+            on_job=hook,
+        ),
     )
     summary = {
         "id": result.backup_id,

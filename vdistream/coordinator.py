@@ -382,6 +382,8 @@ class Job:
             with anyio.move_on_after(min(1.0, timeout / 4)):
                 await self._decided.wait()
             moved = self.progress.moved()
+            if self.engine.busy:  # silent work the engine vouches for (a snapshot, ...)
+                since = anyio.current_time()
             if moved != last:
                 last, since = moved, anyio.current_time()
             elif anyio.current_time() - since >= timeout and not self._decided.is_set():

@@ -191,13 +191,23 @@ async def _restore_job(
     *,
     overwrite: bool,
     on_job: JobHook | None,
+    create: bool = False,
+    owner: str | None = None,
 ) -> JobResult:
     await check_streams(storage, manifest)
     options = SimulatorOptions(
         block_size=manifest.vdi["block_size"],
         max_transfer_size=manifest.vdi["max_transfer_size"],
     )
-    engine = restore_engine(manifest.engine, manifest.mode, target, options, overwrite=overwrite)
+    engine = restore_engine(
+        manifest.engine,
+        manifest.mode,
+        target,
+        options,
+        overwrite=overwrite,
+        create=create,
+        owner=owner,
+    )
     job = Job(
         JobKind.RESTORE,
         engine,
@@ -213,13 +223,26 @@ async def _restore_job(
 
 
 async def run_restore(
-    backup: str, target: str, *, overwrite: bool = False, on_job: JobHook | None = None
+    backup: str,
+    target: str,
+    *,
+    overwrite: bool = False,
+    create: bool = False,
+    owner: str | None = None,
+    on_job: JobHook | None = None,
 ) -> JobResult:
-    """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``."""
+    """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``.
+
+    ``overwrite`` replaces an existing SQLite file (``--clean`` for a PostgreSQL dump);
+    ``create`` creates the target database of a PostgreSQL dump first; ``owner`` gives a
+    restored PostgreSQL data directory to that user (the server's).
+    """
     dest, backup_id = parse_backup_ref(backup)
     storage = open_storage(dest)
     manifest = await read_manifest(storage, backup_id)
-    return await _restore_job(storage, manifest, target, overwrite=overwrite, on_job=on_job)
+    return await _restore_job(
+        storage, manifest, target, overwrite=overwrite, on_job=on_job, create=create, owner=owner
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,11 @@ from tests.coordinator.faults import Faults, FaultyStorage
 from vdistream.coordinator import AbortCause, Job, JobKind, JobOptions, JobResult, JobStatus
 from vdistream.engines import (
     Action,
+    ByteProducer,
     EngineError,
     FailPoint,
     Phase,
+    ScopedBackup,
     SimulatedBackup,
 )
 from vdistream.errors import JobAbortedError, StorageError, StorageFullError
@@ -284,3 +286,43 @@ async def test_disk_full_names_device_and_path(tmp_path: Path, data: bytes) -> N
         assert [p for p in mount.rglob("*") if p.is_file()] == []
     finally:
         await anyio.run_process(["umount", str(mount)])
+
+
+class _SlowStart(ByteProducer):
+    """Silent for a while before its first byte, like a large snapshot being taken."""
+
+    def __init__(self, data: bytes, silent: float, *, vouch: bool) -> None:
+        self.data = memoryview(data)
+        self.silent = silent
+        self.vouch = vouch
+        self.busy = False
+        self.started = False
+
+    async def readinto(self, view: memoryview) -> int:
+        if not self.started:
+            self.started = True
+            self.busy = self.vouch
+            await anyio.sleep(self.silent)
+            self.busy = False
+        n = min(view.nbytes, self.data.nbytes)
+        view[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+@pytest.mark.parametrize("vouch", [True, False])
+async def test_silent_engine_work_it_vouches_for_is_not_a_stall(
+    tmp_path: Path, data: bytes, vouch: bool
+) -> None:
+    job = Job(
+        JobKind.BACKUP,
+        ScopedBackup(_SlowStart(data, 0.8, vouch=vouch), SMALL),
+        str(tmp_path),
+        backup_id="slow",
+        options=JobOptions(devices=2, stall_timeout=0.2),
+    )
+    result = await job.run()
+    if vouch:
+        assert result.ok, result.error
+    else:
+        assert result.aborted_by is AbortCause.WATCHDOG

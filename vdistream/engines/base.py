@@ -209,6 +209,14 @@ class StreamFormatError(EngineError):
 class Engine(abc.ABC):
     """The server side of one job on one virtual device set (see the module docstring)."""
 
+    _busy: bool = False
+
+    @property
+    def busy(self) -> bool:
+        """True while the engine does silent work it vouches for (taking a snapshot,
+        verifying a restored image): the coordinator's stall watchdog waits meanwhile."""
+        return self._busy
+
     @property
     @abc.abstractmethod
     def direction(self) -> Direction:

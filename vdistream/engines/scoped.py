@@ -151,6 +151,10 @@ class ScopedBackup(_OneShot):
     def direction(self) -> Direction:
         return Direction.BACKUP
 
+    @property
+    def busy(self) -> bool:
+        return bool(getattr(self.producer, "busy", False))
+
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
         self._claim()
         inner = SimulatedBackup(
@@ -175,14 +179,19 @@ class ScopedRestore(_OneShot):
         self.consumer = consumer
         self.options = options if options is not None else SimulatorOptions()
         self.fail_at = fail_at
+        self._inner: SimulatedRestore | None = None
 
     @property
     def direction(self) -> Direction:
         return Direction.RESTORE
 
+    @property
+    def busy(self) -> bool:
+        return self._inner is not None and self._inner.busy
+
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
         self._claim()
-        inner = SimulatedRestore(self.consumer, self.options, fail_at=self.fail_at)
+        inner = self._inner = SimulatedRestore(self.consumer, self.options, fail_at=self.fail_at)
         async with _endpoint_scope(self.consumer, set_name):
             return await inner.run(set_name, registry=registry)
         raise AssertionError("unreachable")  # pragma: no cover - mypy: the scope may swallow

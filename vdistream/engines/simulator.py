@@ -195,6 +195,9 @@ class _Simulator(Engine):
 
 # --- backup --------------------------------------------------------------------------
 
+#: Chunks at least this large are hashed in a worker thread.
+_THREAD_HASH_BYTES = 256 * 1024
+
 
 @dataclasses.dataclass(slots=True)
 class _Write:
@@ -256,6 +259,7 @@ class SimulatedBackup(_Simulator):
         total = await self._write_streams(s, disk)
         await self._end_streams(s, complete=bool(final.features & Features.COMPLETE_ENABLED))
         await s.fault(Phase.BEFORE_CLOSE)
+        self._busy = False
         s.close_devices()
         return EngineResult(
             direction=Direction.BACKUP,
@@ -314,7 +318,10 @@ class SimulatedBackup(_Simulator):
                     # Hash while the client stores the same bytes (both only read them),
                     # in a thread so the loop keeps serving the pumps. The buffer is only
                     # reused by this loop, after the hash returned.
-                    await anyio.to_thread.run_sync(hashes[index].update, buffer[:size])
+                    if size >= _THREAD_HASH_BYTES:
+                        await anyio.to_thread.run_sync(hashes[index].update, buffer[:size])
+                    else:  # a thread hop costs more than hashing a small chunk
+                        hashes[index].update(buffer[:size])
                     if filled < chunk:
                         break  # _fill only comes back short at the end of the source
                 await s.data_ended()
@@ -480,6 +487,7 @@ class SimulatedRestore(_Simulator):
                 total, backup_id = await self._assemble(s, [receive for _, receive in queues])
         await s.fault(Phase.BEFORE_CLOSE)
         try:
+            self._busy = True  # finishing (e.g. verifying an image) moves no bytes
             await self.consumer.finish()
         except Exception as exc:
             raise EngineError(

@@ -198,6 +198,7 @@ class SQLiteSnapshotProducer(ByteProducer, ScopedStream):
         self.tempdir = tempdir
         self.snapshot_bytes: int | None = None
         self.snapshot_path: Path | None = None
+        self.busy = False
         self._workdir: Path | None = None
         self._file: FileProducer | None = None
 
@@ -229,7 +230,11 @@ class SQLiteSnapshotProducer(ByteProducer, ScopedStream):
             if self._workdir is None:
                 raise RuntimeError("SQLiteSnapshotProducer used outside its running() scope")
             target = self._workdir / self.path.name
-            self.snapshot_bytes = await anyio.to_thread.run_sync(snapshot, self.path, target)
+            self.busy = True  # the snapshot moves no bytes yet: tell the stall watchdog
+            try:
+                self.snapshot_bytes = await anyio.to_thread.run_sync(snapshot, self.path, target)
+            finally:
+                self.busy = False
             self.snapshot_path = target
             _log.info("sqlite_snapshot_taken", path=str(self.path), bytes=self.snapshot_bytes)
             self._file = FileProducer(target)
