@@ -102,7 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="create a SQLite database, back it up, verify it, restore it")
     d.add_argument("--dir", default="vdistream-demo", help="where (default ./vdistream-demo)")
     d.add_argument("--db", help="an existing SQLite database to use instead")
+    for name, handler in _COMMANDS.items():
+        sub.choices[name].set_defaults(handler=handler)
+    _register_service_commands(sub)
     return parser
+
+
+def _register_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The daemon's commands (serve, jobs, job, abort, prune) add themselves here."""
+    from vdistream.service.commands import register_commands
+
+    register_commands(sub)
 
 
 class Progress:
@@ -262,10 +272,20 @@ _COMMANDS = {
 }
 
 
+def asyncio_handler(handler: object) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return anyio.run(_COMMANDS[args.command], args, backend="asyncio")
+        handler = args.handler
+        if not asyncio_handler(handler):
+            return int(handler(args))  # e.g. serve: runs its own event loop
+        code: int = anyio.run(handler, args, backend="asyncio")
+        return code
     except KeyboardInterrupt:
         print("vdistream: interrupted; the job was aborted and cleaned up", file=sys.stderr)
         return 130
