@@ -7,7 +7,8 @@ The stored object is a plain, standard frame (``zstd -d`` / ``lz4 -d`` decode it
 * ``"zstd"``: one zstd frame with a content checksum (XXH64), levels 1..19 (default 3).
   Memory per device grows with the level: a few MB at level 3, roughly 100 MB of
   compressor tables at level 19; decoding needs the frame's window (8 MiB at most for
-  levels up to 19).
+  levels up to 19; the decoder refuses frames asking for more than 16 MiB, so a
+  hostile header cannot make it allocate zstd's default limit of 128 MiB).
 * ``"lz4"``: one LZ4 frame (linked 64 KiB blocks, content checksum), the fast level.
 
 Contract (beyond ``vdistream.storage.base``)
@@ -33,15 +34,18 @@ Contract (beyond ``vdistream.storage.base``)
   retries the inner commit. ``abort`` aborts ``inner``.
 * Memory is bounded per device: compressed output is gathered up to 1 MiB before it
   is written to ``inner`` (fewer, larger writes), so at most 1 MiB plus one buffer's
-  worth of output is held. The source keeps at most 256 KiB of compressed input and
-  about 1 MiB of decoded-but-undelivered output, even for a hostile stream: zstd input
-  is fed one block at a time (a block decodes to at most 128 KiB), lz4 is asked for a
-  bounded amount of output.
+  worth of output is held. The source keeps at most one read (256 KiB) plus one
+  incomplete block of compressed input, and at most 1 MiB + 128 KiB of decoded but
+  undelivered output, even for a hostile stream: zstd input is fed one block at a time
+  (a block decodes to at most 128 KiB), lz4 is asked for a bounded amount of output.
 * Corruption: a stream that fails to decode, whose frame is cut short (the decoder must
   have finished its frame at the end of the object) or that has bytes after its frame
   raises ``CorruptStreamError`` naming the URL. Without encryption, damage is only
   detected as well as the codec's checksum allows, and decoded bytes before the damage
   may already have been returned; the stored-object hash catches the rest.
+  ``readinto`` raises as soon as it meets the damage, and bytes it had copied into the
+  buffer during that call are not delivered: the caller gets the exception, never a
+  short count that would look like a clean end. Every later call raises again.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ _DECODE_BUDGET = 1 << 20
 # The largest zstd block, compressed or decoded (RFC 8878, Block_Maximum_Size).
 _ZSTD_BLOCK_MAX = 128 * 1024
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# Level 19 uses an 8 MiB window; twice that leaves room, a hostile frame gets no more.
+_ZSTD_WINDOW_MAX = 1 << 24
 
 
 def _check_algorithm(algorithm: str, level: int | None, *, url: str) -> int | None:
@@ -328,7 +334,7 @@ class _ZstdDecoder:
     """
 
     def __init__(self) -> None:
-        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._obj = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW_MAX).decompressobj()
         self._unit = "header"  # then "block" ..., then "checksum" if present
         self._has_checksum = False
         self.done = False

@@ -52,6 +52,11 @@ an empty final segment). Full segments are written as soon as they fill; ``flush
 also seals the partial segment it has, as a short non-final segment, so that
 everything written so far is durable; ``commit`` seals the rest as the final segment.
 
+``readinto`` raises as soon as it meets the damage, and bytes it had copied into the
+buffer during that call (intact plaintext of earlier segments) are not delivered: the
+caller gets the exception, never a short count that would look like a clean end. Every
+later call raises again.
+
 A wrong key fails ``key_check`` and raises ``WrongKeyError`` ("the key does not match
 the one this backup was encrypted with") before any segment is read; no key at all
 raises ``KeyMissingError`` when the source is made.
