@@ -28,11 +28,14 @@ from vdistream.coordinator import Job
 from vdistream.errors import ConfigError, StorageURLError, VdistreamError
 from vdistream.operations import (
     BackupSettings,
+    KeySource,
     list_backups,
     run_backup,
     run_restore,
     run_verify,
 )
+from vdistream.pipeline.keys import generate_key_file
+from vdistream.pipeline.spec import parse_compression
 
 __all__ = ["main"]
 
@@ -68,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--block-size", type=_size, default=65536, help="default 64K")
     b.add_argument("--stall-timeout", type=float, default=60.0, help="seconds (default 60)")
     b.add_argument("--id", dest="backup_id", help="the backup id (default: time + random)")
+    b.add_argument(
+        "--compress",
+        default="none",
+        help="none (default), zstd, zstd:LEVEL (1..19, default 3) or lz4",
+    )
+    _key_arguments(b, "encrypt with")
     b.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
     r = sub.add_parser("restore", help="restore a backup into a target")
@@ -88,12 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--owner", help="PostgreSQL basebackup: give the restored directory to this user"
     )
+    _key_arguments(r, "the key of an encrypted backup:")
     r.add_argument("--json", action="store_true")
 
     v = sub.add_parser("verify", help="re-read and check a backup without touching the source")
     v.add_argument("backup", help="DEST/ID or the location of the backup's manifest.json")
     v.add_argument("--no-content", action="store_true", help="check streams only")
+    _key_arguments(v, "the key of an encrypted backup:")
     v.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("keygen", help="write a new random encryption key file (mode 0600)")
+    k.add_argument("path")
 
     ls = sub.add_parser("list", help="list the backups in a destination")
     ls.add_argument("dest")
@@ -113,6 +127,27 @@ def _register_service_commands(sub: argparse._SubParsersAction[argparse.Argument
     from vdistream.service.commands import register_commands
 
     register_commands(sub)
+
+
+def _key_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--encrypt-key-file", metavar="PATH", help=f"{what} a key file")
+    parser.add_argument(
+        "--encrypt-key-env", metavar="VAR", help=f"{what} the key in an environment variable"
+    )
+    parser.add_argument(
+        "--encrypt-passphrase-env",
+        metavar="VAR",
+        help=f"{what} a passphrase in an environment variable (stretched with scrypt)",
+    )
+
+
+def _key_source(args: argparse.Namespace) -> KeySource | None:
+    source = KeySource(
+        key_file=args.encrypt_key_file,
+        env=args.encrypt_key_env,
+        passphrase_env=args.encrypt_passphrase_env,
+    )
+    return source if source.given else None
 
 
 class Progress:
@@ -185,6 +220,8 @@ async def _backup(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
         mode=args.mode,
         backup_id=args.backup_id,
+        compression=parse_compression(args.compress, setting="--compress"),
+        encryption=_key_source(args),
     )
     outcome = await _with_progress(
         "backup", lambda hook: run_backup(args.source, args.dest, settings, on_job=hook)
@@ -213,6 +250,7 @@ async def _restore(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             create=args.create,
             owner=args.owner,
+            keys=_key_source(args),
             on_job=hook,
         ),
     )
@@ -233,7 +271,7 @@ async def _restore(args: argparse.Namespace) -> int:
 
 
 async def _verify(args: argparse.Namespace) -> int:
-    report = await run_verify(args.backup, content=not args.no_content)
+    report = await run_verify(args.backup, content=not args.no_content, keys=_key_source(args))
     lines = [f"{'ok ' if c.ok else 'BAD'} {c.name}: {c.detail}" for c in report.checks]
     lines.append(f"backup {report.backup_id}: {'verified' if report.ok else 'FAILED'}")
     _emit(args, report.summary(), "\n".join(lines))
@@ -257,6 +295,12 @@ async def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _keygen(args: argparse.Namespace) -> int:
+    key = await anyio.to_thread.run_sync(generate_key_file, args.path)
+    print(f"wrote a new key to {args.path} (mode 0600), fingerprint {key.fingerprint}")
+    return 0
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from vdistream.demo import run_demo
 
@@ -269,6 +313,7 @@ _COMMANDS = {
     "verify": _verify,
     "list": _list,
     "demo": _demo,
+    "keygen": _keygen,
 }
 
 

@@ -42,6 +42,7 @@ from vdistream.engines import Engine
 from vdistream.errors import (
     JobAbortedError,
     JobError,
+    PipelineError,
     StorageError,
     StorageIntegrityError,
     VDAbortError,
@@ -51,7 +52,9 @@ from vdistream.errors import (
     VDTimeoutError,
 )
 from vdistream.log import get_logger
-from vdistream.pipeline import HashingSink, HashingSource
+from vdistream.pipeline import HashingSource
+from vdistream.pipeline.chain import PipelineConfig, SinkChain, SourceChain
+from vdistream.pipeline.encrypt import stream_context
 from vdistream.progress import DeviceProgress, JobProgress
 from vdistream.protocol import Features, VDConfig
 from vdistream.pump import Pump, PumpEnd
@@ -61,6 +64,7 @@ from vdistream.vdi import ClientVirtualDevice, ClientVirtualDeviceSet, Registry
 __all__ = [
     "AbortCause",
     "DeviceResult",
+    "ExpectedStream",
     "Job",
     "JobKind",
     "JobOptions",
@@ -70,6 +74,18 @@ __all__ = [
     "restore",
     "stream_key",
 ]
+
+
+def _being_cancelled() -> bool:
+    """Whether the calling task is inside a cancelled scope (the caller cancelled the job).
+
+    A job's own abort only moves its task group's deadline into the future (the drain),
+    so an effective deadline of minus infinity can only come from a real cancellation.
+    """
+    try:
+        return anyio.current_effective_deadline() == -math.inf
+    except RuntimeError:  # not in an event loop: cannot be
+        return False
 
 
 class JobKind(enum.Enum):
@@ -100,7 +116,7 @@ class AbortCause(enum.Enum):
     USER = "user"  # Job.abort()
     CANCELLED = "cancelled"  # the caller's scope was cancelled
     ENGINE = "engine"  # the engine failed, aborted or abandoned the backup
-    SINK = "sink"  # storage failed
+    SINK = "sink"  # storage failed, or a stored stream failed to decode or authenticate
     WATCHDOG = "watchdog"  # no device moved a byte for stall_timeout
     SERVER_TIMEOUT = "server-timeout"  # the VDI set's own server-timeout watchdog
 
@@ -124,15 +140,17 @@ class JobOptions:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceResult:
-    """One device of a finished job; ``sha256`` is of the stored stream (backup: once
-    committed; restore: as read)."""
+    """One device of a finished job, with the SHA-256 of its logical and stored streams
+    (backup: once committed; restore: as read)."""
 
     name: str
     key: str
     url: str
-    bytes: int
+    bytes: int  # through the pump: what the engine wrote or read (the logical stream)
     commands: int
-    sha256: str | None = None
+    sha256: str | None = None  # of the logical stream
+    stored_bytes: int | None = None  # what the medium holds (after compression, encryption)
+    stored_sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +186,17 @@ class JobResult:
         return self
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpectedStream:
+    """What a restore must read on one device: the stored stream, and the logical one
+    when stages transform it."""
+
+    stored_bytes: int
+    stored_sha256: str
+    logical_bytes: int | None = None
+    logical_sha256: str | None = None
+
+
 def stream_key(backup_id: str, index: int, count: int) -> str:
     """Where device ``index`` of ``count`` stores its stream, inside the destination."""
     return f"{backup_id}/stream-{index:02d}-of-{count:02d}.vdi"
@@ -192,7 +221,8 @@ class Job:
         options: JobOptions | None = None,
         registry: Registry | None = None,
         keys: Sequence[str] | None = None,
-        expected: Sequence[tuple[int, str]] | None = None,
+        expected: Sequence[ExpectedStream] | None = None,
+        pipeline: PipelineConfig | None = None,
     ) -> None:
         self.kind = kind
         self.engine = engine
@@ -210,9 +240,12 @@ class Job:
         )
         if len(self.keys) != count:
             raise ValueError(f"{len(self.keys)} keys for {count} devices")
-        #: restore: (size, sha256) each stored stream must have, from the manifest
+        #: restore: what each stored (and logical) stream must be, from the manifest
         self.expected = list(expected) if expected is not None else None
-        self._hashes: dict[int, str | None] = {}
+        self.pipeline = pipeline or PipelineConfig()
+        if self.pipeline.any and self.options.disk_like:
+            raise ValueError("compression and encryption need pipe-like (sequential) devices")
+        self._hashes: dict[int, tuple[str | None, int | None, str | None]] = {}
         self._hash_limiter = anyio.CapacityLimiter(max(2, count))
         self._storage_arg = storage
         self.storage: Storage | None = None
@@ -253,6 +286,9 @@ class Job:
         self._abort(AbortCause.USER, reason, None)
 
     def _abort(self, by: AbortCause, reason: str, error: BaseException | None) -> None:
+        if self._cause is None and _being_cancelled():
+            # Everything that fails while the caller's scope cancels us is a consequence.
+            by, reason, error = AbortCause.CANCELLED, "the job's caller cancelled it", None
         if self._cause is None:
             self._cause = (by, reason, error)
             self.log.warning("abort_signalled", by=by.value, reason=reason)
@@ -399,25 +435,31 @@ class Job:
         assert self.storage is not None
         key = self.keys[index]
         log = self.log.bind(device=device.name, key=key)
-        sink: HashingSink | None = None
-        source: HashingSource | None = None
+        sink: SinkChain | None = None
+        source: SourceChain | None = None
         committed = False
+        context = stream_context(self.backup_id, index, len(self.keys))
         try:
             try:
                 if self.kind is JobKind.BACKUP:
-                    sink = HashingSink(
+                    sink = SinkChain.build(
                         await self.storage.open_sink(key, device=device.name),
+                        self.pipeline,
+                        context=context,
                         limiter=self._hash_limiter,
                     )
                 else:
-                    source = HashingSource(
-                        await self.storage.open_source(key), limiter=self._hash_limiter
+                    source = SourceChain.build(
+                        await self.storage.open_source(key),
+                        self.pipeline,
+                        context=context,
+                        limiter=self._hash_limiter,
                     )
                 pump = Pump(
                     device,
                     progress,
-                    sink=sink,
-                    source=source,
+                    sink=sink.outer if sink is not None else None,
+                    source=source.outer if source is not None else None,
                     disk_like=self.options.disk_like,
                     poll=self.options.poll,
                 )
@@ -430,36 +472,48 @@ class Job:
                 if sink is not None:
                     await self._decided.wait()
                     if self._ready_to_commit and not self.aborted:
-                        await sink.commit()
+                        await sink.outer.commit()
                         committed = True
                         self._committed.append(key)
-                        self._hashes[index] = sink.sha256
-                        log.info("sink_committed", bytes=sink.size)
+                        self._hashes[index] = (
+                            sink.logical.sha256,
+                            sink.stored.size,
+                            sink.stored.sha256,
+                        )
+                        log.info("sink_committed", bytes=sink.stored.size)
             except VDAbortError:
                 self._abort(self._cause_of_set_abort(), self._vds.abort_reason or "aborted", None)
-            except StorageError as exc:
+            except (StorageError, PipelineError) as exc:
                 log.error("storage_failed", error=str(exc))
                 self._abort(AbortCause.SINK, str(exc), exc)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.drain_timeout):
                 if sink is not None and not committed:
-                    await sink.abort()
+                    await sink.outer.abort()
                     log.info("sink_aborted")
                 if source is not None:
-                    await source.close()
+                    await source.outer.close()
 
-    def _check_read(self, index: int, source: HashingSource) -> None:
-        """Restore: the stream read must be the one the manifest describes."""
+    def _check_read(self, index: int, source: SourceChain) -> None:
+        """Restore: the streams read must be the ones the manifest describes."""
+        stored, logical = source.stored, source.logical
+        self._hashes[index] = (logical.sha256, stored.bytes_read, stored.sha256)
         if self.expected is None:
             return
-        size, sha256 = self.expected[index]
-        self._hashes[index] = source.sha256
-        if source.bytes_read != size or source.sha256 not in (None, sha256):
-            raise StorageIntegrityError(
-                f"stored stream does not match the manifest: read {source.bytes_read} bytes "
-                f"with SHA-256 {source.sha256}, expected {size} bytes with SHA-256 {sha256}",
-                url=source.url,
-            )
+        want = self.expected[index]
+        checks: list[tuple[str, HashingSource, int | None, str]] = [
+            ("stored", stored, want.stored_bytes, want.stored_sha256)
+        ]
+        if want.logical_sha256 is not None:
+            checks.append(("logical", logical, want.logical_bytes, want.logical_sha256))
+        for what, hashed, size, sha256 in checks:
+            if hashed.bytes_read != size or hashed.sha256 not in (None, sha256):
+                raise StorageIntegrityError(
+                    f"the {what} stream does not match the manifest: read {hashed.bytes_read} "
+                    f"bytes with SHA-256 {hashed.sha256}, expected {size} bytes with "
+                    f"SHA-256 {sha256}",
+                    url=stored.url,
+                )
 
     async def _cleanup(self) -> None:
         """After every task ended: undo published parts of a failed job, close the set."""
@@ -491,7 +545,9 @@ class Job:
                 url=self._url(self.keys[i]),
                 bytes=p.bytes,
                 commands=p.commands,
-                sha256=self._hashes.get(i),
+                sha256=self._hashes.get(i, (None, None, None))[0],
+                stored_bytes=self._hashes.get(i, (None, None, None))[1],
+                stored_sha256=self._hashes.get(i, (None, None, None))[2],
             )
             for i, p in enumerate(self.progress.devices)
         )

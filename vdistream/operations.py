@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import platform
 import shutil
 import tempfile
@@ -35,16 +36,29 @@ from vdistream.catalog import (
     read_manifest,
     write_manifest,
 )
-from vdistream.coordinator import AbortCause, Job, JobKind, JobOptions, JobResult, JobStatus
+from vdistream.coordinator import (
+    AbortCause,
+    ExpectedStream,
+    Job,
+    JobKind,
+    JobOptions,
+    JobResult,
+    JobStatus,
+)
 from vdistream.engines import SimulatorOptions
 from vdistream.engines.databases import content_check, resolve_source, restore_engine
-from vdistream.errors import StorageError, VdistreamError
+from vdistream.errors import KeyMissingError, PipelineError, StorageError, VdistreamError
+from vdistream.pipeline.chain import PipelineConfig, SourceChain
+from vdistream.pipeline.encrypt import stream_context
+from vdistream.pipeline.keys import Key, ScryptParams, load_key
+from vdistream.pipeline.spec import CompressionSpec
 from vdistream.storage import Storage, open_storage
 
 __all__ = [
     "BackupOutcome",
     "BackupSettings",
     "Check",
+    "KeySource",
     "VerifyReport",
     "list_backups",
     "run_backup",
@@ -53,6 +67,37 @@ __all__ = [
 ]
 
 JobHook = Callable[[Job], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySource:
+    """Where the encryption key comes from: a key file, an environment variable holding
+    the key, or one holding a passphrase (stretched with scrypt; the salt and
+    parameters are recorded in the manifest so a restore derives the same key)."""
+
+    key_file: str | None = None
+    env: str | None = None
+    passphrase_env: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.key_file, self.env, self.passphrase_env))
+
+    async def load(self, kdf: dict[str, Any] | None = None) -> Key:
+        passphrase = None
+        if self.passphrase_env is not None:
+            passphrase = os.environ.get(self.passphrase_env)
+            if passphrase is None:
+                raise KeyMissingError(
+                    f"the environment variable {self.passphrase_env} holds no passphrase"
+                )
+        params = ScryptParams.from_dict(kdf) if kdf and passphrase is not None else None
+        # scrypt takes a noticeable fraction of a second: keep it off the event loop
+        return await anyio.to_thread.run_sync(
+            lambda: load_key(
+                key_file=self.key_file, env=self.env, passphrase=passphrase, kdf=params
+            )
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +111,8 @@ class BackupSettings:
     stall_timeout: float = 60.0
     mode: str | None = None  # postgresql: basebackup (default) or dump
     backup_id: str | None = None
+    compression: CompressionSpec | None = None
+    encryption: KeySource | None = None
 
     def simulator(self) -> SimulatorOptions:
         return SimulatorOptions(
@@ -93,7 +140,8 @@ class BackupOutcome:
             "id": self.result.backup_id,
             "status": self.result.status.value,
             "manifest": self.manifest_url,
-            "bytes": self.result.bytes,
+            "bytes": self.manifest.stored_bytes if self.manifest else self.result.bytes,
+            "logical_bytes": self.result.bytes,
             "devices": [dataclasses.asdict(d) for d in self.manifest.devices]
             if self.manifest
             else [],
@@ -130,6 +178,10 @@ async def run_backup(
     storage = destination if isinstance(destination, Storage) else open_storage(destination)
     versions = {"vdistream": __version__, "python": platform.python_version()}
     versions.update(await source.describe())
+    key = None
+    if settings.encryption is not None and settings.encryption.given:
+        key = await settings.encryption.load()
+    pipeline = PipelineConfig(compression=settings.compression, key=key)
     started = _now()
     job = Job(
         JobKind.BACKUP,
@@ -137,6 +189,7 @@ async def run_backup(
         storage,
         backup_id=settings.backup_id,
         options=settings.job(),
+        pipeline=pipeline,
     )
     if on_job is not None:
         on_job(job)
@@ -146,11 +199,20 @@ async def run_backup(
     try:
         devices = []
         for index, device in enumerate(result.devices):
-            sha256 = device.sha256
-            if sha256 is None:  # written out of order: hash what was committed
-                _, sha256 = await hash_stream(storage, device.key)
+            stored_bytes, sha256 = device.stored_bytes, device.stored_sha256
+            if sha256 is None or stored_bytes is None:  # written out of order: read it back
+                stored_bytes, sha256 = await hash_stream(storage, device.key)
             devices.append(
-                DeviceEntry(index, device.name, device.key, device.url, device.bytes, sha256)
+                DeviceEntry(
+                    index,
+                    device.name,
+                    device.key,
+                    device.url,
+                    stored_bytes,
+                    sha256,
+                    logical_bytes=device.bytes,
+                    logical_sha256=device.sha256 if pipeline.any else sha256,
+                )
             )
         engine_result = result.engine_result
         manifest = Manifest(
@@ -170,6 +232,7 @@ async def run_backup(
             devices=tuple(devices),
             versions=versions,
             logical_bytes=getattr(engine_result, "logical_bytes", None),
+            pipeline=pipeline.describe() if pipeline.any else None,
         )
         url = await write_manifest(storage, manifest)
     except (CatalogError, StorageError) as exc:
@@ -184,6 +247,23 @@ async def run_backup(
     return BackupOutcome(result, manifest, url)
 
 
+async def _pipeline_for(manifest: Manifest, keys: KeySource | None) -> PipelineConfig:
+    """The manifest's stages, with the key loaded and checked against its fingerprint:
+    a wrong or missing key is reported as such before any byte is read."""
+    encryption = (manifest.pipeline or {}).get("encryption")
+    key = None
+    if encryption:
+        if keys is None or not keys.given:
+            raise KeyMissingError(
+                f"backup {manifest.backup_id} is encrypted: give its key "
+                "(--encrypt-key-file, --encrypt-key-env or --encrypt-passphrase-env)"
+            )
+        recorded = encryption.get("key", {})
+        key = await keys.load(recorded.get("kdf"))
+        key.check_fingerprint(str(recorded.get("fingerprint", "")), where=manifest.backup_id)
+    return PipelineConfig.from_manifest(manifest.pipeline, key)
+
+
 async def _restore_job(
     storage: Storage,
     manifest: Manifest,
@@ -193,8 +273,10 @@ async def _restore_job(
     on_job: JobHook | None,
     create: bool = False,
     owner: str | None = None,
+    keys: KeySource | None = None,
 ) -> JobResult:
     await check_streams(storage, manifest)
+    pipeline = await _pipeline_for(manifest, keys)
     options = SimulatorOptions(
         block_size=manifest.vdi["block_size"],
         max_transfer_size=manifest.vdi["max_transfer_size"],
@@ -215,7 +297,11 @@ async def _restore_job(
         backup_id=manifest.backup_id,
         options=JobOptions(devices=len(manifest.devices)),
         keys=[d.key for d in manifest.devices],
-        expected=[(d.bytes, d.sha256) for d in manifest.devices],
+        expected=[
+            ExpectedStream(d.bytes, d.sha256, d.logical_bytes, d.logical_sha256)
+            for d in manifest.devices
+        ],
+        pipeline=pipeline,
     )
     if on_job is not None:
         on_job(job)
@@ -229,6 +315,7 @@ async def run_restore(
     overwrite: bool = False,
     create: bool = False,
     owner: str | None = None,
+    keys: KeySource | None = None,
     on_job: JobHook | None = None,
 ) -> JobResult:
     """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``.
@@ -241,7 +328,14 @@ async def run_restore(
     storage = open_storage(dest)
     manifest = await read_manifest(storage, backup_id)
     return await _restore_job(
-        storage, manifest, target, overwrite=overwrite, on_job=on_job, create=create, owner=owner
+        storage,
+        manifest,
+        target,
+        overwrite=overwrite,
+        on_job=on_job,
+        create=create,
+        owner=owner,
+        keys=keys,
     )
 
 
@@ -269,7 +363,9 @@ class VerifyReport:
         }
 
 
-async def run_verify(backup: str, *, content: bool = True) -> VerifyReport:
+async def run_verify(
+    backup: str, *, content: bool = True, keys: KeySource | None = None
+) -> VerifyReport:
     """Re-read every stream and check it; then, where the engine allows, the content.
 
     Writes nothing but a temporary restore target, removed afterwards; never touches
@@ -290,26 +386,25 @@ async def run_verify(backup: str, *, content: bool = True) -> VerifyReport:
         checks.append(Check("sizes", False, str(exc)))
         return VerifyReport(backup_id, tuple(checks))
 
+    try:
+        pipeline = await _pipeline_for(manifest, keys)
+    except PipelineError as exc:
+        checks.append(Check("key", False, str(exc)))
+        return VerifyReport(backup_id, tuple(checks))
+    if pipeline.encrypted:
+        checks.append(Check("key", True, "matches the backup's key fingerprint"))
     hashed: dict[int, Check] = {}
+    limiter = anyio.CapacityLimiter(max(2, len(manifest.devices)))
 
-    async def rehash(device: DeviceEntry) -> None:
+    async def reread(device: DeviceEntry) -> None:
         try:
-            size, sha256 = await hash_stream(storage, device.key)
-        except StorageError as exc:
+            hashed[device.index] = await _reread(storage, manifest, device, pipeline, limiter)
+        except (StorageError, PipelineError) as exc:
             hashed[device.index] = Check(f"device {device.index}", False, str(exc))
-            return
-        ok = size == device.bytes and sha256 == device.sha256
-        detail = (
-            f"{size} bytes, sha256 {sha256[:16]}..."
-            if ok
-            else f"{device.url}: {size} bytes with SHA-256 {sha256}, the manifest says "
-            f"{device.bytes} bytes with {device.sha256}"
-        )
-        hashed[device.index] = Check(f"device {device.index}", ok, detail)
 
     async with anyio.create_task_group() as tg:
         for device in manifest.devices:
-            tg.start_soon(rehash, device)
+            tg.start_soon(reread, device)
     checks.extend(hashed[i] for i in sorted(hashed))
     if not content or not all(c.ok for c in checks):
         return VerifyReport(backup_id, tuple(checks))
@@ -317,7 +412,9 @@ async def run_verify(backup: str, *, content: bool = True) -> VerifyReport:
     workdir = Path(await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "vdistream-verify-"))
     try:
         target, check = await content_check(manifest.engine, manifest.mode, workdir)
-        result = await _restore_job(storage, manifest, target, overwrite=False, on_job=None)
+        result = await _restore_job(
+            storage, manifest, target, overwrite=False, on_job=None, keys=keys
+        )
         if not result.ok:
             checks.append(Check("restore", False, str(result.error)))
         else:
@@ -330,6 +427,62 @@ async def run_verify(backup: str, *, content: bool = True) -> VerifyReport:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
     return VerifyReport(backup_id, tuple(checks))
+
+
+async def _reread(
+    storage: Storage,
+    manifest: Manifest,
+    device: DeviceEntry,
+    pipeline: PipelineConfig,
+    limiter: anyio.CapacityLimiter,
+) -> Check:
+    """Read one stream back through every stage: stored SHA-256, authentication tags,
+    decompression, logical SHA-256. Nothing is written."""
+    name = f"device {device.index}"
+    if not pipeline.any:
+        size, sha256 = await hash_stream(storage, device.key)
+        if size == device.bytes and sha256 == device.sha256:
+            return Check(name, True, f"{size} bytes, sha256 {sha256[:16]}...")
+        return Check(
+            name,
+            False,
+            f"{device.url}: {size} bytes with SHA-256 {sha256}, the manifest says "
+            f"{device.bytes} bytes with {device.sha256}",
+        )
+    context = stream_context(manifest.backup_id, device.index, len(manifest.devices))
+    chain = SourceChain.build(
+        await storage.open_source(device.key), pipeline, context=context, limiter=limiter
+    )
+    scratch = memoryview(bytearray(1 << 20))
+    try:
+        while await chain.outer.readinto(scratch):
+            pass
+    finally:
+        await chain.outer.close()
+    stored, logical = chain.stored, chain.logical
+    wrong = []
+    if (stored.bytes_read, stored.sha256) != (device.bytes, device.sha256):
+        wrong.append(
+            f"stored {stored.bytes_read} bytes with SHA-256 {stored.sha256}, the manifest "
+            f"says {device.bytes} bytes with {device.sha256}"
+        )
+    if (logical.bytes_read, logical.sha256) != (device.logical_bytes, device.logical_sha256):
+        wrong.append(
+            f"decoded {logical.bytes_read} bytes with SHA-256 {logical.sha256}, the manifest "
+            f"says {device.logical_bytes} bytes with {device.logical_sha256}"
+        )
+    if wrong:
+        return Check(name, False, f"{device.url}: " + "; ".join(wrong))
+    stages = " + ".join(
+        x
+        for x, on in (("decrypted", pipeline.encrypted), ("decompressed", pipeline.compressed))
+        if on
+    )
+    return Check(
+        name,
+        True,
+        f"{stored.bytes_read} bytes stored, {logical.bytes_read} {stages}, both SHA-256 match",
+    )
 
 
 async def list_backups(destination: str) -> tuple[list[Manifest], list[str]]:

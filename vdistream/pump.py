@@ -20,8 +20,9 @@ GET/SET_POSITION  disk-like devices only
 anything else NOT_SUPPORTED
 ============  ==============================================================
 
-A storage failure completes the command with an error code the engine understands
-(DISK_FULL when the medium is full) and is then raised, so that the coordinator
+A storage or pipeline failure (a corrupt or undecryptable stream) completes the command
+with an error code the engine understands (DISK_FULL when the medium is full) and is
+then raised, so that the coordinator
 aborts the job with the storage error as its cause.
 """
 
@@ -29,7 +30,13 @@ from __future__ import annotations
 
 import enum
 
-from vdistream.errors import StorageError, StorageFullError, VDClosedError, VDTimeoutError
+from vdistream.errors import (
+    PipelineError,
+    StorageError,
+    StorageFullError,
+    VDClosedError,
+    VDTimeoutError,
+)
 from vdistream.progress import DeviceProgress
 from vdistream.protocol import Command, CommandCode, Completion, Whence
 from vdistream.storage import Sink, Source
@@ -111,7 +118,7 @@ class Pump:
         except StorageFullError:
             self.device.complete_command(command, Completion.DISK_FULL)
             raise
-        except StorageError:
+        except (StorageError, PipelineError):  # a corrupt stream too: the engine must not go on
             fault = ERROR_READ_FAULT if code is CommandCode.READ else ERROR_WRITE_FAULT
             self.device.complete_command(command, fault)
             raise

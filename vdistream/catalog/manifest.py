@@ -40,12 +40,17 @@ def manifest_key(backup_id: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceEntry:
+    """One device stream: ``bytes``/``sha256`` of what is stored (after compression and
+    encryption), ``logical_*`` of what the engine wrote (the same without stages)."""
+
     index: int
     name: str
     key: str
     url: str
     bytes: int
     sha256: str
+    logical_bytes: int | None = None
+    logical_sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,8 @@ class Manifest:
     devices: tuple[DeviceEntry, ...]
     versions: dict[str, str]
     logical_bytes: int | None = None
+    #: the stages, in order, with their parameters (nothing secret); None: no stages
+    pipeline: dict[str, Any] | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -86,6 +93,8 @@ class Manifest:
             "ended": self.ended,
             "devices": len(self.devices),
             "bytes": self.stored_bytes,
+            "compression": (self.pipeline or {}).get("compression"),
+            "encrypted": bool((self.pipeline or {}).get("encryption")),
         }
 
     @classmethod
@@ -120,6 +129,7 @@ class Manifest:
                 devices=devices,
                 versions=dict(body["versions"]),
                 logical_bytes=body.get("logical_bytes"),
+                pipeline=body.get("pipeline"),
             )
         except (KeyError, TypeError) as exc:
             raise CatalogError(f"manifest {where} is incomplete: {exc!r}") from exc

@@ -1,0 +1,149 @@
+"""The stages of one device stream, composed in a fixed order.
+
+Backup::
+
+    pump -> logical hash -> compress -> encrypt -> stored hash -> storage sink
+
+Restore::
+
+    storage source -> stored hash -> decrypt -> decompress -> logical hash -> pump
+
+Compression comes before encryption (ciphertext does not compress). The *logical*
+SHA-256 is of what the engine wrote, the *stored* SHA-256 of what reached the medium;
+both are recorded in the manifest, and without stages they are the same. Encryption
+binds each device stream to its backup and position (``stream_context``), so streams
+swapped between devices or backups fail authentication. Stages work on sequential
+streams only: a disk-like job (positions) cannot use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import anyio
+
+from vdistream.errors import ConfigError
+from vdistream.pipeline.checksum import HashingSink, HashingSource
+from vdistream.pipeline.compress import CompressingSink, DecompressingSource
+from vdistream.pipeline.encrypt import (
+    DEFAULT_SEGMENT_SIZE,
+    DecryptingSource,
+    EncryptingSink,
+    describe_encryption,
+)
+from vdistream.pipeline.keys import Key
+from vdistream.pipeline.spec import CompressionSpec
+from vdistream.storage import Sink, Source
+
+__all__ = ["ORDER", "PipelineConfig", "SinkChain", "SourceChain"]
+
+ORDER = ("compress", "encrypt", "store")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The stages of a backup. For a restore, ``encrypted`` says the stored streams are
+    encrypted (from the manifest) whether or not a ``key`` was given."""
+
+    compression: CompressionSpec | None = None
+    key: Key | None = None
+    encrypted: bool = False
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+
+    def __post_init__(self) -> None:
+        if self.key is not None and not self.encrypted:
+            object.__setattr__(self, "encrypted", True)  # frozen: normalise once
+
+    @property
+    def compressed(self) -> bool:
+        return self.compression is not None and self.compression.enabled
+
+    @property
+    def any(self) -> bool:
+        return self.compressed or self.encrypted
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records (nothing secret)."""
+        return {
+            "order": list(ORDER),
+            "compression": self.compression.to_dict() if self.compressed else None,  # type: ignore[union-attr]
+            "encryption": describe_encryption(self.key, segment_size=self.segment_size)
+            if self.key is not None
+            else None,
+        }
+
+    @classmethod
+    def from_manifest(cls, recorded: dict[str, Any] | None, key: Key | None) -> PipelineConfig:
+        if not recorded:
+            return cls()
+        compression = recorded.get("compression")
+        encryption = recorded.get("encryption")
+        return cls(
+            compression=CompressionSpec.from_dict(compression) if compression else None,
+            key=key if encryption else None,
+            encrypted=bool(encryption),
+            segment_size=int(encryption["segment_size"]) if encryption else DEFAULT_SEGMENT_SIZE,
+        )
+
+
+@dataclasses.dataclass
+class SinkChain:
+    outer: Sink  # what the pump writes to; commit/abort go through every stage
+    stored: HashingSink
+    logical: HashingSink
+
+    @classmethod
+    def build(
+        cls,
+        inner: Sink,
+        config: PipelineConfig,
+        *,
+        context: bytes,
+        limiter: anyio.CapacityLimiter,
+    ) -> SinkChain:
+        stored = HashingSink(inner, limiter=limiter)
+        sink: Sink = stored
+        if config.encrypted:
+            if config.key is None:
+                raise ConfigError("an encrypted backup needs a key")
+            sink = EncryptingSink(
+                sink, config.key, context, segment_size=config.segment_size, limiter=limiter
+            )
+        if config.compressed:
+            assert config.compression is not None
+            sink = CompressingSink(
+                sink, config.compression.algorithm, config.compression.level, limiter=limiter
+            )
+        if sink is stored:
+            return cls(stored, stored, stored)
+        logical = HashingSink(sink, limiter=limiter)
+        return cls(logical, stored, logical)
+
+
+@dataclasses.dataclass
+class SourceChain:
+    outer: Source
+    stored: HashingSource
+    logical: HashingSource
+
+    @classmethod
+    def build(
+        cls,
+        inner: Source,
+        config: PipelineConfig,
+        *,
+        context: bytes,
+        limiter: anyio.CapacityLimiter,
+    ) -> SourceChain:
+        stored = HashingSource(inner, limiter=limiter)
+        source: Source = stored
+        if config.encrypted:
+            source = DecryptingSource(source, config.key, context, limiter=limiter)
+        if config.compressed:
+            assert config.compression is not None
+            source = DecompressingSource(source, config.compression.algorithm, limiter=limiter)
+        if source is stored:
+            return cls(stored, stored, stored)
+        logical = HashingSource(source, limiter=limiter)
+        return cls(logical, stored, logical)
