@@ -27,6 +27,13 @@ StorageFactory = Callable[[str], Storage]
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
+def _open_s3(url: str) -> Storage:
+    """``s3://bucket/prefix?...``; the S3 backend (and aiobotocore) is imported here."""
+    from vdistream.storage.s3 import S3Storage
+
+    return S3Storage.from_url(url)
+
+
 class StorageRegistry:
     """Maps URL schemes to storage factories."""
 
@@ -35,11 +42,13 @@ class StorageRegistry:
 
     @classmethod
     def with_builtins(cls) -> StorageRegistry:
-        """A registry knowing ``file``, ``memory`` (its own named stores) and ``null``."""
+        """A registry knowing ``file``, ``memory`` (its own named stores), ``null`` and
+        ``s3`` (imported on first use, so aiobotocore loads only when needed)."""
         registry = cls()
         registry.register("file", FileStorage.from_url)
         registry.register("memory", MemoryStores().open_storage)
         registry.register("null", NullStorage.from_url)
+        registry.register("s3", _open_s3)
         return registry
 
     @property

@@ -1,0 +1,281 @@
+"""Find (and optionally remove) what no committed backup references.
+
+A backup exists only through its committed manifest (``<backup_id>/manifest.json``),
+which names every device stream's key. Everything else under a storage is debris of
+jobs that failed or were killed: device streams committed before the job died, and on
+S3 multipart uploads that were never completed or aborted (they cost money and are
+invisible to ``list``). ``audit`` reports them; ``audit(..., clean=True)`` removes them.
+
+What is kept, always:
+
+* every readable manifest and every key its ``devices`` name;
+* everything under ``<backup_id>/`` of a manifest that exists but cannot be read
+  (corrupt, edited, newer format): it may describe a real backup, so its streams are
+  reported as unverifiable, never deleted;
+* with ``min_age``, anything younger than that (or whose age the storage cannot tell).
+
+Run ``clean=True`` when no backup job is writing to the storage, or give ``min_age``
+longer than any job runs: a running job's streams and uploads look exactly like debris
+until its manifest is committed. The audit assumes the storage holds only vdistream
+backups; foreign objects under its prefix are reported as unreferenced too.
+
+Storages with multipart uploads (``S3Storage``) are recognised by their
+``list_uploads()`` and ``abort_upload(key, upload_id)`` methods; for the others only
+objects are audited, and for ``FileStorage`` also temporary files left by sinks that
+were never committed or aborted (a killed process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import anyio.to_thread
+
+from vdistream.catalog.manifest import MANIFEST_NAME
+from vdistream.catalog.store import list_manifests
+from vdistream.errors import StorageError, StorageNotFoundError
+from vdistream.storage.base import Storage
+from vdistream.storage.file import _TEMP_NAME, FileStorage
+
+__all__ = ["AuditReport", "OrphanUpload", "audit"]
+
+
+class _Upload(Protocol):
+    key: str
+    upload_id: str
+    initiated: datetime.datetime | None
+
+
+@runtime_checkable
+class _MultipartStorage(Protocol):
+    async def list_uploads(self, prefix: str = "") -> list[_Upload]: ...
+
+    async def abort_upload(self, key: str, upload_id: str) -> None: ...
+
+
+@runtime_checkable
+class _DatedStorage(Protocol):
+    """A storage that can tell when its objects were written (``S3Storage``)."""
+
+    async def list_objects(self, prefix: str = "") -> list[_DatedObject]: ...
+
+
+class _DatedObject(Protocol):
+    key: str
+    last_modified: datetime.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class OrphanUpload:
+    """An in-progress multipart upload (``key`` relative to the storage)."""
+
+    key: str
+    upload_id: str
+    initiated: datetime.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    """What ``audit`` found, and with ``clean=True`` what it removed.
+
+    ``orphan_objects``, ``orphan_uploads`` and ``temporaries`` are the debris found
+    (old enough to count, see ``min_age``); ``removed_objects``, ``aborted_uploads``
+    and ``removed_temporaries`` what was actually removed; ``failures`` what could not
+    be removed and why.
+    """
+
+    url: str
+    backups: tuple[str, ...]
+    referenced: tuple[str, ...]
+    orphan_objects: tuple[str, ...]
+    orphan_uploads: tuple[OrphanUpload, ...]
+    temporaries: tuple[str, ...] = ()
+    #: objects under a backup whose manifest cannot be read: kept, never cleaned
+    unverifiable: tuple[str, ...] = ()
+    #: why those manifests could not be read
+    problems: tuple[str, ...] = ()
+    #: keys a manifest names that do not exist (a damaged backup)
+    missing: tuple[str, ...] = ()
+    #: debris skipped because it is younger than ``min_age`` or of unknown age
+    too_young: tuple[str, ...] = ()
+    cleaned: bool = False
+    removed_objects: tuple[str, ...] = ()
+    aborted_uploads: tuple[OrphanUpload, ...] = ()
+    removed_temporaries: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        """Nothing unreferenced is left (after cleaning, if it cleaned)."""
+        if self.cleaned:
+            return not self.failures and not self.too_young
+        return not (self.orphan_objects or self.orphan_uploads or self.temporaries)
+
+
+async def audit(
+    storage: Storage,
+    *,
+    clean: bool = False,
+    min_age: datetime.timedelta | None = None,
+) -> AuditReport:
+    """Report the objects, multipart uploads and temporaries under ``storage`` that no
+    committed manifest references; with ``clean`` remove them (see the module doc).
+
+    ``min_age`` protects debris younger than that; where the storage cannot tell an
+    object's age (file objects, memory) such objects are then reported, not removed.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    manifests, problems = await list_manifests(storage)
+    keys = await storage.list()
+    backups = tuple(m.backup_id for m in manifests)
+    readable = set(backups)
+
+    referenced: set[str] = set()
+    for manifest in manifests:
+        referenced.add(f"{manifest.backup_id}/{MANIFEST_NAME}")
+        referenced.update(device.key for device in manifest.devices)
+    # A manifest that exists but cannot be read protects everything under its id.
+    unreadable_ids = {
+        key.rpartition("/")[0]
+        for key in keys
+        if key.endswith("/" + MANIFEST_NAME) and key.rpartition("/")[0] not in readable
+    }
+    present = set(keys)
+    unverifiable = sorted(
+        key
+        for key in keys
+        if key not in referenced and any(key.startswith(f"{i}/") for i in unreadable_ids)
+    )
+    orphans = [key for key in keys if key not in referenced and key not in unverifiable]
+
+    ages = await _object_ages(storage) if min_age is not None else {}
+    too_young: list[str] = []
+
+    def old_enough(name: str, when: datetime.datetime | None) -> bool:
+        if min_age is None:
+            return True
+        if when is None or now - when < min_age:
+            too_young.append(name)
+            return False
+        return True
+
+    orphan_objects = [key for key in orphans if old_enough(key, ages.get(key))]
+
+    uploads: list[OrphanUpload] = []
+    if isinstance(storage, _MultipartStorage):
+        for upload in await storage.list_uploads():
+            found = OrphanUpload(upload.key, upload.upload_id, upload.initiated)
+            if old_enough(f"upload {upload.key} ({upload.upload_id})", upload.initiated):
+                uploads.append(found)
+
+    temporaries: list[str] = []
+    if isinstance(storage, FileStorage):
+        for name, mtime in await anyio.to_thread.run_sync(_temporaries, storage.path):
+            if old_enough(name, mtime):
+                temporaries.append(name)
+
+    report = AuditReport(
+        url=storage.url,
+        backups=backups,
+        referenced=tuple(sorted(referenced & present)),
+        orphan_objects=tuple(orphan_objects),
+        orphan_uploads=tuple(uploads),
+        temporaries=tuple(temporaries),
+        unverifiable=tuple(unverifiable),
+        problems=tuple(problems),
+        missing=tuple(sorted(referenced - present)),
+        too_young=tuple(too_young),
+    )
+    if not clean:
+        return report
+    return await _clean(storage, report)
+
+
+async def _clean(storage: Storage, report: AuditReport) -> AuditReport:
+    removed: list[str] = []
+    aborted: list[OrphanUpload] = []
+    removed_temps: list[str] = []
+    failures: list[str] = []
+    for key in report.orphan_objects:
+        try:
+            await storage.delete(key)
+        except StorageNotFoundError:
+            removed.append(key)  # gone already: the goal is met
+        except StorageError as exc:
+            failures.append(f"delete {key}: {exc}")
+        else:
+            removed.append(key)
+    if report.orphan_uploads and isinstance(storage, _MultipartStorage):
+        for upload in report.orphan_uploads:
+            try:
+                await storage.abort_upload(upload.key, upload.upload_id)
+            except StorageError as exc:
+                failures.append(f"abort upload {upload.key} ({upload.upload_id}): {exc}")
+            else:
+                aborted.append(upload)
+    if report.temporaries and isinstance(storage, FileStorage):
+        for name in report.temporaries:
+            try:
+                await anyio.to_thread.run_sync(_unlink, storage.path / name)
+            except OSError as exc:
+                failures.append(f"remove temporary {name}: {exc}")
+            else:
+                removed_temps.append(name)
+    return dataclasses.replace(
+        report,
+        cleaned=True,
+        removed_objects=tuple(removed),
+        aborted_uploads=tuple(aborted),
+        removed_temporaries=tuple(removed_temps),
+        failures=tuple(failures),
+    )
+
+
+async def _object_ages(storage: Storage) -> dict[str, datetime.datetime | None]:
+    if isinstance(storage, _DatedStorage):
+        return {obj.key: obj.last_modified for obj in await storage.list_objects()}
+    if isinstance(storage, FileStorage):
+        return await anyio.to_thread.run_sync(_file_ages, storage.path)
+    return {}
+
+
+def _file_ages(root: Path) -> dict[str, datetime.datetime | None]:
+    ages: dict[str, datetime.datetime | None] = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory, name)
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            key = path.relative_to(root).as_posix()
+            ages[key] = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
+    return ages
+
+
+def _temporaries(root: Path) -> list[tuple[str, datetime.datetime | None]]:
+    """Sink temporaries in the storage directory (they never live deeper)."""
+    found: list[tuple[str, datetime.datetime | None]] = []
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
+        if _TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            found.append((entry.name, datetime.datetime.fromtimestamp(mtime, datetime.UTC)))
+    return sorted(found)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
