@@ -15,6 +15,8 @@ refreshed line on a terminal and a plain line every few seconds otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
 import sys
 from collections.abc import Sequence
@@ -105,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-content", action="store_true", help="check streams only")
     _key_arguments(v, "the key of an encrypted backup:")
     v.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("storage", help="look after a destination")
+    st_sub = st.add_subparsers(dest="storage_command", required=True, metavar="COMMAND")
+    au = st_sub.add_parser(
+        "audit", help="list (and with --clean remove) what no committed manifest references"
+    )
+    au.add_argument("dest")
+    au.add_argument("--clean", action="store_true", help="remove the orphans found")
+    au.add_argument(
+        "--min-age",
+        default="1h",
+        help="leave debris younger than this alone: a running job's (default 1h; 0 for all)",
+    )
+    au.add_argument("--json", action="store_true")
+    au.set_defaults(handler=_audit)
 
     k = sub.add_parser("keygen", help="write a new random encryption key file (mode 0600)")
     k.add_argument("path")
@@ -293,6 +310,40 @@ async def _list(args: argparse.Namespace) -> int:
     )
     _emit(args, rows, text or f"no backups in {args.dest}")
     return 0
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    from vdistream.catalog.audit import audit
+    from vdistream.operations import opened_storage
+
+    min_age = datetime.timedelta(seconds=_duration(args.min_age))
+    async with opened_storage(args.dest) as storage:
+        report = await audit(storage, clean=args.clean, min_age=min_age or None)
+    payload = dataclasses.asdict(report)
+    lines = [f"{len(report.backups)} backups, {len(report.referenced)} objects referenced"]
+    lines += [f"orphan object: {key}" for key in report.orphan_objects]
+    lines += [
+        f"orphan upload: {upload.key} ({upload.upload_id})" for upload in report.orphan_uploads
+    ]
+    lines += [f"temporary: {key}" for key in report.temporaries]
+    lines += [f"kept (unreadable manifest): {key}" for key in report.unverifiable]
+    lines += [f"missing (named by a manifest): {key}" for key in report.missing]
+    lines += [f"too young to judge: {key}" for key in report.too_young]
+    if args.clean:
+        removed = len(report.removed_objects) + len(report.aborted_uploads)
+        removed += len(report.removed_temporaries)
+        lines.append(f"removed {removed}")
+    lines += [f"FAILED: {failure}" for failure in report.failures]
+    _emit(args, payload, "\n".join(lines))
+    return 1 if report.failures else 0
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    raw = text.strip().lower()
+    if raw and raw[-1] in units:
+        return float(raw[:-1]) * units[raw[-1]]
+    return float(raw)
 
 
 async def _keygen(args: argparse.Namespace) -> int:

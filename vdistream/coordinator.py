@@ -525,6 +525,9 @@ class Job:
                         self._committed.remove(key)
                     except StorageError as exc:
                         self.log.error("cleanup_failed", key=key, error=str(exc))
+        if self.storage is not None and self.storage is not self._storage_arg:
+            with anyio.move_on_after(self.options.drain_timeout):
+                await self.storage.aclose()  # we opened it from a URL: ours to close
         if self._vds.state.name != "DNE":
             if not self.aborted and self._vds.state.name != "NORMALLY_TERMINATED":
                 self._abort(

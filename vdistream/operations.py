@@ -11,13 +11,14 @@ own check of a restore into a temporary place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,12 @@ from vdistream.coordinator import (
     JobStatus,
 )
 from vdistream.engines import SimulatorOptions
-from vdistream.engines.databases import content_check, resolve_source, restore_engine
+from vdistream.engines.databases import (
+    DatabaseSource,
+    content_check,
+    resolve_source,
+    restore_engine,
+)
 from vdistream.errors import KeyMissingError, PipelineError, StorageError, VdistreamError
 from vdistream.pipeline.chain import PipelineConfig, SourceChain
 from vdistream.pipeline.encrypt import stream_context
@@ -151,6 +157,21 @@ class BackupOutcome:
         }
 
 
+@contextlib.asynccontextmanager
+async def opened_storage(destination: str | Storage) -> AsyncIterator[Storage]:
+    """The storage a URL names, closed afterwards (an S3 client holds connections);
+    a ``Storage`` given by the caller is the caller's to close."""
+    if isinstance(destination, Storage):
+        yield destination
+        return
+    storage = open_storage(destination)
+    try:
+        yield storage
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await storage.aclose()
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -175,7 +196,16 @@ async def run_backup(
     """Back up ``source_url`` into ``destination``; the manifest is written last."""
     settings = settings or BackupSettings()
     source = resolve_source(source_url, mode=settings.mode)
-    storage = destination if isinstance(destination, Storage) else open_storage(destination)
+    async with opened_storage(destination) as storage:
+        return await _backup(source, storage, settings, on_job)
+
+
+async def _backup(
+    source: DatabaseSource,
+    storage: Storage,
+    settings: BackupSettings,
+    on_job: JobHook | None,
+) -> BackupOutcome:
     versions = {"vdistream": __version__, "python": platform.python_version()}
     versions.update(await source.describe())
     key = None
@@ -325,18 +355,18 @@ async def run_restore(
     restored PostgreSQL data directory to that user (the server's).
     """
     dest, backup_id = parse_backup_ref(backup)
-    storage = open_storage(dest)
-    manifest = await read_manifest(storage, backup_id)
-    return await _restore_job(
-        storage,
-        manifest,
-        target,
-        overwrite=overwrite,
-        on_job=on_job,
-        create=create,
-        owner=owner,
-        keys=keys,
-    )
+    async with opened_storage(dest) as storage:
+        manifest = await read_manifest(storage, backup_id)
+        return await _restore_job(
+            storage,
+            manifest,
+            target,
+            overwrite=overwrite,
+            on_job=on_job,
+            create=create,
+            owner=owner,
+            keys=keys,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,7 +402,13 @@ async def run_verify(
     the source database.
     """
     dest, backup_id = parse_backup_ref(backup)
-    storage = open_storage(dest)
+    async with opened_storage(dest) as storage:
+        return await _verify(storage, backup_id, content=content, keys=keys)
+
+
+async def _verify(
+    storage: Storage, backup_id: str, *, content: bool, keys: KeySource | None
+) -> VerifyReport:
     checks: list[Check] = []
     try:
         manifest = await read_manifest(storage, backup_id)
@@ -486,4 +522,5 @@ async def _reread(
 
 
 async def list_backups(destination: str) -> tuple[list[Manifest], list[str]]:
-    return await list_manifests(open_storage(destination))
+    async with opened_storage(destination) as storage:
+        return await list_manifests(storage)

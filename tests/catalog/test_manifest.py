@@ -125,3 +125,11 @@ async def test_a_broken_manifest_is_reported_not_listed() -> None:
     assert listed == []
     assert len(problems) == 1
     assert "not a vdistream manifest" in problems[0]
+
+
+def test_a_urls_query_stays_with_the_destination() -> None:
+    assert parse_backup_ref("s3://b/p/id1?endpoint_url=http://127.0.0.1:9000") == (
+        "s3://b/p?endpoint_url=http://127.0.0.1:9000",
+        "id1",
+    )
+    assert parse_backup_ref("s3://b/p/id1/manifest.json?region=x") == ("s3://b/p?region=x", "id1")

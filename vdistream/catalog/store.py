@@ -24,8 +24,17 @@ _CHUNK = 4 * 1024 * 1024
 
 
 def parse_backup_ref(ref: str) -> tuple[str, str]:
-    """``DEST/ID`` or ``DEST/ID/manifest.json`` -> (DEST, ID)."""
-    text = ref.rstrip("/")
+    """``DEST/ID`` or ``DEST/ID/manifest.json`` -> (DEST, ID).
+
+    A URL's query (``s3://bucket/prefix/ID?endpoint_url=...``) belongs to DEST.
+    """
+    text, question, query = ref.partition("?")
+    dest, backup_id = _split_ref(text, ref)
+    return (dest + question + query, backup_id)
+
+
+def _split_ref(text: str, ref: str) -> tuple[str, str]:
+    text = text.rstrip("/")
     if text.endswith("/" + MANIFEST_NAME):
         text = text[: -len(MANIFEST_NAME) - 1]
     dest, sep, backup_id = text.rpartition("/")
