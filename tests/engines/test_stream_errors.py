@@ -121,7 +121,7 @@ async def test_corrupt_payload_byte() -> None:
     damaged = bytearray(streams[1])
     damaged[BLOCK + 12345] ^= 0x40
     streams[1] = bytes(damaged)
-    await restore_fails(streams, "SHA-256", {1})
+    await restore_fails(streams, "CRC-32", {1})
 
 
 async def test_corrupt_header_byte() -> None:
