@@ -1,8 +1,12 @@
 """vdistream: stream database backups through virtual devices, the way SQL Server's VDI does.
 
 This module only re-exports; importing it configures nothing (no logging, no signal
-handlers, no global metrics).
+handlers, no global metrics). ``Service`` (the daemon's work, embeddable: ``async with
+vdistream.Service(settings) as service:``) is imported on first use, so that a program
+that only runs jobs does not load aiohttp and prometheus_client.
 """
+
+import typing as _typing
 
 from vdistream.coordinator import AbortCause as AbortCause
 from vdistream.coordinator import DeviceResult as DeviceResult
@@ -58,6 +62,9 @@ from vdistream.vdi import Registry as Registry
 from vdistream.vdi import ServerVirtualDevice as ServerVirtualDevice
 from vdistream.vdi import ServerVirtualDeviceSet as ServerVirtualDeviceSet
 
+if _typing.TYPE_CHECKING:
+    from vdistream.service.daemon import Service as Service
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -85,6 +92,7 @@ __all__ = (
     "ServerState",
     "ServerVirtualDevice",
     "ServerVirtualDeviceSet",
+    "Service",
     "Sink",
     "Source",
     "Storage",
@@ -115,3 +123,12 @@ __all__ = (
     "open_storage",
     "restore",
 )
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name == "Service":
+        from vdistream.service.daemon import Service
+
+        globals()["Service"] = Service
+        return Service
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

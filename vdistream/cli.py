@@ -64,8 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("backup", help="back up a database into a destination")
-    b.add_argument("source", help="sqlite:///path/app.db, postgresql://..., cmd:COMMAND")
-    b.add_argument("dest", help="a directory or a storage URL (file://, memory://, null://)")
+    b.add_argument(
+        "source",
+        help="sqlite:///path/app.db, postgresql://..., cmd:COMMAND; with --daemon also the "
+        "name of a configured database",
+    )
+    b.add_argument(
+        "dest",
+        nargs="?",
+        help="a directory or a storage URL (file://, s3://, memory://, null://); with "
+        "--daemon and a database name, leave it out",
+    )
     b.add_argument("--mode", choices=["basebackup", "dump"], help="PostgreSQL: what to take")
     b.add_argument("--devices", type=int, default=4, help="virtual devices (default 4)")
     b.add_argument("--max-transfer-size", type=_size, default=MIB, help="default 1M")
@@ -80,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _key_arguments(b, "encrypt with")
     b.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    b.add_argument(
+        "--daemon",
+        action="store_true",
+        help="have the running daemon do it (a database of its settings) instead of "
+        "running it in this process",
+    )
+    b.add_argument("--socket", help="with --daemon: the daemon's socket")
+    b.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="with --daemon: return once the job is queued",
+    )
 
     r = sub.add_parser("restore", help="restore a backup into a target")
     r.add_argument("backup", help="DEST/ID or the location of the backup's manifest.json")
@@ -228,7 +250,59 @@ async def _with_progress(label: str, work: Any) -> Any:
     return result[0]
 
 
+#: ``backup`` options the daemon takes from its settings, not from the command line
+_DAEMON_OWNS = {
+    "mode": None,
+    "devices": 4,
+    "max_transfer_size": MIB,
+    "buffer_count": None,
+    "block_size": 65536,
+    "stall_timeout": 60.0,
+    "compress": "none",
+    "encrypt_key_file": None,
+    "encrypt_key_env": None,
+    "encrypt_passphrase_env": None,
+}
+
+
+async def _backup_by_daemon(args: argparse.Namespace) -> int:
+    from vdistream.service.client import submit_backup_to_daemon
+
+    # The daemon backs up its configured databases as configured: an option given
+    # here would be silently ignored there, so it is refused instead.
+    given = [
+        "--" + name.replace("_", "-")
+        for name, default in _DAEMON_OWNS.items()
+        if getattr(args, name) != default
+    ]
+    if given:
+        print(
+            f"vdistream: {', '.join(given)} cannot be used with --daemon: the daemon takes "
+            "them from its settings ([databases.NAME])",
+            file=sys.stderr,
+        )
+        return 2
+    name_only = args.dest is None
+    return await submit_backup_to_daemon(
+        args.socket,
+        args.source if name_only else None,
+        None if name_only else args.source,
+        args.dest,
+        backup_id=args.backup_id,
+        wait=args.wait,
+        json_output=args.json,
+    )
+
+
 async def _backup(args: argparse.Namespace) -> int:
+    if args.daemon:
+        return await _backup_by_daemon(args)
+    if args.dest is None:
+        print("vdistream: backup needs a destination (DEST)", file=sys.stderr)
+        return 2
+    if args.socket is not None or not args.wait:
+        print("vdistream: --socket and --no-wait go with --daemon", file=sys.stderr)
+        return 2
     settings = BackupSettings(
         devices=args.devices,
         block_size=args.block_size,

@@ -1,7 +1,12 @@
-"""The daemon's foundations: settings, schedules, retention, persistent job state.
+"""The daemon: settings, schedules, retention, persistent job state, the job manager,
+the control API, and ``Service``, which runs them inside the caller's event loop.
 
 This module only re-exports; importing it configures nothing (no logging, no signal
-handlers, no global metrics, no files opened).
+handlers, no global metrics, no files opened). ``Service`` is imported on first use
+(PEP 562 ``__getattr__``), so that the command line does not load aiohttp and
+prometheus_client for commands that do not need them.
+
+* ``Service``: ``async with Service(settings) as service:`` (``daemon`` module).
 
 * ``settings``: ``load_settings(path, env)`` -> frozen ``Settings`` (TOML file +
   ``VDISTREAM_*`` overrides; errors name the key, the file and the line).
@@ -9,6 +14,8 @@ handlers, no global metrics, no files opened).
 * ``retention``: ``plan_retention(backups, policy, now)``, a pure function.
 * ``state``: ``JobStore``, job records and last-verified backups in SQLite.
 """
+
+import typing as _typing
 
 from vdistream.service.retention import BackupInfo as BackupInfo
 from vdistream.service.retention import Reason as Reason
@@ -45,6 +52,9 @@ from vdistream.service.state import StateError as StateError
 from vdistream.service.state import VerifiedBackup as VerifiedBackup
 from vdistream.service.state import new_job_id as new_job_id
 
+if _typing.TYPE_CHECKING:
+    from vdistream.service.daemon import Service as Service
+
 __all__ = (
     "DEFAULT_SETTINGS_PATH",
     "INTERRUPTED_QUEUED_REASON",
@@ -67,6 +77,7 @@ __all__ = (
     "ScheduleCallback",
     "Scheduler",
     "Secret",
+    "Service",
     "ServiceSettings",
     "Settings",
     "SettingsError",
@@ -81,3 +92,12 @@ __all__ = (
     "resolve_timezone",
     "settings_summary",
 )
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name == "Service":
+        from vdistream.service.daemon import Service
+
+        globals()["Service"] = Service
+        return Service
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -351,7 +351,7 @@ class _Context:
     def base_dir(self, path: _KeyPath) -> Path:
         if self.file is None or self.from_env(path) is not None:
             return Path.cwd()
-        return self.file.parent
+        return self.file.parent.absolute()  # a relative --config must not leave relative paths
 
     def fail(self, path: _KeyPath, problem: str) -> NoReturn:
         key = ".".join(path)

@@ -1,0 +1,131 @@
+"""``Service`` inside a host application's event loop: the host's cancellation shuts it
+down cleanly, and it touches nothing global (logging, signals, prometheus' registry)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.daemon.conftest import embedded_settings, wait_for
+from vdistream.service import JobStore, Service
+from vdistream.service.jobs import QueueFullError, ShuttingDownError, UnknownDatabaseError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.asyncio
+async def test_the_hosts_cancellation_aborts_jobs_and_cleans_up(tmp_path: Path) -> None:
+    """1. A host runs the service (API included) and submits a slow backup.
+    2. The host cancels the block while the job runs.
+    3. The job is recorded aborted, nothing of it is in the destination, the socket
+       is gone and the state directory's lock is free (the service starts again)."""
+    settings = embedded_settings(tmp_path)
+    registry = CollectorRegistry()
+    job_id = ""
+    with anyio.move_on_after(30) as guard:
+        async with (
+            anyio.create_task_group() as host,
+            Service(settings, registry=registry) as service,
+        ):
+            assert settings.service.socket_path.exists()
+            record = await service.submit("backup", "slow")
+            job_id = record.id
+            await wait_for(lambda: _moved(service, job_id), timeout=20, what="the job moving bytes")
+            host.cancel_scope.cancel()
+            await anyio.sleep_forever()
+    assert not guard.cancelled_caught
+    async with await JobStore.open(settings.service.state_db) as store:
+        job = await store.get(job_id)
+    assert job.state.value == "aborted"
+    assert not settings.service.socket_path.exists()
+    backups = tmp_path / "backups"
+    assert not backups.exists() or list(backups.iterdir()) == []
+    assert registry.get_sample_value(
+        "vdistream_jobs_total", {"kind": "backup", "outcome": "aborted"}
+    )
+    assert prometheus_client.REGISTRY.get_sample_value("vdistream_jobs_total") is None
+
+    async with Service(settings, api=False) as again:
+        assert again.ready
+        assert (await again.jobs())[0].id == job_id
+
+
+async def _moved(service: Service, job_id: str) -> bool:
+    return bool((await service.job(job_id))["progress"].get("bytes", 0))
+
+
+@pytest.mark.asyncio
+async def test_embedding_api_submit_wait_abort_and_refusals(tmp_path: Path) -> None:
+    """``submit``, ``wait``, ``jobs``, ``abort`` from the host; an unknown database,
+    a full queue and a stopped intake are refused with their errors."""
+    settings = embedded_settings(tmp_path, max_jobs=1, max_queued=0)
+    async with Service(settings, api=False) as service:
+        record = await service.submit("backup", "app", verify=False)
+        done = await service.wait(record.id)
+        assert done.state.value == "succeeded"
+        assert done.backup_id is not None
+        assert done.backup_id.startswith("app.")
+        with pytest.raises(UnknownDatabaseError, match="no database 'nope'"):
+            await service.submit("backup", "nope")
+
+        slow = await service.submit("backup", "slow")
+        with pytest.raises(QueueFullError, match=r"service.max_queued = 0"):
+            await service.submit("backup", "app")
+        await service.abort(slow.id, "host says stop")
+        aborted = await service.wait(slow.id)
+        assert aborted.state.value == "aborted"
+        assert aborted.error is not None
+        assert "host says stop" in aborted.error
+        assert [j.id for j in await service.jobs()] == [slow.id, record.id]
+
+        await service.shutdown()
+        assert not service.ready
+        with pytest.raises(ShuttingDownError):
+            await service.submit("backup", "app")
+    with pytest.raises(RuntimeError, match="not running"):
+        await service.submit("backup", "app")
+
+
+def test_importing_the_daemon_modules_configures_nothing() -> None:
+    code = textwrap.dedent(
+        """
+        import logging, signal
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        import prometheus_client, structlog
+        before = set(prometheus_client.REGISTRY._names_to_collectors)
+        import vdistream.service
+        from vdistream.service import Service
+        from vdistream.service import api, client, commands, daemon, manager, metrics, serve
+        metrics.Metrics()
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+        assert logging.getLogger().handlers == []
+        assert logging.getLogger("vdistream").handlers == []
+        assert not structlog.is_configured()
+        assert set(prometheus_client.REGISTRY._names_to_collectors) == before
+        print("clean")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "clean"
+
+
+def test_the_command_line_does_not_load_the_daemon_for_other_commands() -> None:
+    code = (
+        "import sys, vdistream.cli; vdistream.cli.build_parser(); "
+        "print('aiohttp.web' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,220 @@
+"""The daemon's life: abort through the API, SIGTERM with jobs running, kill -9 and
+restart, a second signal, SIGHUP. Every test looks at the destination afterwards:
+nothing of an aborted or killed backup may stay, not even a temporary file."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.daemon.conftest import (
+    SLOW_SOURCE,
+    Daemon,
+    make_sqlite,
+    slow_url,
+    wait_for,
+    wait_job,
+)
+from vdistream.service import INTERRUPTED_REASON
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.mark.asyncio
+async def test_abort_through_the_api_mid_job_leaves_nothing(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """1. A slow backup runs and has written to its devices (temporaries exist).
+    2. POST /v1/jobs/{id}/abort answers 202.
+    3. The job ends aborted (cause "user") within the drain; the destination is empty;
+       the abort is counted in the metrics."""
+    daemon = daemon_factory({"slow": {"url": slow_url()}}).start()
+    async with daemon.client() as client:
+        job = await client.submit({"kind": "backup", "database": "slow"})
+        await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
+        assert any(name.endswith(".tmp") for name in daemon.leftovers())
+        async with (
+            daemon.http() as http,
+            http.post(
+                f"http://vdistream/v1/jobs/{job['id']}/abort", json={"reason": "test says so"}
+            ) as response,
+        ):
+            assert response.status == 202
+            assert (await response.json())["id"] == job["id"]
+        started = time.monotonic()
+        done = await wait_job(client, job["id"], timeout=15)
+        assert time.monotonic() - started < 10
+        assert done["state"] == "aborted"
+        assert "test says so" in done["error"]
+        assert done["result"]["aborted_by"] == "user"
+        metrics = await client.metrics()
+    assert 'vdistream_aborts_total{cause="user",kind="backup"} 1.0' in metrics
+    assert daemon.leftovers() == []
+    (row,) = daemon.jobs_in_state_db()
+    assert row["state"] == "aborted"
+    assert daemon.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_sigterm_with_three_jobs_running_ends_within_the_grace_period(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """1. Three slow backups run at once (max_jobs 3); a fourth request is queued.
+    2. SIGTERM: the daemon exits 0 within grace_period (10 s).
+    3. The state database says every job aborted ("...received SIGTERM"), the queued
+       one included; the destination holds nothing; the log ends the shutdown."""
+    daemon = daemon_factory(
+        {"slow": {"url": slow_url(), "max_jobs": 3}},
+        service={"max_jobs": 3, "grace_period": 10},
+    ).start()
+    async with daemon.client() as client:
+        jobs = [await client.submit({"kind": "backup", "database": "slow"}) for _ in range(4)]
+        for job in jobs[:3]:
+            await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
+        assert (await client.job(jobs[3]["id"]))["state"] == "queued"
+    started = time.monotonic()
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait(15) == 0
+    assert time.monotonic() - started < 10
+    rows = daemon.jobs_in_state_db()
+    assert [r["state"] for r in rows] == ["aborted"] * 4
+    assert all("SIGTERM" in r["error"] for r in rows), [r["error"] for r in rows]
+    assert all(r["ended"] for r in rows)
+    assert daemon.leftovers() == []
+    names = [e["event"] for e in daemon.events()]
+    assert "shutdown_started" in names
+    assert "shutdown_complete" in names
+    assert not daemon.socket.exists()
+
+
+@pytest.mark.asyncio
+async def test_kill_9_mid_job_then_restart_marks_it_failed_and_removes_its_files(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """1. A slow backup runs; its temporaries are in the destination.
+    2. kill -9: the files stay, the job is still "running" in the state database.
+    3. Restart: the job is failed with the interrupted reason, its partial files are
+       gone, and the record says what was removed."""
+    daemon = daemon_factory({"slow": {"url": slow_url()}}).start()
+    async with daemon.client() as client:
+        job = await client.submit({"kind": "backup", "database": "slow"})
+        running = await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
+    daemon.kill()
+    partial = daemon.leftovers()
+    assert any(name.endswith(".tmp") for name in partial), partial
+    (row,) = daemon.jobs_in_state_db()
+    assert row["state"] == "running"
+    assert row["backup_id"] == running["backup_id"]
+
+    daemon.start()
+    async with daemon.client() as client:
+        after = await client.job(job["id"])
+        assert after["state"] == "failed"
+        assert after["error"] == INTERRUPTED_REASON
+        cleanup = after["result"]["cleanup"]
+        assert cleanup["committed"] is False
+        assert sorted(cleanup["removed"]) == sorted(p for p in partial if p.endswith(".tmp"))
+        assert cleanup["failures"] == []
+    assert daemon.leftovers() == []
+    assert daemon.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_second_signal_forces_the_exit(daemon_factory: Callable[..., Daemon]) -> None:
+    """1. A backup whose producer ignores SIGTERM and stops writing: aborting it takes
+       the engine's 5 s terminate grace, so the first SIGTERM's shutdown is slow.
+    2. Meanwhile submissions get 503 (shutting_down), readiness is 503, reading works.
+    3. A second SIGTERM forces the exit: non-zero, within 3 s, no producer left behind.
+    4. After a restart nothing of that backup is left."""
+    daemon = daemon_factory(
+        {"stubborn": {"url": slow_url(stubborn=True)}}, service={"grace_period": 30}
+    ).start()
+    async with daemon.client() as client:
+        job = await client.submit({"kind": "backup", "database": "stubborn"})
+        await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
+    daemon.send(signal.SIGTERM)
+    await wait_for(
+        lambda: any(e["event"] == "shutdown_started" for e in daemon.events()),
+        what="the shutdown",
+    )
+    async with daemon.http() as http:
+        async with http.post(
+            "http://vdistream/v1/jobs", json={"kind": "backup", "database": "stubborn"}
+        ) as refused:
+            assert refused.status == 503
+            assert (await refused.json())["error"]["code"] == "shutting_down"
+        async with http.get("http://vdistream/v1/ready") as ready:
+            assert ready.status == 503
+            assert (await ready.json())["error"]["code"] == "not_ready"
+        async with http.get(f"http://vdistream/v1/jobs/{job['id']}") as still:
+            assert (await still.json())["state"] == "running"  # reading still works
+    await anyio.sleep(0.5)
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, "the first signal was expected to take longer"
+    started = time.monotonic()
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait(10) == 1
+    assert time.monotonic() - started < 3
+    assert any(e["event"] == "shutdown_forced" for e in daemon.events())
+    await wait_for(lambda: not _stubborn_processes(), timeout=5, what="no orphan producer")
+    daemon.start()
+    async with daemon.client() as client:
+        after = await client.job(job["id"])
+        assert after["state"] in ("aborted", "failed")
+    await wait_for(lambda: daemon.leftovers() == [], timeout=10, what="an empty destination")
+    assert daemon.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_sighup_reloads_the_settings_without_dropping_running_jobs(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """1. A slow backup runs.
+    2. The settings file gains a database; SIGHUP.
+    3. The new database is served and can be backed up; the running job goes on."""
+    daemon = daemon_factory({"slow": {"url": slow_url()}}).start()
+    source = make_sqlite(tmp_path / "new.db")
+    async with daemon.client() as client:
+        job = await client.submit({"kind": "backup", "database": "slow"})
+        await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
+        daemon.write_config(
+            {
+                "slow": {"url": slow_url()},
+                "fresh": {"url": f"sqlite://{source}", "verify_after_backup": False},
+            }
+        )
+        daemon.send(signal.SIGHUP)
+
+        async def served() -> bool:
+            return "fresh" in [d["name"] for d in await client.databases()]
+
+        await wait_for(served, what="the new database after SIGHUP")
+        fresh = await client.submit({"kind": "backup", "database": "fresh"})
+        assert (await wait_job(client, fresh["id"]))["state"] == "succeeded"
+        still = await client.job(job["id"])
+        assert still["state"] == "running"
+        await client.abort(job["id"])
+        assert (await wait_job(client, job["id"]))["state"] == "aborted"
+    assert any(e["event"] == "settings_reloaded" for e in daemon.events())
+    assert daemon.stop() == 0
+
+
+def _stubborn_processes() -> list[int]:
+    """Pids of ``slow_source.py --stubborn`` processes still running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and str(SLOW_SOURCE).encode() in argv and b"--stubborn" in argv:
+            found.append(int(entry.name))
+    return found

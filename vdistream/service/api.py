@@ -1,0 +1,492 @@
+"""The control API: aiohttp on a Unix socket (and optionally loopback TCP with a token).
+
+``ApiServer(backend, settings).start()`` sets up a ``web.AppRunner`` in the caller's
+event loop, with a ``SockSite`` on the Unix socket and, when ``service.listen`` is set,
+a ``TCPSite``; ``stop()`` is the runner's ``cleanup()`` (stop listening, let requests
+in flight finish for ``shutdown_timeout`` seconds, cancel the rest) and removes the
+socket file. The endpoints are described in ``openapi.yaml`` next to this module
+(served at ``GET /v1/openapi.yaml``; ``docs/openapi.yaml`` is the same file).
+
+Contracts
+---------
+
+* **The socket** is bound, given ``service.socket_mode`` (0600 by default), and only
+  then listened on, so nobody can connect while it still has the umask's mode. A
+  stale socket file (nobody listening) is replaced; a live one, or a file that is not
+  a socket, is an ``ApiStartError``.
+* **Authentication.** The Unix socket's mode is its access control. On the TCP
+  listener every request needs ``Authorization: Bearer <token>`` (compared in
+  constant time); otherwise 401.
+* **Errors** are ``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status;
+  a refused request changes nothing. Codes: ``malformed_json`` (400),
+  ``invalid_request`` (400: unknown field, wrong type, missing field, bad query
+  parameter), ``unauthorized`` (401), ``not_found`` / ``job_not_found`` (404),
+  ``method_not_allowed`` (405), ``job_finished`` (409), ``body_too_large`` (413: the
+  body limit is ``MAX_BODY`` bytes), ``unsupported_media_type`` (415),
+  ``unknown_database`` (422), ``queue_full`` (429, with ``Retry-After``),
+  ``shutting_down`` / ``not_ready`` (503), ``internal_error`` (500).
+* **Progress streams** (``GET /v1/jobs/{id}/events``) are newline-delimited JSON, or
+  server-sent events with ``Accept: text/event-stream`` or ``?format=sse``: one
+  ``{"event": "progress" | "end", "job": {...}}`` per interval and state change, the
+  last one ``end`` with the job's final form.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import json
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+from aiohttp import web
+
+from vdistream import __version__
+from vdistream.errors import VdistreamError
+from vdistream.log import get_logger
+from vdistream.service.jobs import (
+    InvalidRequestError,
+    JobRequest,
+    QueueFullError,
+    ServiceError,
+)
+from vdistream.service.manager import JobManager
+from vdistream.service.metrics import CONTENT_TYPE
+from vdistream.service.settings import ServiceSettings, Settings
+from vdistream.service.state import JobState, JobType
+
+__all__ = ("MAX_BODY", "ApiBackend", "ApiServer", "ApiStartError", "create_app")
+
+log = get_logger(__name__)
+
+#: The largest request body accepted (bytes); larger ones get 413.
+MAX_BODY = 64 * 1024
+_LIST_LIMIT = 1000
+
+
+class ApiStartError(VdistreamError):
+    """The API cannot listen where the settings say."""
+
+
+class _MalformedJSONError(ServiceError):
+    status = 400
+    code = "malformed_json"
+
+
+class _UnsupportedMediaTypeError(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class _NotReadyError(ServiceError):
+    status = 503
+    code = "not_ready"
+
+
+class ApiBackend(Protocol):
+    """What the API needs from the service it controls."""
+
+    @property
+    def manager(self) -> JobManager: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def metrics_text(self) -> bytes: ...
+
+
+_BACKEND: web.AppKey[ApiBackend] = web.AppKey("backend", ApiBackend)
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    411: "length_required",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers or None
+    )
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except QueueFullError as exc:
+        return _error(exc.status, exc.code, str(exc), **{"Retry-After": "5"})
+    except ServiceError as exc:
+        return _error(exc.status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "http_error")
+        if exc.status == 413:
+            message = f"the request body is larger than {MAX_BODY} bytes"
+        elif exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+        else:
+            message = exc.text or exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+        return _error(exc.status, code, message, **headers)
+    except (ConnectionError, anyio.get_cancelled_exc_class()):
+        raise
+    except Exception as exc:  # a bug: answer 500, log it, keep serving
+        log.exception("api_internal_error", method=request.method, path=request.path)
+        return _error(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
+@web.middleware
+async def _auth(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if isinstance(sockname, tuple):  # TCP: the bearer token is required
+        token = request.app[_BACKEND].settings.service.token
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="vdistream"'}
+        if token is None:
+            return _error(401, "unauthorized", "the TCP listener has no token configured")
+        if scheme.lower() != "bearer" or not given.strip():
+            return _error(
+                401,
+                "unauthorized",
+                "this listener needs the header 'Authorization: Bearer <token>'",
+                **challenge,
+            )
+        if not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+            return _error(401, "unauthorized", "the bearer token is wrong", **challenge)
+    return await handler(request)
+
+
+async def _json_body(request: web.Request, *, required: bool) -> Any:
+    raw = await request.read()  # 413 past client_max_size
+    if not raw.strip():
+        if required:
+            raise InvalidRequestError("the request needs a JSON object as its body")
+        return None
+    if "Content-Type" in request.headers and request.content_type not in (
+        "application/json",
+        "text/json",
+    ):
+        raise _UnsupportedMediaTypeError(
+            f"the body must be JSON (Content-Type: application/json), not {request.content_type}"
+        )
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _MalformedJSONError(f"the body is not valid JSON: {exc}") from None
+
+
+def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    for name in request.query:
+        if name not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise InvalidRequestError(f"unknown query parameter {name!r} (known: {known})")
+    return {name: request.query[name] for name in request.query}
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    backend = request.app[_BACKEND]
+    if not backend.ready:
+        raise _NotReadyError("the service is not ready: it is starting or shutting down")
+    return web.json_response({"ready": True, "jobs": backend.manager.counts})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = await request.app[_BACKEND].metrics_text()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    text = resources.files("vdistream.service").joinpath("openapi.yaml").read_text("utf-8")
+    return web.Response(text=text, content_type="application/yaml")
+
+
+async def _databases(request: web.Request) -> web.Response:
+    settings = request.app[_BACKEND].settings
+    rows = []
+    for name, database in sorted(settings.databases.items()):
+        destination = settings.destinations[database.destination]
+        rows.append(
+            {
+                "name": name,
+                "kind": database.kind,
+                "url": database.display_url,
+                "mode": database.mode,
+                "destination": destination.name,
+                "destination_url": destination.display_url,
+                "devices": database.devices,
+                "max_jobs": database.max_jobs,
+                "schedule": None if database.schedule is None else database.schedule.text,
+                "keep_last": database.retention.keep_last,
+                "keep_within": None
+                if database.retention.keep_within is None
+                else database.retention.keep_within.total_seconds(),
+                "verify_after_backup": database.verify_after_backup,
+            }
+        )
+    return web.json_response({"databases": rows})
+
+
+async def _submit(request: web.Request) -> web.Response:
+    body = await _json_body(request, required=True)
+    job_request = JobRequest.from_json(body)
+    record = await request.app[_BACKEND].manager.submit(job_request)
+    view = await request.app[_BACKEND].manager.view(record.id)
+    return web.json_response(view, status=202, headers={"Location": f"/v1/jobs/{record.id}"})
+
+
+def _states(text: str) -> list[JobState]:
+    states = []
+    for part in text.split(","):
+        try:
+            states.append(JobState(part.strip()))
+        except ValueError:
+            known = ", ".join(s.value for s in JobState)
+            raise InvalidRequestError(f"state {part!r} is not one of {known}") from None
+    return states
+
+
+async def _list(request: web.Request) -> web.Response:
+    query = _query(request, ("state", "database", "kind", "limit"))
+    states = _states(query["state"]) if "state" in query else None
+    kind = None
+    if "kind" in query:
+        try:
+            kind = JobType(query["kind"])
+        except ValueError:
+            raise InvalidRequestError(
+                f"kind {query['kind']!r} is not one of backup, restore, verify"
+            ) from None
+    limit = 100
+    if "limit" in query:
+        text = query["limit"]
+        if not text.isdigit() or not 1 <= int(text) <= _LIST_LIMIT:
+            raise InvalidRequestError(f"limit must be a number from 1 to {_LIST_LIMIT}")
+        limit = int(text)
+    views = await request.app[_BACKEND].manager.views(
+        state=states, database=query.get("database"), kind=kind, limit=limit
+    )
+    return web.json_response({"jobs": views})
+
+
+async def _job(request: web.Request) -> web.Response:
+    _query(request, ())
+    view = await request.app[_BACKEND].manager.view(request.match_info["job_id"])
+    return web.json_response(view)
+
+
+async def _abort(request: web.Request) -> web.Response:
+    body = await _json_body(request, required=False)
+    reason = "requested through the API"
+    if body is not None:
+        if not isinstance(body, dict):
+            raise InvalidRequestError('the body of an abort is an object: {"reason": "..."}')
+        for name in body:
+            if name != "reason":
+                raise InvalidRequestError(f"unknown field {name!r} (known: reason)")
+        if "reason" in body:
+            if not isinstance(body["reason"], str) or not body["reason"].strip():
+                raise InvalidRequestError("'reason' must be a non-empty string")
+            reason = body["reason"].strip()[:500]
+    manager = request.app[_BACKEND].manager
+    job_id = request.match_info["job_id"]
+    await manager.abort(job_id, reason)
+    return web.json_response(await manager.view(job_id), status=202)
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
+    query = _query(request, ("interval", "format"))
+    interval = 1.0
+    if "interval" in query:
+        try:
+            interval = float(query["interval"])
+        except ValueError:
+            interval = -1.0
+        if not 0.1 <= interval <= 60:
+            raise InvalidRequestError("interval must be a number of seconds from 0.1 to 60")
+    fmt = query.get("format")
+    if fmt is None:
+        fmt = "sse" if "text/event-stream" in request.headers.get("Accept", "") else "ndjson"
+    if fmt not in ("ndjson", "sse"):
+        raise InvalidRequestError(f"format {fmt!r} is not ndjson or sse")
+    manager = request.app[_BACKEND].manager
+    job_id = request.match_info["job_id"]
+    await manager.view(job_id)  # 404 before the stream starts
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream" if fmt == "sse" else "application/x-ndjson",
+            "Cache-Control": "no-cache",
+        }
+    )
+    await response.prepare(request)
+    async for view in manager.watch(job_id, interval):
+        event = "end" if JobState(view["state"]).terminal else "progress"
+        data = json.dumps({"event": event, "job": view}, separators=(",", ":"))
+        if fmt == "sse":
+            await response.write(f"event: {event}\ndata: {data}\n\n".encode())
+        else:
+            await response.write(data.encode() + b"\n")
+    await response.write_eof()
+    return response
+
+
+def create_app(backend: ApiBackend) -> web.Application:
+    """The aiohttp application of the control API (``MAX_BODY`` bytes per body)."""
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY)
+    app[_BACKEND] = backend
+    app.router.add_get("/v1/health", _health)
+    app.router.add_get("/v1/ready", _ready)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/v1/openapi.yaml", _openapi)
+    app.router.add_get("/v1/databases", _databases)
+    app.router.add_post("/v1/jobs", _submit)
+    app.router.add_get("/v1/jobs", _list)
+    app.router.add_get("/v1/jobs/{job_id}", _job)
+    app.router.add_get("/v1/jobs/{job_id}/events", _events)
+    app.router.add_post("/v1/jobs/{job_id}/abort", _abort)
+    return app
+
+
+# --- the server -------------------------------------------------------------------------
+
+
+def _bind_unix(path: Path, mode: int) -> tuple[socket.socket, int]:
+    """A bound (not yet listening) Unix socket at ``path`` with ``mode``; its inode."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ApiStartError(
+                f"{path} exists and is not a socket; remove it or set service.socket elsewhere"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise ApiStartError(f"cannot check the socket {path}: {exc}") from exc
+            path.unlink(missing_ok=True)  # stale: nobody listens
+        else:
+            raise ApiStartError(
+                f"another process listens on {path} (is a vdistream daemon already running?)"
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        # Nobody can connect before listen(), which the site calls: chmod first.
+        os.chmod(path, mode)
+        inode = path.stat().st_ino
+    except OSError as exc:
+        sock.close()
+        raise ApiStartError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock, inode
+
+
+class ApiServer:
+    """The control API's listeners in the caller's loop (module doc)."""
+
+    def __init__(
+        self, backend: ApiBackend, settings: ServiceSettings, *, shutdown_timeout: float = 3.0
+    ) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+        self._inode: int | None = None
+        self.addresses: list[str] = []
+
+    @property
+    def socket_path(self) -> Path:
+        return self._settings.socket_path
+
+    async def start(self) -> list[str]:
+        """Listen; returns the addresses (``unix:PATH``, ``http://HOST:PORT``)."""
+        runner = web.AppRunner(
+            create_app(self._backend),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=self._shutdown_timeout,
+        )
+        await runner.setup()
+        self._runner = runner
+        try:
+            sock, self._inode = await anyio.to_thread.run_sync(
+                _bind_unix, self.socket_path, self._settings.socket_mode
+            )
+            unix_site = web.SockSite(runner, sock)
+            await unix_site.start()
+            self.addresses.append(f"unix:{self.socket_path}")
+            if self._settings.listen is not None:
+                host, port = self._settings.listen
+                tcp = web.TCPSite(runner, host, port)
+                try:
+                    await tcp.start()
+                except OSError as exc:
+                    raise ApiStartError(
+                        f"cannot listen on {host}:{port} (service.listen): {exc.strerror or exc}"
+                    ) from exc
+                self.addresses.append(f"http://{host}:{port}")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.stop()
+            raise
+        log.info("api_listening", addresses=self.addresses)
+        return self.addresses
+
+    async def stop(self) -> None:
+        """Stop listening, finish or cancel requests in flight, remove the socket.
+        Idempotent; shielded."""
+        runner, self._runner = self._runner, None
+        with anyio.CancelScope(shield=True):
+            if runner is not None:
+                await runner.cleanup()
+            if self._inode is not None:
+                inode, self._inode = self._inode, None
+                try:
+                    if self.socket_path.stat().st_ino == inode:
+                        self.socket_path.unlink()
+                except FileNotFoundError:
+                    pass

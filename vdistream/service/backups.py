@@ -1,0 +1,288 @@
+"""The daemon's work on stored backups: which belong to a database, which are verified,
+deleting one, applying retention, and removing what a killed job left behind.
+
+* ``database_backups(manifests, database)``: the daemon names a database's backups
+  ``<database>.<time>-<random>`` (``jobs.new_backup_id``); ``group_of(backup_id)`` is
+  that database's name, ``""`` for ids without a ``.`` (backups made by
+  ``vdistream backup`` by hand), which retention never mixes with a database's.
+* ``verified_ids(store, database)``: the backups whose **latest** finished verification
+  succeeded, from the job history, plus the state database's last-verified record.
+* ``delete_backup(storage, backup_id)``: the manifest FIRST (from then on the backup
+  does not exist for ``list``, ``restore`` or ``verify``), then every object under
+  ``<backup_id>/``. A failure after the manifest leaves debris, never a backup that
+  looks complete and is not.
+* ``apply_retention(...)``: ``plan_retention`` over one database's backups, then the
+  deletions (unless ``dry_run``); backups that a running or queued job uses are kept.
+* ``remove_partial_backup(storage, backup_id, ...)``: after a crash, a backup job's
+  objects under ``<backup_id>/`` when no readable manifest commits them, its S3
+  multipart uploads, and the temporary files of its file sinks (see the function).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from collections.abc import Collection, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from vdistream.catalog import CatalogError, Manifest, manifest_key, read_manifest
+from vdistream.errors import StorageError, StorageNotFoundError
+from vdistream.log import get_logger
+from vdistream.service.retention import BackupInfo, RetentionPlan, RetentionPolicy, plan_retention
+from vdistream.service.state import JobState, JobStore, JobType
+from vdistream.storage import Storage
+from vdistream.storage.file import FileStorage
+
+__all__ = (
+    "DeletedBackup",
+    "RetentionOutcome",
+    "apply_retention",
+    "backup_ended",
+    "delete_backup",
+    "group_of",
+    "remove_partial_backup",
+    "verified_ids",
+)
+
+log = get_logger(__name__)
+
+# A file sink's temporary: ".<final name>.<16 hex>.tmp" in the storage's root.
+_STREAM_TEMP = re.compile(r"\.stream-\d{2,}-of-\d{2,}\.vdi\.[0-9a-f]{16}\.tmp")
+
+
+def group_of(backup_id: str) -> str:
+    """The database a backup id belongs to (``""``: none, e.g. a backup made by hand)."""
+    head, dot, _ = backup_id.partition(".")
+    return head if dot else ""
+
+
+def backup_ended(manifest: Manifest) -> datetime:
+    """When the backup ended, as an aware datetime (manifests store UTC ISO 8601)."""
+    ended = datetime.fromisoformat(manifest.ended)
+    return ended if ended.tzinfo is not None else ended.replace(tzinfo=UTC)
+
+
+async def verified_ids(store: JobStore, database: str) -> set[str]:
+    """Backups of ``database`` whose latest finished verification succeeded."""
+    jobs = await store.list(
+        None, database=database, kind=JobType.VERIFY, state=(JobState.SUCCEEDED, JobState.FAILED)
+    )
+    decided: dict[str, bool] = {}
+    for job in jobs:  # newest first: the first outcome seen per backup is its latest
+        if job.backup_id is not None and job.backup_id not in decided:
+            decided[job.backup_id] = job.state is JobState.SUCCEEDED
+    last = await store.last_verified(database)
+    if last is not None and last.backup_id not in decided:
+        decided[last.backup_id] = True
+    return {backup_id for backup_id, ok in decided.items() if ok}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeletedBackup:
+    """One deletion: ``error`` is ``None`` when everything of it is gone."""
+
+    backup_id: str
+    removed: tuple[str, ...]
+    error: str | None = None
+
+
+async def delete_backup(storage: Storage, backup_id: str) -> DeletedBackup:
+    """Delete ``backup_id``: its manifest first, then every object under its id."""
+    removed: list[str] = []
+    key = manifest_key(backup_id)
+    with anyio.CancelScope(shield=True):
+        try:
+            await storage.delete(key)
+            removed.append(key)
+        except StorageNotFoundError:
+            pass
+        except StorageError as exc:
+            return DeletedBackup(backup_id, (), f"cannot delete the manifest: {exc}")
+        try:
+            for key in await storage.list(f"{backup_id}/"):
+                try:
+                    await storage.delete(key)
+                except StorageNotFoundError:
+                    continue
+                removed.append(key)
+        except StorageError as exc:
+            return DeletedBackup(backup_id, tuple(removed), f"manifest deleted, streams not: {exc}")
+        await _remove_empty_directory(storage, backup_id)
+    return DeletedBackup(backup_id, tuple(removed))
+
+
+async def _remove_empty_directory(storage: Storage, backup_id: str) -> None:
+    """A file destination keeps ``<backup_id>/`` once its files are gone: remove it
+    when it is empty (anything else in it stays)."""
+    if isinstance(storage, FileStorage):
+        with contextlib.suppress(OSError):
+            await anyio.to_thread.run_sync(os.rmdir, storage.path / backup_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionOutcome:
+    """What retention decided for one database and what it deleted."""
+
+    database: str
+    policy: RetentionPolicy
+    plan: RetentionPlan
+    deleted: tuple[DeletedBackup, ...]
+    #: backups the plan would delete but a job still uses: kept this time
+    in_use: tuple[str, ...] = ()
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return all(d.error is None for d in self.deleted)
+
+    def summary(self) -> dict[str, Any]:
+        def row(backup: BackupInfo) -> dict[str, Any]:
+            return {
+                "id": backup.id,
+                "ended": backup.ended.isoformat(),
+                "verified": backup.verified,
+                "reasons": [reason.value for reason in self.plan.reasons[backup.id]],
+            }
+
+        return {
+            "database": self.database,
+            "policy": {
+                "keep_last": self.policy.keep_last,
+                "keep_within": None
+                if self.policy.keep_within is None
+                else self.policy.keep_within.total_seconds(),
+            },
+            "dry_run": self.dry_run,
+            "keep": [row(b) for b in self.plan.keep],
+            "delete": [row(b) for b in self.plan.delete],
+            "in_use": list(self.in_use),
+            "deleted": [d.backup_id for d in self.deleted if d.error is None],
+            "errors": {d.backup_id: d.error for d in self.deleted if d.error is not None},
+        }
+
+
+async def apply_retention(
+    storage: Storage,
+    manifests: Sequence[Manifest],
+    database: str,
+    policy: RetentionPolicy,
+    verified: Collection[str],
+    *,
+    now: datetime | None = None,
+    in_use: Collection[str] = (),
+    dry_run: bool = False,
+) -> RetentionOutcome:
+    """Plan retention over the manifests of ``database`` (``group_of``) and delete
+    what the plan says, except backups in ``in_use``. Deletion order: oldest first."""
+    mine = [m for m in manifests if group_of(m.backup_id) == database]
+    infos = [BackupInfo(m.backup_id, backup_ended(m), m.backup_id in verified) for m in mine]
+    plan = plan_retention(infos, policy, now or datetime.now(UTC))
+    busy = tuple(b.id for b in plan.delete if b.id in in_use)
+    deleted: list[DeletedBackup] = []
+    if not dry_run:
+        for backup in reversed(plan.delete):
+            if backup.id in busy:
+                continue
+            done = await delete_backup(storage, backup.id)
+            deleted.append(done)
+            if done.error is None:
+                log.info("backup_deleted", database=database, backup_id=backup.id)
+            else:
+                log.error(
+                    "backup_delete_failed", database=database, backup_id=backup.id, error=done.error
+                )
+    return RetentionOutcome(database, policy, plan, tuple(deleted), busy, dry_run)
+
+
+async def remove_partial_backup(
+    storage: Storage,
+    backup_id: str,
+    *,
+    started: datetime | None = None,
+    before: datetime | None = None,
+) -> dict[str, Any]:
+    """Remove what the backup job ``backup_id`` left when its daemon died.
+
+    * A readable committed manifest means the backup completed before the daemon
+      died: everything is kept (``{"committed": true}``). An unreadable manifest
+      keeps everything too (it may describe a real backup; ``vdistream verify`` tells).
+    * Otherwise every object under ``<backup_id>/`` is deleted, and on S3 the
+      multipart uploads under it are aborted.
+    * On a file destination, the job's sinks also left temporary files in the
+      destination's root (``.stream-NN-of-MM.vdi.<hex>.tmp``), which carry no backup
+      id: those last modified between ``started`` (when the job started) and
+      ``before`` (when this daemon started) are removed. Another process writing into
+      the same directory at that time could lose its temporaries: one daemon per
+      destination, or no backups by hand into it while the daemon restarts.
+
+    Returns what was done, for the job record.
+    """
+    prefix = f"{backup_id}/"
+    keys = await storage.list(prefix)
+    if manifest_key(backup_id) in keys:
+        try:
+            await read_manifest(storage, backup_id)
+        except CatalogError as exc:
+            return {"committed": False, "kept": keys, "problem": str(exc)}
+        return {"committed": True, "kept": keys}
+    removed: list[str] = []
+    failures: list[str] = []
+    with anyio.CancelScope(shield=True):
+        for key in keys:
+            try:
+                await storage.delete(key)
+            except StorageNotFoundError:
+                continue
+            except StorageError as exc:
+                failures.append(str(exc))
+                continue
+            removed.append(key)
+        list_uploads = getattr(storage, "list_uploads", None)
+        abort_upload = getattr(storage, "abort_upload", None)
+        if list_uploads is not None and abort_upload is not None:
+            try:
+                for upload in await list_uploads(prefix):
+                    await abort_upload(upload.key, upload.upload_id)
+                    removed.append(f"upload {upload.key} ({upload.upload_id})")
+            except StorageError as exc:
+                failures.append(str(exc))
+        if isinstance(storage, FileStorage) and started is not None:
+            low = started.timestamp() - 1.0
+            high = (before or datetime.now(UTC)).timestamp()
+            temps = await anyio.to_thread.run_sync(_stream_temporaries, storage.path, low, high)
+            for path in temps:
+                try:
+                    await anyio.to_thread.run_sync(os.unlink, path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    failures.append(f"cannot remove {path}: {exc.strerror or exc}")
+                    continue
+                removed.append(path.name)
+        await _remove_empty_directory(storage, backup_id)
+    return {"committed": False, "removed": removed, "failures": failures}
+
+
+def _stream_temporaries(root: Path, low: float, high: float) -> list[Path]:
+    found: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
+        if not _STREAM_TEMP.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if low <= mtime <= high:
+            found.append(Path(entry.path))
+    return found

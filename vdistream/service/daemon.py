@@ -1,0 +1,521 @@
+"""``Service``: the job manager, the schedules and the control API in the caller's loop.
+
+::
+
+    async with vdistream.service.Service(settings) as service:
+        record = await service.submit("backup", "app")
+        ...                                   # the host application runs
+
+``async with`` starts everything inside the caller's event loop and returns once the
+API listens; leaving the block (normally, by an exception, or because the host
+cancelled the task) shuts down cleanly: ``shutdown()``. ``vdistream serve`` is this
+plus signal handling and logging configuration; ``Service`` itself installs no signal
+handler and configures no logging.
+
+Starting
+--------
+
+1. take the state directory's lock file (``vdistream.lock``; one service per state
+   database, ``StateError`` naming the other process otherwise);
+2. open the state database, mark the jobs a previous run left unfinished as failed
+   and remove their partial backups (``JobManager.recover``);
+3. start the manager, the schedules (``Scheduler``, one per database with a
+   ``schedule``), the event-loop lag probe and the API (``ApiServer``).
+
+Shutting down (``shutdown()``; ``vdistream serve`` on SIGTERM/SIGINT)
+----------------------------------------------------------------------
+
+Ordered and bounded by ``service.grace_period`` (from the moment it starts):
+
+1. intake stops: submissions get ``ShuttingDownError`` (HTTP 503) and readiness is
+   false; reading jobs and streaming their progress still work;
+2. the schedules stop;
+3. queued jobs end ``aborted``; running ones get ``Job.abort`` (``signal_abort``, then
+   each device drains and every sink is aborted, nothing partial stays);
+4. the service waits for them until the grace period is nearly over (one second is
+   kept for the rest); jobs still running then are cancelled (their coordinator
+   still cleans up, shielded, bounded by its drain timeout) and recorded ``aborted``;
+5. the API stops (requests in flight get up to 3 s) and the socket file goes away;
+6. the remaining tasks are cancelled, the state database closed, the lock released.
+
+``force_stop()`` (a second signal) cancels every job at once and makes step 4 and 5
+short. The task group is shielded from the caller's cancellation, so a host that
+cancels the ``async with`` still gets the ordered shutdown above, then its
+cancellation continues.
+
+Reloading (``reload(settings)``; ``vdistream serve`` on SIGHUP)
+---------------------------------------------------------------
+
+Databases, destinations, schedules, limits, retention and the API token take effect
+at once for jobs that start afterwards; running jobs keep what they started with.
+``state_dir``, ``socket``, ``socket_mode`` and ``listen`` need a restart: a change is
+logged (``reload_needs_restart``) and ignored.
+
+Test knob: ``schedule_speedup`` (``VDISTREAM_SCHEDULE_SPEEDUP`` for ``vdistream
+serve``) makes the schedules' clock run that many times faster than real time, so a
+``* * * * *`` schedule fires every ``60 / speedup`` seconds. Only for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+from prometheus_client import CollectorRegistry
+
+from vdistream.log import get_logger
+from vdistream.service.api import ApiServer
+from vdistream.service.jobs import JobRequest, ServiceError, UnknownJobError
+from vdistream.service.manager import JobManager
+from vdistream.service.metrics import Metrics, RetryCounter
+from vdistream.service.schedule import Scheduler
+from vdistream.service.settings import Settings, settings_summary
+from vdistream.service.state import (
+    JobNotFoundError,
+    JobRecord,
+    JobState,
+    JobStore,
+    JobType,
+    StateError,
+)
+
+__all__ = ("LOCK_NAME", "Service")
+
+log = get_logger(__name__)
+
+LOCK_NAME = "vdistream.lock"
+#: after force_stop(): how long jobs and the API get before being left behind
+_FORCED_WAIT = 3.0
+_LAG_INTERVAL = 0.05
+
+
+class Service:
+    """The daemon's work in the caller's event loop (module doc).
+
+    ``registry``: where the metrics go (default: a new ``CollectorRegistry``, never
+    the global one). ``api=False`` runs without the control API (embedding only).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        api: bool = True,
+        process_metrics: bool = True,
+        schedule_speedup: float | None = None,
+        tick: float = 1.0,
+    ) -> None:
+        if schedule_speedup is not None and not schedule_speedup > 0:
+            raise ValueError("schedule_speedup must be > 0")
+        self._settings = settings
+        self.metrics = Metrics(registry, process=process_metrics)
+        self._use_api = api
+        self._speedup = schedule_speedup
+        self._tick = tick
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._store: JobStore | None = None
+        self._manager: JobManager | None = None
+        self._api: ApiServer | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._scheduler_scope: anyio.CancelScope | None = None
+        self._scheduler: Scheduler | None = None
+        self._bg_scope: anyio.CancelScope | None = None
+        self._bg_tg: anyio.abc.TaskGroup | None = None
+        self._shutting_down = False
+        self._forced = False
+        self._stopped: anyio.Event | None = None
+        self._shutdown_complete: anyio.Event | None = None
+        self._retry_counter = RetryCounter(self.metrics)
+
+    # --- what the API and the host see ----------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def manager(self) -> JobManager:
+        if self._manager is None:
+            raise RuntimeError("the service is not running: use `async with Service(...)`")
+        return self._manager
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise RuntimeError("the service is not running: use `async with Service(...)`")
+        return self._store
+
+    @property
+    def ready(self) -> bool:
+        """Readiness: the state database is open, jobs are accepted, no shutdown."""
+        return (
+            self._store is not None
+            and self._manager is not None
+            and self._manager.accepting
+            and not self._shutting_down
+        )
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutting_down
+
+    @property
+    def forced(self) -> bool:
+        """Whether ``force_stop()`` was called."""
+        return self._forced
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where the API listens (``unix:PATH``, ``http://HOST:PORT``)."""
+        return list(self._api.addresses) if self._api is not None else []
+
+    def next_fires(self) -> dict[str, datetime]:
+        """The next planned backup of each scheduled database."""
+        return self._scheduler.next_fires() if self._scheduler is not None else {}
+
+    async def submit(self, kind: str, database: str, **options: Any) -> JobRecord:
+        """Queue a job: ``submit("backup", "app")``, ``submit("verify", "app",
+        backup_id="latest")``, ``submit("restore", "app", target="/tmp/x.db")``. The
+        options are ``JobRequest``'s. Raises the ``ServiceError`` subclasses of
+        ``vdistream.service.jobs`` (queue full, unknown database, shutting down)."""
+        options.setdefault("trigger", "embedded")
+        return await self.manager.submit(
+            JobRequest(kind=JobType(kind), database=database, **options)
+        )
+
+    async def jobs(
+        self,
+        *,
+        state: JobState | str | None = None,
+        database: str | None = None,
+        kind: str | None = None,
+        limit: int | None = 100,
+    ) -> list[JobRecord]:
+        """Jobs newest first, as stored (``JobStore.list``)."""
+        return await self.store.list(limit, state=state, database=database, kind=kind)
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """The job's JSON form with its live per-device progress (``UnknownJobError``)."""
+        return await self.manager.view(job_id)
+
+    async def abort(self, job_id: str, reason: str = "requested by the host") -> JobRecord:
+        """Abort a job (``JobManager.abort``)."""
+        return await self.manager.abort(job_id, reason)
+
+    async def wait(self, job_id: str, *, poll: float = 0.2) -> JobRecord:
+        """Wait until the job ended; its final record."""
+        while True:
+            try:
+                record = await self.store.get(job_id)
+            except JobNotFoundError:
+                raise UnknownJobError(f"no job {job_id!r}") from None
+            if record.state.terminal and job_id not in self.manager.live_jobs():
+                return record
+            await anyio.sleep(poll)
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition, with the last-verified gauges computed now."""
+        if self._store is not None:
+            with contextlib.suppress(StateError):
+                verified = await self._store.all_verified()
+                self.metrics.set_verified(self._settings.databases, verified, datetime.now(UTC))
+        return self.metrics.render()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError("this Service is already running")
+        self._stopped = anyio.Event()
+        self._shutdown_complete = anyio.Event()
+        stack = contextlib.AsyncExitStack()
+        self._stack = stack
+        try:
+            service = self._settings.service
+            lock = await anyio.to_thread.run_sync(_lock, service.state_dir / LOCK_NAME)
+            stack.callback(_unlock, lock)
+            self._store = await JobStore.open(service.state_db)
+            stack.push_async_callback(self._close_store)
+            self._manager = JobManager(self._store, self._settings, self.metrics, tick=self._tick)
+            await self._manager.recover()
+            storage_logger = logging.getLogger("vdistream.storage")
+            storage_logger.addHandler(self._retry_counter)
+            stack.callback(storage_logger.removeHandler, self._retry_counter)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._close_stack()
+            raise
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            await tg.start(self._background, name="vdistream service")
+            self._start_scheduler()
+            if self._use_api:
+                self._api = ApiServer(self, service)
+                await self._api.start()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                if self._api is not None:
+                    await self._api.stop()
+            if self._bg_scope is not None:
+                self._bg_scope.cancel()
+            try:
+                await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            finally:
+                self._tg = None
+                with anyio.CancelScope(shield=True):
+                    await self._close_stack()
+            raise
+        log.info("service_started", **_started_fields(self._settings, self.addresses))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.shutdown("the service is leaving its `async with` block")
+        finally:
+            tg, self._tg = self._tg, None
+            try:
+                if tg is not None:
+                    await tg.__aexit__(exc_type, exc, tb)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._close_stack()
+
+    async def _background(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The service's own tasks, shielded from the host's cancellation: only
+        ``shutdown()`` ends them (by cancelling ``_bg_scope``)."""
+        assert self._manager is not None
+        with anyio.CancelScope(shield=True) as scope:
+            self._bg_scope = scope
+            async with anyio.create_task_group() as tg:
+                self._bg_tg = tg
+                await tg.start(self._manager.run)
+                tg.start_soon(self._lag_probe, name="vdistream event-loop lag")
+                task_status.started()
+        self._bg_tg = None
+
+    async def _close_stack(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+        self._manager = None
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _close_store(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            await store.close()
+
+    async def wait_shutdown(self) -> None:
+        """Return once ``shutdown()`` has finished (then leave the ``async with``)."""
+        if self._shutdown_complete is None:
+            raise RuntimeError("the service was never started")
+        await self._shutdown_complete.wait()
+
+    async def shutdown(
+        self, reason: str = "the service is shutting down", *, grace: float | None = None
+    ) -> None:
+        """The ordered, bounded shutdown of the module doc. Idempotent: a second call
+        waits for the first one to finish."""
+        if self._shutdown_complete is None or self._manager is None:
+            return
+        if self._shutting_down:
+            await self._shutdown_complete.wait()
+            return
+        self._shutting_down = True
+        manager = self._manager
+        grace = self._settings.service.grace_period if grace is None else grace
+        deadline = anyio.current_time() + grace
+        log.info(
+            "shutdown_started",
+            reason=reason,
+            grace_period=grace,
+            running=manager.counts["running"],
+            queued=manager.counts["queued"],
+        )
+        manager.close_intake()
+        self._stop_scheduler()
+        await manager.abort_all(reason)
+        with anyio.move_on_at(max(deadline - 1.0, anyio.current_time())):
+            await manager.wait_idle()
+        if manager.live_jobs():
+            log.error("shutdown_grace_expired", cancelling=manager.live_jobs(), grace_period=grace)
+            manager.cancel_all(f"{reason}: cancelled at the end of the grace period")
+        with anyio.move_on_after(_FORCED_WAIT):
+            await manager.wait_idle()
+        if self._api is not None:
+            await self._api.stop()
+        if self._bg_scope is not None:
+            self._bg_scope.cancel()
+        log.info("shutdown_complete", forced=self._forced, stuck=manager.live_jobs())
+        self._shutdown_complete.set()
+
+    def force_stop(self, reason: str = "forced shutdown") -> None:
+        """Cancel every running job at once (the second signal)."""
+        self._forced = True
+        if self._manager is not None:
+            self._manager.close_intake()
+            self._manager.cancel_all(reason)
+
+    async def reload(self, settings: Settings) -> list[str]:
+        """Apply new settings (module doc); returns the changes that need a restart."""
+        old = self._settings.service
+        new = settings.service
+        fixed = [
+            name
+            for name in ("state_dir", "socket", "socket_mode", "listen")
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if fixed:
+            log.warning("reload_needs_restart", keys=[f"service.{n}" for n in fixed])
+            new = dataclasses.replace(
+                new,
+                state_dir=old.state_dir,
+                socket=old.socket,
+                socket_mode=old.socket_mode,
+                listen=old.listen,
+            )
+        self._settings = dataclasses.replace(settings, service=new)
+        if self._manager is not None:
+            self._manager.update_settings(self._settings)
+        if not self._shutting_down:
+            self._stop_scheduler()
+            self._start_scheduler()
+        log.info(
+            "settings_reloaded",
+            databases=sorted(self._settings.databases),
+            schedules={n: d.schedule.text for n, d in settings.databases.items() if d.schedule},
+        )
+        return [f"service.{n}" for n in fixed]
+
+    # --- schedules --------------------------------------------------------------------
+
+    def _start_scheduler(self) -> None:
+        schedules = {
+            name: database.schedule
+            for name, database in self._settings.databases.items()
+            if database.schedule is not None
+        }
+        if not schedules or self._bg_tg is None:
+            return
+        clock, sleep = _clock_and_sleep(self._speedup)
+        scheduler = Scheduler(
+            schedules,
+            self._on_schedule,
+            tz=self._settings.service.tzinfo(),
+            clock=clock,
+            sleep=sleep,
+        )
+        scope = anyio.CancelScope()
+        self._scheduler, self._scheduler_scope = scheduler, scope
+        self._bg_tg.start_soon(self._run_scheduler, scheduler, scope, name="vdistream schedules")
+
+    async def _run_scheduler(self, scheduler: Scheduler, scope: anyio.CancelScope) -> None:
+        with scope:
+            await scheduler.run()
+
+    def _stop_scheduler(self) -> None:
+        if self._scheduler_scope is not None:
+            self._scheduler_scope.cancel()
+        self._scheduler_scope = None
+        self._scheduler = None
+
+    async def _on_schedule(self, database: str, planned: datetime) -> None:
+        try:
+            await self.manager.submit(JobRequest(JobType.BACKUP, database, trigger="schedule"))
+        except ServiceError as exc:
+            log.error(
+                "scheduled_backup_refused",
+                database=database,
+                planned=planned.isoformat(),
+                error=str(exc),
+            )
+
+    # --- event-loop lag -----------------------------------------------------------
+
+    async def _lag_probe(self) -> None:
+        while True:
+            start = anyio.current_time()
+            await anyio.sleep(_LAG_INTERVAL)
+            self.metrics.observe_lag(max(0.0, anyio.current_time() - start - _LAG_INTERVAL))
+
+
+def _clock_and_sleep(
+    speedup: float | None,
+) -> tuple[Callable[[], datetime], Callable[[float], Awaitable[None]]]:
+    if speedup is None or speedup == 1:
+
+        def now() -> datetime:
+            return datetime.now(UTC)
+
+        return now, anyio.sleep
+    origin_wall, origin = datetime.now(UTC), time.monotonic()
+
+    def clock() -> datetime:
+        return origin_wall + timedelta(seconds=(time.monotonic() - origin) * speedup)
+
+    async def sleep(seconds: float) -> None:
+        await anyio.sleep(seconds / speedup)
+
+    return clock, sleep
+
+
+def _started_fields(settings: Settings, addresses: list[str]) -> dict[str, Any]:
+    summary = settings_summary(settings)
+    return {
+        "pid": os.getpid(),
+        "addresses": addresses,
+        "state_dir": summary["service"]["state_dir"],
+        "databases": sorted(summary["databases"]),
+        "max_jobs": summary["service"]["max_jobs"],
+        "max_queued": summary["service"]["max_queued"],
+    }
+
+
+def _lock(path: Path) -> int:
+    """Take the state directory's lock (module doc); the open descriptor."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise StateError(
+            f"another vdistream service (pid {holder}) uses the state directory "
+            f"{path.parent}: one service per state directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
