@@ -119,6 +119,13 @@ class AbortCause(enum.Enum):
     SINK = "sink"  # storage failed, or a stored stream failed to decode or authenticate
     WATCHDOG = "watchdog"  # no device moved a byte for stall_timeout
     SERVER_TIMEOUT = "server-timeout"  # the VDI set's own server-timeout watchdog
+    SHUTDOWN = "shutdown"  # Job.abort(cause=SHUTDOWN): the service running it is stopping
+
+
+#: Causes that end a job ``ABORTED``; the others (a failure) end it ``FAILED``.
+_ABORTED_BY = frozenset(
+    {AbortCause.USER, AbortCause.SHUTDOWN, AbortCause.CANCELLED, AbortCause.WATCHDOG}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,9 +288,12 @@ class Job:
     def aborted(self) -> bool:
         return self._cause is not None
 
-    def abort(self, reason: str = "requested by the user") -> None:
-        """Abort the job (its set, its pumps, its sinks); idempotent."""
-        self._abort(AbortCause.USER, reason, None)
+    def abort(
+        self, reason: str = "requested by the user", *, cause: AbortCause = AbortCause.USER
+    ) -> None:
+        """Abort the job (its set, its pumps, its sinks); idempotent. ``cause`` is what
+        the result's ``aborted_by`` says: ``USER`` or ``SHUTDOWN`` (a daemon stopping)."""
+        self._abort(cause, reason, None)
 
     def _abort(self, by: AbortCause, reason: str, error: BaseException | None) -> None:
         if self._cause is None and _being_cancelled():
@@ -573,11 +583,7 @@ class Job:
             error = JobAbortedError(
                 f"{self.kind.value} {self.backup_id} aborted: {reason}", by=by.value
             )
-        status = (
-            JobStatus.ABORTED
-            if by in (AbortCause.USER, AbortCause.CANCELLED, AbortCause.WATCHDOG)
-            else JobStatus.FAILED
-        )
+        status = JobStatus.ABORTED if by in _ABORTED_BY else JobStatus.FAILED
         self._move(status)
         self.log.warning("job_finished", status=status.value, by=by.value, reason=reason)
         return JobResult(

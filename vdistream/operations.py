@@ -119,6 +119,8 @@ class BackupSettings:
     backup_id: str | None = None
     compression: CompressionSpec | None = None
     encryption: KeySource | None = None
+    #: where staged data goes (SQLite's snapshot); None: the system's temporary directory
+    workdir: Path | None = None
 
     def simulator(self) -> SimulatorOptions:
         return SimulatorOptions(
@@ -215,7 +217,7 @@ async def _backup(
     started = _now()
     job = Job(
         JobKind.BACKUP,
-        source.backup_engine(settings.simulator()),
+        source.backup_engine(settings.simulator(), tempdir=settings.workdir),
         storage,
         backup_id=settings.backup_id,
         options=settings.job(),
@@ -394,20 +396,30 @@ class VerifyReport:
 
 
 async def run_verify(
-    backup: str, *, content: bool = True, keys: KeySource | None = None
+    backup: str,
+    *,
+    content: bool = True,
+    keys: KeySource | None = None,
+    workdir: Path | None = None,
 ) -> VerifyReport:
     """Re-read every stream and check it; then, where the engine allows, the content.
 
-    Writes nothing but a temporary restore target, removed afterwards; never touches
-    the source database.
+    Writes nothing but a temporary restore target (in a new directory under
+    ``workdir``, default the system's temporary directory), removed afterwards; never
+    touches the source database.
     """
     dest, backup_id = parse_backup_ref(backup)
     async with opened_storage(dest) as storage:
-        return await _verify(storage, backup_id, content=content, keys=keys)
+        return await _verify(storage, backup_id, content=content, keys=keys, workdir=workdir)
 
 
 async def _verify(
-    storage: Storage, backup_id: str, *, content: bool, keys: KeySource | None
+    storage: Storage,
+    backup_id: str,
+    *,
+    content: bool,
+    keys: KeySource | None,
+    workdir: Path | None = None,
 ) -> VerifyReport:
     checks: list[Check] = []
     try:
@@ -445,7 +457,9 @@ async def _verify(
     if not content or not all(c.ok for c in checks):
         return VerifyReport(backup_id, tuple(checks))
 
-    workdir = Path(await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "vdistream-verify-"))
+    workdir = Path(
+        await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "vdistream-verify-", workdir)
+    )
     try:
         target, check = await content_check(manifest.engine, manifest.mode, workdir)
         result = await _restore_job(

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.daemon.conftest import embedded_settings, wait_for
-from vdistream.service import JobStore, Service
+from vdistream.service import JobRecord, JobState, JobStore, JobType, Service
 from vdistream.service.jobs import QueueFullError, ShuttingDownError, UnknownDatabaseError
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,6 +55,46 @@ async def test_the_hosts_cancellation_aborts_jobs_and_cleans_up(tmp_path: Path) 
     async with Service(settings, api=False) as again:
         assert again.ready
         assert (await again.jobs())[0].id == job_id
+
+
+@pytest.mark.asyncio
+async def test_start_cleans_what_killed_restores_and_verifications_left(
+    tmp_path: Path,
+) -> None:
+    """A previous run died (as after kill -9) with a restore and a verification
+    running: at start both are failed, the restore's temporary files beside its target
+    are removed (the target's neighbours are not), and the work directory, where
+    verifications and SQLite snapshots stage their data, is emptied."""
+    settings = embedded_settings(tmp_path)
+    target = tmp_path / "restore" / "app.db"
+    target.parent.mkdir()
+    partials = [
+        target.with_name("app.db.partial"),
+        target.with_name(".app.db.k2j3h4.vdistream-partial"),
+    ]
+    neighbours = [target.with_name("other.db"), target.with_name(".other.db.x.vdistream-partial")]
+    for path in partials + neighbours:
+        path.write_bytes(b"half a database")
+    work = settings.service.work_dir
+    (work / "vdistream-verify-abc").mkdir(parents=True)
+    (work / "vdistream-verify-abc" / "restored.db").write_bytes(b"x" * 1000)
+    async with await JobStore.open(settings.service.state_db) as store:
+        restore = await store.add(
+            JobRecord.new(JobType.RESTORE, "app", params={"target": str(target)})
+        )
+        await store.update(restore.id, state=JobState.RUNNING)
+        verify = await store.add(JobRecord.new(JobType.VERIFY, "app", params={}))
+        await store.update(verify.id, state=JobState.RUNNING)
+
+    async with Service(settings, api=False) as service:
+        after = {job.id: job for job in await service.jobs()}
+    assert after[restore.id].state is JobState.FAILED
+    assert after[verify.id].state is JobState.FAILED
+    assert sorted(after[restore.id].result["cleanup"]["removed"]) == sorted(map(str, partials))
+    assert not any(path.exists() for path in partials)
+    assert all(path.exists() for path in neighbours)
+    assert work.is_dir()
+    assert list(work.iterdir()) == []
 
 
 async def _moved(service: Service, job_id: str) -> bool:

@@ -4,6 +4,7 @@ nothing of an aborted or killed backup may stay, not even a temporary file."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -84,12 +85,45 @@ async def test_sigterm_with_three_jobs_running_ends_within_the_grace_period(
     rows = daemon.jobs_in_state_db()
     assert [r["state"] for r in rows] == ["aborted"] * 4
     assert all("SIGTERM" in r["error"] for r in rows), [r["error"] for r in rows]
+    causes = [json.loads(r["result"])["aborted_by"] for r in rows[:3]]
+    assert causes == ["shutdown"] * 3  # not "user": the metrics tell the two apart
     assert all(r["ended"] for r in rows)
     assert daemon.leftovers() == []
     names = [e["event"] for e in daemon.events()]
     assert "shutdown_started" in names
     assert "shutdown_complete" in names
     assert not daemon.socket.exists()
+
+
+@pytest.mark.asyncio
+async def test_sigterm_keeps_the_grace_period_even_when_jobs_do_not_stop(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """1. Two backups whose producers ignore SIGTERM and stop writing (aborting one takes
+       the engine's 5 s terminate grace), with grace_period = 2 s.
+    2. SIGTERM: the process is gone within the grace period (plus process exit), and
+       no producer is left behind.
+    3. After a restart both jobs are ended (aborted, or failed as interrupted) and
+       nothing of their backups is left."""
+    daemon = daemon_factory(
+        {"stubborn": {"url": slow_url(stubborn=True), "max_jobs": 2}},
+        service={"max_jobs": 2, "grace_period": 2},
+    ).start()
+    async with daemon.client() as client:
+        jobs = [await client.submit({"kind": "backup", "database": "stubborn"}) for _ in range(2)]
+        for job in jobs:
+            await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
+    started = time.monotonic()
+    daemon.send(signal.SIGTERM)
+    daemon.wait(10)
+    assert time.monotonic() - started < 2.8
+    await wait_for(lambda: not _stubborn_processes(), timeout=5, what="no orphan producer")
+    daemon.start()
+    async with daemon.client() as client:
+        for job in jobs:
+            assert (await client.job(job["id"]))["state"] in ("aborted", "failed")
+    await wait_for(lambda: daemon.leftovers() == [], timeout=10, what="an empty destination")
+    assert daemon.stop() == 0
 
 
 @pytest.mark.asyncio

@@ -122,11 +122,15 @@ class DatabaseSource:
             raise ConfigError(f"{self.display!r}: build a DatabaseSource with resolve_source")
         object.__setattr__(self, "_spec", spec)
 
-    def backup_engine(self, options: SimulatorOptions | None = None) -> Engine:
-        """A new backup engine for this source (an engine serves one job)."""
+    def backup_engine(
+        self, options: SimulatorOptions | None = None, *, tempdir: Path | None = None
+    ) -> Engine:
+        """A new backup engine for this source (an engine serves one job); ``tempdir``:
+        where an engine that stages data (SQLite's snapshot) puts it (default: the
+        system's temporary directory)."""
         spec: _Spec = self._spec  # type: ignore[attr-defined]
         if isinstance(spec, _SQLiteSpec):
-            return SQLiteBackup(spec.path, options)
+            return SQLiteBackup(spec.path, options, tempdir=tempdir)
         if isinstance(spec, PostgresURL):
             if self.mode == "dump":
                 return PostgresDump(spec, options)

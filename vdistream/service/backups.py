@@ -211,8 +211,10 @@ async def remove_partial_backup(
     """Remove what the backup job ``backup_id`` left when its daemon died.
 
     * A readable committed manifest means the backup completed before the daemon
-      died: everything is kept (``{"committed": true}``). An unreadable manifest
-      keeps everything too (it may describe a real backup; ``vdistream verify`` tells).
+      died: everything under ``<backup_id>/`` is kept (``{"committed": true}``; the
+      job stays recorded failed, as interrupted, and its result says so). An
+      unreadable manifest keeps everything too (it may describe a real backup;
+      ``vdistream verify`` tells). The temporaries below are removed in every case.
     * Otherwise every object under ``<backup_id>/`` is deleted, and on S3 the
       multipart uploads under it are aborted.
     * On a file destination, the job's sinks also left temporary files in the
@@ -226,14 +228,24 @@ async def remove_partial_backup(
     """
     prefix = f"{backup_id}/"
     keys = await storage.list(prefix)
+    removed: list[str] = []
+    failures: list[str] = []
     if manifest_key(backup_id) in keys:
+        # The temporaries are swept all the same: a job that reused the id of a
+        # committed backup (refused at its commit) may have been killed before that.
+        with anyio.CancelScope(shield=True):
+            await _remove_temporaries(storage, started, before, removed, failures)
         try:
             await read_manifest(storage, backup_id)
         except CatalogError as exc:
-            return {"committed": False, "kept": keys, "problem": str(exc)}
-        return {"committed": True, "kept": keys}
-    removed: list[str] = []
-    failures: list[str] = []
+            return {
+                "committed": False,
+                "kept": keys,
+                "problem": str(exc),
+                "removed": removed,
+                "failures": failures,
+            }
+        return {"committed": True, "kept": keys, "removed": removed, "failures": failures}
     with anyio.CancelScope(shield=True):
         for key in keys:
             try:
@@ -253,21 +265,33 @@ async def remove_partial_backup(
                     removed.append(f"upload {upload.key} ({upload.upload_id})")
             except StorageError as exc:
                 failures.append(str(exc))
-        if isinstance(storage, FileStorage) and started is not None:
-            low = started.timestamp() - 1.0
-            high = (before or datetime.now(UTC)).timestamp()
-            temps = await anyio.to_thread.run_sync(_stream_temporaries, storage.path, low, high)
-            for path in temps:
-                try:
-                    await anyio.to_thread.run_sync(os.unlink, path)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    failures.append(f"cannot remove {path}: {exc.strerror or exc}")
-                    continue
-                removed.append(path.name)
+        await _remove_temporaries(storage, started, before, removed, failures)
         await _remove_empty_directory(storage, backup_id)
     return {"committed": False, "removed": removed, "failures": failures}
+
+
+async def _remove_temporaries(
+    storage: Storage,
+    started: datetime | None,
+    before: datetime | None,
+    removed: list[str],
+    failures: list[str],
+) -> None:
+    """The file sinks' temporaries of a job that ran from ``started`` to ``before``."""
+    if not isinstance(storage, FileStorage) or started is None:
+        return
+    low = started.timestamp() - 1.0
+    high = (before or datetime.now(UTC)).timestamp()
+    temps = await anyio.to_thread.run_sync(_stream_temporaries, storage.path, low, high)
+    for path in temps:
+        try:
+            await anyio.to_thread.run_sync(os.unlink, path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            failures.append(f"cannot remove {path}: {exc.strerror or exc}")
+            continue
+        removed.append(path.name)
 
 
 def _stream_temporaries(root: Path, low: float, high: float) -> list[Path]:

@@ -32,11 +32,19 @@ Ordered and bounded by ``service.grace_period`` (from the moment it starts):
 2. the schedules stop;
 3. queued jobs end ``aborted``; running ones get ``Job.abort`` (``signal_abort``, then
    each device drains and every sink is aborted, nothing partial stays);
-4. the service waits for them until the grace period is nearly over (one second is
-   kept for the rest); jobs still running then are cancelled (their coordinator
-   still cleans up, shielded, bounded by its drain timeout) and recorded ``aborted``;
-5. the API stops (requests in flight get up to 3 s) and the socket file goes away;
+4. the service waits for them until the grace period is nearly over (a margin of
+   ``min(1 s, grace / 4)`` is kept twice); jobs still running then are cancelled
+   (their coordinator still cleans up, shielded, bounded by its drain timeout) and
+   the service waits for them until one margin before the deadline;
+5. the API stops (requests in flight get ``min(3 s, grace / 8)``) and the socket
+   file goes away;
 6. the remaining tasks are cancelled, the state database closed, the lock released.
+
+Steps 1 to 5 end within the grace period. A job whose cleanup does not end when
+cancelled (a storage call stuck in the kernel, an engine's tool ignoring SIGTERM) can
+hold step 6 up to its drain timeout; ``vdistream serve`` does not wait for that: it
+leaves at the grace period's end (``serve`` module doc), and the next start marks
+such a job failed and removes what it left.
 
 ``force_stop()`` (a second signal) cancels every job at once and makes step 4 and 5
 short. The task group is shielded from the caller's cancellation, so a host that
@@ -265,7 +273,10 @@ class Service:
             await tg.start(self._background, name="vdistream service")
             self._start_scheduler()
             if self._use_api:
-                self._api = ApiServer(self, service)
+                # Requests in flight (progress streams) get a share of the grace period.
+                self._api = ApiServer(
+                    self, service, shutdown_timeout=min(3.0, max(0.2, service.grace_period / 8))
+                )
                 await self._api.start()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -349,6 +360,9 @@ class Service:
         manager = self._manager
         grace = self._settings.service.grace_period if grace is None else grace
         deadline = anyio.current_time() + grace
+        # Every step is measured against one deadline; the margin keeps room for the
+        # steps after it (cancelled jobs recording their end, the API stopping).
+        margin = min(1.0, grace / 4)
         log.info(
             "shutdown_started",
             reason=reason,
@@ -359,13 +373,14 @@ class Service:
         manager.close_intake()
         self._stop_scheduler()
         await manager.abort_all(reason)
-        with anyio.move_on_at(max(deadline - 1.0, anyio.current_time())):
+        with anyio.move_on_at(deadline - 2 * margin):
             await manager.wait_idle()
         if manager.live_jobs():
             log.error("shutdown_grace_expired", cancelling=manager.live_jobs(), grace_period=grace)
             manager.cancel_all(f"{reason}: cancelled at the end of the grace period")
-        with anyio.move_on_after(_FORCED_WAIT):
-            await manager.wait_idle()
+            wait = deadline - margin if not self._forced else anyio.current_time() + _FORCED_WAIT
+            with anyio.move_on_at(wait):
+                await manager.wait_idle()
         if self._api is not None:
             await self._api.stop()
         if self._bg_scope is not None:

@@ -182,6 +182,18 @@ class JobRequest:
                 f"backup_id {self.backup_id!r} is not a backup id (letters, digits, "
                 "'.', '_' and '-', at most 128 characters)"
             )
+        if (
+            self.kind is not JobType.BACKUP
+            and self.database
+            and self.backup_id not in (None, LATEST)
+            and "." in self.backup_id
+            and not self.backup_id.startswith(backup_prefix(self.database))
+        ):
+            # Another database's backup: verifying it would mark this one as verified.
+            raise InvalidRequestError(
+                f"backup_id {self.backup_id!r} belongs to database "
+                f"{self.backup_id.partition('.')[0]!r}, not to {self.database!r}"
+            )
         if self.kind is JobType.BACKUP:
             if self.backup_id == LATEST:
                 raise InvalidRequestError("'latest' names an existing backup, not a new one")

@@ -47,11 +47,12 @@ After a job
 
 * a backup that succeeded is followed by a verification of it (request ``verify``,
   default the database's ``verify_after_backup``);
-* a verification that succeeded is recorded as the database's last verified backup
-  (``JobStore.record_verified``) and then the database's retention runs
-  (``backups.apply_retention``), deleting only backups strictly older than the newest
-  verified one and never a backup another live job uses. Its outcome is part of the
-  verification's result (``result["retention"]``).
+* a verification that succeeded of one of the database's own backups (an id
+  ``<database>.…``; a request naming another database's backup is refused) is
+  recorded as the database's last verified backup (``JobStore.record_verified``) and
+  then the database's retention runs (``backups.apply_retention``), deleting only
+  backups strictly older than the newest verified one and never a backup another live
+  job uses. Its outcome is part of the verification's result (``result["retention"]``).
 
 Each job uses its database's pipeline: ``compress`` and ``encrypt_key_file`` for a
 backup; the key file again for restore and verify (the manifest says the rest). The
@@ -61,10 +62,14 @@ without a reload, and it is never kept in the manager or the state database.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import shutil
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -72,7 +77,7 @@ import anyio.abc
 import structlog
 
 from vdistream.catalog import CatalogError, list_manifests, read_manifest
-from vdistream.coordinator import Job, JobStatus, stream_key
+from vdistream.coordinator import AbortCause, Job, JobStatus, stream_key
 from vdistream.errors import VdistreamError
 from vdistream.log import get_logger
 from vdistream.operations import BackupSettings, KeySource, run_backup, run_restore, run_verify
@@ -136,6 +141,7 @@ class _Active:
     scope: anyio.CancelScope | None = None
     coordinator: Job | None = None
     abort_reason: str | None = None
+    abort_cause: AbortCause = AbortCause.USER
     abort_at: float | None = None
     finished: bool = False
     live: dict[str, Any] | None = None
@@ -203,7 +209,10 @@ class JobManager:
 
     async def recover(self) -> list[JobRecord]:
         """Mark the jobs a previous run left queued or running as failed and remove
-        the partial storage of its backups (module doc). Call once, before ``run``."""
+        what they left: the partial storage of backups, the partial files of restores,
+        everything in the work directory (module doc). Call once, before ``run``."""
+        work = self._settings.service.work_dir
+        await anyio.to_thread.run_sync(_empty_dir, work)
         interrupted = await self._store.mark_interrupted()
         for record in interrupted:
             log.warning(
@@ -213,6 +222,15 @@ class JobManager:
                 database=record.database,
                 backup_id=record.backup_id,
             )
+            if record.kind is JobType.RESTORE:
+                removed = await anyio.to_thread.run_sync(
+                    _remove_partial_target, record.params.get("target")
+                )
+                await self._store.update(
+                    record.id,
+                    result={**dict(record.result or {}), "cleanup": {"removed": removed}},
+                )
+                continue
             if record.kind is not JobType.BACKUP or record.backup_id is None:
                 continue
             url = self._storage_url_of(record)
@@ -287,12 +305,12 @@ class JobManager:
         self._closing = True
         self._metrics.ready.set(0)
 
-    async def abort_all(self, reason: str) -> None:
-        """Abort every queued and running job (``abort``'s path)."""
+    async def abort_all(self, reason: str, *, cause: AbortCause = AbortCause.SHUTDOWN) -> None:
+        """Abort every queued and running job (``abort``'s path), recorded as ``cause``."""
         for active in list(self._queued):
-            await self._abort_queued(active, reason)
+            await self._abort_queued(active, reason, cause)
         for active in list(self._running.values()):
-            self._request_abort(active, reason)
+            self._request_abort(active, reason, cause)
 
     def cancel_all(self, reason: str) -> None:
         """Cancel every running job at once (its coordinator still cleans up, shielded
@@ -300,6 +318,7 @@ class JobManager:
         for active in list(self._running.values()):
             if active.abort_reason is None:
                 active.abort_reason = reason
+                active.abort_cause = AbortCause.SHUTDOWN
             if active.scope is not None:
                 active.scope.cancel()
 
@@ -399,7 +418,7 @@ class JobManager:
             trigger=request.trigger,
         )
         if active.abort_reason is not None:
-            await self._abort_queued(active, active.abort_reason)
+            await self._abort_queued(active, active.abort_reason, active.abort_cause)
         else:
             self._start_ready()
         self._notify()
@@ -448,20 +467,27 @@ class JobManager:
         self._request_abort(active, reason)
         return active.record
 
-    async def _abort_queued(self, active: _Active, reason: str) -> None:
+    async def _abort_queued(
+        self, active: _Active, reason: str, cause: AbortCause = AbortCause.USER
+    ) -> None:
         if active not in self._queued:
             return
         self._queued.remove(active)
         active.abort_reason = reason
-        await self._finish(active, _Outcome(JobState.ABORTED, error=reason, cause="user"))
+        active.abort_cause = cause
+        outcome = _Outcome(JobState.ABORTED, error=reason, cause=cause.value)
+        await self._finish(active, outcome)
 
-    def _request_abort(self, active: _Active, reason: str) -> None:
+    def _request_abort(
+        self, active: _Active, reason: str, cause: AbortCause = AbortCause.USER
+    ) -> None:
         if active.abort_reason is None:
             active.abort_reason = reason
+            active.abort_cause = cause
             active.abort_at = anyio.current_time()
         job = active.coordinator
         if job is not None and job.status in _MOVING:
-            job.abort(reason)
+            job.abort(reason, cause=cause)
         elif job is None or job.status is JobStatus.PENDING:
             if active.scope is not None:
                 active.scope.cancel()
@@ -486,7 +512,8 @@ class JobManager:
             finally:
                 if outcome is None:  # cancelled: by abort(), or a forced shutdown
                     reason = active.abort_reason or "cancelled: the daemon stopped"
-                    outcome = _Outcome(JobState.ABORTED, error=reason, cause="cancelled")
+                    cause = active.abort_cause if active.abort_reason else AbortCause.CANCELLED
+                    outcome = _Outcome(JobState.ABORTED, error=reason, cause=cause.value)
                 await self._finish(active, outcome)
             await self._follow_up(active, outcome)
 
@@ -538,6 +565,7 @@ class JobManager:
             backup_id=backup_id,
             compression=database.compress if database.compress.enabled else None,
             encryption=_keys(database),
+            workdir=self._settings.service.work_dir,
         )
         outcome = await run_backup(
             database.url, destination.url, settings, on_job=self._hook(active)
@@ -602,7 +630,10 @@ class JobManager:
         backup_id = await self._pick_backup(database, destination, request.backup_id)
         await self._started(active, backup_id=backup_id, storage_url=destination.display_url)
         report = await run_verify(
-            _backup_ref(destination.url, backup_id), content=request.content, keys=_keys(database)
+            _backup_ref(destination.url, backup_id),
+            content=request.content,
+            keys=_keys(database),
+            workdir=self._settings.service.work_dir,
         )
         result: dict[str, Any] = report.summary()
         if not report.ok:
@@ -611,6 +642,11 @@ class JobManager:
             return _Outcome(
                 JobState.FAILED, result, f"backup {backup_id} failed to verify: {error}"
             )
+        if group_of(backup_id) != database.name:
+            # A backup made by hand in the destination: verified, but it is not one of
+            # the database's own, so neither the gauge nor retention counts it.
+            result["recorded"] = False
+            return _Outcome(JobState.SUCCEEDED, result)
         async with open_storage(destination.url) as storage:
             manifest = await read_manifest(storage, backup_id)
             await self._store.record_verified(
@@ -857,6 +893,35 @@ class JobManager:
     def live_jobs(self) -> list[str]:
         """Ids of the jobs queued or running, oldest first."""
         return list(self._live)
+
+
+def _empty_dir(path: Path) -> None:
+    """Create ``path`` (mode 0700) or remove everything in it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _remove_partial_target(target: object) -> list[str]:
+    """The temporary files a restore into the file ``target`` writes before it puts
+    the result in place (``engines.files``, ``engines.streams``); never ``target``."""
+    if not isinstance(target, str) or "://" in target or ":" in target.split("/", 1)[0]:
+        return []  # a database URL or a command: nothing of ours on disk
+    path = Path(target)
+    candidates = [path.with_name(path.name + ".partial")]
+    with contextlib.suppress(OSError):
+        candidates += path.parent.glob(f".{glob.escape(path.name)}.*.vdistream-partial")
+    removed = []
+    for candidate in candidates:
+        try:
+            candidate.unlink()
+        except OSError:
+            continue
+        removed.append(str(candidate))
+    return removed
 
 
 def _keys(database: DatabaseSettings) -> KeySource | None:

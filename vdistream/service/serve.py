@@ -4,7 +4,12 @@ Only here are signal handlers installed and logging configured (``logconfig``):
 
 * **SIGTERM or SIGINT**: ``Service.shutdown`` (stop intake, abort running jobs through
   ``Job.abort``, drain, close every set, stop the API) within
-  ``service.grace_period``; then exit 0.
+  ``service.grace_period``; then exit 0. The grace period is a promise: a timer thread
+  started with the signal ends the process when it runs out (``_exit_now``: SIGKILL
+  to the process groups of the engines' tools, then ``os._exit(1)``), for the case
+  that a job's cleanup is stuck where cancellation cannot reach (a thread in a
+  blocking call, a tool ignoring SIGTERM). The next start marks such jobs failed and
+  removes their partial backups, as after kill -9.
 * **A second SIGTERM or SIGINT**: ``Service.force_stop`` cancels every job at once;
   exit 1. If the process has still not ended ``FORCE_EXIT_AFTER`` seconds later (an
   engine's tool ignoring SIGTERM, a thread stuck in I/O), it SIGKILLs the process
@@ -104,10 +109,13 @@ async def _serve(path: Path, settings: Settings, speedup: float | None) -> int:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with Service(settings, schedule_speedup=speedup) as service:
             log.info("daemon_ready", pid=os.getpid(), config=str(path))
+            timers: list[threading.Timer] = []
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_handle_signals, signals, service, path, tg)
+                tg.start_soon(_handle_signals, signals, service, path, tg, timers)
                 await service.wait_shutdown()
                 tg.cancel_scope.cancel()
+        for timer in timers:
+            timer.cancel()  # the service ended in time: no forced exit
     return EXIT_FORCED if service.forced else 0
 
 
@@ -116,6 +124,7 @@ async def _handle_signals(
     service: Service,
     path: Path,
     tg: anyio.abc.TaskGroup,
+    timers: list[threading.Timer],
 ) -> None:
     stops = 0
     async for signum in signals:
@@ -125,19 +134,19 @@ async def _handle_signals(
             continue
         stops += 1
         if stops == 1:
+            grace = service.settings.service.grace_period
             log.info(
                 "shutdown_requested",
                 signal=name,
+                grace_period=grace,
                 hint="send the signal again to cancel every job at once",
             )
+            timers.append(_start_exit_timer(grace))
             tg.start_soon(service.shutdown, f"the daemon received {name}")
         else:
             log.warning("shutdown_forced", signal=name)
             service.force_stop(f"forced shutdown: the daemon received {name} twice")
-            # A thread, not a task: it must fire even if the loop is stuck in cleanup.
-            timer = threading.Timer(FORCE_EXIT_AFTER, _exit_now)
-            timer.daemon = True
-            timer.start()
+            timers.append(_start_exit_timer(FORCE_EXIT_AFTER))
 
 
 async def _reload(service: Service, path: Path) -> None:
@@ -149,9 +158,17 @@ async def _reload(service: Service, path: Path) -> None:
     await service.reload(settings)
 
 
-def _exit_now() -> None:
+def _start_exit_timer(seconds: float) -> threading.Timer:
+    # A thread, not a task: it must fire even if the loop is stuck in cleanup.
+    timer = threading.Timer(seconds, _exit_now, args=(seconds,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _exit_now(after: float) -> None:
     killed = _kill_child_groups()
-    log.error("forced_exit", after_seconds=FORCE_EXIT_AFTER, killed_process_groups=killed)
+    log.error("forced_exit", after_seconds=after, killed_process_groups=killed)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_FORCED)

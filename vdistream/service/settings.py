@@ -180,6 +180,12 @@ class ServiceSettings:
         """The job state database (``vdistream.service.state``)."""
         return self.state_dir / "state.db"
 
+    @property
+    def work_dir(self) -> Path:
+        """Where jobs stage data (SQLite snapshots, verification restores); emptied at
+        every start, so what a killed job left there does not pile up."""
+        return self.state_dir / "work"
+
     def tzinfo(self) -> tzinfo:
         """The zone schedules are read in."""
         return resolve_timezone(self.timezone)
