@@ -280,6 +280,38 @@ async def test_delete_finished(store: JobStore) -> None:
     assert [j.id for j in await store.list()] == [keep.id]
 
 
+@pytest.mark.asyncio
+async def test_delete_finished_keeps_each_backups_latest_verification(store: JobStore) -> None:
+    """Old jobs go, except the latest finished verification of each backup, which
+    retention still asks (``verify_outcomes``) however old it is."""
+    old = T0 - timedelta(days=400)
+
+    async def verify(backup_id: str, state: JobState, minutes: int) -> JobRecord:
+        record = await store.add(
+            job(JobType.VERIFY, backup_id=backup_id, created=old + timedelta(minutes=minutes))
+        )
+        await store.update(record.id, state=JobState.RUNNING)
+        return await store.update(record.id, state=state, ended=old + timedelta(minutes=minutes))
+
+    await verify("app.1", JobState.FAILED, 1)
+    latest_1 = await verify("app.1", JobState.SUCCEEDED, 2)
+    latest_2 = await verify("app.2", JobState.FAILED, 3)
+    backup = await store.add(job(backup_id="app.1", created=old))
+    await store.update(backup.id, state=JobState.ABORTED, ended=old)
+    assert await store.verify_outcomes("app", ["app.1", "app.2", "app.3"]) == {
+        "app.1": True,
+        "app.2": False,
+    }
+    assert await store.delete_finished(T0 - timedelta(days=90)) == 2
+    assert {j.id for j in await store.list()} == {latest_1.id, latest_2.id}
+    assert await store.verify_outcomes("app", ["app.1", "app.2"]) == {
+        "app.1": True,
+        "app.2": False,
+    }
+    assert await store.verify_outcomes("other", ["app.1"]) == {}
+    assert await store.verify_outcomes("app", []) == {}
+
+
 # --- restart ------------------------------------------------------------------------------
 
 

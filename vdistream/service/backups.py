@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,15 +69,25 @@ def backup_ended(manifest: Manifest) -> datetime:
     return ended if ended.tzinfo is not None else ended.replace(tzinfo=UTC)
 
 
-async def verified_ids(store: JobStore, database: str) -> set[str]:
-    """Backups of ``database`` whose latest finished verification succeeded."""
-    jobs = await store.list(
-        None, database=database, kind=JobType.VERIFY, state=(JobState.SUCCEEDED, JobState.FAILED)
-    )
-    decided: dict[str, bool] = {}
-    for job in jobs:  # newest first: the first outcome seen per backup is its latest
-        if job.backup_id is not None and job.backup_id not in decided:
-            decided[job.backup_id] = job.state is JobState.SUCCEEDED
+async def verified_ids(
+    store: JobStore, database: str, backup_ids: Iterable[str] | None = None
+) -> set[str]:
+    """Backups of ``database`` whose latest finished verification succeeded, among
+    ``backup_ids`` (the ones in the destination; ``None``: every one ever verified,
+    which reads the whole history)."""
+    if backup_ids is not None:
+        decided = await store.verify_outcomes(database, backup_ids)
+    else:
+        jobs = await store.list(
+            None,
+            database=database,
+            kind=JobType.VERIFY,
+            state=(JobState.SUCCEEDED, JobState.FAILED),
+        )
+        decided = {}
+        for job in jobs:  # newest first: the first outcome seen per backup is its latest
+            if job.backup_id is not None and job.backup_id not in decided:
+                decided[job.backup_id] = job.state is JobState.SUCCEEDED
     last = await store.last_verified(database)
     if last is not None and last.backup_id not in decided:
         decided[last.backup_id] = True

@@ -379,7 +379,10 @@ async def _prune(args: argparse.Namespace) -> int:
                 async with store:
                     for group in groups:
                         if group:
-                            verified[group] = await verified_ids(store, group)
+                            present = [
+                                m.backup_id for m in manifests if group_of(m.backup_id) == group
+                            ]
+                            verified[group] = await verified_ids(store, group, present)
             except StateError as exc:
                 _write(f"vdistream: warning: {exc}; backups count as unverified", err=True)
         if args.verify:

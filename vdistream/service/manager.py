@@ -27,8 +27,12 @@ writing anything), every ``persist_every`` seconds with its per-device progress,
 when it ends (``succeeded``, ``failed`` or ``aborted``, with its result and error). The
 final write is shielded, so a job cancelled by a forced shutdown is still recorded.
 At start, ``recover()`` marks the jobs of a previous run that never ended as failed
-(``JobStore.mark_interrupted``) and removes what their backups left
-(``backups.remove_partial_backup``).
+(``JobStore.mark_interrupted``) and removes what they left: their backups' partial
+storage (``backups.remove_partial_backup``), their restores' temporary files beside
+the target, and everything in ``service.work_dir``, where verifications and SQLite
+snapshots stage their data. Jobs that ended longer than ``service.job_history`` ago
+are forgotten at start and every hour, except each backup's latest verification,
+which retention still asks.
 
 Aborting
 --------
@@ -119,6 +123,8 @@ log = get_logger(__name__)
 _MOVING = (JobStatus.RUNNING, JobStatus.COMMITTING)
 #: bound of one state-database write on the way out of a job (shielded)
 _STORE_TIMEOUT = 30.0
+#: how often ended jobs older than ``service.job_history`` are forgotten (seconds)
+_PRUNE_EVERY = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +219,7 @@ class JobManager:
         everything in the work directory (module doc). Call once, before ``run``."""
         work = self._settings.service.work_dir
         await anyio.to_thread.run_sync(_empty_dir, work)
+        await self._prune_history()
         interrupted = await self._store.mark_interrupted()
         for record in interrupted:
             log.warning(
@@ -267,6 +274,19 @@ class JobManager:
                 record.id, result={**dict(record.result or {}), "cleanup": cleanup}
             )
         return interrupted
+
+    async def _prune_history(self) -> None:
+        """Forget jobs that ended longer than ``service.job_history`` ago."""
+        history = self._settings.service.job_history
+        if history is None:
+            return
+        try:
+            with anyio.move_on_after(_STORE_TIMEOUT):
+                forgotten = await self._store.delete_finished(datetime.now(UTC) - history)
+                if forgotten:
+                    log.info("job_history_pruned", forgotten=forgotten, older_than=str(history))
+        except StateError as exc:
+            log.warning("job_history_not_pruned", error=str(exc))
 
     def _storage_url_of(self, record: JobRecord) -> str | None:
         name = record.params.get("destination")
@@ -660,7 +680,8 @@ class JobManager:
         self, active: _Active, storage: Any, database: DatabaseSettings, backup_id: str
     ) -> dict[str, Any]:
         manifests, problems = await list_manifests(storage)
-        verified = await verified_ids(self._store, database.name)
+        present = [m.backup_id for m in manifests if group_of(m.backup_id) == database.name]
+        verified = await verified_ids(self._store, database.name, present)
         verified.add(backup_id)  # this job: still "running" in the store
         in_use = {
             a.record.backup_id or a.request.backup_id
@@ -799,9 +820,14 @@ class JobManager:
 
     async def _ticker(self) -> None:
         since_persist = 0.0
+        since_prune = 0.0
         while True:
             await anyio.sleep(self._tick_interval)
             since_persist += self._tick_interval
+            since_prune += self._tick_interval
+            if since_prune >= _PRUNE_EVERY:
+                since_prune = 0.0
+                await self._prune_history()
             rates: dict[str, float] = defaultdict(float)
             buffers: dict[str, int] = defaultdict(int)
             now = anyio.current_time()

@@ -166,6 +166,8 @@ class ServiceSettings:
     max_jobs: int = 2
     max_queued: int = 16
     grace_period: float = 30.0
+    #: how long ended jobs stay in the state database (``None``: forever)
+    job_history: timedelta | None = timedelta(days=90)
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
     #: a zoneinfo key; ``None`` is the system's local zone
@@ -595,6 +597,7 @@ _SERVICE_KEYS = (
     "max_jobs",
     "max_queued",
     "grace_period",
+    "job_history",
     "log_format",
     "log_level",
     "timezone",
@@ -715,6 +718,9 @@ def _service(t: _Table, env: Mapping[str, str]) -> ServiceSettings:
             f"a TCP listener needs a bearer token: set service.token_file or {TOKEN_ENV}",
         )
     grace = t.convert("grace_period", _seconds) if "grace_period" in t.data else 30.0
+    history: timedelta | None = ServiceSettings.job_history
+    if "job_history" in t.data:
+        history = t.convert("job_history", _history)
     timezone = t.string("timezone")
     if timezone is not None:
         t.convert("timezone", lambda v: resolve_timezone(timezone))
@@ -728,6 +734,7 @@ def _service(t: _Table, env: Mapping[str, str]) -> ServiceSettings:
         max_jobs=t.integer("max_jobs", 2, 1, 1024),
         max_queued=t.integer("max_queued", 16, 0, 100_000),
         grace_period=grace,
+        job_history=history,
         log_format=cast(LogFormat, t.choice("log_format", "auto", ("json", "console", "auto"))),
         log_level=cast(
             LogLevel, t.choice("log_level", "info", ("debug", "info", "warning", "error"))
@@ -804,6 +811,17 @@ def _read_token(t: _Table, path: Path) -> Secret:
     if len(token) < _MIN_TOKEN:
         t.fail("token_file", f"the token in {path} must have at least {_MIN_TOKEN} characters")
     return Secret(token)
+
+
+def _history(value: Any) -> timedelta | None:
+    if value in ("", "forever"):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f'expected a duration like "90d", or "forever", got {_type_name(value)}')
+    history = parse_duration(value)
+    if history < timedelta(hours=1):
+        raise ValueError(f"expected at least 1h, got {value!r}")
+    return history
 
 
 def _seconds(value: Any) -> float:
@@ -975,6 +993,9 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
             "max_jobs": service.max_jobs,
             "max_queued": service.max_queued,
             "grace_period": service.grace_period,
+            "job_history": None
+            if service.job_history is None
+            else service.job_history.total_seconds(),
             "log_format": service.log_format,
             "log_level": service.log_level,
             "timezone": service.timezone,

@@ -220,6 +220,7 @@ CREATE TABLE jobs (
 );
 CREATE INDEX jobs_by_state ON jobs (state);
 CREATE INDEX jobs_by_created ON jobs (created);
+CREATE INDEX IF NOT EXISTS jobs_by_backup ON jobs (backup_id);
 CREATE TABLE last_verified (
     database     TEXT PRIMARY KEY,
     backup_id    TEXT NOT NULL,
@@ -526,8 +527,36 @@ class JobStore:
                 )
             return [self._get(row["id"]) for row in rows]
 
+    async def verify_outcomes(self, database: str, backup_ids: Iterable[str]) -> dict[str, bool]:
+        """For each of ``backup_ids`` that has a finished verification of ``database``:
+        whether its latest one succeeded. Reads only those backups' rows (an index on
+        ``backup_id``), never the whole history, however long the history grows."""
+        wanted = sorted(set(backup_ids))
+
+        def run() -> dict[str, bool]:
+            outcomes: dict[str, bool] = {}
+            db = self._conn()
+            for start in range(0, len(wanted), 500):  # well under SQLite's variable limit
+                chunk = wanted[start : start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                rows = db.execute(
+                    "SELECT backup_id, state FROM jobs WHERE kind = 'verify' AND database = ? "
+                    "AND state IN ('succeeded', 'failed') "
+                    f"AND backup_id IN ({marks}) ORDER BY created DESC, id DESC",
+                    (database, *chunk),
+                ).fetchall()
+                for row in rows:  # newest first: the first outcome per backup is its latest
+                    outcomes.setdefault(row["backup_id"], row["state"] == "succeeded")
+            return outcomes
+
+        return await self._call(run)
+
     async def delete_finished(self, before: datetime) -> int:
-        """Forget terminal jobs that ended before ``before``; returns how many."""
+        """Forget terminal jobs that ended before ``before``; returns how many.
+
+        The latest finished verification of each backup is kept whatever its age:
+        retention asks it whether a backup was verified (``verify_outcomes``), and a
+        verified backup forgotten as unverified could be deleted too early."""
         limit = _time(before)
 
         def run() -> int:
@@ -535,7 +564,14 @@ class JobStore:
             with db:
                 cursor = db.execute(
                     "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'aborted') "
-                    "AND ended IS NOT NULL AND ended < ?",
+                    "AND ended IS NOT NULL AND ended < ? AND id NOT IN ("
+                    "  SELECT id FROM ("
+                    "    SELECT id, row_number() OVER ("
+                    "      PARTITION BY database, backup_id ORDER BY created DESC, id DESC"
+                    "    ) AS n FROM jobs WHERE kind = 'verify' AND backup_id IS NOT NULL"
+                    "    AND state IN ('succeeded', 'failed')"
+                    "  ) WHERE n = 1"
+                    ")",
                     (limit,),
                 )
             return cursor.rowcount
@@ -645,6 +681,10 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
             raise StateError(f"the state database {path} cannot use WAL mode (got {mode})")
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA busy_timeout = 5000")
+        if version == SCHEMA_VERSION:
+            # Added to schema 1 after its first release: databases made before get it
+            # here (an index changes no row, so the version stays).
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_backup ON jobs (backup_id)")
         if version == 0:
             db.execute("BEGIN IMMEDIATE")
             try:
