@@ -6,7 +6,9 @@
 # service.grace_period. Give `docker stop` more time than that (its default is 10 s
 # before SIGKILL): `docker run --stop-timeout 45 ...` for the default grace of 30 s.
 # A SIGKILL is safe too: the next start marks the interrupted jobs failed and removes
-# their partial backups.
+# their partial backups. As PID 1, vdistream reaps its own children (the engines'
+# tools, each in its own process group, killed as a group on abort); it does not reap
+# orphans that a tool might leave behind: if yours does, run with `docker run --init`.
 #
 #   docker build -t vdistream .
 #   docker run -d --name vdistream --stop-timeout 45 \
@@ -24,7 +26,10 @@
 # /etc/vdistream/vdistream.toml; the environment below pins the state directory and
 # the socket to the volumes whatever the file says. Databases are reached over the
 # network (postgresql://) or through a mounted file (sqlite:///data/app.db).
-FROM python:3.11-slim
+# Pinned to Debian 12 (bookworm): its postgresql-client is 15, whose pg_basebackup and
+# pg_dump back up servers up to 15. For a newer server, add the PGDG apt repository
+# and install postgresql-client-NN instead.
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -10,31 +10,40 @@ and CPU time come from the child. Cases:
 * peak RSS of a 1 GiB and an 8 GiB backup to ``null://`` from a generated stream,
   which must stay at the buffer area plus a constant.
 
+With ``--json`` it prints a list of case records (``_harness.py``) instead of the
+table: the three file cases (group ``file``) and the peak-RSS cases (group ``rss``,
+each beside ``dd if=/dev/zero of=/dev/null`` of the same size), every case repeated
+``--repeat`` times. ``--rss-gib`` picks the sizes of the RSS cases (none: skip them),
+``--no-files`` skips the file cases, ``--data`` the kind of the data file.
+The vdistream figures are the ``backup()`` / ``restore()`` call (wall, and CPU from
+``getrusage``); peak RSS and every figure of ``dd`` come from ``wait4``.
+
 Usage: python benchmarks/file_backup.py [--gib 2] [--repeat 3] [--dir DIR]
+           [--rss-gib 1 8] [--no-files] [--data mixed|random|compressible] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-MIB = 1024 * 1024
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _harness import (
+    MIB,
+    Record,
+    Timer,
+    emit,
+    make_data,
+    measure,
+    measure_child,
+    missing,
+    missing_tools,
+    progress,
+    record,
+)
 
 
 def child(case: str, data: str, workdir: str, gib: float) -> None:
@@ -82,40 +91,112 @@ def child(case: str, data: str, workdir: str, gib: float) -> None:
         result.raise_for_status()
         return result.bytes
 
-    start = time.perf_counter()
-    moved = anyio.run(main)
-    elapsed = time.perf_counter() - start
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(
-        json.dumps(
-            {
-                "seconds": elapsed,
-                "cpu": usage.ru_utime + usage.ru_stime,
-                "rss": peak_rss_mib(),
-                "bytes": moved,
-            }
-        )
-    )
+    with Timer() as timer:
+        moved = anyio.run(main)
+    print(timer.json(bytes=moved))
 
 
 def run_child(case: str, data: Path, workdir: Path, gib: float) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", case, str(data), str(workdir), str(gib)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    """One case in a child: wall and CPU of the call, peak RSS (MiB) from wait4."""
+    sample = measure_child(
+        [sys.executable, __file__, "--child", case, str(data), str(workdir), str(gib)]
+    )
+    return {**sample, "rss": sample["rss"] / MIB}
 
 
 def run_dd(args: list[str]) -> dict[str, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(["dd", *args, "bs=1M", "status=none"], check=True)
-    elapsed = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {"seconds": elapsed, "cpu": cpu, "rss": after.ru_maxrss / 1024}
+    """dd with ``args``: wall, CPU and peak RSS (MiB) from wait4."""
+    sample = measure(["dd", *args, "bs=1M", "status=none"])
+    return {**sample, "rss": sample["rss"] / MIB}
+
+
+def as_bytes(runs: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Samples with their RSS back in bytes, for ``record``."""
+    return [{**r, "rss": r["rss"] * MIB} for r in runs]
+
+
+def json_main(args: argparse.Namespace) -> None:
+    records: list[Record] = []
+    absent = missing_tools("dd", "cat")
+    if absent:
+        emit([missing("file", "file backup and restore", absent)])
+        return
+    root = Path(tempfile.mkdtemp(prefix="vdistream-bench-", dir=args.dir))
+    try:
+        data = root / "data"
+        work = root / "work"
+        if not args.no_files:
+            progress(f"file: writing {args.gib:g} GiB of {args.data} data")
+            size = make_data(data, int(args.gib * 1024 * MIB), args.data)
+            cases: dict[str, list[dict[str, float]]] = {}
+            for i in range(args.repeat):
+                progress(f"file: round {i + 1} of {args.repeat}")
+                cases.setdefault("null", []).append(run_child("backup-null", data, work, args.gib))
+                cases.setdefault("dd-null", []).append(run_dd([f"if={data}", "of=/dev/null"]))
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir()
+                cases.setdefault("file", []).append(run_child("backup-file", data, work, args.gib))
+                dd_out = work / "dd.out"
+                cases.setdefault("dd-file", []).append(
+                    run_dd([f"if={data}", f"of={dd_out}", "conv=fsync"])
+                )
+                cases.setdefault("restore", []).append(
+                    run_child("restore-file", data, work, args.gib)
+                )
+                cases.setdefault("dd-restore", []).append(
+                    run_dd([f"if={dd_out}", f"of={work / 'dd.restored'}", "conv=fsync"])
+                )
+            shutil.rmtree(work, ignore_errors=True)
+            for label, ours, tool, base in (
+                ("backup 4 dev -> null://", "null", "dd bs=1M of=/dev/null", "dd-null"),
+                ("backup 4 dev -> dir (fsync)", "file", "dd bs=1M conv=fsync", "dd-file"),
+                ("restore 4 dev -> file (fsync)", "restore", "dd bs=1M conv=fsync", "dd-restore"),
+            ):
+                records.append(
+                    record(
+                        "file",
+                        label,
+                        "vdistream",
+                        "vdistream",
+                        size,
+                        as_bytes(cases[ours]),
+                        data=args.data,
+                    )
+                )
+                records.append(
+                    record(
+                        "file", label, "baseline", tool, size, as_bytes(cases[base]), data=args.data
+                    )
+                )
+            data.unlink()
+        for gib in args.rss_gib:
+            progress(f"rss: {gib:g} GiB x{args.repeat}")
+            size = int(gib * 1024 * MIB)
+            ours = [run_child("synthetic", data, work, gib) for _ in range(args.repeat)]
+            base = [
+                run_dd(["if=/dev/zero", "of=/dev/null", f"count={size // MIB}"])
+                for _ in range(args.repeat)
+            ]
+            label = f"peak RSS: backup {gib:g} GiB -> null://"
+            records.append(
+                record(
+                    "rss", label, "vdistream", "vdistream", size, as_bytes(ours), data="generated"
+                )
+            )
+            records.append(
+                record(
+                    "rss",
+                    label,
+                    "baseline",
+                    "dd bs=1M if=/dev/zero of=/dev/null",
+                    size,
+                    as_bytes(base),
+                    data="zeros",
+                )
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    emit(records)
 
 
 def median(runs: list[dict[str, float]], key: str) -> float:
@@ -127,22 +208,27 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the data and backups go")
+    parser.add_argument("--json", action="store_true", help="print case records as JSON")
+    parser.add_argument(
+        "--rss-gib", type=float, nargs="*", default=[1, 8], help="sizes of the RSS cases"
+    )
+    parser.add_argument("--no-files", action="store_true", help="(--json) only the RSS cases")
+    parser.add_argument("--data", default="mixed", choices=["mixed", "random", "compressible"])
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         case, data, workdir, gib = args.child
         child(case, data, workdir, float(gib))
         return
+    if args.json:
+        json_main(args)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="vdistream-bench-", dir=args.dir))
     try:
         data = root / "data"
-        size = int(args.gib * 1024 * MIB)
-        with data.open("wb") as f:  # half random, half compressible, like a database
-            chunk = os.urandom(8 * MIB)
-            for i in range(size // (8 * MIB)):
-                f.write(chunk if i % 2 else bytes(8 * MIB))
-        subprocess.run(["cat", str(data)], stdout=subprocess.DEVNULL, check=True)  # cache it
+        # half random, half compressible by default, like a database
+        size = make_data(data, int(args.gib * 1024 * MIB), args.data)
         rows: list[tuple[str, float, float, float, float, float]] = []
 
         def compare(label: str, ours: list[dict[str, float]], base: list[dict[str, float]]) -> None:
@@ -188,10 +274,10 @@ def main() -> None:
                 f"{cpu:>9.2f}{dd_cpu:>9.2f}{rss:>9.0f}"
             )
         area = 16 * 4
-        for gib in (1, 8):
+        for gib in args.rss_gib:
             r = run_child("synthetic", data, work, gib)
             print(
-                f"synthetic {gib} GiB -> null://: {gib * 2**30 / r['seconds'] / 1e9:.2f} GB/s, "
+                f"synthetic {gib:g} GiB -> null://: {gib * 2**30 / r['seconds'] / 1e9:.2f} GB/s, "
                 f"peak RSS {r['rss']:.0f} MiB (buffer area {area} MiB)"
             )
     finally:

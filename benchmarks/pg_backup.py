@@ -12,78 +12,120 @@ disk, repeated, median shown:
 
 Wall time, throughput of the database size, CPU seconds and peak RSS of each process
 tree (``wait4``). Usage: python benchmarks/pg_backup.py [--scale 70] [--repeat 3]
-(scale 70 is about 1 GB of pgbench data).
+[--compressed] [--json] (scale 70 is about 1 GB of pgbench data).
+
+``--compressed`` adds ``vdistream ... --devices 4 --compress zstd:3`` beside
+``pg_basebackup -Ft --compress=client-zstd:3`` and ``pgbackrest backup
+--compress-type=zst --compress-level=3``. ``--json`` prints a list of case records
+(``_harness.py``) instead of the table; when pgBackRest or the PostgreSQL binaries are
+missing it says so in records rather than failing.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _harness import Record, emit, measure, missing, missing_tools, progress, record
+
 from tests.databases.pgserver import (
+    PG_BINDIR,
     PgCluster,
     as_server_user,
     give_to_server_user,
     run,
 )
+from tests.databases.pgserver import (
+    missing_tools as missing_pg_tools,
+)
 
 VDISTREAM = [sys.executable, "-m", "vdistream"]
+MIB = 1 << 20
+
+BASEBACKUP = "pg_basebackup -Ft -X fetch"
+PGBACKREST = "pgbackrest full, no compression"
+BASEBACKUP_ZSTD = "pg_basebackup -Ft -Z client-zstd:3"
+PGBACKREST_ZSTD = "pgbackrest full, zst:3"
+
+#: (row, vdistream case, baseline case) in --json output
+PAIRS = [
+    ("basebackup 4 dev -> dir", "vdistream basebackup, 4 devices", BASEBACKUP),
+    ("basebackup 4 dev -> dir", "vdistream basebackup, 4 devices", PGBACKREST),
+    ("basebackup 1 dev -> dir", "vdistream basebackup, 1 device", BASEBACKUP),
+    ("basebackup 4 dev zstd:3 -> dir", "vdistream basebackup, 4 devices, zstd:3", BASEBACKUP_ZSTD),
+    ("basebackup 4 dev zstd:3 -> dir", "vdistream basebackup, 4 devices, zstd:3", PGBACKREST_ZSTD),
+]
 
 
-def measure(argv: list[str]) -> dict[str, float]:
+def measure_mib(argv: list[str]) -> dict[str, float]:
     """Run ``argv``; wall seconds, CPU seconds and peak RSS (MiB) of its process tree."""
-    start = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    if status != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({status}): {stderr}")
-    return {
-        "seconds": elapsed,
-        "cpu": usage.ru_utime + usage.ru_stime,
-        "rss": usage.ru_maxrss / 1024,
-    }
+    sample = measure(argv)
+    return {**sample, "rss": sample["rss"] / MIB}
+
+
+def prerequisites() -> tuple[str | None, str | None]:
+    """(what the whole group misses, what the pgBackRest cases miss)."""
+    absent = missing_pg_tools()
+    group = None
+    if absent:
+        group = (
+            f"{', '.join(absent)} under {PG_BINDIR} (Debian package postgresql-15)"
+            " or set VDISTREAM_TEST_PG_BINDIR"
+        )
+    return group, missing_tools("pgbackrest")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=70, help="pgbench scale (70 ~ 1 GB)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--compressed", action="store_true", help="add zstd:3 cases beside both tools"
+    )
+    parser.add_argument("--json", action="store_true", help="print case records as JSON")
     args = parser.parse_args()
+
+    group_missing, pgbackrest_missing = prerequisites()
+    if group_missing:
+        if args.json:
+            emit([missing("pg", "PostgreSQL basebackup", group_missing)])
+            return
+        raise SystemExit(f"missing: {group_missing}")
+    if pgbackrest_missing and not args.json:
+        raise SystemExit(f"missing: {pgbackrest_missing}")
+    say = progress if args.json else print
 
     cluster = PgCluster()
     try:
         server = cluster.initdb("bench")
         conf = cluster.root / "pgbackrest.conf"
-        for name in ("repo", "pgbr-log", "pgbr-lock", "pgbr-spool"):
-            cluster.directory(name)
-        conf.write_text(
-            "[global]\n"
-            f"repo1-path={cluster.root / 'repo'}\n"
-            "compress-type=none\nstart-fast=y\nlog-level-console=warn\n"
-            f"log-path={cluster.root / 'pgbr-log'}\nlock-path={cluster.root / 'pgbr-lock'}\n"
-            f"spool-path={cluster.root / 'pgbr-spool'}\n"
-            "[bench]\n"
-            f"pg1-path={server.data}\npg1-socket-path={server.socket_dir}\n"
-            f"pg1-port={server.port}\npg1-user=postgres\n"
-        )
-        give_to_server_user(conf)
-        with (server.data / "postgresql.conf").open("a") as f:
-            f.write(
-                "archive_mode = on\n"
-                f"archive_command = 'pgbackrest --config={conf} --stanza=bench archive-push %p'\n"
+        if not pgbackrest_missing:
+            for name in ("repo", "pgbr-log", "pgbr-lock", "pgbr-spool"):
+                cluster.directory(name)
+            conf.write_text(
+                "[global]\n"
+                f"repo1-path={cluster.root / 'repo'}\n"
+                "compress-type=none\nstart-fast=y\nlog-level-console=warn\n"
+                f"log-path={cluster.root / 'pgbr-log'}\nlock-path={cluster.root / 'pgbr-lock'}\n"
+                f"spool-path={cluster.root / 'pgbr-spool'}\n"
+                "[bench]\n"
+                f"pg1-path={server.data}\npg1-socket-path={server.socket_dir}\n"
+                f"pg1-port={server.port}\npg1-user=postgres\n"
             )
+            give_to_server_user(conf)
+            with (server.data / "postgresql.conf").open("a") as f:
+                f.write(
+                    "archive_mode = on\n"
+                    f"archive_command = 'pgbackrest --config={conf} --stanza=bench "
+                    "archive-push %p'\n"
+                )
         server.start()
-        print(f"pgbench -i -s {args.scale} ...", flush=True)
+        say(f"pgbench -i -s {args.scale} ...")
         run(
             [
                 server.tool("pgbench"),
@@ -97,7 +139,8 @@ def main() -> None:
         )
         size = int(server.psql("SELECT sum(pg_database_size(oid)) FROM pg_database"))
         pgbackrest = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
-        run(as_server_user([*pgbackrest, "stanza-create"]))
+        if not pgbackrest_missing:
+            run(as_server_user([*pgbackrest, "stanza-create"]))
         url = f"postgresql://postgres@/postgres?host={server.socket_dir}&port={server.port}"
         out = cluster.root / "out"
 
@@ -107,42 +150,68 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
             give_to_server_user(out)
-            cases.setdefault(name, []).append(measure(argv))
+            cases.setdefault(name, []).append(measure_mib(argv))
 
-        for _ in range(args.repeat):
-            case(
-                "pg_basebackup -Ft",
-                [
-                    server.tool("pg_basebackup"),
-                    "-w",
-                    "-Ft",
-                    "-X",
-                    "fetch",
-                    "--checkpoint=fast",
-                    "-D",
-                    str(out / "bb"),
-                    *server.connection("postgres")[:6],  # -h -p -U: -d is a conninfo here
-                ],
-            )
+        def pg_basebackup(*extra: str) -> list[str]:
+            return [
+                server.tool("pg_basebackup"),
+                "-w",
+                "-Ft",
+                "-X",
+                "fetch",
+                "--checkpoint=fast",
+                *extra,
+                "-D",
+                str(out / "bb"),
+                *server.connection("postgres")[:6],  # -h -p -U: -d is a conninfo here
+            ]
+
+        def vdistream(devices: int, *extra: str) -> list[str]:
+            return [
+                *VDISTREAM,
+                "backup",
+                url,
+                str(out),
+                "--mode",
+                "basebackup",
+                "--devices",
+                str(devices),
+                *extra,
+            ]
+
+        for i in range(args.repeat):
+            say(f"pg: round {i + 1} of {args.repeat}")
+            case(BASEBACKUP, pg_basebackup())
             for devices in (1, 4):
                 case(
                     f"vdistream basebackup, {devices} device{'s' if devices > 1 else ''}",
-                    [
-                        *VDISTREAM,
-                        "backup",
-                        url,
-                        str(out),
-                        "--mode",
-                        "basebackup",
-                        "--devices",
-                        str(devices),
-                    ],
+                    vdistream(devices),
                 )
-            case(
-                "pgbackrest full, no compression",
-                as_server_user([*pgbackrest, "backup", "--type=full"]),
-            )
-        base = statistics.median(r["seconds"] for r in cases["pg_basebackup -Ft"])
+            if not pgbackrest_missing:
+                case(PGBACKREST, as_server_user([*pgbackrest, "backup", "--type=full"]))
+            if args.compressed:
+                case(BASEBACKUP_ZSTD, pg_basebackup("--compress=client-zstd:3"))
+                case(
+                    "vdistream basebackup, 4 devices, zstd:3",
+                    vdistream(4, "--compress", "zstd:3"),
+                )
+                if not pgbackrest_missing:
+                    case(
+                        PGBACKREST_ZSTD,
+                        as_server_user(
+                            [
+                                *pgbackrest,
+                                "backup",
+                                "--type=full",
+                                "--compress-type=zst",
+                                "--compress-level=3",
+                            ]
+                        ),
+                    )
+        if args.json:
+            emit(json_records(cases, size, args.scale, pgbackrest_missing))
+            return
+        base = statistics.median(r["seconds"] for r in cases[BASEBACKUP])
         print(
             f"\ncluster {size / 1e9:.2f} GB (pgbench scale {args.scale}), median of {args.repeat}"
         )
@@ -156,6 +225,24 @@ def main() -> None:
             )
     finally:
         cluster.close()
+
+
+def json_records(
+    cases: dict[str, list[dict[str, float]]], size: int, scale: int, pgbackrest_missing: str | None
+) -> list[Record]:
+    records: list[Record] = []
+    data = f"pgbench -s {scale}"
+    for row, ours, base in PAIRS:
+        if ours not in cases:
+            continue
+        if base not in cases:
+            records.append(missing("pg", f"{row} vs {base}", pgbackrest_missing or "not run"))
+            continue
+        for side, name in (("vdistream", ours), ("baseline", base)):
+            samples = [{**r, "rss": r["rss"] * MIB} for r in cases[name]]
+            tool = "vdistream" if side == "vdistream" else name
+            records.append(record("pg", row, side, tool, size, samples, data=data))
+    return records
 
 
 if __name__ == "__main__":

@@ -10,22 +10,30 @@ random, half compressible):
 
 Each case is a child process: wall time, CPU and peak RSS from ``wait4``. Run with a
 smaller and a larger ``--gib`` to see that peak RSS does not grow with the stream.
-Usage: python benchmarks/s3_backup.py [--gib 2]
+With ``--repeat N`` each case runs N times (moto's state is reset before each round,
+so that it does not hold every earlier upload in memory) and the median is shown;
+``--json`` prints a list of case records (``_harness.py``) instead of the table.
+Usage: python benchmarks/s3_backup.py [--gib 2] [--repeat 1] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from _harness import Record, emit, make_data, missing, progress, record
+from _harness import measure as measure_os
 
 ENV = {
     "AWS_ACCESS_KEY_ID": "bench",
@@ -36,18 +44,9 @@ ENV = {
 
 
 def measure(argv: list[str]) -> dict[str, float]:
-    start = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    if status:
-        err = process.stderr.read().decode() if process.stderr else ""
-        raise RuntimeError(f"{argv[:6]} failed: {err}")
-    return {
-        "seconds": elapsed,
-        "cpu": usage.ru_utime + usage.ru_stime,
-        "rss": usage.ru_maxrss / 1024,
-    }
+    """Wall seconds, CPU seconds and peak RSS (MiB) of ``argv``'s process tree."""
+    sample = measure_os(argv)
+    return {**sample, "rss": sample["rss"] / (1 << 20)}
 
 
 def baseline(mode: str, endpoint: str, bucket: str, path: str) -> None:
@@ -108,14 +107,31 @@ def baseline(mode: str, endpoint: str, bucket: str, path: str) -> None:
     asyncio.run(main())
 
 
+CASES = [
+    ("backup 4 dev -> s3://", "vdistream", "backup"),
+    ("backup 4 dev -> s3://", "multipart upload, 1 stream (aiobotocore)", "put"),
+    ("restore 4 dev <- s3://", "vdistream", "restore"),
+    ("restore 4 dev <- s3://", "streamed GET, 1 stream (aiobotocore)", "get"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=2.0)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case (median)")
+    parser.add_argument("--json", action="store_true", help="print case records as JSON")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         baseline(*args.child)
         return
+    absent = [m for m in ("moto.server", "flask", "aiobotocore") if not importlib.util.find_spec(m)]
+    if absent:
+        what = f"Python modules {', '.join(absent)} (pip install -e '.[test]': moto[server])"
+        if args.json:
+            emit([missing("s3", "S3 backup and restore", what)])
+            return
+        raise SystemExit(f"missing: {what}")
     os.environ.update(ENV)
     root = Path(tempfile.mkdtemp(prefix="vdistream-s3-bench-"))
     with socket.socket() as probe:
@@ -134,35 +150,54 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench", method="PUT"))
         data = root / "data"
-        size = int(args.gib * (1 << 30))
-        with data.open("wb") as f:
-            chunk = os.urandom(8 << 20)
-            for i in range(size // (8 << 20)):
-                f.write(chunk if i % 2 else bytes(8 << 20))
+        size = make_data(data, int(args.gib * (1 << 30)), "mixed")
         dest = f"s3://bench/backups?endpoint_url={endpoint}"
         vds = [sys.executable, "-m", "vdistream"]
-        backup = measure([*vds, "backup", f"cmd:cat {data}", dest, "--devices", "4", "--json"])
-        listed = json.loads(
-            subprocess.run(
-                [*vds, "list", dest, "--json"], capture_output=True, text=True, check=True
-            ).stdout
-        )
-        ref = f"s3://bench/backups/{listed[0]['id']}?endpoint_url={endpoint}"
-        restore = measure([*vds, "restore", ref, "cmd:sh -c 'cat > /dev/null'"])
         me = [sys.executable, __file__, "--child"]
-        put = measure([*me, "put", endpoint, "bench", str(data)])
-        get = measure([*me, "get", endpoint, "bench", str(data)])
+        runs: dict[str, list[dict[str, float]]] = {}
+        for i in range(args.repeat):
+            if args.json:
+                progress(f"s3: round {i + 1} of {args.repeat}")
+            # a fresh server state every round: moto keeps every object in memory
+            urllib.request.urlopen(
+                urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+            )
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench", method="PUT"))
+            runs.setdefault("backup", []).append(
+                measure([*vds, "backup", f"cmd:cat {data}", dest, "--devices", "4", "--json"])
+            )
+            listed = json.loads(
+                subprocess.run(
+                    [*vds, "list", dest, "--json"], capture_output=True, text=True, check=True
+                ).stdout
+            )
+            ref = f"s3://bench/backups/{listed[0]['id']}?endpoint_url={endpoint}"
+            runs.setdefault("restore", []).append(
+                measure([*vds, "restore", ref, "cmd:sh -c 'cat > /dev/null'"])
+            )
+            runs.setdefault("put", []).append(measure([*me, "put", endpoint, "bench", str(data)]))
+            runs.setdefault("get", []).append(measure([*me, "get", endpoint, "bench", str(data)]))
+        if args.json:
+            records: list[Record] = []
+            for case, tool, key in CASES:
+                side = "vdistream" if tool == "vdistream" else "baseline"
+                samples = [{**r, "rss": r["rss"] * (1 << 20)} for r in runs[key]]
+                records.append(record("s3", case, side, tool, size, samples, data="mixed"))
+            emit(records)
+            return
         print(f"{args.gib:g} GiB to moto's S3 server on loopback")
         print(f"{'case':<44}{'GB/s':>7}{'CPU s':>8}{'RSS MiB':>9}")
-        for label, r in (
-            ("vdistream backup, 4 devices", backup),
-            ("single-stream multipart upload (aiobotocore)", put),
-            ("vdistream restore, 4 devices", restore),
-            ("single-stream GET (aiobotocore)", get),
+        for label, key in (
+            ("vdistream backup, 4 devices", "backup"),
+            ("single-stream multipart upload (aiobotocore)", "put"),
+            ("vdistream restore, 4 devices", "restore"),
+            ("single-stream GET (aiobotocore)", "get"),
         ):
-            print(f"{label:<44}{size / r['seconds'] / 1e9:>7.2f}{r['cpu']:>8.1f}{r['rss']:>9.0f}")
+            wall = statistics.median(r["seconds"] for r in runs[key])
+            cpu = statistics.median(r["cpu"] for r in runs[key])
+            rss = statistics.median(r["rss"] for r in runs[key])
+            print(f"{label:<44}{size / wall / 1e9:>7.2f}{cpu:>8.1f}{rss:>9.0f}")
     finally:
         server.terminate()
         server.wait(10)

@@ -196,6 +196,7 @@ def test_prune_by_hand_with_and_without_verified_state(
 
     assert main(["prune", str(dest), "--keep-last", "1", "--verify", "--dry-run"]) == 0
     text = capsys.readouterr().out
+    assert "database app: keep_last=1, keep_within=-" in text
     assert "dry run: 2 backup(s) would be deleted" in text
     assert sorted(p.name for p in dest.iterdir()) == ids
 

@@ -33,7 +33,10 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vdistream.service.settings import Settings
 
 __all__ = ["register_commands"]
 
@@ -120,6 +123,26 @@ def register_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--json", action="store_true")
     p.add_argument("--config", help="the settings file (policies, state database)")
     p.set_defaults(handler=_prune)
+
+
+async def _in_use_by_daemon(settings: Settings | None) -> set[str]:
+    """The backups that the daemon of ``settings`` has queued or running jobs on (so
+    that a prune by hand never deletes one under it); empty when it is not running."""
+    if settings is None or not settings.service.socket_path.exists():
+        return set()
+    import anyio
+
+    from vdistream.service.client import ApiClient, DaemonError
+
+    try:
+        with anyio.fail_after(5):
+            async with ApiClient(settings.service.socket_path) as client:
+                jobs = await client.jobs(state="queued,running", limit="1000")
+    except (DaemonError, TimeoutError, OSError):
+        return set()
+    used = {job.get("backup_id") for job in jobs}
+    used |= {(job.get("params") or {}).get("backup_id") for job in jobs}
+    return {b for b in used if isinstance(b, str) and b and b != "latest"}
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -310,11 +333,11 @@ async def _prune(args: argparse.Namespace) -> int:
     import anyio
 
     from vdistream.catalog import list_manifests
-    from vdistream.operations import run_verify
+    from vdistream.operations import KeySource, run_verify
     from vdistream.service.backups import apply_retention, group_of, verified_ids
     from vdistream.service.retention import RetentionPolicy
     from vdistream.service.serve import config_path
-    from vdistream.service.settings import Settings, SettingsError, load_settings, parse_duration
+    from vdistream.service.settings import SettingsError, load_settings, parse_duration
     from vdistream.service.state import JobStore, StateError
     from vdistream.storage import open_storage
 
@@ -389,7 +412,12 @@ async def _prune(args: argparse.Namespace) -> int:
             for manifest in manifests:
                 group = group_of(manifest.backup_id)
                 if group in policies and manifest.backup_id not in verified[group]:
-                    report = await run_verify(f"{dest.rstrip('/')}/{manifest.backup_id}")
+                    keys = None
+                    if settings is not None and group in settings.databases:
+                        key_file = settings.databases[group].encrypt_key_file
+                        if key_file is not None:
+                            keys = KeySource(key_file=str(key_file))
+                    report = await run_verify(f"{dest.rstrip('/')}/{manifest.backup_id}", keys=keys)
                     _write(
                         f"verify {manifest.backup_id}: {'ok' if report.ok else 'FAILED'}",
                         err=True,
@@ -397,11 +425,18 @@ async def _prune(args: argparse.Namespace) -> int:
                     if report.ok:
                         verified[group].add(manifest.backup_id)
 
+        in_use = await _in_use_by_daemon(settings)
         outcomes = []
         for group, policy in policies.items():
             outcomes.append(
                 await apply_retention(
-                    storage, manifests, group, policy, verified[group], dry_run=args.dry_run
+                    storage,
+                    manifests,
+                    group,
+                    policy,
+                    verified[group],
+                    dry_run=args.dry_run,
+                    in_use=in_use,
                 )
             )
 
@@ -413,9 +448,10 @@ async def _prune(args: argparse.Namespace) -> int:
         for summary in summaries:
             name = summary["database"] or "(backups made by hand)"
             policy = summary["policy"]
+            within = policy["keep_within"]
             lines.append(
-                f"database {name}: keep_last={policy['keep_last']}, "
-                f"keep_within={policy['keep_within']}s"
+                f"database {name}: keep_last={policy['keep_last'] or '-'}, "
+                f"keep_within={'-' if within is None else f'{within:g}s'}"
             )
             for verdict in ("keep", "delete"):
                 for row in summary[verdict]:
