@@ -151,3 +151,14 @@ def test_parser_checks_the_device_position() -> None:
         DeviceStreamParser(block_size=2 * B, device_index=0, device_count=1).feed(
             memoryview(stream)
         )
+
+
+def test_the_payload_crc_is_zlibs_computed_by_isal() -> None:
+    """The CRC-32 of the framing is zlib's (streams stay readable whichever computes
+    it), and the fast implementation, a declared dependency, is the one in use."""
+    from vdistream.engines.framing import crc32
+
+    data = memoryview(random.Random(7).randbytes(1 << 20))
+    assert crc32(data, 12345) == zlib.crc32(data, 12345)
+    assert crc32(data[:0], 7) == 7
+    assert crc32.__module__ == "isal.isal_zlib"

@@ -43,7 +43,9 @@ Trailer block (little-endian, unused bytes zero)::
      60   4 CRC-32           of bytes 0..59
 
 The payload check is a CRC-32 (as SQL Server's own CHECKSUM is not cryptographic
-either): it finds damage at ~3 GB/s per core, where SHA-256 manages ~1.3; the
+either): zlib's polynomial, computed by ISA-L (``isal``, ~11 GiB/s per core here,
+the very same values as ``zlib.crc32`` at ~3.7) where it is installed, since the
+check runs on the event loop of a fast backup; SHA-256 manages ~1.3. The
 backup's integrity against tampering is vdistream's SHA-256 of every stored stream,
 recorded in the manifest, and the encryption's authentication tags.
 
@@ -64,6 +66,11 @@ import zlib
 
 from vdistream.engines.base import StreamFormatError
 
+try:  # the same CRC-32 as zlib's, three times as fast (module doc)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency; its wheels are not universal
+    crc32 = zlib.crc32
+
 __all__ = (
     "FORMAT_VERSION",
     "HEADER_MAGIC",
@@ -72,6 +79,7 @@ __all__ = (
     "StreamHeader",
     "StreamTrailer",
     "chunk_count",
+    "crc32",
     "device_chunk_count",
     "device_payload_length",
     "round_up",
@@ -143,7 +151,7 @@ class StreamHeader:
             self.flags,
         )
         block[: len(fields)] = fields
-        block[len(fields) : HEADER_SIZE] = _CRC.pack(zlib.crc32(fields))
+        block[len(fields) : HEADER_SIZE] = _CRC.pack(crc32(fields))
         block[HEADER_SIZE:] = bytes(block.nbytes - HEADER_SIZE)
 
     @classmethod
@@ -163,7 +171,7 @@ class StreamHeader:
         if version != FORMAT_VERSION or size != HEADER_SIZE:
             raise _problem(f"unsupported stream format version {version}", set_name, device)
         (crc,) = _CRC.unpack_from(block, _HEADER.size)
-        if crc != zlib.crc32(fields):
+        if crc != crc32(fields):
             raise _problem("the header block is corrupt (CRC mismatch)", set_name, device)
         return cls(uuid.UUID(bytes=backup_id), index, count, block_size, chunk_size, flags)
 
@@ -193,7 +201,7 @@ class StreamTrailer:
             self.payload_crc32,
         )
         block[: len(fields)] = fields
-        block[len(fields) : TRAILER_SIZE] = _CRC.pack(zlib.crc32(fields))
+        block[len(fields) : TRAILER_SIZE] = _CRC.pack(crc32(fields))
         block[TRAILER_SIZE:] = bytes(block.nbytes - TRAILER_SIZE)
 
     @classmethod
@@ -213,7 +221,7 @@ class StreamTrailer:
         if version != FORMAT_VERSION or size != TRAILER_SIZE:
             raise _problem(f"unsupported stream format version {version}", set_name, device)
         (crc,) = _CRC.unpack_from(block, _TRAILER.size)
-        if crc != zlib.crc32(fields):
+        if crc != crc32(fields):
             raise _problem("the trailer block is corrupt (CRC mismatch)", set_name, device)
         return cls(uuid.UUID(bytes=backup_id), index, count, total, payload, chunks, digest)
 
@@ -305,7 +313,7 @@ class DeviceStreamParser:
             out.append(data[:borrowed])
             self._tail = bytearray(data[borrowed:])
         for item in out:
-            self._crc = zlib.crc32(item, self._crc)
+            self._crc = crc32(item, self._crc)
         self.payload_bytes += emit
         return out
 
@@ -328,7 +336,7 @@ class DeviceStreamParser:
         )
         final = bytes(self._tail[:-block])
         self._tail.clear()
-        self._crc = zlib.crc32(final, self._crc)
+        self._crc = crc32(final, self._crc)
         payload = self.payload_bytes + len(final)
         if trailer.backup_id != header.backup_id:
             raise self._error("the trailer belongs to another backup than the header")
