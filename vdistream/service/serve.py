@@ -5,7 +5,7 @@ Only here are signal handlers installed and logging configured (``logconfig``):
 * **SIGTERM or SIGINT**: ``Service.shutdown`` (stop intake, abort running jobs through
   ``Job.abort``, drain, close every set, stop the API) within
   ``service.grace_period``; then exit 0. The grace period is a promise: a timer thread
-  started with the signal ends the process when it runs out (``_exit_now``: SIGKILL
+  started with the signal ends the process when it runs out (at least 1 s) (``_exit_now``: SIGKILL
   to the process groups of the engines' tools, then ``os._exit(1)``), for the case
   that a job's cleanup is stuck where cancellation cannot reach (a thread in a
   blocking call, a tool ignoring SIGTERM). The next start marks such jobs failed and
@@ -141,7 +141,8 @@ async def _handle_signals(
                 grace_period=grace,
                 hint="send the signal again to cancel every job at once",
             )
-            timers.append(_start_exit_timer(grace))
+            # At least a second, so that grace_period = 0 still lets the aborts record.
+            timers.append(_start_exit_timer(max(grace, 1.0)))
             tg.start_soon(service.shutdown, f"the daemon received {name}")
         else:
             log.warning("shutdown_forced", signal=name)
