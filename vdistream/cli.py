@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="with --daemon: return once the job is queued",
     )
+    # The parser's own defaults: --daemon refuses any option set away from them.
+    b.set_defaults(daemon_owned_defaults={name: b.get_default(name) for name in _DAEMON_OWNS})
 
     r = sub.add_parser("restore", help="restore a backup into a target")
     r.add_argument("backup", help="DEST/ID or the location of the backup's manifest.json")
@@ -251,18 +253,18 @@ async def _with_progress(label: str, work: Any) -> Any:
 
 
 #: ``backup`` options the daemon takes from its settings, not from the command line
-_DAEMON_OWNS = {
-    "mode": None,
-    "devices": 4,
-    "max_transfer_size": MIB,
-    "buffer_count": None,
-    "block_size": 65536,
-    "stall_timeout": 60.0,
-    "compress": "none",
-    "encrypt_key_file": None,
-    "encrypt_key_env": None,
-    "encrypt_passphrase_env": None,
-}
+_DAEMON_OWNS = (
+    "mode",
+    "devices",
+    "max_transfer_size",
+    "buffer_count",
+    "block_size",
+    "stall_timeout",
+    "compress",
+    "encrypt_key_file",
+    "encrypt_key_env",
+    "encrypt_passphrase_env",
+)
 
 
 async def _backup_by_daemon(args: argparse.Namespace) -> int:
@@ -272,7 +274,7 @@ async def _backup_by_daemon(args: argparse.Namespace) -> int:
     # here would be silently ignored there, so it is refused instead.
     given = [
         "--" + name.replace("_", "-")
-        for name, default in _DAEMON_OWNS.items()
+        for name, default in args.daemon_owned_defaults.items()
         if getattr(args, name) != default
     ]
     if given:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import io
 import os
 import tempfile
@@ -27,7 +28,19 @@ import anyio.to_thread
 from vdistream.engines.scoped import EndpointError, ScopedStream, TargetExistsError
 from vdistream.engines.streams import ByteConsumer
 
-__all__ = ("AtomicFileConsumer", "fsync_directory")
+__all__ = ("PARTIAL_SUFFIX", "AtomicFileConsumer", "fsync_directory", "partial_files")
+
+#: the temporary file a restore writes beside its target is ``.<name>.<random><suffix>``
+PARTIAL_SUFFIX = ".vdistream-partial"
+
+
+def partial_files(path: Path) -> list[Path]:
+    """The temporary files that restores into ``path`` left beside it: those of a
+    process that was killed, since any other end removes its own (blocking)."""
+    try:
+        return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"))
+    except OSError:
+        return []
 
 
 def fsync_directory(path: Path) -> None:
@@ -97,7 +110,7 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
             self.precheck()
         try:
             fd, name = tempfile.mkstemp(
-                prefix=f".{self.path.name}.", suffix=".vdistream-partial", dir=parent
+                prefix=f".{self.path.name}.", suffix=PARTIAL_SUFFIX, dir=parent
             )
         except OSError as exc:
             raise EndpointError(

@@ -53,6 +53,7 @@ __all__ = (
     "ProducerLike",
     "as_consumer",
     "as_producer",
+    "partial_path",
 )
 
 
@@ -204,6 +205,11 @@ class BytesConsumer(ByteConsumer):
         return bytes(self._data)
 
 
+def partial_path(path: Path) -> Path:
+    """Where ``FileConsumer(path)`` writes until ``finish`` renames it to ``path``."""
+    return path.with_name(path.name + ".partial")
+
+
 class FileConsumer(ByteConsumer):
     """Writes to ``path + ".partial"`` and renames it to ``path`` on ``finish``.
 
@@ -213,7 +219,7 @@ class FileConsumer(ByteConsumer):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial_path(self.path)
         self._file: io.BufferedWriter | None = None
 
     async def _open(self) -> io.BufferedWriter:

@@ -5,8 +5,9 @@ deleting one, applying retention, and removing what a killed job left behind.
   ``<database>.<time>-<random>`` (``jobs.new_backup_id``); ``group_of(backup_id)`` is
   that database's name, ``""`` for ids without a ``.`` (backups made by
   ``vdistream backup`` by hand), which retention never mixes with a database's.
-* ``verified_ids(store, database)``: the backups whose **latest** finished verification
-  succeeded, from the job history, plus the state database's last-verified record.
+* ``verified_ids(store, database, backup_ids)``: of the backups present, those whose
+  **latest** finished verification succeeded, plus the state database's last-verified
+  record.
 * ``delete_backup(storage, backup_id)``: the manifest FIRST (from then on the backup
   does not exist for ``list``, ``restore`` or ``verify``), then every object under
   ``<backup_id>/``. A failure after the manifest leaves debris, never a backup that
@@ -36,7 +37,7 @@ from vdistream.catalog import CatalogError, Manifest, manifest_key, read_manifes
 from vdistream.errors import StorageError, StorageNotFoundError
 from vdistream.log import get_logger
 from vdistream.service.retention import BackupInfo, RetentionPlan, RetentionPolicy, plan_retention
-from vdistream.service.state import JobState, JobStore, JobType
+from vdistream.service.state import JobStore
 from vdistream.storage import Storage
 from vdistream.storage.file import FileStorage
 
@@ -69,25 +70,11 @@ def backup_ended(manifest: Manifest) -> datetime:
     return ended if ended.tzinfo is not None else ended.replace(tzinfo=UTC)
 
 
-async def verified_ids(
-    store: JobStore, database: str, backup_ids: Iterable[str] | None = None
-) -> set[str]:
-    """Backups of ``database`` whose latest finished verification succeeded, among
-    ``backup_ids`` (the ones in the destination; ``None``: every one ever verified,
-    which reads the whole history)."""
-    if backup_ids is not None:
-        decided = await store.verify_outcomes(database, backup_ids)
-    else:
-        jobs = await store.list(
-            None,
-            database=database,
-            kind=JobType.VERIFY,
-            state=(JobState.SUCCEEDED, JobState.FAILED),
-        )
-        decided = {}
-        for job in jobs:  # newest first: the first outcome seen per backup is its latest
-            if job.backup_id is not None and job.backup_id not in decided:
-                decided[job.backup_id] = job.state is JobState.SUCCEEDED
+async def verified_ids(store: JobStore, database: str, backup_ids: Iterable[str]) -> set[str]:
+    """Backups of ``database`` among ``backup_ids`` (the ones in the destination) whose
+    latest finished verification succeeded; only their rows are read, never the whole
+    history (``JobStore.verify_outcomes``)."""
+    decided = await store.verify_outcomes(database, backup_ids)
     last = await store.last_verified(database)
     if last is not None and last.backup_id not in decided:
         decided[last.backup_id] = True

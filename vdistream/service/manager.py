@@ -66,9 +66,7 @@ without a reload, and it is never kept in the manager or the state database.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
 import shutil
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -82,6 +80,8 @@ import structlog
 
 from vdistream.catalog import CatalogError, list_manifests, read_manifest
 from vdistream.coordinator import AbortCause, Job, JobStatus, stream_key
+from vdistream.engines.files import partial_files
+from vdistream.engines.streams import partial_path
 from vdistream.errors import VdistreamError
 from vdistream.log import get_logger
 from vdistream.operations import BackupSettings, KeySource, run_backup, run_restore, run_verify
@@ -933,13 +933,12 @@ def _empty_dir(path: Path) -> None:
 
 def _remove_partial_target(target: object) -> list[str]:
     """The temporary files a restore into the file ``target`` writes before it puts
-    the result in place (``engines.files``, ``engines.streams``); never ``target``."""
+    the result in place (named by ``engines.files`` and ``engines.streams``); never
+    ``target`` itself."""
     if not isinstance(target, str) or "://" in target or ":" in target.split("/", 1)[0]:
         return []  # a database URL or a command: nothing of ours on disk
     path = Path(target)
-    candidates = [path.with_name(path.name + ".partial")]
-    with contextlib.suppress(OSError):
-        candidates += path.parent.glob(f".{glob.escape(path.name)}.*.vdistream-partial")
+    candidates = [partial_path(path), *partial_files(path)]
     removed = []
     for candidate in candidates:
         try:
