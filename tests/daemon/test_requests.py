@@ -33,6 +33,14 @@ from vdistream.service.state import JobType
         ({"kind": "backup", "database": "app", "backup_id": "../x"}, "is not a backup id"),
         ({"kind": "backup", "database": "app", "backup_id": "latest"}, "names an existing"),
         ({"kind": "backup", "database": "app", "backup_id": "db.1"}, "are named app...."),
+        (
+            {"kind": "verify", "database": "app", "backup_id": "db.1"},
+            "belongs to database 'db', not to 'app'",
+        ),
+        (
+            {"kind": "restore", "database": "app", "target": "/x", "backup_id": "db.1"},
+            "belongs to database 'db', not to 'app'",
+        ),
     ],
 )
 def test_refused_requests_name_the_field(body: Any, message: str) -> None:

@@ -193,6 +193,16 @@ def test_no_file_gives_the_defaults() -> None:
     assert settings.source is None
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"30d"', timedelta(days=30)), ('"forever"', None), ('""', timedelta(days=90))],
+)
+def test_job_history(tmp_path: Path, value: str, expected: timedelta | None) -> None:
+    """How long ended jobs are kept: a duration, "forever", or (empty) the default."""
+    settings = load_settings(write(tmp_path, f"[service]\njob_history = {value}\n"), env={})
+    assert settings.service.job_history == expected
+
+
 def test_defaults_of_a_minimal_database(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, MINIMAL), env={})
     app = settings.databases["app"]
@@ -419,6 +429,12 @@ BAD_FILES = [
         "databases.app.retention.keep_last",
         "from 1",
         id="keep-last-zero",
+    ),
+    pytest.param(
+        "[service]\njob_history = '30m'  # <--\n",
+        "service.job_history",
+        "at least 1h",
+        id="job-history-too-short",
     ),
     pytest.param(
         "[service]\ngrace_period = 'soon'  # <--\n",

@@ -814,7 +814,9 @@ def _read_token(t: _Table, path: Path) -> Secret:
 
 
 def _history(value: Any) -> timedelta | None:
-    if value in ("", "forever"):
+    if value == "":  # "not set", as for every optional key: the default
+        return ServiceSettings.job_history
+    if value == "forever":
         return None
     if not isinstance(value, str):
         raise ValueError(f'expected a duration like "90d", or "forever", got {_type_name(value)}')
