@@ -220,22 +220,7 @@ def main() -> None:
             for compress, encrypt in CASES:
                 cells = []
                 for devices in args.devices:
-                    argv = [
-                        sys.executable,
-                        "-m",
-                        "vdistream",
-                        "backup",
-                        f"cmd:cat {data}",
-                        "null://",
-                        "--devices",
-                        str(devices),
-                        "--compress",
-                        compress,
-                        "--stall-timeout",
-                        "600",
-                    ]
-                    if encrypt:
-                        argv += ["--encrypt-key-file", str(key)]
+                    argv = vdistream_argv(data, devices, compress, key if encrypt else None)
                     wall, cpu = run(argv)
                     rate = actual / wall / 1e9
                     if not encrypt:
