@@ -1,0 +1,171 @@
+"""Who owns a piece of in-progress work, and whether that owner is provably gone.
+
+Debris (temporaries, streams without a manifest, snapshot directories, partial restore
+targets) may only be removed when the process that made it is gone: removing a live
+job's files would destroy a running backup. Two kinds of proof, both stdlib only:
+
+* On a local file system, :class:`OwnerLock`: a lock file held with ``flock(2)`` for as
+  long as its owner lives. The kernel drops the lock when the owning process dies, even
+  by ``kill -9``, so :func:`owner_gone` (a non-blocking ``flock`` that succeeds) is a
+  proof, on this host or on another one sharing the file system (NFS locks are
+  forwarded; a file system without locks makes the lock fail loudly at acquire).
+* Where no lock can be held (object storage), :func:`owner_record` describes the owner
+  (host, boot id, pid, the process's start time) and :func:`record_owner_gone` tells
+  whether that owner is provably gone: only on the same host and boot, when the pid no
+  longer exists or now belongs to a process that started at another time (pid reuse).
+  A record from another host, or one that cannot be read, is never proof: the answer is
+  ``False`` and age-based cleaning (``storage audit --clean --min-age``) is left to
+  the operator.
+
+The lock file's content is the same record, as JSON, for the operator's eyes only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LOCK_NAME",
+    "OwnerLock",
+    "owner_gone",
+    "owner_record",
+    "process_start_time",
+    "record_owner_gone",
+]
+
+#: the usual name of an owner lock file inside the directory it protects
+LOCK_NAME = ".vdistream-owner.lock"
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field
+    22), or None if there is no such process (or no ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces or ')'
+    fields = stat[stat.rindex(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_record(pid: int | None = None) -> dict[str, Any]:
+    """This process (or ``pid``) as an owner: host, boot id, pid, start time."""
+    pid = os.getpid() if pid is None else pid
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid": pid,
+        "start_time": process_start_time(pid),
+    }
+
+
+def record_owner_gone(record: Any) -> bool:
+    """True only when the owner described by ``record`` provably no longer runs."""
+    if not isinstance(record, dict):
+        return False
+    pid, started = record.get("pid"), record.get("start_time")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    boot = record.get("boot_id")
+    if boot is not None and boot != _boot_id():
+        return True  # the machine rebooted since: every process of then is gone
+    now = process_start_time(pid)
+    if now is None:
+        return not _pid_exists(pid)  # without /proc a live pid proves nothing either way
+    return started is not None and now != started
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OwnerLock:
+    """A lock file held with ``flock`` while its owner lives (module docstring).
+
+    ``OwnerLock.acquire(path)`` creates ``path`` (and no directories), takes an
+    exclusive lock without waiting and writes the owner record into it; it raises
+    ``BlockingIOError`` when another live process holds it. ``release()`` removes the
+    file first and then drops the lock, so that nobody can see an unlocked lock file of
+    a live owner. The descriptor is close-on-exec: children never inherit the lock, so
+    an orphaned child cannot keep its parent's debris alive.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, path: str | os.PathLike[str]) -> OwnerLock:
+        target = Path(path)
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(owner_record()).encode() + b"\n")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(target, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self, *, remove: bool = True) -> None:
+        """Give the lock up (idempotent); ``remove`` unlinks the file first."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> OwnerLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def owner_gone(path: str | os.PathLike[str]) -> bool:
+    """True when the lock file ``path`` exists and nobody holds it: its owner died
+    (or released it without removing it). A missing file is no proof: False."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: the owner lives
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
