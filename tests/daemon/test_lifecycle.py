@@ -4,8 +4,13 @@ nothing of an aborted or killed backup may stay, not even a temporary file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +26,9 @@ from tests.daemon.conftest import (
     wait_for,
     wait_job,
 )
+from vdistream.engines.ledger import LEDGER_DIR, ChildLedger
+from vdistream.engines.process import ChildRecord
+from vdistream.ownership import process_start_time
 from vdistream.service import INTERRUPTED_REASON
 
 pytestmark = pytest.mark.timeout(90)
@@ -152,7 +160,8 @@ async def test_kill_9_mid_job_then_restart_marks_it_failed_and_removes_its_files
         assert after["error"] == INTERRUPTED_REASON
         cleanup = after["result"]["cleanup"]
         assert cleanup["committed"] is False
-        assert sorted(cleanup["removed"]) == sorted(p for p in partial if p.endswith(".tmp"))
+        # every file under the backup's directory: its temporaries and its owner lock
+        assert sorted(cleanup["removed"]) == sorted(p for p in partial if "/" in p)
         assert cleanup["failures"] == []
     assert daemon.leftovers() == []
     assert daemon.stop() == 0
@@ -252,3 +261,88 @@ def _stubborn_processes() -> list[int]:
         if state != "Z" and str(SLOW_SOURCE).encode() in argv and b"--stubborn" in argv:
             found.append(int(entry.name))
     return found
+
+
+def _running(pid: int, start_time: int | None) -> bool:
+    """``pid`` is still the process that started at ``start_time``, and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") and (
+        process_start_time(pid) == start_time
+    )
+
+
+def _group_leader() -> subprocess.Popen[bytes]:
+    """``sleep 1000`` leading a process group of its own, without a parent-death signal."""
+    return subprocess.Popen(["sleep", "1000"], start_new_session=True)
+
+
+async def _read_pid(path: Path) -> int:
+    text = await wait_for(
+        lambda: path.exists() and path.read_text().strip(), timeout=20, what=f"a pid in {path}"
+    )
+    return int(text)
+
+
+@pytest.mark.asyncio
+async def test_kill_9_of_the_daemon_leaves_no_child_and_the_restart_ends_what_survived(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """1. A backup's producer runs and has started a grandchild of its own (``sleep``).
+    2. kill -9 of the daemon: the producer dies with it (parent-death signal); the
+       grandchild does not (the kernel signals direct children only), but the ledger
+       in the state directory records the producer's process group.
+    3. Two more entries are put in the ledger: a group of our own making (setsid, no
+       parent-death signal, the right start time) and one whose pid now belongs to
+       another process (another start time, no token).
+    4. Restart: the grandchild and our group are ended (``orphan_ended``), the other
+       process is not; the ledger is empty afterwards."""
+    producer_pid, grandchild_pid = tmp_path / "producer.pid", tmp_path / "grandchild.pid"
+    script = (
+        f"sleep 1000 & echo $! > {grandchild_pid}; echo $$ > {producer_pid}; "
+        f"exec {sys.executable} {SLOW_SOURCE} 200000000 2000000"
+    )
+    daemon = daemon_factory({"orphans": {"url": f"cmd:sh -c {shlex.quote(script)}"}}).start()
+    ledger = ChildLedger(daemon.state / LEDGER_DIR)
+    ours, stranger = _group_leader(), _group_leader()
+    cleanup: list[int] = []
+    try:
+        async with daemon.client() as client:
+            job = await client.submit({"kind": "backup", "database": "orphans"})
+            await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
+        producer, grandchild = await _read_pid(producer_pid), await _read_pid(grandchild_pid)
+        cleanup += [producer, grandchild]
+        producer_start = process_start_time(producer)
+        grandchild_start = process_start_time(grandchild)
+        assert [entry["pgid"] for _, entry in ledger.entries() if entry] == [producer]
+
+        daemon.kill()
+        await wait_for(
+            lambda: not _running(producer, producer_start), timeout=2, what="the producer gone"
+        )
+        assert _running(grandchild, grandchild_start)
+
+        ours_start = process_start_time(ours.pid)
+        stranger_start = process_start_time(stranger.pid)
+        assert ours_start is not None
+        assert stranger_start is not None
+        ledger.record(ChildRecord(ours.pid, ours_start, "c" * 32, ("sleep", "1000")))
+        ledger.record(ChildRecord(stranger.pid, stranger_start + 1, "d" * 32, ("sleep",)))
+
+        daemon.start()
+        assert not _running(grandchild, grandchild_start)
+        assert ours.wait(5) == -signal.SIGTERM
+        assert stranger.poll() is None
+        assert ledger.entries() == []
+        ended = [e for e in daemon.events() if e["event"] == "orphan_ended"]
+        assert sorted(e["pgid"] for e in ended) == sorted([producer, ours.pid])
+        assert daemon.stop() == 0
+    finally:
+        for proc in (ours, stranger):
+            proc.kill()
+            proc.wait()
+        for pid in cleanup:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

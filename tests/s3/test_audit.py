@@ -136,10 +136,14 @@ async def test_file_storage_objects_and_temporaries(tmp_path: Path) -> None:
     await left.write(memoryview(b"partial"))
     report = await audit(storage)
     assert report.orphan_objects == ("b2/dev0.bak",)
-    assert report.temporaries == (left.temp_path.name,)
+    # temporaries live beside their key now, and are named relative to the storage
+    assert report.temporaries == (f"b2/{left.temp_path.name}",)
     assert report.orphan_uploads == ()
+    assert report.debris_left
     cleaned = await audit(storage, clean=True)
-    assert cleaned.removed_temporaries == (left.temp_path.name,)
+    assert cleaned.removed_temporaries == (f"b2/{left.temp_path.name}",)
+    assert cleaned.removed_directories == ("b2",)
+    assert not cleaned.debris_left
     assert cleaned.clean
     assert not left.temp_path.exists()
     assert sorted(await storage.list()) == sorted(kept)

@@ -14,19 +14,31 @@ What is kept, always:
   reported as unverifiable, never deleted;
 * with ``min_age``, anything younger than that (or whose age the storage cannot tell).
 
-Run ``clean=True`` when no backup job is writing to the storage, or give ``min_age``
-longer than any job runs: a running job's streams and uploads look exactly like debris
-until its manifest is committed. The audit assumes the storage holds only vdistream
-backups; foreign objects under its prefix are reported as unreferenced too.
+Work of live jobs is never touched: a backup whose owner mark (``Storage.in_progress``:
+a held lock file, or an S3 mark of a process that runs on this host) says a live
+process writes it is reported in ``in_progress`` and skipped entirely. Where that
+cannot be told (a mark of another host, a job of an older version without a mark, a
+job running elsewhere on the same bucket), give ``min_age`` longer than any job runs:
+a running job's streams and uploads look exactly like debris until its manifest is
+committed. The audit assumes the storage holds only vdistream backups; foreign objects
+under its prefix are reported as unreferenced too.
 
 Storages with multipart uploads (``S3Storage``) are recognised by their
-``list_uploads()`` and ``abort_upload(key, upload_id)`` methods; for the others only
-objects are audited, and for ``FileStorage`` also temporary files left by sinks that
-were never committed or aborted (a killed process).
+``list_uploads()`` and ``abort_upload(key, upload_id)`` methods, storages with owner
+marks by ``owner_marks()`` and ``remove_mark(mark)``; for the others only objects are
+audited, and for ``FileStorage`` also temporary files left by sinks that were never
+committed or aborted (a killed process), stale lock files, and empty directories
+(``--clean`` removes those too, also the ones its own removals leave).
+
+``AuditReport.debris_left`` is what a cron job alerts on: debris was found and is
+still there (not cleaned, or its removal failed). Debris younger than ``min_age``
+(``too_young``) and live jobs' work (``in_progress``) do not count: a live job may own
+them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -38,6 +50,7 @@ import anyio.to_thread
 from vdistream.catalog.manifest import MANIFEST_NAME
 from vdistream.catalog.store import list_manifests
 from vdistream.errors import StorageError, StorageNotFoundError
+from vdistream.storage._common import OwnerMark
 from vdistream.storage.base import Storage
 from vdistream.storage.file import _TEMP_NAME, FileStorage
 
@@ -55,6 +68,15 @@ class _MultipartStorage(Protocol):
     async def list_uploads(self, prefix: str = "") -> list[_Upload]: ...
 
     async def abort_upload(self, key: str, upload_id: str) -> None: ...
+
+
+@runtime_checkable
+class _MarkedStorage(Protocol):
+    """A storage whose ``in_progress`` leaves owner marks (file locks, S3 marks)."""
+
+    async def owner_marks(self) -> list[OwnerMark]: ...
+
+    async def remove_mark(self, mark: OwnerMark) -> None: ...
 
 
 @runtime_checkable
@@ -82,10 +104,11 @@ class OrphanUpload:
 class AuditReport:
     """What ``audit`` found, and with ``clean=True`` what it removed.
 
-    ``orphan_objects``, ``orphan_uploads`` and ``temporaries`` are the debris found
-    (old enough to count, see ``min_age``); ``removed_objects``, ``aborted_uploads``
-    and ``removed_temporaries`` what was actually removed; ``failures`` what could not
-    be removed and why.
+    ``orphan_objects``, ``orphan_uploads``, ``temporaries`` (sink temporaries and
+    stale owner marks, by name relative to the storage) and ``empty_directories`` are
+    the debris found (old enough to count, see ``min_age``); ``removed_objects``,
+    ``aborted_uploads``, ``removed_temporaries`` and ``removed_directories`` what was
+    actually removed; ``failures`` what could not be removed and why.
     """
 
     url: str
@@ -102,10 +125,15 @@ class AuditReport:
     missing: tuple[str, ...] = ()
     #: debris skipped because it is younger than ``min_age`` or of unknown age
     too_young: tuple[str, ...] = ()
+    #: backups a live process is writing (its owner mark says so): skipped entirely
+    in_progress: tuple[str, ...] = ()
+    #: directories holding nothing at all (file storage), relative to the storage
+    empty_directories: tuple[str, ...] = ()
     cleaned: bool = False
     removed_objects: tuple[str, ...] = ()
     aborted_uploads: tuple[OrphanUpload, ...] = ()
     removed_temporaries: tuple[str, ...] = ()
+    removed_directories: tuple[str, ...] = ()
     failures: tuple[str, ...] = ()
 
     @property
@@ -113,7 +141,19 @@ class AuditReport:
         """Nothing unreferenced is left (after cleaning, if it cleaned)."""
         if self.cleaned:
             return not self.failures and not self.too_young
-        return not (self.orphan_objects or self.orphan_uploads or self.temporaries)
+        return not self.debris_left
+
+    @property
+    def debris_left(self) -> bool:
+        """Debris was found and is still there: found by a report-only audit, or its
+        removal failed (``failures``) in a cleaning one. What ``too_young`` and
+        ``in_progress`` name is not counted: a live job may own it. The command line's
+        ``storage audit`` exits non-zero when this is true."""
+        if self.cleaned:
+            return bool(self.failures)
+        return bool(
+            self.orphan_objects or self.orphan_uploads or self.temporaries or self.empty_directories
+        )
 
 
 async def audit(
@@ -122,13 +162,20 @@ async def audit(
     clean: bool = False,
     min_age: datetime.timedelta | None = None,
 ) -> AuditReport:
-    """Report the objects, multipart uploads and temporaries under ``storage`` that no
-    committed manifest references; with ``clean`` remove them (see the module doc).
+    """Report the objects, multipart uploads, temporaries, stale owner marks and empty
+    directories under ``storage`` that no committed manifest references and no live
+    job owns; with ``clean`` remove them (see the module doc).
 
     ``min_age`` protects debris younger than that; where the storage cannot tell an
     object's age (file objects, memory) such objects are then reported, not removed.
     """
     now = datetime.datetime.now(datetime.UTC)
+    marks = await storage.owner_marks() if isinstance(storage, _MarkedStorage) else []
+    live = sorted({mark.backup_id for mark in marks if mark.alive is True})
+
+    def is_live(name: str) -> bool:
+        return name.partition("/")[0] in live and "/" in name
+
     manifests, problems = await list_manifests(storage)
     keys = await storage.list()
     backups = tuple(m.backup_id for m in manifests)
@@ -150,7 +197,11 @@ async def audit(
         for key in keys
         if key not in referenced and any(key.startswith(f"{i}/") for i in unreadable_ids)
     )
-    orphans = [key for key in keys if key not in referenced and key not in unverifiable]
+    orphans = [
+        key
+        for key in keys
+        if key not in referenced and key not in unverifiable and not is_live(key)
+    ]
 
     ages = await _object_ages(storage) if min_age is not None else {}
     too_young: list[str] = []
@@ -168,15 +219,25 @@ async def audit(
     uploads: list[OrphanUpload] = []
     if isinstance(storage, _MultipartStorage):
         for upload in await storage.list_uploads():
+            if is_live(upload.key):
+                continue
             found = OrphanUpload(upload.key, upload.upload_id, upload.initiated)
             if old_enough(f"upload {upload.key} ({upload.upload_id})", upload.initiated):
                 uploads.append(found)
 
-    temporaries: list[str] = []
+    temporaries: list[str] = [
+        mark.name
+        for mark in marks
+        if mark.alive is not True and old_enough(mark.name, mark.modified)
+    ]
+    empty: list[str] = []
     if isinstance(storage, FileStorage):
         for name, mtime in await anyio.to_thread.run_sync(_temporaries, storage.path):
-            if old_enough(name, mtime):
+            if not is_live(name) and old_enough(name, mtime):
                 temporaries.append(name)
+        for name, mtime in await anyio.to_thread.run_sync(_empty_directories, storage.path):
+            if not is_live(name + "/") and old_enough(name + "/", mtime):
+                empty.append(name)
 
     report = AuditReport(
         url=storage.url,
@@ -184,21 +245,29 @@ async def audit(
         referenced=tuple(sorted(referenced & present)),
         orphan_objects=tuple(orphan_objects),
         orphan_uploads=tuple(uploads),
-        temporaries=tuple(temporaries),
+        temporaries=tuple(sorted(temporaries)),
         unverifiable=tuple(unverifiable),
         problems=tuple(problems),
         missing=tuple(sorted(referenced - present)),
         too_young=tuple(too_young),
+        in_progress=tuple(live),
+        empty_directories=tuple(empty),
     )
     if not clean:
         return report
-    return await _clean(storage, report)
+    return await _clean(storage, report, marks, min_age)
 
 
-async def _clean(storage: Storage, report: AuditReport) -> AuditReport:
+async def _clean(
+    storage: Storage,
+    report: AuditReport,
+    marks: list[OwnerMark],
+    min_age: datetime.timedelta | None,
+) -> AuditReport:
     removed: list[str] = []
     aborted: list[OrphanUpload] = []
     removed_temps: list[str] = []
+    removed_dirs: list[str] = []
     failures: list[str] = []
     for key in report.orphan_objects:
         try:
@@ -217,20 +286,42 @@ async def _clean(storage: Storage, report: AuditReport) -> AuditReport:
                 failures.append(f"abort upload {upload.key} ({upload.upload_id}): {exc}")
             else:
                 aborted.append(upload)
-    if report.temporaries and isinstance(storage, FileStorage):
-        for name in report.temporaries:
-            try:
+    stale = {mark.name: mark for mark in marks if mark.name in report.temporaries}
+    for name in report.temporaries:
+        try:
+            if name in stale and isinstance(storage, _MarkedStorage):
+                await storage.remove_mark(stale[name])
+            elif isinstance(storage, FileStorage):
                 await anyio.to_thread.run_sync(_unlink, storage.path / name)
-            except OSError as exc:
-                failures.append(f"remove temporary {name}: {exc}")
             else:
-                removed_temps.append(name)
+                continue
+        except (OSError, StorageError) as exc:
+            failures.append(f"remove temporary {name}: {exc}")
+        else:
+            removed_temps.append(name)
+    if isinstance(storage, FileStorage):
+        # The directories found empty (old enough), and those our removals emptied.
+        live = set(report.in_progress)
+        gone = [*removed, *removed_temps]
+        for name, _ in await anyio.to_thread.run_sync(_empty_directories, storage.path):
+            if name.partition("/")[0] in live:
+                continue
+            ours = any(key.startswith(name + "/") for key in gone)
+            if min_age is not None and name not in report.empty_directories and not ours:
+                continue
+            try:
+                await anyio.to_thread.run_sync(_rmdir, storage.path, name)
+            except OSError as exc:
+                failures.append(f"remove directory {name}: {exc.strerror or exc}")
+            else:
+                removed_dirs.append(name)
     return dataclasses.replace(
         report,
         cleaned=True,
         removed_objects=tuple(removed),
         aborted_uploads=tuple(aborted),
         removed_temporaries=tuple(removed_temps),
+        removed_directories=tuple(removed_dirs),
         failures=tuple(failures),
     )
 
@@ -258,20 +349,54 @@ def _file_ages(root: Path) -> dict[str, datetime.datetime | None]:
 
 
 def _temporaries(root: Path) -> list[tuple[str, datetime.datetime | None]]:
-    """Sink temporaries in the storage directory (they never live deeper)."""
+    """Sink temporaries anywhere under the storage directory (a sink writes its
+    temporary in its key's directory; older versions wrote them in the root)."""
     found: list[tuple[str, datetime.datetime | None]] = []
-    try:
-        entries = list(os.scandir(root))
-    except (FileNotFoundError, NotADirectoryError):
-        return found
-    for entry in entries:
-        if _TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if not _TEMP_NAME.fullmatch(name):
+                continue
+            path = Path(directory, name)
             try:
-                mtime = entry.stat(follow_symlinks=False).st_mtime
+                mtime = path.lstat().st_mtime
             except OSError:
                 continue
-            found.append((entry.name, datetime.datetime.fromtimestamp(mtime, datetime.UTC)))
+            when = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
+            found.append((path.relative_to(root).as_posix(), when))
     return sorted(found)
+
+
+def _empty_directories(root: Path) -> list[tuple[str, datetime.datetime | None]]:
+    """Directories under ``root`` (not ``root``) holding nothing but empty
+    directories, deepest first, so removing them in order works."""
+    found: list[tuple[str, datetime.datetime | None]] = []
+    empty: set[Path] = set()
+    for directory, subdirectories, names in os.walk(root, topdown=False):
+        path = Path(directory)
+        if path == root or names:
+            continue
+        if all(path / sub in empty for sub in subdirectories):
+            empty.add(path)
+            try:
+                mtime = path.lstat().st_mtime
+            except OSError:
+                continue
+            when = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
+            found.append((path.relative_to(root).as_posix(), when))
+    return found
+
+
+def _rmdir(root: Path, name: str) -> None:
+    try:
+        os.rmdir(root / name)
+    except FileNotFoundError:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open((root / name).parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _unlink(path: Path) -> None:

@@ -214,24 +214,32 @@ async def remove_partial_backup(
       ``vdistream verify`` tells). The temporaries below are removed in every case.
     * Otherwise every object under ``<backup_id>/`` is deleted, and on S3 the
       multipart uploads under it are aborted.
-    * On a file destination, the job's sinks also left temporary files in the
+    * First of all ``storage.sweep()``: the backup's owner lock (file) or marker (S3)
+      died with the daemon, so the storage removes its debris, and any other dead
+      owner's, itself; what it removed is reported with the rest.
+    * On a file destination, sinks of older versions left temporary files in the
       destination's root (``.stream-NN-of-MM.vdi.<hex>.tmp``), which carry no backup
       id: those last modified between ``started`` (when the job started) and
-      ``before`` (when this daemon started) are removed. Another process writing into
-      the same directory at that time could lose its temporaries: one daemon per
-      destination, or no backups by hand into it while the daemon restarts.
+      ``before`` (when this daemon started) are removed, as are those in
+      ``<backup_id>/`` that the sweep did not take.
 
     Returns what was done, for the job record.
     """
     prefix = f"{backup_id}/"
+    # The dead daemon's owner locks are free now: the storage's own sweep removes the
+    # debris of every backup whose owner is provably gone, this one's first of all.
+    with anyio.CancelScope(shield=True):
+        try:
+            removed: list[str] = list(await storage.sweep())
+            failures: list[str] = []
+        except StorageError as exc:
+            removed, failures = [], [str(exc)]
     keys = await storage.list(prefix)
-    removed: list[str] = []
-    failures: list[str] = []
     if manifest_key(backup_id) in keys:
         # The temporaries are swept all the same: a job that reused the id of a
         # committed backup (refused at its commit) may have been killed before that.
         with anyio.CancelScope(shield=True):
-            await _remove_temporaries(storage, started, before, removed, failures)
+            await _remove_temporaries(storage, backup_id, started, before, removed, failures)
         try:
             await read_manifest(storage, backup_id)
         except CatalogError as exc:
@@ -262,13 +270,14 @@ async def remove_partial_backup(
                     removed.append(f"upload {upload.key} ({upload.upload_id})")
             except StorageError as exc:
                 failures.append(str(exc))
-        await _remove_temporaries(storage, started, before, removed, failures)
+        await _remove_temporaries(storage, backup_id, started, before, removed, failures)
         await _remove_empty_directory(storage, backup_id)
     return {"committed": False, "removed": removed, "failures": failures}
 
 
 async def _remove_temporaries(
     storage: Storage,
+    backup_id: str,
     started: datetime | None,
     before: datetime | None,
     removed: list[str],
@@ -280,6 +289,9 @@ async def _remove_temporaries(
     low = started.timestamp() - 1.0
     high = (before or datetime.now(UTC)).timestamp()
     temps = await anyio.to_thread.run_sync(_stream_temporaries, storage.path, low, high)
+    temps += await anyio.to_thread.run_sync(
+        _stream_temporaries, storage.path / backup_id, low, high
+    )
     for path in temps:
         try:
             await anyio.to_thread.run_sync(os.unlink, path)
@@ -288,7 +300,7 @@ async def _remove_temporaries(
         except OSError as exc:
             failures.append(f"cannot remove {path}: {exc.strerror or exc}")
             continue
-        removed.append(path.name)
+        removed.append(path.relative_to(storage.path).as_posix())
 
 
 def _stream_temporaries(root: Path, low: float, high: float) -> list[Path]:

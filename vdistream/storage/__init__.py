@@ -6,9 +6,12 @@ The contracts, including what every call guarantees after cancellation, are in
 against them.
 """
 
+from vdistream.storage.base import BackupInProgressError as BackupInProgressError
+from vdistream.storage.base import OrphanUploadsError as OrphanUploadsError
 from vdistream.storage.base import Sink as Sink
 from vdistream.storage.base import Source as Source
 from vdistream.storage.base import Storage as Storage
+from vdistream.storage.base import StorageProbeError as StorageProbeError
 from vdistream.storage.file import FileSink as FileSink
 from vdistream.storage.file import FileSource as FileSource
 from vdistream.storage.file import FileStorage as FileStorage
@@ -25,6 +28,7 @@ from vdistream.storage.registry import default_registry as default_registry
 from vdistream.storage.registry import open_storage as open_storage
 
 __all__ = (
+    "BackupInProgressError",
     "FileSink",
     "FileSource",
     "FileStorage",
@@ -35,10 +39,12 @@ __all__ = (
     "MemoryStores",
     "NullSink",
     "NullStorage",
+    "OrphanUploadsError",
     "Sink",
     "Source",
     "Storage",
     "StorageFactory",
+    "StorageProbeError",
     "StorageRegistry",
     "default_registry",
     "open_storage",

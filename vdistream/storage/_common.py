@@ -2,11 +2,57 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import enum
+from typing import Any
 
 from vdistream.errors import StorageError, StorageURLError
 
-__all__ = ("SinkState", "byte_view", "check_key", "check_position", "join_url", "require")
+__all__ = (
+    "INTERNAL_PREFIX",
+    "OwnerMark",
+    "SinkState",
+    "byte_view",
+    "check_backup_id",
+    "check_key",
+    "check_position",
+    "is_internal",
+    "join_url",
+    "require",
+)
+
+#: Names starting with this are vdistream's own bookkeeping (owner locks and marks,
+#: probe objects): never keys, hidden from ``list``, refused as key components.
+INTERNAL_PREFIX = ".vdistream-"
+
+
+def is_internal(name: str) -> bool:
+    """Whether the last component of ``name`` is one of vdistream's internal names."""
+    return name.rpartition("/")[2].startswith(INTERNAL_PREFIX)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnerMark:
+    """The mark ``Storage.in_progress`` leaves for a backup (a lock file, an object).
+
+    ``alive``: True when its owner provably runs, False when provably gone, None when it
+    cannot be told (an owner on another host). ``name`` is its key-like name relative
+    to the storage; ``modified`` when it was written, if known.
+    """
+
+    backup_id: str
+    name: str
+    alive: bool | None
+    modified: datetime.datetime | None = None
+    record: dict[str, Any] | None = None
+
+    def owner(self) -> str:
+        """``"host, pid N"`` for messages, or ``"unknown owner"``."""
+        record = self.record or {}
+        if "host" in record or "pid" in record:
+            return f"{record.get('host', '?')}, pid {record.get('pid', '?')}"
+        return "unknown owner"
 
 
 class SinkState(enum.Enum):
@@ -30,7 +76,21 @@ def check_key(key: str, *, url: str) -> str:
             f"invalid key {key!r}: needs non-empty '/'-separated names, no '.' or '..'",
             url=url,
         )
+    if any(part.startswith(INTERNAL_PREFIX) for part in key.split("/")):
+        raise StorageURLError(
+            f"invalid key {key!r}: names starting with {INTERNAL_PREFIX!r} are reserved",
+            url=url,
+        )
     return key
+
+
+def check_backup_id(backup_id: str, *, url: str) -> str:
+    """Return ``backup_id`` if it can name a backup's directory: one valid key component,
+    not an internal name."""
+    check_key(backup_id, url=url)
+    if "/" in backup_id or is_internal(backup_id):
+        raise StorageURLError(f"invalid backup id {backup_id!r}", url=url)
+    return backup_id
 
 
 def join_url(base: str, key: str) -> str:

@@ -23,18 +23,97 @@ Errors
 ------
 Every failure is a ``vdistream.errors.StorageError`` subclass naming the object's URL
 (and the device, when the sink was opened for one), raised ``from`` the original error.
+Three of them are defined here, for the debris contracts of ``Storage``:
+``BackupInProgressError`` (``in_progress``), ``OrphanUploadsError`` (an abort the store
+refused: names what is left and the command that removes it) and ``StorageProbeError``
+(``probe``). Their messages are one line in the user's terms.
+
+Debris, in one place
+--------------------
+A backup writes several objects before its manifest makes them a backup. If its process
+dies (``kill -9``, a power cut), what it wrote is debris. ``Storage.in_progress``
+marks a backup as owned by a live process for its whole life, in a way that outlives
+the process only as *proof of its death* (a released ``flock`` on file storage, an owner
+record whose pid is gone on object storage); ``Storage.sweep`` removes the debris of
+backups whose owner is provably gone, and never anything of a live owner, on this host
+or another one. What cannot be proven stays for ``vdistream storage audit --clean``.
 """
 
 from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Self
 
-from vdistream.errors import StorageExistsError, StorageNotFoundError
+from vdistream.errors import StorageError, StorageExistsError, StorageNotFoundError
+from vdistream.storage._common import check_backup_id
 
-__all__ = ("Sink", "Source", "Storage")
+__all__ = (
+    "BackupInProgressError",
+    "OrphanUploadsError",
+    "Sink",
+    "Source",
+    "Storage",
+    "StorageProbeError",
+)
+
+
+class BackupInProgressError(StorageError):
+    """``in_progress``: another live process is writing this backup."""
+
+
+class StorageProbeError(StorageError):
+    """``probe``: the destination is not reachable or not writable.
+
+    The message is the storage's URL and the reason, ``"s3://b/p: no such bucket"``;
+    ``url`` is the storage's URL.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+
+
+class OrphanUploadsError(StorageError):
+    """What a job wrote could not be removed (the store refused the abort or delete).
+
+    One line that names what is left and the command that removes it::
+
+        the store refused to remove what the job wrote (S3 AccessDenied ...): left in
+        s3://b/p: upload db/s1 7f3a...; run `vdistream storage audit --clean s3://b/p`
+        to remove it
+
+    ``leftovers`` holds ``"upload KEY ID"`` / ``"object KEY"`` strings (keys relative
+    to the storage), ``storage_url`` the storage's URL (what the command needs).
+    ``merge`` collapses several into one (a job with many devices), so the user sees one
+    line, never an exception group.
+    """
+
+    def __init__(self, storage_url: str, leftovers: Iterable[str], reason: str = "") -> None:
+        self.storage_url = storage_url
+        self.leftovers = tuple(leftovers)
+        self.reason = reason
+        shown = ", ".join(self.leftovers[:5]) + (", ..." if len(self.leftovers) > 5 else "")
+        because = f" ({reason})" if reason else ""
+        them = "them" if len(self.leftovers) != 1 else "it"
+        super().__init__(
+            f"the store refused to remove what the job wrote{because}: left in "
+            f"{storage_url}: {shown or 'unknown'}; run `vdistream storage audit --clean "
+            f"{storage_url}` to remove {them}"
+        )
+        self.url = storage_url
+
+    @classmethod
+    def merge(cls, errors: Iterable[OrphanUploadsError]) -> OrphanUploadsError:
+        """One error for many (the first's storage and reason)."""
+        found = builtins.list(errors)
+        if not found:
+            raise ValueError("nothing to merge")
+        leftovers = dict.fromkeys(item for error in found for item in error.leftovers)
+        return cls(found[0].storage_url, leftovers, found[0].reason)
 
 
 class Sink(abc.ABC):
@@ -222,6 +301,48 @@ class Storage(abc.ABC):
         Cancellation: raises before starting, or completes (shielded).
         """
 
+    def in_progress(self, backup_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Mark the backup ``backup_id`` (the objects under ``<backup_id>/``) as being
+        written by this process, for as long as the context is held.
+
+        Hold it for the backup's whole life: from before the first sink opens until
+        after the manifest is committed, or the streams of a failed backup removed. On
+        exit the mark is removed (also on error and cancellation; exit runs shielded).
+        If another live process holds the mark, entering raises
+        ``BackupInProgressError`` ("backup ID is being written by another process
+        (host, pid N)"). The mark is what ``sweep`` uses to prove that a backup's
+        owner is gone. The default is a no-op (memory and null storages die with their
+        process: nothing to sweep). Entering may create ``<backup_id>/`` (file storage).
+        An id that cannot name a directory of keys raises ``StorageURLError`` at once.
+        """
+        check_backup_id(backup_id, url=self.url)
+        return _no_mark()
+
+    async def sweep(self) -> builtins.list[str]:
+        """Remove the debris of backups whose owner is provably gone; return what went.
+
+        Debris: streams of a backup without a committed manifest, sink temporaries,
+        stale marks, in-progress multipart uploads under such a backup's keys. Each
+        item removed is logged (structlog event ``debris_removed``) and returned as a
+        key relative to the storage, or ``"upload KEY ID"``. Never touches a backup
+        whose owner lives (here or, where that cannot be told, on another host), nor a
+        backup with a committed manifest (only its stray temporaries and stale mark),
+        nor anything without a mark (debris of older versions): that is left to
+        ``vdistream storage audit --clean --min-age``. Removal failures are logged and
+        skipped (the next sweep tries again); the default sweeps nothing.
+        """
+        return []
+
+    async def probe(self) -> None:
+        """Check that the destination is reachable and writable, before a job starts.
+
+        Creates (if needed) what a backup would create, writes a small probe object and
+        removes it again; raises ``StorageProbeError`` naming the URL and the reason in
+        the user's terms (``"s3://b/p: no such bucket"``, ``"/dir: permission
+        denied"``). The default (memory, null) has nothing to check.
+        """
+        return None
+
     async def aclose(self) -> None:
         """Release connections or clients the storage holds; the default holds none.
 
@@ -276,3 +397,8 @@ class Storage(abc.ABC):
                 except StorageNotFoundError:
                     pass  # someone else removed it first; the commit below decides
                 await sink.commit()
+
+
+@contextlib.asynccontextmanager
+async def _no_mark() -> AsyncIterator[None]:
+    yield

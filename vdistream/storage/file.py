@@ -2,8 +2,9 @@
 
 Durable commit, the way pgBackRest and restic do it:
 
-1. a sink writes ``.{name}.{16 hex}.tmp`` in the storage directory (``O_EXCL``; hidden
-   from ``list``; its name can never be a key);
+1. a sink writes ``.{name}.{16 hex}.tmp`` in its key's directory (``O_EXCL``; hidden
+   from ``list``; its name can never be a key), i.e. ``DEST/<backup_id>/`` for a
+   backup's streams, next to the backup's owner lock (below);
 2. ``commit`` checks ``fstat`` size against the sink's size, fsyncs and closes it;
 3. publishes it with ``os.link(temp, final)``: the kernel creates the final name only
    if it does not exist (``EEXIST`` otherwise, atomically), so a committed file is never
@@ -11,11 +12,24 @@ Durable commit, the way pgBackRest and restic do it:
 4. fsyncs the final file's directory and its parents up to the storage directory, so
    the new name (and any directory created for it) survives a crash.
 
-Keys containing ``/`` become subdirectories, created at commit. The temporary file
-always lives in the storage directory itself, so ``abort`` has exactly one file to
-remove and leaves no directories behind. Hard links need the storage directory and its
-subdirectories on one file system that supports them (any POSIX local file system);
-otherwise commit fails with a ``StorageError`` and nothing is published.
+Keys containing ``/`` become subdirectories, created when the sink opens (so a file in
+the way fails ``open_sink``). The temporary file lives in the key's directory, so
+``abort`` has exactly one file to remove; it also removes the directories its
+``open_sink`` created, if they are empty by then. Hard links need the storage directory
+and its subdirectories on one file system that supports them (any POSIX local file
+system); otherwise commit fails with a ``StorageError`` and nothing is published.
+
+Debris of killed processes
+--------------------------
+``in_progress(backup_id)`` holds ``DEST/<backup_id>/.vdistream-owner.lock`` with
+``flock`` (``vdistream.ownership.OwnerLock``) for a backup's whole life; the kernel
+releases it when the process dies, even by ``kill -9``. ``sweep()`` takes the lock of
+every backup directory whose lock is not held (its owner is provably gone, on this host
+or another one sharing the file system) and, holding it, removes that backup's
+temporaries and, unless a committed ``manifest.json`` is there, its streams and the
+directory. A directory without a lock (debris of older versions, or of a backup written
+without ``in_progress``) is left to ``vdistream storage audit --clean``. Names starting
+with ``.vdistream-`` (the lock, the probe file) are not keys and never listed.
 
 File data goes through aiofiles (unbuffered, so every byte reaches the kernel within
 the call); fsync, link, unlink and directory work run in ``anyio.to_thread``. Every
@@ -26,13 +40,16 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import datetime
 import errno
+import json
 import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiofiles
@@ -49,20 +66,35 @@ from vdistream.errors import (
     StorageURLError,
     translate_os_error,
 )
+from vdistream.log import get_logger
+from vdistream.ownership import LOCK_NAME, OwnerLock, owner_gone
 from vdistream.storage._common import (
+    OwnerMark,
     SinkState,
     byte_view,
+    check_backup_id,
     check_key,
     check_position,
+    is_internal,
     require,
 )
-from vdistream.storage.base import Sink, Source, Storage
+from vdistream.storage.base import (
+    BackupInProgressError,
+    Sink,
+    Source,
+    Storage,
+    StorageProbeError,
+)
 
 __all__ = ("FileSink", "FileSource", "FileStorage")
 
 _TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{16}\.tmp", re.DOTALL)
 # Errors that mean "there is no object under this key" for stat, open and delete.
 _MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})
+_MANIFEST = "manifest.json"  # the catalog's name; storage knows no more of backups
+#: how long ``in_progress`` retries a lock held for a moment (by a sweep)
+_LOCK_PATIENCE = 2.0
+_log = get_logger(__name__)
 
 
 class FileStorage(Storage):
@@ -99,14 +131,29 @@ class FileStorage(Storage):
     async def open_sink(self, key: str, *, device: str | None = None) -> FileSink:
         final = self._path(key)
         name = final.name[:200]  # leave room for the suffix within NAME_MAX
-        temp = self.path / f".{name}.{secrets.token_hex(8)}.tmp"
+        temp = final.parent / f".{name}.{secrets.token_hex(8)}.tmp"
         url = final.as_uri()
         await anyio.lowlevel.checkpoint_if_cancelled()
         # Shielded so that a cancellation cannot lose the handle of a file just created.
         with anyio.CancelScope(shield=True), translate_os_error("open", url=url, device=device):
-            await anyio.to_thread.run_sync(_make_directory, self.path)
-            file = await aiofiles.open(temp, "xb", buffering=0)
-        return FileSink(file, root=self.path, temp=temp, final=final, url=url, device=device)
+            created: builtins.list[Path] = []
+            for attempt in range(3):
+                created += await anyio.to_thread.run_sync(_make_directories, final.parent)
+                try:
+                    file = await aiofiles.open(temp, "xb", buffering=0)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:  # a sweep removed the directory each time: give up
+                        raise
+        return FileSink(
+            file,
+            root=self.path,
+            temp=temp,
+            final=final,
+            url=url,
+            device=device,
+            created=tuple(dict.fromkeys(created)),
+        )
 
     async def open_source(self, key: str) -> FileSource:
         path = self._path(key)
@@ -141,6 +188,71 @@ class FileStorage(Storage):
             await anyio.to_thread.run_sync(os.unlink, path)
             await anyio.to_thread.run_sync(_fsync_dir, path.parent)
 
+    # --- debris (see the module docstring) ---
+
+    @contextlib.asynccontextmanager
+    async def in_progress(self, backup_id: str) -> AsyncIterator[None]:
+        """Hold ``DEST/<backup_id>/.vdistream-owner.lock`` (see ``Storage.in_progress``).
+
+        Creates ``DEST/<backup_id>/``; on exit removes the lock and the directory if it
+        is empty by then (a failed backup whose streams were removed).
+        """
+        check_backup_id(backup_id, url=self.url)
+        directory = self.path / backup_id
+        url = directory.as_uri()
+        with anyio.CancelScope(shield=True):
+            lock = await self._take_lock(backup_id, directory, url)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_drop_lock, lock, self.path)
+
+    async def _take_lock(self, backup_id: str, directory: Path, url: str) -> OwnerLock:
+        deadline = anyio.current_time() + _LOCK_PATIENCE
+        while True:
+            with translate_os_error("lock the backup", url=url):
+                lock, holder = await anyio.to_thread.run_sync(_acquire, directory)
+            if lock is not None:
+                return lock
+            if anyio.current_time() >= deadline:
+                raise BackupInProgressError(
+                    f"backup {backup_id} is being written by another process ({holder})",
+                    url=url,
+                )
+            await anyio.sleep(0.05)  # held for a moment by a sweep, or really busy
+
+    async def sweep(self) -> builtins.list[str]:
+        """Remove the debris of backups whose lock's owner is gone (``Storage.sweep``)."""
+        with anyio.CancelScope(shield=True):
+            removed, failures = await anyio.to_thread.run_sync(_sweep, self.path)
+        for name in removed:
+            _log.info("debris_removed", storage=self.url, item=name)
+        for failure in failures:
+            _log.warning("debris_not_removed", storage=self.url, error=failure)
+        return removed
+
+    async def owner_marks(self) -> builtins.list[OwnerMark]:
+        """The lock of every backup directory, live (held) or stale (not held)."""
+        return await anyio.to_thread.run_sync(_owner_marks, self.path)
+
+    async def remove_mark(self, mark: OwnerMark) -> None:
+        """Remove a stale lock file (taking it first, so a live one is never removed)."""
+        with translate_os_error("remove lock", url=self.url):
+            await anyio.to_thread.run_sync(_remove_stale_lock, self.path / mark.name)
+
+    async def probe(self) -> None:
+        """Create the directory (as a backup does) and write, fsync and remove a small
+        ``.vdistream-probe-<random>`` file in it (``Storage.probe``)."""
+        where = str(self.path)
+        try:
+            await anyio.to_thread.run_sync(_probe, self.path)
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            if isinstance(exc, NotADirectoryError | FileExistsError):
+                reason = "not a directory (a file is in the way)"
+            raise StorageProbeError(where, reason) from exc
+
 
 class FileSink(Sink):
     """Writes a temporary file; ``commit`` links it under the key (see module doc)."""
@@ -154,12 +266,14 @@ class FileSink(Sink):
         final: Path,
         url: str,
         device: str | None,
+        created: tuple[Path, ...] = (),
     ) -> None:
         self.url = url
         self.device = device
         self.temp_path = temp
         self.final_path = final
         self._root = root
+        self._created = created  # directories open_sink made, removed by abort if empty
         self._file = file
         self._position = 0  # where the file offset is: the end of the last write
         self._size = 0
@@ -280,6 +394,7 @@ class FileSink(Sink):
                 await self._file.close()  # idempotent
             finally:
                 await anyio.to_thread.run_sync(_unlink_if_present, self.temp_path)
+                await anyio.to_thread.run_sync(_remove_empty, self._created)
         self._state = SinkState.ABORTED
 
 
@@ -347,6 +462,16 @@ def _reading(what: str, url: str) -> Iterator[None]:
 
 def _make_directory(directory: Path) -> None:
     """Create ``directory`` and its parents; a file in the way is an error, not 'exists'."""
+    _make_directories(directory)
+
+
+def _make_directories(directory: Path) -> builtins.list[Path]:
+    """Like ``_make_directory``; returns the directories created, deepest first."""
+    missing: builtins.list[Path] = []
+    probe = directory
+    while not probe.is_dir() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
     try:
         os.makedirs(directory, exist_ok=True)
     except FileExistsError as exc:
@@ -355,6 +480,195 @@ def _make_directory(directory: Path) -> None:
         raise NotADirectoryError(
             errno.ENOTDIR, "a file is in the way of this directory", str(directory)
         ) from exc
+    return missing
+
+
+def _remove_empty(directories: tuple[Path, ...]) -> None:
+    """Remove each of ``directories`` (deepest first) that is empty; the rest stay."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return  # not empty (or gone): so are its parents, or they are someone's
+
+
+class _Lock(OwnerLock):
+    @classmethod
+    def take(cls, path: Path) -> _Lock:
+        lock = cls.acquire(path)
+        assert isinstance(lock, _Lock)
+        return lock
+
+    def linked(self) -> bool:
+        """Whether the file locked is still the one at ``path`` (a sweep may have
+        removed it between our open and our lock: then the lock guards nothing)."""
+        assert self._fd is not None
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _holder_text(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "owner unknown"
+    return f"{record.get('host', '?')}, pid {record.get('pid', '?')}"
+
+
+def _acquire(directory: Path) -> tuple[_Lock | None, str]:
+    """Take ``directory``'s owner lock (creating the directory): (lock, "") or, when a
+    live process holds it, (None, "host, pid N")."""
+    path = directory / LOCK_NAME
+    for _ in range(10):
+        _make_directory(directory)
+        try:
+            lock = _Lock.take(path)
+        except FileNotFoundError:
+            continue  # a sweep removed the directory just now
+        except BlockingIOError:
+            return None, _holder_text(_read_holder(path))
+        if lock.linked():
+            return lock, ""
+        lock.release(remove=False)
+    raise OSError(errno.EAGAIN, "the lock file keeps disappearing", str(path))
+
+
+def _drop_lock(lock: OwnerLock, root: Path) -> None:
+    directory = lock.path.parent
+    lock.release()
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)  # only if empty: a failed backup whose streams were removed
+        _fsync_dir(root)
+
+
+def _owner_marks(root: Path) -> builtins.list[OwnerMark]:
+    marks: builtins.list[OwnerMark] = []
+    for directory in _backup_directories(root):
+        path = directory / LOCK_NAME
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        alive = not owner_gone(path) and path.exists()
+        marks.append(
+            OwnerMark(
+                backup_id=directory.name,
+                name=f"{directory.name}/{LOCK_NAME}",
+                alive=alive,
+                modified=datetime.datetime.fromtimestamp(mtime, datetime.UTC),
+                record=_read_holder(path),
+            )
+        )
+    return marks
+
+
+def _remove_stale_lock(path: Path) -> None:
+    try:
+        lock = _Lock.take(path) if path.exists() else None
+    except (BlockingIOError, FileNotFoundError):
+        return  # held after all (or gone): not ours to remove
+    if lock is not None:
+        lock.release()
+
+
+def _backup_directories(root: Path) -> builtins.list[Path]:
+    try:
+        entries = builtins.list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        Path(entry.path)
+        for entry in entries
+        if entry.is_dir(follow_symlinks=False) and not is_internal(entry.name)
+    )
+
+
+def _sweep(root: Path) -> tuple[builtins.list[str], builtins.list[str]]:
+    """The blocking part of ``FileStorage.sweep``: (removed names, failures)."""
+    removed: builtins.list[str] = []
+    failures: builtins.list[str] = []
+    for directory in _backup_directories(root):
+        path = directory / LOCK_NAME
+        if not path.is_file():
+            continue  # no lock: not provably anyone's debris (storage audit's case)
+        try:
+            lock = _Lock.take(path)
+        except OSError:
+            continue  # held: its owner lives (or the lock is unusable: leave it)
+        try:
+            if not lock.linked():
+                continue
+            committed = (directory / _MANIFEST).is_file()
+            _remove_debris(root, directory, committed, removed, failures)
+            removed.append(f"{directory.name}/{LOCK_NAME}")
+        finally:
+            lock.release(remove=lock.linked())
+        if not committed:
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                failures.append(f"cannot remove {directory}: {exc.strerror or exc}")
+            else:
+                _fsync_dir(root)
+    return removed, failures
+
+
+def _remove_debris(
+    root: Path,
+    directory: Path,
+    committed: bool,
+    removed: builtins.list[str],
+    failures: builtins.list[str],
+) -> None:
+    """Everything under ``directory`` but the lock, or only temporaries if committed."""
+    for current, subdirectories, names in os.walk(directory, topdown=False):
+        here = Path(current)
+        for name in sorted(names):
+            if name == LOCK_NAME and here == directory:
+                continue
+            if committed and not _TEMP_NAME.fullmatch(name):
+                continue
+            path = here / name
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                failures.append(f"cannot remove {path}: {exc.strerror or exc}")
+                continue
+            removed.append(path.relative_to(root).as_posix())
+        if not committed:
+            for name in subdirectories:
+                with contextlib.suppress(OSError):
+                    os.rmdir(here / name)
+    with contextlib.suppress(OSError):
+        _fsync_dir(directory)
+
+
+def _probe(root: Path) -> None:
+    _make_directory(root)
+    path = root / f".vdistream-probe-{secrets.token_hex(8)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.write(fd, b"vdistream probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    _fsync_dir(root)
 
 
 def _link_new(temp: Path, final: Path) -> bool:
@@ -424,6 +738,7 @@ def _list_keys(root: Path, prefix: str) -> builtins.list[str]:
                 elif (
                     key.startswith(prefix)
                     and not _TEMP_NAME.fullmatch(entry.name)
+                    and not is_internal(entry.name)
                     and entry.is_file()
                 ):
                     keys.append(key)

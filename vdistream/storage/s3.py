@@ -84,6 +84,29 @@ that never sent it would hang a part forever.
 ``ListParts`` that the upload is gone (``NoSuchUpload``), aborting again if a part that
 raced the abort still shows up. Idempotent; an upload already gone is not an error.
 
+Zero orphans, also when answers are lost
+----------------------------------------
+* Before its first ``CreateMultipartUpload`` a sink notes the uploads already on its
+  key. If a create attempt fails in a way the server may have acted on (the answer
+  lost: ``is_ambiguous``), the sink aborts, when it commits or aborts, every upload on
+  its exact key that was not there before and is not its own.
+* If ``CompleteMultipartUpload`` (or the put of a small stream, or ``write_bytes``)
+  fails after an ambiguous attempt, the object may exist: ``abort`` (for the put,
+  the failing call itself) deletes the object under the key if it is ours (our size
+  and the ETag our bytes produce), never someone else's.
+* What the store refuses to remove raises ``OrphanUploadsError``: one line naming the
+  uploads or objects left and ``vdistream storage audit --clean URL``.
+
+Owner marks
+-----------
+``in_progress(backup_id)`` writes ``<prefix>/<backup_id>/.vdistream-owner.json`` (host,
+boot id, pid, process start time, start of the backup), conditionally, and deletes it
+at exit; ``sweep()`` removes the debris of backups whose mark names an owner that is
+provably gone (same host and boot, pid gone or reused). Marks of other hosts are kept:
+nothing proves their owner dead from here. Names starting with ``.vdistream-`` are not
+keys: ``list`` skips them. ``probe()`` is ``HeadBucket`` plus a put and delete of a
+tiny ``<prefix>/.vdistream-probe-<random>``.
+
 Retries
 -------
 Every request is retried on transient failures: HTTP 500/502/503/504/429, the S3 codes
@@ -118,8 +141,12 @@ Limits, honestly
 * Sinks are append-only (``random_access`` is False).
 * ``delete`` checks existence with ``HeadObject`` first (S3's delete is silent for
   missing keys); an object created between the two calls is deleted all the same.
-* A ``CreateMultipartUpload`` whose response is lost and which is retried leaves one
-  empty orphan upload; ``vdistream.catalog.audit`` finds and aborts such uploads.
+* Part uploads and read-ahead ranges run as asyncio tasks owned by their sink or
+  source, not in an anyio task group: a sink lives across many calls of its caller
+  (open, write..., commit), which no lexical task group can span. The owner keeps
+  them bounded (``max_parts_in_flight``, ``read_ahead``), harvests each outcome, and
+  ``abort``/``close`` cancel and await every one, shielded; no exception group can
+  come out of this module.
 * Cancellation follows ``vdistream.storage.base``: every call that started runs to its
   end, shielded, so retries and backoff delay a cancellation by up to their bound.
 """
@@ -134,11 +161,14 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import os
 import random
 import re
-from collections.abc import Awaitable, Callable, Iterator
-from datetime import datetime
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -151,6 +181,8 @@ from aiobotocore.session import AioSession
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
     HTTPClientError,
     IncompleteReadError,
 )
@@ -166,15 +198,26 @@ from vdistream.errors import (
     StorageURLError,
 )
 from vdistream.log import get_logger
+from vdistream.ownership import owner_record, record_owner_gone
 from vdistream.storage._common import (
+    INTERNAL_PREFIX,
+    OwnerMark,
     SinkState,
     byte_view,
+    check_backup_id,
     check_key,
     check_position,
     join_url,
     require,
 )
-from vdistream.storage.base import Sink, Source, Storage
+from vdistream.storage.base import (
+    BackupInProgressError,
+    OrphanUploadsError,
+    Sink,
+    Source,
+    Storage,
+    StorageProbeError,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -182,6 +225,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "DEFAULT_PART_SIZE",
+    "MARK_NAME",
     "MAX_OBJECT_SIZE",
     "MAX_PARTS",
     "MAX_PART_SIZE",
@@ -195,6 +239,7 @@ __all__ = (
     "S3Upload",
     "backoff_delay",
     "initial_part_size",
+    "is_ambiguous",
     "is_transient",
     "part_size_for",
     "part_sizes",
@@ -226,6 +271,10 @@ DEFAULT_PARTS_IN_FLIGHT = 2
 DEFAULT_MAX_ATTEMPTS = 5
 # Hash in a worker thread above this size (hashlib releases the GIL there).
 _THREAD_HASH_BYTES = 1 * MiB
+
+#: the owner mark ``in_progress`` writes under ``<backup_id>/``
+MARK_NAME = ".vdistream-owner.json"
+_MANIFEST = "manifest.json"  # the catalog's name; storage knows no more of backups
 
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 _URL_OPTIONS = frozenset({"endpoint_url", "region", "profile", "addressing_style"})
@@ -371,6 +420,23 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+def is_ambiguous(exc: BaseException) -> bool:
+    """Whether a failed request may have been carried out by the server all the same:
+    its answer was lost (connection reset or timed out after sending) or it failed with
+    a 5xx. A 4xx answer, or a connection that was never made, is not ambiguous."""
+    if isinstance(exc, ClientError):
+        _, status, _ = _client_error_details(exc)
+        return status is None or status >= 500
+    if isinstance(exc, ConnectTimeoutError):
+        return False
+    if isinstance(exc, EndpointConnectionError):
+        # aiobotocore reports a reset of an established connection this way too; only
+        # a failed connect (or name lookup) proves that nothing was sent
+        cause = getattr(exc, "kwargs", {}).get("error")
+        return not isinstance(cause, aiohttp.ClientConnectorError | socket.gaierror)
+    return not isinstance(exc, aiohttp.ClientConnectorError | socket.gaierror)
+
+
 def backoff_delay(
     attempt: int, *, base: float, cap: float, rng: random.Random | None = None
 ) -> float:
@@ -425,6 +491,22 @@ def _multipart_etag(etags: builtins.list[str]) -> str | None:
     except ValueError:
         return None  # not MD5 ETags (some stores, SSE-KMS): cannot tell
     return f'"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(etags)}"'
+
+
+def _probe_reason(exc: StorageError, storage: S3Storage, doing: str = "reach") -> str:
+    """A probe failure in the user's terms."""
+    cause = exc.__cause__
+    if isinstance(cause, ClientError):
+        code, status, _ = _client_error_details(cause)
+        if code in ("NoSuchBucket", "404", "NotFound") or (doing == "reach" and status == 404):
+            return "no such bucket"
+        if code in ("AccessDenied", "403", "Forbidden") or status == 403:
+            return "access denied" + (" (cannot write)" if doing == "write" else "")
+        return f"cannot {doing} it: S3 {code}" + (f" (HTTP {status})" if status else "")
+    if cause is not None:
+        endpoint = storage._endpoint() or "AWS"
+        return f"cannot connect to {endpoint}: {type(cause).__name__}: {cause}"
+    return str(exc)
 
 
 # --- public records ------------------------------------------------------------------
@@ -669,9 +751,11 @@ class S3Storage(Storage):
         url: str | None = None,
         device: str | None = None,
         precondition: type[StorageError] = StorageExistsError,
+        failed: Callable[[BaseException], None] | None = None,
     ) -> _T:
         """``await call()`` with bounded, jittered retries of transient failures;
-        failures become ``StorageError`` naming ``what``, the S3 code, bucket and key."""
+        failures become ``StorageError`` naming ``what``, the S3 code, bucket and key.
+        ``failed`` is told of every failed attempt (the last one included)."""
         attempt = 1
         while True:
             try:
@@ -683,6 +767,8 @@ class S3Storage(Storage):
                 TimeoutError,
                 _ShortBody,
             ) as exc:
+                if failed is not None:
+                    failed(exc)
                 if attempt >= self.max_attempts or not is_transient(exc):
                     raise translate_s3_error(
                         exc,
@@ -765,6 +851,17 @@ class S3Storage(Storage):
     async def list_objects(self, prefix: str = "") -> builtins.list[S3Object]:
         """The committed objects whose key starts with ``prefix``, sorted by key, with
         size, ETag and modification time (``ListObjectsV2``, every page)."""
+        found: builtins.list[S3Object] = []
+        for obj in await self._list_raw(prefix):
+            try:
+                check_key(obj.key, url=self.url)
+            except StorageURLError:
+                continue  # a "directory marker", an owner mark: no object our keys name
+            found.append(obj)
+        return found
+
+    async def _list_raw(self, prefix: str = "") -> builtins.list[S3Object]:
+        """Every object under the storage's prefix + ``prefix``, internal names too."""
         client = await self._client()
         root = self._root()
         found: builtins.list[S3Object] = []
@@ -780,20 +877,15 @@ class S3Storage(Storage):
             page = await self._request(
                 "list", root + prefix, functools.partial(client.list_objects_v2, **kwargs)
             )
-            for item in page.get("Contents", []):
-                key = self._relative(item["Key"])
-                try:
-                    check_key(key, url=self.url)
-                except StorageURLError:
-                    continue  # e.g. a "directory marker": no object our keys can name
-                found.append(
-                    S3Object(
-                        key=key,
-                        size=int(item.get("Size", 0)),
-                        etag=str(item.get("ETag", "")),
-                        last_modified=item.get("LastModified"),
-                    )
+            found.extend(
+                S3Object(
+                    key=self._relative(item["Key"]),
+                    size=int(item.get("Size", 0)),
+                    etag=str(item.get("ETag", "")),
+                    last_modified=item.get("LastModified"),
                 )
+                for item in page.get("Contents", [])
+            )
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 break
@@ -865,14 +957,51 @@ class S3Storage(Storage):
             # A fresh stream per attempt (BytesIO shares the bytes, it does not copy).
             return client.put_object(Body=io.BytesIO(body), **kwargs)
 
+        unsure: builtins.list[BaseException] = []
+
+        def failed(exc: BaseException) -> None:
+            if is_ambiguous(exc):
+                unsure.append(exc)
+
+        expected = f'"{(await _hash(_md5, body)).hex()}"'
         try:
-            await self._request("commit (put)", full_key, call, url=url, device=device)
+            await self._request(
+                "commit (put)", full_key, call, url=url, device=device, failed=failed
+            )
         except StorageExistsError:
-            expected = f'"{(await _hash(_md5, body)).hex()}"'
             if not await self._is_ours(full_key, expected, len(body), url):
                 raise
+        except StorageError as exc:
+            if unsure:  # an attempt may have landed: a failed put must publish nothing
+                await self._take_back(full_key, expected, len(body), url=url, cause=exc)
+            raise
         await self._verify_size(full_key, len(body), url=url, device=device)
         return sha256.hex()
+
+    async def _take_back(
+        self, full_key: str, etag: str | None, size: int, *, url: str, cause: StorageError
+    ) -> None:
+        """After a write whose outcome is unknown failed: delete the object under
+        ``full_key`` if it is ours (our ETag and size; by size alone when the ETag
+        cannot be computed). Raises ``OrphanUploadsError`` if that cannot be done."""
+        try:
+            head = await self._head(full_key, url=url, what="check for a lost write")
+        except StorageNotFoundError:
+            return
+        except StorageError as exc:
+            raise OrphanUploadsError(
+                self.url, [f"object {self._relative(full_key)}"], reason=str(cause)
+            ) from exc
+        ours = int(head["ContentLength"]) == size and (etag is None or head.get("ETag") == etag)
+        if not ours:
+            return  # someone else's object: not ours to remove
+        try:
+            await self._delete(full_key, url=url)
+        except StorageError as exc:
+            raise OrphanUploadsError(
+                self.url, [f"object {self._relative(full_key)}"], reason=str(exc)
+            ) from exc
+        _log.info("lost_write_removed", bucket=self.bucket, key=full_key)
 
     async def _is_ours(self, full_key: str, etag: str | None, size: int, url: str) -> bool:
         """After a 412 on a conditional write: is the object there exactly our bytes (a
@@ -908,6 +1037,178 @@ class S3Storage(Storage):
             await self._delete(full_key, url=url, device=device)
         except StorageError as exc:
             _log.error("s3_discard_failed", bucket=self.bucket, key=full_key, error=str(exc))
+
+    # --- debris: owner marks, sweep, probe ---
+
+    def _mark_key(self, backup_id: str) -> str:
+        check_backup_id(backup_id, url=self.url)
+        return f"{self._root()}{backup_id}/{MARK_NAME}"
+
+    @contextlib.asynccontextmanager
+    async def in_progress(self, backup_id: str) -> AsyncIterator[None]:
+        """Write the owner mark ``<prefix>/<backup_id>/.vdistream-owner.json`` (this
+        process's host, boot id, pid, process start time, and when the backup started)
+        for the backup's life; delete it on exit (see ``Storage.in_progress``).
+
+        A mark already there whose owner is provably gone (``record_owner_gone``) is
+        replaced; any other (a live owner, or one on another host, which cannot be
+        told) raises ``BackupInProgressError``. A mark that cannot be deleted at exit
+        is logged; its owner is gone by then, so the next ``sweep`` on this host
+        removes it.
+        """
+        full_key = self._mark_key(backup_id)
+        url = join_url(self.url, f"{backup_id}/{MARK_NAME}")
+        body = json.dumps(
+            {
+                **owner_record(),
+                "backup_id": backup_id,
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                # unique, so that a conditional put meeting another holder's mark in
+                # this very process is never mistaken for its own replay
+                "token": secrets.token_hex(8),
+            }
+        ).encode()
+        with anyio.CancelScope(shield=True):
+            await self._place_mark(backup_id, full_key, body, url=url)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._delete(full_key, url=url)
+                except StorageError as exc:
+                    _log.warning("owner_mark_not_removed", key=full_key, error=str(exc))
+
+    async def _place_mark(self, backup_id: str, full_key: str, body: bytes, *, url: str) -> None:
+        for _ in range(3):
+            try:
+                await self._put_new(full_key, body, url=url, device=None)
+                return
+            except StorageExistsError:
+                pass
+            record = await self._read_mark(full_key, url=url)
+            if not record_owner_gone(record):
+                raise BackupInProgressError(
+                    f"backup {backup_id} is being written by another process "
+                    f"({OwnerMark(backup_id, '', None, record=record).owner()})",
+                    url=join_url(self.url, backup_id),
+                )
+            with contextlib.suppress(StorageNotFoundError):
+                await self._delete(full_key, url=url)  # a dead owner's: ours now
+        raise BackupInProgressError(
+            f"backup {backup_id} is being started by another process at the same time",
+            url=join_url(self.url, backup_id),
+        )
+
+    async def _read_mark(self, full_key: str, *, url: str) -> dict[str, Any] | None:
+        client = await self._client()
+
+        async def call() -> bytes:
+            response = await client.get_object(Bucket=self.bucket, Key=full_key)
+            async with response["Body"] as body:
+                data: bytes = await body.read()
+            return data
+
+        try:
+            data = await self._request("read owner mark", full_key, call, url=url)
+            record = json.loads(data)
+        except StorageNotFoundError:
+            return None
+        except ValueError:
+            return None  # unreadable: no proof of anything
+        return record if isinstance(record, dict) else None
+
+    async def owner_marks(self) -> builtins.list[OwnerMark]:
+        """Every backup's owner mark: ``alive`` False when its owner is provably gone,
+        True when it is this host's and runs, None when it cannot be told (another
+        host, an unreadable mark)."""
+        marks: builtins.list[OwnerMark] = []
+        for obj in await self._list_raw():
+            backup_id, _, name = obj.key.partition("/")
+            if name != MARK_NAME:
+                continue
+            full_key = self._root() + obj.key
+            record = await self._read_mark(full_key, url=join_url(self.url, obj.key))
+            alive: bool | None
+            if record_owner_gone(record):
+                alive = False
+            elif record is not None and record.get("host") == owner_record()["host"]:
+                alive = True
+            else:
+                alive = None
+            marks.append(OwnerMark(backup_id, obj.key, alive, obj.last_modified, record))
+        return marks
+
+    async def remove_mark(self, mark: OwnerMark) -> None:
+        """Delete an owner mark (``vdistream.catalog.audit`` decides which)."""
+        full_key = self._root() + mark.name
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(StorageNotFoundError):
+                await self._delete(full_key, url=join_url(self.url, mark.name))
+
+    async def sweep(self) -> builtins.list[str]:
+        """Remove the debris of backups whose owner mark says the owner is provably
+        gone (``Storage.sweep``): abort the multipart uploads under ``<backup_id>/``,
+        delete its objects unless a committed manifest is there, then the mark.
+
+        Marks of other hosts are kept: a process there cannot be proven dead from
+        here (``vdistream storage audit --clean --min-age`` is the operator's tool).
+        """
+        removed: builtins.list[str] = []
+        with anyio.CancelScope(shield=True):
+            for mark in await self.owner_marks():
+                if mark.alive is not False:
+                    continue
+                try:
+                    removed += await self._sweep_backup(mark)
+                except StorageError as exc:
+                    _log.warning("debris_not_removed", storage=self.url, error=str(exc))
+        return removed
+
+    async def _sweep_backup(self, mark: OwnerMark) -> builtins.list[str]:
+        prefix = f"{mark.backup_id}/"
+        removed: builtins.list[str] = []
+
+        def gone(item: str) -> None:
+            removed.append(item)
+            _log.info("debris_removed", storage=self.url, item=item)
+
+        for upload in await self.list_uploads(prefix):
+            await self.abort_upload(upload.key, upload.upload_id)
+            gone(f"upload {upload.key} {upload.upload_id}")
+        keys = await self.list(prefix)
+        if f"{prefix}{_MANIFEST}" not in keys:
+            for key in keys:
+                with contextlib.suppress(StorageNotFoundError):
+                    await self._delete(self._full_key(key), url=join_url(self.url, key))
+                gone(key)
+        await self.remove_mark(mark)
+        gone(mark.name)
+        return removed
+
+    async def probe(self) -> None:
+        """``HeadBucket``, then a tiny ``PutObject`` and ``DeleteObject`` of
+        ``<prefix>/.vdistream-probe-<random>`` (see ``Storage.probe``)."""
+        client = await self._client()
+        try:
+            await self._request(
+                "check the bucket", None, lambda: client.head_bucket(Bucket=self.bucket)
+            )
+        except StorageError as exc:
+            raise StorageProbeError(self.url, _probe_reason(exc, self)) from exc
+        key = f"{self._root()}{INTERNAL_PREFIX}probe-{secrets.token_hex(8)}"
+        url = join_url(self.url, key[len(self._root()) :])
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._request(
+                    "write a probe object",
+                    key,
+                    lambda: client.put_object(Bucket=self.bucket, Key=key, Body=b"probe"),
+                    url=url,
+                )
+                await self._delete(key, url=url)
+            except StorageError as exc:
+                raise StorageProbeError(self.url, _probe_reason(exc, self, "write")) from exc
 
     # --- multipart uploads (S3 only; used by sinks and vdistream.catalog.audit) ---
 
@@ -1031,6 +1332,13 @@ class S3Sink(Sink):
         self._single_sha256: str | None = None
         self._size = 0
         self._state = SinkState.OPEN
+        #: uploads on this key before our first create: never ours to abort
+        self._foreign_uploads: frozenset[str] = frozenset()
+        #: a CreateMultipartUpload attempt failed in a way the server may have acted on
+        self._create_unsure = False
+        #: CompleteMultipartUpload was sent and the sink is not committed: the object
+        #: may exist all the same (a lost answer)
+        self._complete_unsure = False
 
     def __repr__(self) -> str:
         return f"<S3Sink {self.url} {self._state.value}, {self._size} bytes>"
@@ -1157,14 +1465,61 @@ class S3Sink(Sink):
         kwargs: dict[str, Any] = {"Bucket": storage.bucket, "Key": self.key}
         if storage.send_checksums:
             kwargs["ChecksumAlgorithm"] = "SHA256"
+        # The uploads already on this key are not ours: if a create's answer is lost,
+        # the new ones are (see _abort_strays). Clocks cannot tell (S3-compatible
+        # stores report odd Initiated times), this snapshot can.
+        relative = storage._relative(self.key)
+        self._foreign_uploads = frozenset(
+            upload.upload_id
+            for upload in await storage.list_uploads(relative)
+            if upload.key == relative
+        )
+
+        def failed(exc: BaseException) -> None:
+            if is_ambiguous(exc):
+                self._create_unsure = True  # an upload we never heard of may exist
+
         created = await storage._request(
             "start upload",
             self.key,
             lambda: client.create_multipart_upload(**kwargs),
             url=self.url,
             device=self.device,
+            failed=failed,
         )
         self._upload_id = created["UploadId"]
+
+    async def _abort_strays(self, *, keep: str | None) -> None:
+        """Abort the uploads on this sink's exact key that it started without learning
+        their id (a CreateMultipartUpload whose answer was lost): those that were not
+        there before its first create (``_foreign_uploads``), except ``keep``. Another
+        writer of the very same key at the same time would lose its upload too;
+        ``Storage.in_progress`` keeps two jobs off one backup's keys. Raises
+        ``OrphanUploadsError`` for those that could not be aborted."""
+        storage = self._storage
+        relative = storage._relative(self.key)
+        left: builtins.list[str] = []
+        reason = ""
+        try:
+            uploads = await storage.list_uploads(relative)
+        except StorageError as exc:
+            raise OrphanUploadsError(
+                storage.url, [f"upload {relative} (unknown id)"], reason=str(exc)
+            ) from exc
+        for upload in uploads:
+            if upload.key != relative or upload.upload_id in (keep, *self._foreign_uploads):
+                continue
+            try:
+                await storage._abort_upload(
+                    self.key, upload.upload_id, url=self.url, device=self.device
+                )
+            except StorageError as exc:
+                left.append(f"upload {relative} {upload.upload_id}")
+                reason = reason or str(exc)
+            else:
+                _log.info("stray_upload_aborted", key=self.key, upload_id=upload.upload_id)
+        if left:
+            raise OrphanUploadsError(storage.url, left, reason=reason)
 
     async def _upload_part(self, number: int, data: bytes) -> S3Part:
         storage = self._storage
@@ -1213,6 +1568,15 @@ class S3Sink(Sink):
                 with self._failing():
                     await self._seal()
             await self._publish()
+            if self._create_unsure:
+                # The object is committed: a stray we cannot abort is reported, the
+                # commit stands (storage audit --clean finds the upload).
+                try:
+                    await self._abort_strays(keep=None)
+                except OrphanUploadsError as exc:
+                    _log.error("orphan_upload_left", key=self.key, error=str(exc))
+                else:
+                    self._create_unsure = False
 
     async def _seal(self) -> None:
         """Upload the last part and wait for all: the data is final from here on."""
@@ -1272,6 +1636,7 @@ class S3Sink(Sink):
                 IfNoneMatch="*",
             )
 
+        self._complete_unsure = True  # until committed: abort looks for the object
         try:
             await storage._request(
                 "commit (complete upload)", self.key, call, url=self.url, device=self.device
@@ -1283,8 +1648,16 @@ class S3Sink(Sink):
             if not await storage._is_ours(self.key, expected, self._size, self.url):
                 raise
         await storage._verify_size(self.key, self._size, url=self.url, device=self.device)
+        self._complete_unsure = False
 
     async def abort(self) -> None:
+        """Cancel parts in flight, abort the upload, abort the strays of a create whose
+        answer was lost, and delete the object of a complete whose answer was lost.
+
+        What the store refuses to remove raises ``OrphanUploadsError`` (one line naming
+        what is left and ``vdistream storage audit --clean URL``); the sink then stays
+        failed, and calling ``abort`` again tries again.
+        """
         if self._state in (SinkState.COMMITTED, SinkState.ABORTED):
             return
         # No checkpoint first: abort must run even in an already-cancelled scope.
@@ -1299,11 +1672,42 @@ class S3Sink(Sink):
                     if not task.cancelled():
                         task.exception()
             self._buffer = bytearray()
-            self._state = SinkState.FAILED  # until the upload is confirmed gone
+            self._state = SinkState.FAILED  # until everything is confirmed gone
+            storage = self._storage
+            relative = storage._relative(self.key)
+            left: builtins.list[str] = []
+            reasons: builtins.list[str] = []
             if self._upload_id is not None:
-                await self._storage._abort_upload(
-                    self.key, self._upload_id, url=self.url, device=self.device
-                )
+                try:
+                    await storage._abort_upload(
+                        self.key, self._upload_id, url=self.url, device=self.device
+                    )
+                except StorageError as exc:
+                    left.append(f"upload {relative} {self._upload_id}")
+                    reasons.append(str(exc))
+            if self._create_unsure:
+                try:
+                    await self._abort_strays(keep=self._upload_id)
+                    self._create_unsure = False
+                except OrphanUploadsError as exc:
+                    left += exc.leftovers
+                    reasons.append(exc.reason)
+            if self._complete_unsure:
+                expected = _multipart_etag([part.etag for part in self.parts])
+                try:
+                    await storage._take_back(
+                        self.key,
+                        expected,
+                        self._size,
+                        url=self.url,
+                        cause=StorageError("commit failed", url=self.url),
+                    )
+                    self._complete_unsure = False
+                except OrphanUploadsError as exc:
+                    left += exc.leftovers
+                    reasons.append(exc.reason)
+            if left:
+                raise OrphanUploadsError(storage.url, left, reason=reasons[0])
             self._state = SinkState.ABORTED
 
 

@@ -555,6 +555,38 @@ async def check_sources(storage: Storage, residue: Residue | None = None) -> Non
     await _expect_no_residue(storage, residue)
 
 
+async def check_in_progress(storage: Storage, residue: Residue | None = None) -> None:
+    """``in_progress`` marks a backup for its life and leaves nothing behind; ``sweep``
+    never touches a live or a finished backup; internal names are no keys."""
+    async with storage.in_progress("job"):
+        await _commit(storage, "job/s1", b"kept")
+        sink = await storage.open_sink("job/s2")
+        await sink.write(memoryview(b"dropped"))
+        await sink.abort()
+        _expect(await storage.list() == ["job/s1"], "in_progress's mark is listed as a key")
+        _expect(await storage.sweep() == [], "sweep removed something of a live backup")
+    _expect(await storage.list() == ["job/s1"], "in_progress lost or left objects")
+    await _expect_no_residue(storage, residue)
+    _expect(await storage.sweep() == [], "sweep removed something of a finished backup")
+    await _expect_present(storage, "job/s1", b"kept")
+    for bad in ("a/b", "", "..", ".vdistream-owner.lock"):
+        try:
+            async with storage.in_progress(bad):
+                pass
+        except StorageError:
+            continue
+        raise AssertionError(f"in_progress({bad!r}): expected StorageError")
+    await _raises(StorageError, storage.open_sink("job/.vdistream-x"), "an internal name")
+    await _expect_no_residue(storage, residue)
+
+
+async def check_probe(storage: Storage, residue: Residue | None = None) -> None:
+    """``probe`` succeeds on a working storage and leaves nothing behind."""
+    await storage.probe()
+    _expect(await storage.list() == [], "probe left an object")
+    await _expect_no_residue(storage, residue)
+
+
 #: Every check, in the order ``check_storage`` runs them.
 STORAGE_CHECKS: tuple[StorageCheck, ...] = (
     check_round_trip,
@@ -576,6 +608,8 @@ STORAGE_CHECKS: tuple[StorageCheck, ...] = (
     check_random_access,
     check_invalid_keys,
     check_sources,
+    check_in_progress,
+    check_probe,
 )
 
 
@@ -681,3 +715,11 @@ class StorageConformance:
     @pytest.mark.asyncio
     async def test_sources(self, storage: Storage) -> None:
         await check_sources(storage, self.residue)
+
+    @pytest.mark.asyncio
+    async def test_in_progress(self, storage: Storage) -> None:
+        await check_in_progress(storage, self.residue)
+
+    @pytest.mark.asyncio
+    async def test_probe(self, storage: Storage) -> None:
+        await check_probe(storage, self.residue)
