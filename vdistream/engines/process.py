@@ -40,18 +40,63 @@ Failure semantics:
 * On abort, failure or cancellation the process group is terminated: SIGTERM, then
   SIGKILL after ``terminate_timeout`` seconds, and the process is reaped before the
   engine returns. No orphan is left behind.
+
+A child never outlives vdistream, even after ``kill -9``:
+
+* Every child (producer, consumer, ``run_tool``) is started with the parent-death
+  signal ``PR_SET_PDEATHSIG`` = ``SIGKILL``: the kernel kills it when vdistream dies,
+  however it dies. It is set without a ``preexec_fn`` (unsafe in a process with
+  threads): the child is exec'd through util-linux's ``setpriv --pdeathsig KILL``, which
+  makes the ``prctl`` in the single-threaded exec'd child, then through a two-line
+  ``/bin/sh`` shim that closes the race of a parent dying between ``fork`` and
+  ``prctl`` (then nobody would signal the child): after the ``prctl`` the shim checks
+  that its parent is still the vdistream process that started it, and exits with 125
+  otherwise; then it ``exec``\\s the command, so the command keeps the child's pid (and
+  so its process group, see below) and the parent-death signal (kept across ``exec``
+  except for set-user-id programs). Cost: two more ``exec``\\s, a few milliseconds per
+  child. Since the shim runs the command, a program that is missing or not executable
+  is looked up in vdistream first (as ``subprocess`` would, ``PATH`` of the child's
+  environment, relative to its ``cwd``) so that the error stays "cannot be started".
+* The signal fires when the *thread* that forked the child ends. Children are forked
+  only by ``anyio.open_process``, which on asyncio forks in the event-loop thread
+  (never in a worker thread): they live as long as the loop's thread, which is as long
+  as any job can use them.
+* Only the direct child gets the signal: what it started itself (``sh -c 'a | b'``) is
+  not signalled by the kernel; such grandchildren see their pipes to vdistream close
+  (end of input, ``EPIPE``), and the daemon's ledger (below) ends them at its next start.
+* Fallback: without ``setpriv`` (not Linux, or util-linux older than 2.33) children are
+  started directly, without the parent-death signal; a warning
+  (``pdeathsig_unavailable``) is logged once. The process-group kill on abort and the
+  daemon's ledger still apply; a ``kill -9`` of the CLI may then leave its child running.
+
+Every child starts in a session of its own (``start_new_session``), so its process
+group id is its pid and ``killpg(pid)`` reaches it and what it started.
+
+Observers: ``observe_children(observer)`` sets, for the current context (and so for the
+tasks started from it), a ``ChildObserver`` that is told of every child started
+(``ChildRecord``: pid = process group, its start time, a random token) and ended. The
+child's environment then also carries ``VDISTREAM_CHILD_ID=<token>``, which its own
+children inherit: the daemon's ledger (``vdistream.engines.ledger``) uses it to prove
+that a survivor is one of its own. An observer's failure never fails a job (it is
+logged).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import errno
 import fcntl
 import os
+import secrets
 import shlex
+import shutil
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -62,6 +107,10 @@ from vdistream.engines.streams import ByteConsumer, ByteProducer
 from vdistream.log import get_logger
 
 __all__ = (
+    "CHILD_ID_VARIABLE",
+    "ORPHANED_AT_START",
+    "ChildObserver",
+    "ChildRecord",
     "ConsumerFailedError",
     "OutputTail",
     "ProcessConsumer",
@@ -71,7 +120,13 @@ __all__ = (
     "ToolFailedError",
     "ToolOutput",
     "describe_status",
+    "forget_child",
     "group_alive",
+    "group_members",
+    "observe_children",
+    "open_child",
+    "pdeathsig_launcher",
+    "reset_child_observer",
     "run_tool",
     "terminate",
 )
@@ -181,6 +236,205 @@ def _pipe() -> tuple[int, int]:
     return read, write
 
 
+# --- starting a child: parent-death signal, observers (module docstring) -------------
+
+#: The environment variable carrying a child's token when an observer watches it.
+CHILD_ID_VARIABLE = "VDISTREAM_CHILD_ID"
+#: The exit status of the shim when vdistream died before the parent-death signal was set.
+ORPHANED_AT_START = 125
+# After setpriv's prctl: exit if the parent is no longer the one that forked us (it died
+# in between; nobody would signal us any more), else become the command.
+_SHIM = 'test "$PPID" = "$1" || exit 125; shift; exec "$@"'
+_SHIM_NAME = "vdistream-child"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChildRecord:
+    """A child as an observer sees it: ``pid`` (also its process group id, it leads a
+    session of its own), ``start_time`` (``/proc`` clock ticks since boot, None if
+    unknown), ``token`` (the value of ``VDISTREAM_CHILD_ID`` in its environment) and
+    its ``argv``."""
+
+    pid: int
+    start_time: int | None
+    token: str
+    argv: tuple[str, ...]
+
+
+class ChildObserver(Protocol):
+    """Told of the children started and ended in the context it was set for."""
+
+    async def child_started(self, child: ChildRecord) -> None: ...
+
+    async def child_ended(self, child: ChildRecord) -> None: ...
+
+
+_observer: contextvars.ContextVar[ChildObserver | None] = contextvars.ContextVar(
+    "vdistream_child_observer", default=None
+)
+
+
+def observe_children(observer: ChildObserver | None) -> contextvars.Token[ChildObserver | None]:
+    """Set the observer of the children started in this context and the tasks started
+    from it from now on; ``reset(token)`` through the returned token undoes it."""
+    return _observer.set(observer)
+
+
+def reset_child_observer(token: contextvars.Token[ChildObserver | None]) -> None:
+    """Undo ``observe_children`` (in the context that set it; elsewhere a no-op)."""
+    with contextlib.suppress(ValueError):
+        _observer.reset(token)
+
+
+_launcher: list[str] | None = None
+_launcher_known = False
+
+
+def _probe_launcher() -> list[str] | None:
+    """The argv prefix that starts a child with the parent-death signal, or None."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or not os.access("/bin/sh", os.X_OK):
+        _log.warning(
+            "pdeathsig_unavailable",
+            reason="setpriv (util-linux) or /bin/sh not found",
+            consequence="a child may outlive vdistream if vdistream is killed",
+        )
+        return None
+    prefix = [setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _SHIM, _SHIM_NAME]
+    try:
+        probe = subprocess.run(
+            [*prefix, str(os.getpid()), "true"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        reason = str(exc)
+    else:
+        if probe.returncode == 0:
+            return prefix
+        reason = probe.stderr.decode(errors="replace").strip() or f"status {probe.returncode}"
+    _log.warning(
+        "pdeathsig_unavailable",
+        reason=f"setpriv --pdeathsig does not work here: {reason}",
+        consequence="a child may outlive vdistream if vdistream is killed",
+    )
+    return None
+
+
+async def pdeathsig_launcher() -> list[str] | None:
+    """The argv prefix that gives a child the parent-death signal (module docstring),
+    found once per process (a probe in a worker thread); None where there is none.
+    The prefix ends with the shim's name: the parent's pid and the argv follow it."""
+    global _launcher, _launcher_known
+    if not _launcher_known:
+        # The probe's own child is short-lived and needs no parent-death signal: a
+        # worker thread may start it.
+        _launcher = await anyio.to_thread.run_sync(_probe_launcher)
+        _launcher_known = True
+    return _launcher
+
+
+def _check_program(
+    program: str, env: Mapping[str, str], cwd: str | os.PathLike[str] | None
+) -> None:
+    """Raise the ``OSError`` that exec'ing ``program`` would raise, as ``subprocess``
+    looks it up (a path relative to ``cwd``, else each ``PATH`` entry of ``env``)."""
+    base = Path(cwd) if cwd is not None else Path()
+    if "/" in program:
+        candidates = [base / program]
+    else:
+        candidates = [base / (entry or ".") / program for entry in os.get_exec_path(dict(env))]
+    denied: OSError | None = None
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return
+        if candidate.exists() and denied is None:
+            denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(candidate))
+    raise denied or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+
+
+async def open_child(
+    argv: Sequence[str],
+    *,
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    env: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> tuple[anyio.abc.Process, ChildRecord | None, ChildObserver | None]:
+    """Start ``argv`` the way every child of vdistream starts (module docstring): in a
+    session of its own, with the parent-death signal where available, reported to the
+    context's observer. Returns the process, its record and the observer (both None
+    without an observer). Raises ``OSError`` when it cannot be started."""
+    environment = _environment(env, extra_env)
+    observer = _observer.get()
+    token = secrets.token_hex(16)
+    if observer is not None:
+        environment[CHILD_ID_VARIABLE] = token
+    command = list(argv)
+    launcher = await pdeathsig_launcher()
+    if launcher is not None:
+        _check_program(command[0], environment, cwd)
+        command = [*launcher, str(os.getpid()), *command]
+    process = await anyio.open_process(
+        command,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=cwd,
+        env=environment,
+        start_new_session=True,  # its pid is its process group and session id
+    )
+    if observer is None:
+        return process, None, None
+    record = ChildRecord(process.pid, _child_start_time(process.pid), token, tuple(argv))
+    with anyio.CancelScope(shield=True):
+        await _tell(observer.child_started, record)
+    return process, record, observer
+
+
+def _child_start_time(pid: int) -> int | None:
+    """The start time of our child ``pid``, or None once it is gone. asyncio's child
+    watcher may already have reaped a quick child (and the pid been reused): the time
+    counts only if the process read is still a child of ours (one ``/proc`` read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19]) if int(fields[1]) == os.getpid() else None
+    except (IndexError, ValueError):
+        return None
+
+
+async def _tell(method: Callable[[ChildRecord], Awaitable[None]], record: ChildRecord) -> None:
+    """Call an observer; its failure is logged, never raised (module docstring)."""
+    try:
+        await method(record)
+    except Exception as exc:
+        _log.warning(
+            "child_observer_failed",
+            pid=record.pid,
+            command=_command_name(record.argv),
+            error=f"{type(exc).__name__}: {exc}",
+        )
+
+
+async def forget_child(record: ChildRecord | None, observer: ChildObserver | None) -> None:
+    """Tell the observer that the child of ``open_child`` ended (reaped, its group
+    killed); shielded: it runs in cleanup paths."""
+    if record is None or observer is None:
+        return
+    with anyio.CancelScope(shield=True):
+        await _tell(observer.child_ended, record)
+
+
 def _signal_group(process: anyio.abc.Process, sig: signal.Signals) -> None:
     """Send ``sig`` to the process's group (its own session), else to the process."""
     try:
@@ -192,20 +446,15 @@ def _signal_group(process: anyio.abc.Process, sig: signal.Signals) -> None:
             process.send_signal(sig)
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` still runs (zombies do not count).
-
-    Reads ``/proc`` (blocking: call it in a worker thread); without ``/proc``, any
-    member the kernel still knows, zombie or not, counts.
-    """
+def group_members(pgid: int) -> list[int]:
+    """The pids of the processes of group ``pgid`` that still run (zombies do not
+    count), read from ``/proc`` (blocking: call it in a worker thread); ``[]``
+    without ``/proc``."""
     try:
         entries = os.listdir("/proc")
     except OSError:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return []
+    members = []
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -217,8 +466,23 @@ def group_alive(pgid: int) -> bool:
         # pid (comm) state ppid pgrp ...: comm may hold anything, so split after ")".
         fields = stat[stat.rfind(b")") + 2 :].split()
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+            members.append(int(entry))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies do not count).
+
+    Reads ``/proc`` (blocking: call it in a worker thread); without ``/proc``, any
+    member the kernel still knows, zombie or not, counts.
+    """
+    if not os.path.isdir("/proc"):
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return bool(group_members(pgid))
 
 
 async def terminate(process: anyio.abc.Process, grace: float) -> None:
@@ -277,6 +541,8 @@ class _Subprocess(ScopedStream):
         self._stderr_done: anyio.Event | None = None  # made in running(): it needs a loop
         self._fd: int | None = None  # our end of the data pipe
         self._ended = False  # the process exited and its status was checked
+        self._record: ChildRecord | None = None  # what the observer was told
+        self._observer: ChildObserver | None = None
 
     # --- lifetime -----------------------------------------------------------------
 
@@ -310,14 +576,14 @@ class _Subprocess(ScopedStream):
         if self._group is None:
             raise RuntimeError(f"{type(self).__name__} used outside its running() scope")
         try:
-            self.process = await anyio.open_process(
+            self.process, self._record, self._observer = await open_child(
                 self.argv,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=subprocess.PIPE,
+                env=self.env,
+                extra_env=self.extra_env,
                 cwd=self.cwd,
-                env=_environment(self.env, self.extra_env),
-                start_new_session=True,
             )
         except OSError as exc:
             raise self.error_class(
@@ -369,6 +635,8 @@ class _Subprocess(ScopedStream):
         if not self._ended:
             await terminate(process, self.terminate_timeout)
         await process.aclose()
+        record, self._record = self._record, None
+        await forget_child(record, self._observer)
 
 
 class ProcessProducer(_Subprocess, ByteProducer):
@@ -607,14 +875,14 @@ async def run_tool(
     counts = [0, 0]  # bytes, newlines
 
     try:
-        process = await anyio.open_process(
+        process, record, observer = await open_child(
             command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=env,
+            extra_env=extra_env,
             cwd=cwd,
-            env=_environment(env, extra_env),
-            start_new_session=True,
         )
     except OSError as exc:
         raise error_class(
@@ -654,6 +922,7 @@ async def run_tool(
         with anyio.CancelScope(shield=True):
             await terminate(process, terminate_timeout)
             await process.aclose()
+            await forget_child(record, observer)
     if timed_out:
         raise error_class(
             f"{prefix}did not finish within {timeout:g} s and was terminated",

@@ -9,11 +9,15 @@ transaction, so it is a transaction-consistent snapshot even while other connect
 or processes write: in WAL mode writers go on meanwhile and the copy holds exactly
 the transactions committed when it started; in rollback-journal mode writers wait for
 the copy (SQLite's own locking). A stepped copy would restart on every foreign write
-and might never finish under a steady writer. The temporary directory is removed
-when the job ends, however it ends. The copy cannot be interrupted once started: an
-abort or cancellation during it takes effect when it is done (bounded by the size of
-the database). Until the first byte flows the devices are idle: the job's
-``stall_timeout`` must exceed the copy's duration for very large databases.
+and might never finish under a steady writer. The temporary directory
+(``vdistream-sqlite-*``) is removed when the job ends, however it ends; it holds an
+owner lock for its whole life (``vdistream.engines.workdir``), so that when the job is
+killed (``kill -9``) the next SQLite backup using the same temporary directory removes
+it (``debris_removed`` in the log), and never the directory of a live job. The copy
+cannot be interrupted once started: an abort or cancellation during it takes effect
+when it is done (bounded by the size of the database). Until the first byte flows the
+devices are idle: the job's ``stall_timeout`` must exceed the copy's duration for very
+large databases.
 
 Restore (``SQLiteRestore(target)``): the stream is written to a temporary file next
 to ``target``; when the stream is complete and verified, the file must start with
@@ -31,9 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sqlite3
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -52,7 +54,9 @@ from vdistream.engines.scoped import (
 )
 from vdistream.engines.simulator import SimulatorOptions
 from vdistream.engines.streams import ByteProducer, FileProducer
+from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
 from vdistream.log import get_logger
+from vdistream.ownership import OwnerLock
 
 __all__ = (
     "SQLITE_HEADER",
@@ -70,6 +74,8 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_SECONDS = 60.0
 #: How many problems ``integrity_check`` reports at most.
 MAX_PROBLEMS = 10
+#: The name of every snapshot directory starts with this.
+SNAPSHOT_PREFIX = "vdistream-sqlite-"
 
 _log = get_logger(__name__)
 
@@ -204,20 +210,25 @@ class SQLiteSnapshotProducer(ByteProducer, ScopedStream):
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        self._workdir = await anyio.to_thread.run_sync(self._prepare)
+        # Shielded: a cancellation must not lose a directory made in the worker thread.
+        with anyio.CancelScope(shield=True):
+            self._workdir, lock = await anyio.to_thread.run_sync(self._prepare)
         try:
             yield
         finally:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
                 workdir, self._workdir = self._workdir, None
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
+                assert workdir is not None
+                await anyio.to_thread.run_sync(release_workdir, workdir, lock)
 
-    def _prepare(self) -> Path:
+    def _prepare(self) -> tuple[Path, OwnerLock]:
         if not self.path.is_file():
             raise SQLiteError(f"no SQLite database at {self.path}", path=self.path)
+        # What killed backups left in the same temporary directory (module docstring).
+        sweep_workdir(self.tempdir, SNAPSHOT_PREFIX)
         try:
-            return Path(tempfile.mkdtemp(prefix="vdistream-sqlite-", dir=self.tempdir))
+            return claim_workdir(self.tempdir, SNAPSHOT_PREFIX)
         except OSError as exc:
             raise SQLiteError(
                 f"cannot create a temporary directory for the snapshot of {self.path}: "

@@ -17,6 +17,12 @@ Starting
 
 1. take the state directory's lock file (``vdistream.lock``; one service per state
    database, ``StateError`` naming the other process otherwise);
+   end what the children of a previous run left running: the process groups recorded
+   in the ledger ``state_dir/children`` (``vdistream.engines.ledger``; each one ended
+   only with a proof that it is one of them, never on a pid alone, logged as
+   ``orphan_ended``), then record the children of this run there
+   (``observe_children``: the children started by tasks that descend from the
+   ``async with`` that starts the service, i.e. every job's);
 2. open the state database, mark the jobs a previous run left unfinished as failed
    and remove their partial backups (``JobManager.recover``);
 3. start the manager, the schedules (``Scheduler``, one per database with a
@@ -83,6 +89,8 @@ import anyio.abc
 import anyio.to_thread
 from prometheus_client import CollectorRegistry
 
+from vdistream.engines.ledger import LEDGER_DIR, ChildLedger
+from vdistream.engines.process import observe_children, reset_child_observer
 from vdistream.log import get_logger
 from vdistream.service.api import ApiServer
 from vdistream.service.jobs import JobRequest, ServiceError, UnknownJobError
@@ -255,6 +263,10 @@ class Service:
             service = self._settings.service
             lock = await anyio.to_thread.run_sync(_lock, service.state_dir / LOCK_NAME)
             stack.callback(_unlock, lock)
+            # The lock proves the previous run gone: what its children left is debris.
+            ledger = ChildLedger(service.state_dir / LEDGER_DIR)
+            await anyio.to_thread.run_sync(ledger.end_survivors)
+            stack.callback(reset_child_observer, observe_children(ledger))
             self._store = await JobStore.open(service.state_db)
             stack.push_async_callback(self._close_store)
             self._manager = JobManager(self._store, self._settings, self.metrics, tick=self._tick)
