@@ -20,6 +20,17 @@ watchdog, or the caller cancelling the job. Each ends in :meth:`Job._abort`, whi
    nothing partial stays visible, and deletes objects already committed,
 5. and only then ``close()``\\ s the set.
 
+A restore's target is published only after every stream passed every check: each pump
+checks its stream (stored size and SHA-256, and the logical ones behind decryption and
+decompression, whose authentication tags are checked while reading) the moment it reads
+the stream's end, *before* it tells the engine that the stream ended; a stream that
+fails completes that READ with a read fault, so the engine, which publishes only after
+every device reported its end, discards its target instead (``Pump(at_end=...)``).
+
+A restore's errors are told in the user's terms: an engine's error names the device by
+its index and the stored stream it read (the storage's actual location, not the set's
+internal device names).
+
 Sinks are published only after every device finished: a device's COMPLETE or FLUSH
 makes its stream durable, but the commit (rename into place) waits until the whole
 set is known good, so a failure on one device never leaves another device's part of
@@ -39,6 +50,7 @@ from collections.abc import Sequence
 import anyio
 
 from vdistream.engines import Engine
+from vdistream.engines.base import EngineError
 from vdistream.errors import (
     JobAbortedError,
     JobError,
@@ -58,7 +70,7 @@ from vdistream.pipeline.encrypt import stream_context
 from vdistream.progress import DeviceProgress, JobProgress
 from vdistream.protocol import Features, VDConfig
 from vdistream.pump import Pump, PumpEnd
-from vdistream.storage import Storage, open_storage
+from vdistream.storage import OrphanUploadsError, Storage, open_storage
 from vdistream.vdi import ClientVirtualDevice, ClientVirtualDeviceSet, Registry
 
 __all__ = [
@@ -71,6 +83,7 @@ __all__ = [
     "JobResult",
     "JobStatus",
     "backup",
+    "new_backup_id",
     "restore",
     "stream_key",
 ]
@@ -204,6 +217,11 @@ class ExpectedStream:
     logical_sha256: str | None = None
 
 
+def new_backup_id() -> str:
+    """A fresh backup id: the UTC time and a random suffix (``20250101T120000Z-1a2b3c4d``)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
 def stream_key(backup_id: str, index: int, count: int) -> str:
     """Where device ``index`` of ``count`` stores its stream, inside the destination."""
     return f"{backup_id}/stream-{index:02d}-of-{count:02d}.vdi"
@@ -234,9 +252,7 @@ class Job:
         self.kind = kind
         self.engine = engine
         self.options = options or JobOptions()
-        self.backup_id = backup_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + (
-            "-" + uuid.uuid4().hex[:8]
-        )
+        self.backup_id = backup_id or new_backup_id()
         self.set_name = f"vdistream-{self.backup_id}-{uuid.uuid4().hex[:8]}"
         self.registry = registry if registry is not None else Registry()
         count = self.options.devices
@@ -261,6 +277,8 @@ class Job:
         self.log = get_logger(__name__, job=self.backup_id, kind=kind.value)
         self._vds = ClientVirtualDeviceSet(registry=self.registry)
         self._cause: tuple[AbortCause, str, BaseException | None] | None = None
+        #: sinks whose abort failed: what they wrote may still be in the storage
+        self._left: list[StorageError] = []
         self._scope: anyio.CancelScope | None = None
         self._closed_devices = 0
         self._ends: dict[int, PumpEnd] = {}
@@ -268,6 +286,7 @@ class Job:
         self._engine_result: object = None
         self._ready_to_commit = False
         self._decided_event: anyio.Event | None = None  # made in run(): it needs a loop
+        self._device_names: list[str] = []
         self._committed: list[str] = []
         self._started = time.time()
 
@@ -386,6 +405,7 @@ class Job:
             )
             return
         names = [self.set_name] + [f"{self.set_name}{i}" for i in range(1, config.device_count)]
+        self._device_names = names
         devices = [self._vds.open_device(name) for name in names]
         for index, device in enumerate(devices):
             self.log.info("device_opened", device=device.name, index=index)
@@ -400,6 +420,7 @@ class Job:
         try:
             self._engine_result = await self.engine.run(self.set_name, registry=self.registry)
         except (VDIError, JobError, StorageError, OSError) as exc:
+            self._in_user_terms(exc)
             if self.aborted:
                 if self._cause is not None and self._cause[0] is AbortCause.ENGINE:
                     self._abort(AbortCause.ENGINE, str(exc), exc)  # attach the engine's error
@@ -409,6 +430,21 @@ class Job:
         self.log.info("engine_finished")
         self._engine_done = True
         self._maybe_commit()
+
+    def _in_user_terms(self, exc: BaseException) -> None:
+        """Restate an engine error's place (the set's and device's internal names) as
+        the device's index and the stream it reads or writes, in place: the user never
+        saw those names (the job's logs still carry them, bound to every event)."""
+        if not isinstance(exc, EngineError):
+            return
+        where = None
+        # longest first: device 1's name is the set's name followed by "1"
+        for index, name in sorted(enumerate(self._device_names), key=lambda p: -len(p[1])):
+            exc.detail = exc.detail.replace(f"device {name!r}", f"device {index}")
+        if exc.device is not None and exc.device in self._device_names:
+            index = self._device_names.index(exc.device)
+            where = f"device {index}: {self._url(self.keys[index])}"
+        exc.relocate(where)
 
     def _maybe_commit(self) -> None:
         if not self.aborted and self._engine_done and len(self._ends) == len(self.keys):
@@ -465,6 +501,7 @@ class Job:
                         context=context,
                         limiter=self._hash_limiter,
                     )
+                read = source
                 pump = Pump(
                     device,
                     progress,
@@ -472,6 +509,7 @@ class Job:
                     source=source.outer if source is not None else None,
                     disk_like=self.options.disk_like,
                     poll=self.options.poll,
+                    at_end=(lambda: self._check_read(index, read)) if read is not None else None,
                 )
                 end = await pump.run()
                 log.info("device_closed", end=end.value, bytes=progress.bytes)
@@ -494,18 +532,29 @@ class Job:
             except VDAbortError:
                 self._abort(self._cause_of_set_abort(), self._vds.abort_reason or "aborted", None)
             except (StorageError, PipelineError) as exc:
+                if source is not None and not str(exc).startswith("device "):
+                    exc.args = (f"device {index}: {exc}",)  # which stream, in the user's terms
                 log.error("storage_failed", error=str(exc))
                 self._abort(AbortCause.SINK, str(exc), exc)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.drain_timeout):
                 if sink is not None and not committed:
-                    await sink.outer.abort()
-                    log.info("sink_aborted")
+                    try:
+                        await sink.outer.abort()
+                        log.info("sink_aborted")
+                    except StorageError as exc:
+                        # What the store kept is reported once, as the job's error, and
+                        # never escapes the task group as an exception group.
+                        log.error("sink_abort_failed", error=str(exc))
+                        self._abort(AbortCause.SINK, str(exc), exc)
+                        self._left.append(exc)
                 if source is not None:
                     await source.outer.close()
 
     def _check_read(self, index: int, source: SourceChain) -> None:
-        """Restore: the streams read must be the ones the manifest describes."""
+        """Restore: the streams read must be the ones the manifest describes. Called at
+        the stream's end (before the engine hears of it) and again after the device
+        closed (an engine that stopped reading early); ``url`` is the storage's own."""
         stored, logical = source.stored, source.logical
         self._hashes[index] = (logical.sha256, stored.bytes_read, stored.sha256)
         if self.expected is None:
@@ -583,6 +632,14 @@ class Job:
             error = JobAbortedError(
                 f"{self.kind.value} {self.backup_id} aborted: {reason}", by=by.value
             )
+        orphans = [e for e in self._left if isinstance(e, OrphanUploadsError)]
+        if orphans:
+            # What is left matters more than why: one line naming it and its remedy.
+            left = OrphanUploadsError.merge(orphans)
+            if error not in orphans:
+                left.args = (f"{left}; the job failed first: {error}",)
+            left.__cause__ = error
+            error, reason = left, str(left)
         status = JobStatus.ABORTED if by in _ABORTED_BY else JobStatus.FAILED
         self._move(status)
         self.log.warning("job_finished", status=status.value, by=by.value, reason=reason)

@@ -27,7 +27,8 @@
           ├── PipelineError             a pipeline stage (compression, encryption) failed
           │    ├── CorruptStreamError   stored bytes fail authentication or decoding
           │    ├── WrongKeyError        the key given is not the key the backup was made with
-          │    └── KeyMissingError      the backup is encrypted and no key was given
+          │    ├── KeyMissingError      the backup is encrypted and no key was given
+          │    └── KeyNotNeededError    a key was given for a backup that is not encrypted
           ├── ConfigError               a setting is invalid; names the key and where
           └── JobError                  a backup or restore job did not complete
                └── JobAbortedError      it was aborted; .cause says why
@@ -53,6 +54,7 @@ __all__ = [
     "JobAbortedError",
     "JobError",
     "KeyMissingError",
+    "KeyNotNeededError",
     "PipelineError",
     "StorageError",
     "StorageExistsError",
@@ -294,6 +296,12 @@ class WrongKeyError(PipelineError):
 
 class KeyMissingError(PipelineError):
     """The backup is encrypted and no key was given."""
+
+
+class KeyNotNeededError(PipelineError):
+    """A key was given for a backup that is not encrypted: the user meant another
+    backup, or believes this one is protected when it is not; refused rather than
+    ignored."""
 
 
 # --- configuration and jobs --------------------------------------------------------

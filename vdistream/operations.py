@@ -7,6 +7,20 @@ either exists completely or not at all. Restore and verify trust nothing they ha
 checked: the manifest's own checksum, then every stream's size, then (while reading)
 every stream's SHA-256, then the engine's own framing, and for verify the database's
 own check of a restore into a temporary place.
+
+Before a backup's engine starts, the destination is checked: debris of backups whose
+owner is provably gone is swept away (and logged), the storage answers a small probe
+(reachable, writable), and the backup id is free; the backup then runs inside the
+storage's in-progress marker (``Storage.in_progress``), so that a backup killed midway
+leaves debris the next run can prove dead. A restore sweeps its destination too.
+
+A restore publishes its target only once every stream passed every check (the pumps
+check each stream at its end, before the engine hears of it: see the coordinator).
+What a ``cmd:`` consumer did with the bytes before a failure cannot be undone:
+``run_restore(verify_first=True)`` reads and checks every stream completely first and
+feeds the consumer only if all pass (at the price of reading everything twice).
+Errors name streams where they are now (the storage read), not where the manifest
+says they were written.
 """
 
 from __future__ import annotations
@@ -16,8 +30,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +45,7 @@ from vdistream.catalog import (
     check_streams,
     hash_stream,
     list_manifests,
+    manifest_key,
     parse_backup_ref,
     read_manifest,
     write_manifest,
@@ -45,6 +58,7 @@ from vdistream.coordinator import (
     JobOptions,
     JobResult,
     JobStatus,
+    new_backup_id,
 )
 from vdistream.engines import SimulatorOptions
 from vdistream.engines.databases import (
@@ -53,7 +67,16 @@ from vdistream.engines.databases import (
     resolve_source,
     restore_engine,
 )
-from vdistream.errors import KeyMissingError, PipelineError, StorageError, VdistreamError
+from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
+from vdistream.errors import (
+    KeyMissingError,
+    KeyNotNeededError,
+    PipelineError,
+    StorageError,
+    VdistreamError,
+)
+from vdistream.log import get_logger
+from vdistream.ownership import OwnerLock
 from vdistream.pipeline.chain import PipelineConfig, SourceChain
 from vdistream.pipeline.encrypt import stream_context
 from vdistream.pipeline.keys import Key, ScryptParams, load_key
@@ -74,6 +97,11 @@ __all__ = [
 
 JobHook = Callable[[Job], None]
 
+#: the scratch directory of a verify's trial restore: ``WORKDIR/vdistream-verify-*``
+VERIFY_WORKDIR_PREFIX = "vdistream-verify-"
+
+_log = get_logger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class KeySource:
@@ -84,10 +112,22 @@ class KeySource:
     key_file: str | None = None
     env: str | None = None
     passphrase_env: str | None = None
+    #: a key configured for every job (the daemon's), used only when a backup is
+    #: encrypted; a key given for one job (False) is refused for an unencrypted backup
+    optional: bool = False
 
     @property
     def given(self) -> bool:
         return any(v is not None for v in (self.key_file, self.env, self.passphrase_env))
+
+    @property
+    def option(self) -> str:
+        """How the user gave the key, as the command line spells it."""
+        if self.key_file is not None:
+            return "--encrypt-key-file"
+        if self.env is not None:
+            return "--encrypt-key-env"
+        return "--encrypt-passphrase-env"
 
     async def load(self, kdf: dict[str, Any] | None = None) -> Key:
         passphrase = None
@@ -214,12 +254,56 @@ async def _backup(
     if settings.encryption is not None and settings.encryption.given:
         key = await settings.encryption.load()
     pipeline = PipelineConfig(compression=settings.compression, key=key)
+    # Decided here, not by the job: the preflight and the in-progress marker need it.
+    backup_id = settings.backup_id or new_backup_id()
+    await _preflight(storage, backup_id)
+    async with storage.in_progress(backup_id):
+        return await _backup_job(source, storage, settings, on_job, backup_id, pipeline, versions)
+
+
+async def _sweep(storage: Storage) -> None:
+    """Remove debris of killed jobs in ``storage`` (only that of owners provably gone)
+    and log it; a failing sweep is logged and left to the next run or ``storage audit``."""
+    try:
+        removed = await storage.sweep()
+    except StorageError as exc:
+        _log.warning("debris_sweep_failed", storage=storage.url, error=str(exc))
+        return
+    if removed:
+        _log.info("debris_swept", storage=storage.url, removed=list(removed))
+
+
+async def _preflight(storage: Storage, backup_id: str) -> None:
+    """Before the engine starts: debris swept, the destination reachable and writable,
+    the backup id free (``CatalogError`` "backup X already exists in DEST")."""
+    await _sweep(storage)
+    await storage.probe()
+    taken = await storage.list(f"{backup_id}/")
+    if manifest_key(backup_id) in taken:
+        raise CatalogError(f"backup {backup_id} already exists in {storage.url}")
+    if taken:
+        raise CatalogError(
+            f"{storage.url} already holds streams of a backup {backup_id} (another backup "
+            "with this id is running, or one was interrupted: `vdistream storage audit` "
+            "shows it); choose another id"
+        )
+
+
+async def _backup_job(
+    source: DatabaseSource,
+    storage: Storage,
+    settings: BackupSettings,
+    on_job: JobHook | None,
+    backup_id: str,
+    pipeline: PipelineConfig,
+    versions: dict[str, str],
+) -> BackupOutcome:
     started = _now()
     job = Job(
         JobKind.BACKUP,
         source.backup_engine(settings.simulator(), tempdir=settings.workdir),
         storage,
-        backup_id=settings.backup_id,
+        backup_id=backup_id,
         options=settings.job(),
         pipeline=pipeline,
     )
@@ -284,6 +368,10 @@ async def _pipeline_for(manifest: Manifest, keys: KeySource | None) -> PipelineC
     a wrong or missing key is reported as such before any byte is read."""
     encryption = (manifest.pipeline or {}).get("encryption")
     key = None
+    if not encryption and keys is not None and keys.given and not keys.optional:
+        raise KeyNotNeededError(
+            f"backup {manifest.backup_id} is not encrypted: leave out {keys.option}"
+        )
     if encryption:
         if keys is None or not keys.given:
             raise KeyMissingError(
@@ -306,9 +394,18 @@ async def _restore_job(
     create: bool = False,
     owner: str | None = None,
     keys: KeySource | None = None,
+    verify_first: bool = False,
 ) -> JobResult:
     await check_streams(storage, manifest)
     pipeline = await _pipeline_for(manifest, keys)
+    if verify_first:
+        checks = await _reread_all(storage, manifest, pipeline)
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            raise CatalogError(
+                f"backup {manifest.backup_id} failed its check before the restore, so "
+                f"nothing was restored: " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
+            )
     options = SimulatorOptions(
         block_size=manifest.vdi["block_size"],
         max_transfer_size=manifest.vdi["max_transfer_size"],
@@ -349,16 +446,26 @@ async def run_restore(
     owner: str | None = None,
     keys: KeySource | None = None,
     on_job: JobHook | None = None,
+    verify_first: bool = False,
 ) -> JobResult:
     """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``.
 
     ``overwrite`` replaces an existing SQLite file (``--clean`` for a PostgreSQL dump);
     ``create`` creates the target database of a PostgreSQL dump first; ``owner`` gives a
     restored PostgreSQL data directory to that user (the server's).
+
+    The target is published only when every stream passed every check: a SQLite file,
+    a dump file or a data directory appears complete or not at all; a dump restored
+    into a database runs as one transaction (``pg_restore --single-transaction``) that
+    a failure rolls back. A ``cmd:`` consumer, though, has seen the bytes before a late
+    failure and cannot be undone: ``verify_first`` reads and checks every stream
+    completely first (raising ``CatalogError`` naming what failed, before the engine
+    starts) and only then runs the restore, reading everything twice.
     """
     dest, backup_id = parse_backup_ref(backup)
     async with opened_storage(dest) as storage:
-        manifest = await read_manifest(storage, backup_id)
+        await _sweep(storage)
+        manifest = (await read_manifest(storage, backup_id)).relocated(storage.url)
         return await _restore_job(
             storage,
             manifest,
@@ -368,6 +475,7 @@ async def run_restore(
             create=create,
             owner=owner,
             keys=keys,
+            verify_first=verify_first,
         )
 
 
@@ -423,7 +531,7 @@ async def _verify(
 ) -> VerifyReport:
     checks: list[Check] = []
     try:
-        manifest = await read_manifest(storage, backup_id)
+        manifest = (await read_manifest(storage, backup_id)).relocated(storage.url)
     except CatalogError as exc:
         return VerifyReport(backup_id, (Check("manifest", False, str(exc)),))
     checks.append(Check("manifest", True, "present, checksum matches"))
@@ -441,6 +549,46 @@ async def _verify(
         return VerifyReport(backup_id, tuple(checks))
     if pipeline.encrypted:
         checks.append(Check("key", True, "matches the backup's key fingerprint"))
+    checks.extend(await _reread_all(storage, manifest, pipeline))
+    if not content or not all(c.ok for c in checks):
+        return VerifyReport(backup_id, tuple(checks))
+
+    # A killed verify's directory is removed by the next one (its owner lock is free).
+    def claim() -> tuple[Path, OwnerLock]:
+        sweep_workdir(workdir, VERIFY_WORKDIR_PREFIX)
+        return claim_workdir(workdir, VERIFY_WORKDIR_PREFIX)
+
+    scratch, lock = await anyio.to_thread.run_sync(claim)
+    try:
+        target, check = await content_check(manifest.engine, manifest.mode, scratch)
+        result = await _restore_job(
+            storage, manifest, target, overwrite=False, on_job=None, keys=keys
+        )
+        if not result.ok:
+            checks.append(Check("restore", False, str(result.error)))
+        else:
+            stored = sum(d.stored_bytes or 0 for d in result.devices)
+            checks.append(
+                Check(
+                    "restore",
+                    True,
+                    f"{stored} stored bytes read, {result.bytes} stream bytes reassembled",
+                )
+            )
+            try:
+                checks.append(Check("content", True, await check()))
+            except (VdistreamError, OSError) as exc:
+                checks.append(Check("content", False, str(exc)))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(release_workdir, scratch, lock)
+    return VerifyReport(backup_id, tuple(checks))
+
+
+async def _reread_all(
+    storage: Storage, manifest: Manifest, pipeline: PipelineConfig
+) -> list[Check]:
+    """Every device stream read back and checked (``_reread``), in device order."""
     hashed: dict[int, Check] = {}
     limiter = anyio.CapacityLimiter(max(2, len(manifest.devices)))
 
@@ -453,30 +601,7 @@ async def _verify(
     async with anyio.create_task_group() as tg:
         for device in manifest.devices:
             tg.start_soon(reread, device)
-    checks.extend(hashed[i] for i in sorted(hashed))
-    if not content or not all(c.ok for c in checks):
-        return VerifyReport(backup_id, tuple(checks))
-
-    workdir = Path(
-        await anyio.to_thread.run_sync(tempfile.mkdtemp, "", "vdistream-verify-", workdir)
-    )
-    try:
-        target, check = await content_check(manifest.engine, manifest.mode, workdir)
-        result = await _restore_job(
-            storage, manifest, target, overwrite=False, on_job=None, keys=keys
-        )
-        if not result.ok:
-            checks.append(Check("restore", False, str(result.error)))
-        else:
-            checks.append(Check("restore", True, f"{result.bytes} bytes reassembled"))
-            try:
-                checks.append(Check("content", True, await check()))
-            except (VdistreamError, OSError) as exc:
-                checks.append(Check("content", False, str(exc)))
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
-    return VerifyReport(backup_id, tuple(checks))
+    return [hashed[i] for i in sorted(hashed)]
 
 
 async def _reread(
@@ -487,12 +612,13 @@ async def _reread(
     limiter: anyio.CapacityLimiter,
 ) -> Check:
     """Read one stream back through every stage: stored SHA-256, authentication tags,
-    decompression, logical SHA-256. Nothing is written."""
+    decompression, logical SHA-256. Nothing is written. ``device.url`` is where the
+    stream is now (``Manifest.relocated``)."""
     name = f"device {device.index}"
     if not pipeline.any:
         size, sha256 = await hash_stream(storage, device.key)
         if size == device.bytes and sha256 == device.sha256:
-            return Check(name, True, f"{size} bytes, sha256 {sha256[:16]}...")
+            return Check(name, True, f"{size} bytes stored (no stages), sha256 {sha256[:16]}...")
         return Check(
             name,
             False,

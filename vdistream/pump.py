@@ -24,11 +24,20 @@ A storage or pipeline failure (a corrupt or undecryptable stream) completes the 
 with an error code the engine understands (DISK_FULL when the medium is full) and is
 then raised, so that the coordinator
 aborts the job with the storage error as its cause.
+
+Restore: the end of a stream is reported to the engine only once the stream passed
+every check. The first READ that finds the source's end calls ``at_end()`` (the
+coordinator's check of the stored size and SHA-256, and of the logical ones behind
+decryption and decompression) *before* completing with HANDLE_EOF; a failing check
+completes that READ with a read fault instead. An engine that publishes its target only
+after every device reported its end (every engine of vdistream does: the simulator's
+reassembly waits for each device's end) therefore never publishes a damaged stream.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 from vdistream.errors import (
     PipelineError,
@@ -63,6 +72,7 @@ class Pump:
         source: Source | None = None,
         disk_like: bool = False,
         poll: float = 1.0,
+        at_end: Callable[[], None] | None = None,
     ) -> None:
         self.device = device
         self.progress = progress
@@ -72,6 +82,9 @@ class Pump:
         self.poll = poll
         self.position = 0
         self.discarded = False
+        #: restore: checks the whole stream once its end was read (module docstring)
+        self.at_end = at_end
+        self.ended = False
 
     async def run(self) -> PumpEnd:
         """Serve commands until the engine closes the device.
@@ -109,8 +122,13 @@ class Pump:
                     command.buffer, position=command.position if self.disk_like else None
                 )
                 self.position = (command.position if self.disk_like else self.position) + got
-                done = Completion.SUCCESS if got == command.size else Completion.HANDLE_EOF
-                return done, got, 0
+                if got == command.size:
+                    return Completion.SUCCESS, got, 0
+                if not self.ended:
+                    self.ended = True
+                    if self.at_end is not None:
+                        self.at_end()  # raises StorageError: the READ fails, not ends
+                return Completion.HANDLE_EOF, got, 0
             if code in (CommandCode.FLUSH, CommandCode.COMPLETE):
                 if self.sink is not None:
                     await self.sink.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -133,3 +134,22 @@ def test_a_urls_query_stays_with_the_destination() -> None:
         "id1",
     )
     assert parse_backup_ref("s3://b/p/id1/manifest.json?region=x") == ("s3://b/p?region=x", "id1")
+
+
+def test_relocated_names_where_the_streams_are_now() -> None:
+    original = manifest()
+    moved = original.relocated("file:///mnt/copy/")
+    assert [d.url for d in moved.devices] == [
+        "file:///mnt/copy/b1/stream-00-of-02.vdi",
+        "file:///mnt/copy/b1/stream-01-of-02.vdi",
+    ]
+    assert [d.url for d in original.devices] == ["memory://x/a", "memory://x/b"]
+    assert moved.to_json() != original.to_json()  # only for reading: never written
+
+
+def test_the_summary_names_both_byte_counts() -> None:
+    entry = DeviceEntry(0, "set", "b1/stream-00-of-01.vdi", "u", 10, "aa", 30, "cc")
+    summary = dataclasses.replace(manifest(), devices=(entry,)).summary()
+    assert (summary["bytes"], summary["stored_bytes"], summary["logical_bytes"]) == (10, 10, 30)
+    plain = manifest().summary()  # without stages both are the same
+    assert (plain["stored_bytes"], plain["logical_bytes"]) == (7, 7)

@@ -296,3 +296,88 @@ async def test_connection_from_pg_environment_variables(
     result = await vdistream.backup(source.backup_engine(OPTIONS), str(tmp_path), options=JOB)
     assert result.ok, result.error
     assert result.engine_result.logical_bytes > 100_000  # type: ignore[attr-defined]
+
+
+# --- a failed restore leaves no target -------------------------------------------------
+
+
+async def _stored_with_manifest(pg: PgServer, dest: Path, mode: str) -> str:
+    """A backup through the operations layer (so it has a manifest to check against)."""
+    from vdistream.operations import BackupSettings, run_backup
+
+    outcome = await run_backup(
+        pg.url(),
+        str(dest),
+        BackupSettings(
+            devices=4,
+            mode=mode,
+            backup_id=f"flip-{mode}",
+            block_size=OPTIONS.block_size,
+            max_transfer_size=OPTIONS.max_transfer_size,
+        ),
+    )
+    assert outcome.ok, outcome.result.error
+    return outcome.result.backup_id
+
+
+def _flip_near_the_end(dest: Path, backup_id: str, index: int = 2) -> Path:
+    stream = sorted((dest / backup_id).glob("stream-*.vdi"))[index]
+    data = bytearray(stream.read_bytes())
+    data[len(data) - 100] ^= 1
+    stream.write_bytes(bytes(data))
+    return stream
+
+
+@pytest.mark.asyncio
+async def test_a_flipped_bit_near_the_end_leaves_no_data_directory(
+    pg: PgServer, tmp_path: Path
+) -> None:
+    from vdistream.errors import StorageIntegrityError
+    from vdistream.operations import run_restore
+
+    dest = tmp_path / "dest"
+    backup_id = await _stored_with_manifest(pg, dest, "basebackup")
+    stream = _flip_near_the_end(dest, backup_id)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "data"
+    result = await run_restore(f"{dest}/{backup_id}", str(target), owner=OWNER)
+    assert not result.ok
+    assert not target.exists()
+    assert list(out.iterdir()) == []
+    assert isinstance(result.error, StorageIntegrityError), result.error
+    assert "device 2" in str(result.error)
+    assert stream.as_uri() in str(result.error)
+
+    # An empty directory given as the target is left empty, as it was found.
+    target.mkdir()
+    result = await run_restore(f"{dest}/{backup_id}", str(target), owner=OWNER)
+    assert not result.ok
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_flipped_bit_near_the_end_leaves_the_database_untouched(
+    pg: PgServer, tmp_path: Path
+) -> None:
+    """pg_restore into a live database runs as one transaction, and does not reach the
+    end of the archive before every stream passed its checks: nothing is committed."""
+    from vdistream.errors import StorageIntegrityError
+    from vdistream.operations import run_restore
+
+    dest = tmp_path / "dest"
+    backup_id = await _stored_with_manifest(pg, dest, "dump")
+    _flip_near_the_end(dest, backup_id)
+    name = f"untouched_{uuid.uuid4().hex[:8]}"
+    pg.psql(f"CREATE DATABASE {name}")
+    result = await run_restore(f"{dest}/{backup_id}", pg.url(name))
+    assert not result.ok
+    assert isinstance(result.error, StorageIntegrityError), result.error
+    tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+    assert pg.psql(tables, name) == "0"
+
+    # The same archive, undamaged, restores completely into that database.
+    _flip_near_the_end(dest, backup_id)  # flipped back
+    result = await run_restore(f"{dest}/{backup_id}", pg.url(name))
+    assert result.ok, result.error
+    assert pg.pgbench_summary(name) == pg.pgbench_summary()

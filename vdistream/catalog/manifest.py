@@ -70,7 +70,26 @@ class Manifest:
 
     @property
     def stored_bytes(self) -> int:
+        """What the medium holds (after compression and encryption)."""
         return sum(d.bytes for d in self.devices)
+
+    @property
+    def stream_bytes(self) -> int:
+        """What the engine wrote to the devices (before compression and encryption)."""
+        return sum(
+            d.logical_bytes if d.logical_bytes is not None else d.bytes for d in self.devices
+        )
+
+    def relocated(self, base_url: str) -> Manifest:
+        """This manifest with each device's ``url`` where its stream is now: under
+        ``base_url``, the storage it was read from. The recorded URLs are where the
+        backup was written, wrong once it was copied elsewhere; errors name the real
+        place. The copy is for reading only (its checksum would not match)."""
+        base = base_url.rstrip("/")
+        return dataclasses.replace(
+            self,
+            devices=tuple(dataclasses.replace(d, url=f"{base}/{d.key}") for d in self.devices),
+        )
 
     def _body(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
@@ -93,6 +112,8 @@ class Manifest:
             "ended": self.ended,
             "devices": len(self.devices),
             "bytes": self.stored_bytes,
+            "stored_bytes": self.stored_bytes,
+            "logical_bytes": self.stream_bytes,
             "compression": (self.pipeline or {}).get("compression"),
             "encrypted": bool((self.pipeline or {}).get("encryption")),
         }

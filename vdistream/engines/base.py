@@ -26,6 +26,12 @@ Contract of ``Engine.run(set_name, *, registry=None) -> EngineResult``:
 * It owns every task it starts (one task group, closed before ``run`` returns), every
   wait it makes is bounded or cancellable, and it never touches a buffer whose command
   the client still holds or which completed with ``OPERATION_ABORTED``.
+* A restore engine publishes its target (renames a file into place, hands the end of
+  the data to a consumer that cannot be undone) only after EVERY device reported the
+  end of its stream (HANDLE_EOF or NO_DATA_DETECTED): the client reports a stream's end
+  only once the whole stream passed every check (stored size and SHA-256,
+  authentication tags, the logical SHA-256), so a damaged stream fails the restore
+  before anything is published.
 * ``direction`` says whether the job is a backup (the engine WRITEs) or a restore (the
   engine READs); it is fixed when the engine is built.
 """
@@ -149,12 +155,20 @@ class EngineError(JobError):
     ) -> None:
         self.set_name = set_name
         self.device = device
+        #: the message without the place
+        self.detail = message
         where = []
         if set_name is not None:
             where.append(f"set {set_name!r}")
         if device is not None:
             where.append(f"device {device!r}")
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
+
+    def relocate(self, where: str | None) -> None:
+        """Restate the place in the user's terms (in place, keeping the traceback):
+        ``where`` replaces the set's and device's internal names (``None``: no place).
+        The client calls it with the device's index and the stream's location."""
+        self.args = (f"{self.detail} ({where})" if where else self.detail,)
 
 
 class EngineAbortedError(EngineError):

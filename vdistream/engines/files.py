@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import io
 import os
@@ -27,8 +28,19 @@ import anyio.to_thread
 
 from vdistream.engines.scoped import EndpointError, ScopedStream, TargetExistsError
 from vdistream.engines.streams import ByteConsumer
+from vdistream.log import get_logger
 
-__all__ = ("PARTIAL_SUFFIX", "AtomicFileConsumer", "fsync_directory", "partial_files")
+__all__ = (
+    "PARTIAL_SUFFIX",
+    "AtomicFileConsumer",
+    "creation_mode",
+    "fsync_directory",
+    "lock_held_file",
+    "partial_files",
+    "remove_stale_partials",
+)
+
+_log = get_logger(__name__)
 
 #: the temporary file a restore writes beside its target is ``.<name>.<random><suffix>``
 PARTIAL_SUFFIX = ".vdistream-partial"
@@ -41,6 +53,64 @@ def partial_files(path: Path) -> list[Path]:
         return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"))
     except OSError:
         return []
+
+
+def creation_mode() -> int:
+    """The mode a new file gets here: ``0666`` without the process's umask.
+
+    Read from ``/proc/self/status`` (no change of the process-wide umask, which other
+    threads would see); elsewhere set and restored at once.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def lock_held_file(fd: int, path: Path) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` (the file just created as ``path``) without
+    waiting; True when it is held AND ``path`` still names that file. False means a
+    sweeper got it first (it holds the lock, or already removed the name): make another.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    try:
+        mine, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Remove the partial files beside ``path`` whose restore is gone (nobody holds
+    their lock); return them. A partial file held by a live restore is left alone.
+    Blocking: run it in a worker thread."""
+    removed = []
+    for partial in partial_files(path):
+        try:
+            fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            # Locked by us, and the name still this file (not a new one): debris.
+            if lock_held_file(fd, partial):
+                partial.unlink()
+                removed.append(partial)
+        except OSError as exc:
+            _log.warning("partial_not_removed", path=str(partial), error=str(exc))
+        finally:
+            os.close(fd)
+    for partial in removed:
+        _log.info("partial_removed", path=str(partial), target=str(path))
+    return removed
 
 
 def fsync_directory(path: Path) -> None:
@@ -59,7 +129,8 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
     raises (preferably an ``EndpointError``) when its content is not acceptable.
     ``precheck()`` runs in a worker thread before the set opens, after the target's own
     checks; ``before_place(temp_path)`` runs just before the file is put in place (for
-    example to refuse or clean up stale companion files).
+    example to refuse or clean up stale companion files). ``mode`` is the restored
+    file's mode (default: ``0666 & ~umask``, as any new file).
     """
 
     def __init__(
@@ -71,6 +142,7 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
         before_place: Callable[[Path], object] | None = None,
         precheck: Callable[[], object] | None = None,
         what: str = "file",
+        mode: int | None = None,
     ) -> None:
         self.path = Path(path).absolute()
         self.overwrite = overwrite
@@ -78,7 +150,10 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
         self.before_place = before_place
         self.precheck = precheck
         self.what = what
+        self.mode = mode
+        self.removed_partials: list[Path] = []
         self.temp: Path | None = None
+        self._lock: int | None = None
         self.bytes_written = 0
         self.placed = False
         self._file: io.BufferedWriter | None = None
@@ -108,15 +183,26 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
             raise EndpointError(f"cannot restore to {self.path}: {parent} is not a directory")
         if self.precheck is not None:
             self.precheck()
-        try:
-            fd, name = tempfile.mkstemp(
-                prefix=f".{self.path.name}.", suffix=PARTIAL_SUFFIX, dir=parent
-            )
-        except OSError as exc:
-            raise EndpointError(
-                f"cannot create a temporary file next to {self.path}: {exc.strerror}"
-            ) from exc
+        self.removed_partials = remove_stale_partials(self.path)
+        for _ in range(10):
+            try:
+                fd, name = tempfile.mkstemp(
+                    prefix=f".{self.path.name}.", suffix=PARTIAL_SUFFIX, dir=parent
+                )
+            except OSError as exc:
+                raise EndpointError(
+                    f"cannot create a temporary file next to {self.path}: {exc.strerror}"
+                ) from exc
+            # The lock on the file itself marks it as a live restore's (module docstring).
+            if lock_held_file(fd, Path(name)):
+                break
+            os.close(fd)  # a concurrent sweep took it for debris: make another
+        else:
+            raise EndpointError(f"cannot create a temporary file next to {self.path}")
         self.temp = Path(name)
+        # A descriptor of its own keeps the lock while the file is checked and placed,
+        # after the writer's descriptor was closed (a flock belongs to the open file).
+        self._lock = os.dup(fd)
         self._file = os.fdopen(fd, "wb")
 
     def _drop(self) -> None:
@@ -127,6 +213,12 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
         if self.temp is not None and not self.placed:
             with contextlib.suppress(FileNotFoundError):
                 self.temp.unlink()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            os.close(lock)
 
     # --- the consumer ---------------------------------------------------------------
 
@@ -166,6 +258,12 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
         if self.before_place is not None:
             self.before_place(self.temp)
         try:
+            os.chmod(self.temp, self.mode if self.mode is not None else creation_mode())
+        except OSError as exc:
+            raise EndpointError(
+                f"setting the mode of the restored {self.what} {self.path} failed: {exc.strerror}"
+            ) from exc
+        try:
             if self.overwrite:
                 os.replace(self.temp, self.path)
             else:
@@ -175,6 +273,7 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
                 f"putting the restored {self.what} in place at {self.path} failed: {exc.strerror}"
             ) from exc
         self.placed = True
+        self._unlock()
         fsync_directory(self.path.parent)
 
     def _link_into_place(self) -> None:

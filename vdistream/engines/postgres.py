@@ -33,10 +33,17 @@ Modes:
   makes it recover to a consistent state first).
 * ``PostgresDump`` (``dump``): ``pg_dump -Fc -w`` to stdout: one database, custom
   format (compressed, restorable selectively).
-* ``PostgresDumpRestore``: ``pg_restore -d URL -w --exit-on-error`` with the stream on
-  its stdin; ``create=True`` first creates the database named in the URL
-  (``createdb``; dropped again if the restore fails), ``no_owner=True`` adds
+* ``PostgresDumpRestore``: ``pg_restore -d URL -w --exit-on-error --single-transaction``
+  with the stream on its stdin; ``create=True`` first creates the database named in
+  the URL (``createdb``; dropped again if the restore fails), ``no_owner=True`` adds
   ``--no-owner``, ``clean=True`` adds ``--clean --if-exists``. Its exit status decides.
+  A restore into a live database cannot be taken back once committed, so it is ONE
+  transaction: when the stream fails a check (vdistream's, at its end) or the tool
+  fails, ``pg_restore`` is stopped before it commits and the database is as it was
+  (``--clean`` included). ``pg_restore`` commits once it has read the archive's last
+  byte, so the consumer holds the stream's last ``HOLD_BACK`` bytes back until the
+  engine's ``finish()``, which comes only after every stream passed every check: the
+  commit can never precede the checks.
   A dump can also be restored to a FILE (``PostgresDumpFile``): the archive, checked
   for the custom format's signature, for ``pg_restore`` later.
 
@@ -99,6 +106,9 @@ SCHEMES = ("postgresql", "postgres")
 DUMP_SIGNATURE = b"PGDMP"
 #: Bound of the quick helper calls (version queries, createdb, dropdb).
 QUICK_TOOL_SECONDS = 60.0
+#: How much of the end of a dump ``pg_restore`` gets only at ``finish()``: any amount
+#: keeps it from reaching the end of the archive, and so from committing.
+HOLD_BACK = 64 * 1024
 _SECRET_PARAMETERS = frozenset({"password"})
 _HIDDEN_PARAMETERS = frozenset({"password", "sslpassword"})
 
@@ -501,8 +511,25 @@ class _PgRestoreConsumer(ProcessConsumer):
         self.bindir = bindir
         self.created = False
         self.succeeded = False
+        self._tail = b""  # the stream's last bytes so far, held back (module docstring)
+
+    async def write(self, view: memoryview) -> None:
+        if view.nbytes >= HOLD_BACK:
+            if self._tail:
+                await super().write(memoryview(self._tail))
+            await super().write(view[: view.nbytes - HOLD_BACK])
+            self._tail = bytes(view[view.nbytes - HOLD_BACK :])
+            return
+        combined = self._tail + bytes(view)
+        if len(combined) > HOLD_BACK:
+            await super().write(memoryview(combined)[: len(combined) - HOLD_BACK])
+            combined = combined[len(combined) - HOLD_BACK :]
+        self._tail = combined
 
     async def finish(self) -> None:
+        tail, self._tail = self._tail, b""
+        if tail:
+            await super().write(memoryview(tail))
         await super().finish()
         self.succeeded = True
 
@@ -562,7 +589,14 @@ class PostgresDumpRestore(ScopedRestore):
             raise ConfigError(
                 f"create=True needs the database's name in the URL ({self.url.display})"
             )
-        argv = [find_tool("pg_restore", bindir), "-d", self.url.url, "-w", "--exit-on-error"]
+        argv = [
+            find_tool("pg_restore", bindir),
+            "-d",
+            self.url.url,
+            "-w",
+            "--exit-on-error",
+            "--single-transaction",  # a failed restore is rolled back (module docstring)
+        ]
         if no_owner:
             argv.append("--no-owner")
         if clean:
