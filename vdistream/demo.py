@@ -21,26 +21,37 @@ __all__ = ["run_demo"]
 
 
 def _create(path: Path, rows: int = 200_000) -> None:
+    """A WAL-mode database (the mode a live application uses), closed properly: the
+    last connection's close checkpoints and removes the ``-wal`` and ``-shm`` files."""
     rng = random.Random(42)
-    with sqlite3.connect(path) as db:
+    db = sqlite3.connect(path)
+    try:
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, amount REAL, note TEXT)"
-        )
-        db.executemany(
-            "INSERT INTO orders (customer, amount, note) VALUES (?, ?, ?)",
-            (
-                (f"customer-{rng.randrange(5000)}", round(rng.uniform(1, 999), 2), "x" * 40)
-                for _ in range(rows)
-            ),
-        )
-    sqlite3.connect(path).close()
+        with db:
+            db.execute(
+                "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT, amount REAL, "
+                "note TEXT)"
+            )
+            db.executemany(
+                "INSERT INTO orders (customer, amount, note) VALUES (?, ?, ?)",
+                (
+                    (f"customer-{rng.randrange(5000)}", round(rng.uniform(1, 999), 2), "x" * 40)
+                    for _ in range(rows)
+                ),
+            )
+    finally:
+        db.close()
 
 
 def _fingerprint(path: Path) -> tuple[int, str]:
-    """Rows and a hash of every table's content, in a stable order."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    """Rows and a hash of every table's content, in a stable order.
+
+    Read through an ordinary connection with ``query_only``, not ``mode=ro``: a
+    read-only connection to a WAL database cannot remove the ``-wal`` and ``-shm``
+    files it creates, and would leave them beside the database."""
+    db = sqlite3.connect(path)
     try:
+        db.execute("PRAGMA query_only=ON")
         digest = hashlib.sha256()
         count = 0
         tables = [
@@ -80,7 +91,11 @@ async def run_demo(directory: str, database: str | None) -> int:
         print(f"backup failed: {outcome.result.error}")
         return 1
     backup_id = outcome.result.backup_id
-    print(f"  {backup_id}: {outcome.result.bytes:,} bytes, manifest {outcome.manifest_url}")
+    stored = outcome.manifest.stored_bytes if outcome.manifest is not None else None
+    print(
+        f"  {backup_id}: logical {outcome.result.bytes:,} bytes, stored {stored or 0:,} bytes, "
+        f"manifest {outcome.manifest_url}"
+    )
 
     print("verifying (re-read every stream, then restore into a temporary file and check it)")
     report = await run_verify(f"{backups}/{backup_id}")

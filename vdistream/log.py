@@ -4,7 +4,9 @@ The library never configures logging. Events go to the stdlib logger named after
 the module (``vdistream.coordinator``, ...) with the event name as the message and
 the bound fields as ``extra``; with no handler configured, Python shows only warnings
 and errors. ``vdistream serve`` (and any host application) decides how they are
-rendered, e.g. with ``structlog.stdlib.ProcessorFormatter``.
+rendered, e.g. with ``structlog.stdlib.ProcessorFormatter``; the other commands of the
+command line drop them unless ``-v``/``--log-level`` asks for them
+(:mod:`vdistream.cli.framework`).
 
 Event names are stable: ``job_started``, ``device_opened``, ``abort_signalled``,
 ``sink_committed``, ``sink_aborted``, ``job_finished``, ...

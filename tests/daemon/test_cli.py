@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -49,12 +52,16 @@ def test_client_commands_against_a_running_daemon(
     out = capsys.readouterr()
     assert "backup of app, succeeded" in out.out
     assert "device 1:" in out.out
+    assert re.search(r"logical [0-9,]+ bytes, stored [0-9,]+ bytes", out.out), out.out
 
     done = _run("jobs", "--json", *socket)
     assert done.returncode == 0, done.stderr
     (job,) = json.loads(done.stdout)
     assert job["state"] == "succeeded"
     assert job["params"]["verify"] is False
+    listed = _run("jobs", *socket)
+    stored, logical = job["result"]["bytes"], job["result"]["logical_bytes"]
+    assert f"logical {logical:,} bytes, stored {stored:,} bytes" in listed.stdout
 
     assert main(["job", job["id"], "--json", *socket]) == 0
     assert json.loads(capsys.readouterr().out)["backup_id"] == job["backup_id"]
@@ -100,8 +107,12 @@ async def test_submit_backup_to_daemon_by_name_or_by_source_and_destination(
         str(daemon.socket), "app", None, None, stdout=out, stderr=err
     )
     assert code == 0, err.getvalue()
-    assert "complete:" in out.getvalue()
-    assert "manifest: file://" in out.getvalue()
+    backup_id = out.getvalue().strip()  # stdout: the bare id, as `ID=$(vdistream backup ...)`
+    assert out.getvalue() == backup_id + "\n"
+    assert (daemon.dest / backup_id / "manifest.json").is_file()
+    assert f"backup {backup_id} complete: logical " in err.getvalue()
+    assert "bytes, stored " in err.getvalue()
+    assert "manifest file://" in err.getvalue()
 
     out, err = io.StringIO(), io.StringIO()
     code = await submit_backup_to_daemon(
@@ -151,7 +162,10 @@ def test_backup_daemon_through_the_command_line(
 
     by_urls = _run("backup", f"sqlite://{source}", str(daemon.dest), "--daemon", *socket)
     assert by_urls.returncode == 0, by_urls.stderr
-    assert "complete:" in by_urls.stdout
+    backup_id = by_urls.stdout.strip()
+    assert (daemon.dest / backup_id / "manifest.json").is_file()
+    assert by_urls.stderr.splitlines() == [by_urls.stderr.strip()]  # one line: the summary
+    assert "complete: logical " in by_urls.stderr
 
     queued = _run("backup", "app", "--daemon", "--no-wait", "--json", *socket)
     assert queued.returncode == 0, queued.stderr
@@ -197,6 +211,11 @@ def test_prune_by_hand_with_and_without_verified_state(
     assert main(["prune", str(dest), "--keep-last", "1", "--verify", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "database app: keep_last=1, keep_within=-" in text
+    # durations are shown as written, never as seconds
+    assert main(["prune", str(dest), "--keep-within", "14d", "--dry-run"]) == 0
+    assert "database app: keep_last=-, keep_within=14d" in capsys.readouterr().out
+    assert main(["prune", str(dest), "--keep-within", "1d12h", "--dry-run"]) == 0
+    assert "keep_within=1d12h" in capsys.readouterr().out
     assert "dry run: 2 backup(s) would be deleted" in text
     assert sorted(p.name for p in dest.iterdir()) == ids
 
@@ -210,3 +229,39 @@ def test_prune_by_hand_with_and_without_verified_state(
     assert [p.name for p in dest.iterdir()] == [ids[2]]
     assert main(["prune", str(dest)]) == 2
     assert "no retention rule" in capsys.readouterr().err
+
+
+def test_relative_paths_are_the_clients(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """``submit restore app rel.db`` restores into the client's directory, not the
+    daemon's (which is the repository here); so does ``backup --daemon`` with a
+    relative DEST and a ``sqlite:`` source relative to the client."""
+    source = make_sqlite(tmp_path / "app.db")
+    daemon = daemon_factory({"app": {"url": f"sqlite://{source}", "verify_after_backup": False}})
+    daemon.start()
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    socket = ["--socket", str(daemon.socket)]
+
+    def run_here(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vdistream", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=client_dir,
+            check=False,
+        )
+
+    relative_dest = os.path.relpath(daemon.dest, client_dir)
+    made = run_here("backup", "sqlite:../app.db", relative_dest, "--daemon", *socket)
+    assert made.returncode == 0, made.stderr
+    restored = run_here("submit", "restore", "app", "rel.db", "--wait", *socket)
+    assert restored.returncode == 0, restored.stderr
+    assert (client_dir / "rel.db").is_file()
+    assert not (REPO / "rel.db").exists()
+    with sqlite3.connect(client_dir / "rel.db") as db:
+        assert db.execute("SELECT count(*) FROM items").fetchone() == (20_000,)
+    db.close()
+    assert daemon.stop() == 0

@@ -40,6 +40,7 @@ __all__ = (
     "ApiClient",
     "DaemonError",
     "DaemonUnreachableError",
+    "absolute_target",
     "default_socket_path",
     "submit_backup_to_daemon",
 )
@@ -278,14 +279,18 @@ async def submit_backup_to_daemon(
     backup``) must match one configured database's URL and destination (relative
     paths are taken from the current directory). ``socket_path`` ``None`` is
     ``default_socket_path()``. With ``wait`` the job is followed until it ends
-    (progress on ``stderr``) and Ctrl-C aborts it in the daemon; otherwise the accepted
-    job is printed and the command returns at once.
+    (progress on ``stderr`` when it is a terminal) and an interruption aborts it in the
+    daemon; on success ``stdout`` gets the bare backup id and ``stderr`` the summary
+    (logical and stored bytes). Without ``wait`` ``stdout`` gets the job's id and the
+    command returns at once. ``json_output``: the job as one JSON object on ``stdout``.
 
     Exit code: 0 when the backup succeeded (or, without ``wait``, was accepted); 1 when
     it failed or was aborted, the queue is full, the daemon is shutting down or cannot
     be reached; 2 when the request is invalid (an unknown database, no configured
     database for that source and destination).
     """
+    from vdistream.cli.output import byte_counts
+
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     body: dict[str, Any] = {"kind": "backup"}
@@ -306,27 +311,30 @@ async def submit_backup_to_daemon(
         async with ApiClient(path) as client:
             job = await client.submit(body)
             if not wait:
-                _print_job(out, job, json_output, f"job {job['id']} queued")
+                _print_job(out, job, json_output, job["id"])
+                err.write(f"job {job['id']} queued for database {job.get('database')}\n")
                 return 0
             try:
-                final = await client.wait(job["id"], progress=None if json_output else err)
+                final = await client.wait(
+                    job["id"], progress=None if json_output or not err.isatty() else err
+                )
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await client.abort(job["id"], "the client was interrupted (Ctrl-C)")
+                    await client.abort(job["id"], "the client was interrupted")
                 raise
     except DaemonError as exc:
         err.write(f"vdistream: {exc}\n")
         return 2 if exc.status in (400, 404, 422) else 1
     result = final.get("result") or {}
     if final["state"] == "succeeded":
-        _print_job(
-            out,
-            final,
-            json_output,
-            f"backup {final['backup_id']} complete: {result.get('bytes', 0):,} bytes on "
+        _print_job(out, final, json_output, str(final["backup_id"]))
+        err.write(
+            f"backup {final['backup_id']} complete: "
+            f"{byte_counts(result.get('logical_bytes'), result.get('bytes'))} on "
             f"{len(result.get('devices') or [])} devices in {result.get('seconds', 0):.1f} s "
-            f"(job {final['id']})\nmanifest: {result.get('manifest')}",
+            f"(job {final['id']}); manifest {result.get('manifest')}\n"
         )
+        err.flush()
         return 0
     _print_job(out, final, json_output, "")
     err.write(f"vdistream: backup failed ({final['state']}): {final.get('error')}\n")
@@ -345,11 +353,22 @@ def _absolute_source(source: str) -> str:
     if source.startswith("sqlite:"):
         rest = source[len("sqlite:") :]
         path = rest[2:] if rest.startswith("//") else rest
-        return f"sqlite://{Path(path).absolute()}"
+        return f"sqlite://{os.path.abspath(path)}"
     return source
+
+
+def absolute_target(target: str) -> str:
+    """A restore target as the daemon must receive it: a relative path resolved against
+    this process's directory; a URL (``postgresql://...``, ``sqlite:...``) or a
+    ``cmd:`` command unchanged, except a relative ``sqlite:`` path."""
+    if target.startswith("sqlite:"):
+        return _absolute_source(target)
+    if "://" in target or target.startswith(("cmd:", "postgresql:", "postgres:")):
+        return target
+    return os.path.abspath(target)
 
 
 def _absolute_dest(dest: str) -> str:
     if "://" in dest or ("/" not in dest and not Path(dest).exists()):
         return dest  # a URL, or a destination's name
-    return str(Path(dest).absolute())
+    return os.path.abspath(dest)

@@ -17,23 +17,34 @@ The client commands talk to the daemon over its Unix socket: ``--socket``, else
 ``$VDISTREAM_SOCKET``, else the settings' ``service.socket`` (``--config``,
 ``$VDISTREAM_CONFIG`` or ``/etc/vdistream/vdistream.toml``), else
 ``/run/vdistream/vdistream.sock``; ``--url http://127.0.0.1:PORT`` uses the TCP
-listener with the token of ``$VDISTREAM_API_TOKEN``.
+listener with the token of ``$VDISTREAM_API_TOKEN``. A relative path sent to the
+daemon (``submit restore``'s TARGET) is resolved against this process's directory
+first: the daemon's own directory is not the user's.
 
 Exit codes: 0 success (for ``--wait``/``--follow``: the job succeeded); 1 the job
 failed or was aborted, the daemon refused for lack of room or because it is shutting
 down, or cannot be reached; 2 bad usage or an invalid request (unknown database or
-job). ``prune`` works on a destination directly, without the daemon (module
-``vdistream.service.backups``); it exits 1 when a deletion failed.
+job); 128 + N after signal N (``submit --wait`` then aborts the job in the daemon,
+``job --follow`` only stops following). ``prune`` works on a destination directly,
+without the daemon (module ``vdistream.service.backups``); it exits 1 when a deletion
+failed. Progress lines of ``--wait``/``--follow`` appear on stderr only when it is a
+terminal.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+
+import click
+
+from vdistream.cli.framework import logging_options, run
+from vdistream.cli.local import existing_destination
+from vdistream.cli.output import job_bytes
+from vdistream.cli.params import DURATION, JOB_LIMIT, KEEP_LAST, Duration, format_duration
 
 if TYPE_CHECKING:
     from vdistream.service.settings import Settings
@@ -47,82 +58,178 @@ def _write(text: str, *, err: bool = False) -> None:
     stream.flush()
 
 
-def register_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the daemon's subcommands to the ``vdistream`` parser."""
-    s = sub.add_parser("serve", help="run the daemon: schedules, job manager, control API")
-    s.add_argument(
-        "--config",
-        help="the settings file (default: $VDISTREAM_CONFIG or /etc/vdistream/vdistream.toml)",
-    )
-    s.add_argument("--check", action="store_true", help="check the settings, print them, exit")
-    s.set_defaults(handler=_serve)
+def _progress_stream() -> Any:
+    """Where progress lines go: stderr when it is a terminal, else nowhere."""
+    return sys.stderr if sys.stderr.isatty() else None
 
-    st = sub.add_parser("status", help="is the daemon up and ready?")
-    _client_options(st)
-    st.set_defaults(handler=_status)
 
-    j = sub.add_parser("jobs", help="list the daemon's jobs, newest first")
-    _client_options(j)
-    j.add_argument("--state", help="queued, running, succeeded, failed, aborted (comma list)")
-    j.add_argument("--database", help="only this database's jobs")
-    j.add_argument("--kind", choices=["backup", "restore", "verify"])
-    j.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    j.set_defaults(handler=_jobs)
+def _client_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--json", "json_output", is_flag=True, help="Print JSON on stdout.")(f)
+    f = click.option("--config", help="The settings file to find the socket in.")(f)
+    f = click.option(
+        "--url", help="The daemon's TCP listener instead (token: $VDISTREAM_API_TOKEN)."
+    )(f)
+    f = click.option(
+        "--socket", help="The daemon's socket (default: see `vdistream serve --help`)."
+    )(f)
+    return logging_options(f)
 
-    one = sub.add_parser("job", help="show one job of the daemon, with per-device progress")
-    _client_options(one)
-    one.add_argument("id")
-    one.add_argument("--follow", action="store_true", help="print its progress until it ends")
-    one.set_defaults(handler=_job)
 
-    a = sub.add_parser("abort", help="abort a job of the daemon")
-    _client_options(a)
-    a.add_argument("id")
-    a.add_argument("--reason", help="recorded with the job")
-    a.set_defaults(handler=_abort)
+_DAEMON_GONE_ON = "the job goes on in the daemon"
 
-    sb = sub.add_parser("submit", help="ask the daemon to run a backup, restore or verify")
-    kinds = sb.add_subparsers(dest="kind", required=True, metavar="KIND")
-    b = kinds.add_parser("backup", help="back up a configured database")
-    b.add_argument("database")
-    b.add_argument("--id", dest="backup_id", help="the new backup's id (DATABASE.something)")
-    b.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        default=None,
-        help="do not verify it afterwards (default: the database's verify_after_backup)",
-    )
-    r = kinds.add_parser("restore", help="restore one of a database's backups")
-    r.add_argument("database")
-    r.add_argument("target", help="as for `vdistream restore` (a file, a directory, a URL)")
-    r.add_argument("--backup", dest="backup_id", default="latest", help="id (default: latest)")
-    r.add_argument("--overwrite", action="store_true")
-    r.add_argument("--create", action="store_true")
-    r.add_argument("--owner")
-    v = kinds.add_parser("verify", help="verify one of a database's backups")
-    v.add_argument("database")
-    v.add_argument("--backup", dest="backup_id", default="latest", help="id (default: latest)")
-    v.add_argument("--no-content", dest="content", action="store_false", help="checksums only")
-    for kind in (b, r, v):
-        _client_options(kind)
-        kind.add_argument("--wait", action="store_true", help="follow the job until it ends")
-        kind.set_defaults(handler=_submit)
 
-    p = sub.add_parser(
-        "prune", help="apply retention to a destination's backups (without the daemon)"
-    )
-    p.add_argument("dest", help="a destination's name (from the settings), a directory or URL")
-    p.add_argument("--keep-last", type=int, help="keep the N newest verified backups")
-    p.add_argument("--keep-within", help="keep every backup younger than this (14d, 36h)")
-    p.add_argument("--database", help="only this database's backups")
-    p.add_argument(
-        "--verify", action="store_true", help="verify the backups not known to be verified"
-    )
-    p.add_argument("--dry-run", action="store_true", help="show what would go, delete nothing")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--config", help="the settings file (policies, state database)")
-    p.set_defaults(handler=_prune)
+def register_commands(group: click.Group) -> None:
+    """Add the daemon's commands to the ``vdistream`` group."""
+    for command in (serve, status, jobs, job, abort, submit, prune):
+        group.add_command(command)
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+@click.command("serve", short_help="Run the daemon.")
+@click.option(
+    "--config",
+    help="The settings file (default: $VDISTREAM_CONFIG or /etc/vdistream/vdistream.toml).",
+)
+@click.option("--check", is_flag=True, help="Check the settings, print them, exit.")
+def serve(config: str | None, check: bool) -> int:
+    """Run the daemon: schedules, job manager, control API. It installs its own signal
+    handlers (SIGTERM/SIGINT: abort running jobs and exit 0; SIGHUP: re-read the
+    settings) and logs as its settings say."""
+    from vdistream.service.serve import serve as run_daemon
+
+    return run_daemon(config, check=check)
+
+
+# --- client commands --------------------------------------------------------------------
+
+
+@click.command("status", short_help="Is the daemon up and ready?")
+@_client_options
+def status(**params: Any) -> int:
+    """Is the daemon up and ready? Exit 0 when ready, 1 otherwise."""
+    return run(lambda: _status(params), interrupted="nothing was changed")
+
+
+@click.command("jobs", short_help="List the daemon's jobs, newest first.")
+@_client_options
+@click.option(
+    "--state",
+    help="Only jobs in these states: queued, running, succeeded, failed, aborted (comma list).",
+)
+@click.option("--database", help="Only this database's jobs.")
+@click.option(
+    "--kind", type=click.Choice(["backup", "restore", "verify"]), help="Only jobs of this kind."
+)
+@click.option(
+    "--limit", type=JOB_LIMIT, default=50, show_default=True, help="At most this many (1 to 1000)."
+)
+def jobs(**params: Any) -> int:
+    """List the daemon's jobs, newest first."""
+    return run(lambda: _jobs(params), interrupted="nothing was changed")
+
+
+@click.command("job", short_help="Show one job of the daemon.")
+@click.argument("id", help="The job's id (from `vdistream jobs`).")
+@_client_options
+@click.option("--follow", is_flag=True, help="Follow the job's progress until it ends.")
+def job(**params: Any) -> int:
+    """Show one job of the daemon, with per-device progress."""
+    return run(lambda: _job(params), interrupted=f"stopped following; {_DAEMON_GONE_ON}")
+
+
+@click.command("abort", short_help="Abort a job of the daemon.")
+@click.argument("id", help="The job's id (from `vdistream jobs`).")
+@_client_options
+@click.option("--reason", help="Why; recorded with the job.")
+def abort(**params: Any) -> int:
+    """Abort a queued or running job of the daemon (signal_abort on its device set)."""
+    return run(lambda: _abort(params), interrupted="the abort may or may not have been sent")
+
+
+@click.group("submit", short_help="Ask the daemon to run a backup, restore or verify.")
+@logging_options
+def submit() -> None:
+    """Ask the daemon to run a backup, restore or verify of a configured database."""
+
+
+def _submit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--wait", is_flag=True, help="Follow the job until it ends; exit 0 only if it succeeded."
+    )(f)
+    return _client_options(f)
+
+
+_DATABASE_HELP = "A database of the daemon's settings ([databases.NAME])."
+
+
+@submit.command("backup", short_help="Back up a configured database.")
+@click.argument("database", help=_DATABASE_HELP)
+@click.option("--id", "backup_id", help="The new backup's id (DATABASE.something).")
+@click.option(
+    "--no-verify",
+    "verify",
+    flag_value=False,
+    default=None,
+    help="Do not verify it afterwards (default: the database's verify_after_backup).",
+)
+@_submit_options
+def submit_backup(**params: Any) -> int:
+    """Back up a configured database."""
+    return _submit("backup", params)
+
+
+@submit.command("restore", short_help="Restore one of a database's backups.")
+@click.argument("database", help=_DATABASE_HELP)
+@click.argument(
+    "target",
+    help="As for `vdistream restore` (a file, a directory, a URL, cmd:...); a relative "
+    "path is taken from this directory.",
+)
+@click.option("--backup", "backup_id", default="latest", show_default=True, help="The backup's id.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing SQLite file; dump: drop objects first."
+)
+@click.option("--create", is_flag=True, help="PostgreSQL dump: create the target database.")
+@click.option("--owner", metavar="USER", help="PostgreSQL basebackup: the directory's owner.")
+@_submit_options
+def submit_restore(**params: Any) -> int:
+    """Restore one of a database's backups into TARGET."""
+    return _submit("restore", params)
+
+
+@submit.command("verify", short_help="Verify one of a database's backups.")
+@click.argument("database", help=_DATABASE_HELP)
+@click.option("--backup", "backup_id", default="latest", show_default=True, help="The backup's id.")
+@click.option(
+    "--no-content", "content", flag_value=False, default=True, help="Check the streams only."
+)
+@_submit_options
+def submit_verify(**params: Any) -> int:
+    """Verify one of a database's backups."""
+    return _submit("verify", params)
+
+
+@click.command(
+    "prune",
+    short_help="Apply retention to a destination's backups (without the daemon).",
+)
+@click.argument("dest", help="A destination's name (from the settings), a directory or a URL.")
+@click.option("--keep-last", type=KEEP_LAST, help="Keep the N newest verified backups.")
+@click.option(
+    "--keep-within", type=DURATION, help="Keep every backup younger than this (14d, 36h)."
+)
+@click.option("--database", help="Only this database's backups.")
+@click.option("--verify", is_flag=True, help="Verify the backups not known to be verified first.")
+@click.option("--dry-run", is_flag=True, help="Show what would go; delete nothing.")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--config", help="The settings file (retention policies, state database).")
+@logging_options
+def prune(**params: Any) -> int:
+    """Apply retention to DEST's backups: never an unverified one, never the newest
+    verified one, never one a daemon's job is using."""
+    return run(lambda: _prune(params), interrupted="deletions already made stay made")
 
 
 async def _in_use_by_daemon(settings: Settings | None) -> set[str]:
@@ -145,32 +252,13 @@ async def _in_use_by_daemon(settings: Settings | None) -> set[str]:
     return {b for b in used if isinstance(b, str) and b and b != "latest"}
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", help="the daemon's socket (default: see `vdistream serve`)")
-    parser.add_argument("--url", help="the TCP listener instead (token: $VDISTREAM_API_TOKEN)")
-    parser.add_argument("--config", help="settings file to find the socket in")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-
-
-# --- serve ------------------------------------------------------------------------------
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from vdistream.service.serve import serve
-
-    return serve(args.config, check=args.check)
-
-
-# --- client commands --------------------------------------------------------------------
-
-
-async def _with_client(args: argparse.Namespace, work: Callable[[Any], Awaitable[int]]) -> int:
+async def _with_client(params: dict[str, Any], work: Callable[[Any], Awaitable[int]]) -> int:
     from vdistream.service.client import ApiClient, DaemonError, default_socket_path
 
-    if args.url:
-        client = ApiClient(base_url=args.url, token=os.environ.get("VDISTREAM_API_TOKEN"))
+    if params["url"]:
+        client = ApiClient(base_url=params["url"], token=os.environ.get("VDISTREAM_API_TOKEN"))
     else:
-        client = ApiClient(args.socket or default_socket_path(args.config))
+        client = ApiClient(params["socket"] or default_socket_path(params["config"]))
     try:
         async with client:
             return await work(client)
@@ -179,14 +267,14 @@ async def _with_client(args: argparse.Namespace, work: Callable[[Any], Awaitable
         return 2 if exc.status in (400, 404, 409, 422) else 1
 
 
-def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
-    if args.json:
+def _emit(params: dict[str, Any], payload: Any, text: str) -> None:
+    if params["json_output"]:
         _write(json.dumps(payload, default=str))
     elif text:
         _write(text)
 
 
-async def _status(args: argparse.Namespace) -> int:
+async def _status(params: dict[str, Any]) -> int:
     from vdistream.service.client import DaemonError
 
     async def work(client: Any) -> int:
@@ -194,44 +282,46 @@ async def _status(args: argparse.Namespace) -> int:
         try:
             ready = await client.ready()
         except DaemonError as exc:
-            _emit(args, {"health": health, "ready": False, "reason": exc.message}, "")
-            if not args.json:
+            _emit(params, {"health": health, "ready": False, "reason": exc.message}, "")
+            if not params["json_output"]:
                 _write(f"vdistream daemon at {client.where}: up, NOT ready: {exc.message}")
             return 1
         jobs = ready["jobs"]
         _emit(
-            args,
+            params,
             {"health": health, "ready": True, "jobs": jobs},
             f"vdistream daemon {health['version']} at {client.where}: ready, "
             f"{jobs['running']} running, {jobs['queued']} queued",
         )
         return 0
 
-    return await _with_client(args, work)
+    return await _with_client(params, work)
 
 
 def _row(job: dict[str, Any]) -> str:
     progress = job.get("progress") or {}
     result = job.get("result") or {}
-    size = progress.get("bytes", result.get("bytes"))
-    amount = f"{size:>14,} B" if isinstance(size, int) else " " * 16
+    amount = job_bytes(result) if result else job_bytes(progress)
     tail = job.get("error") or job.get("backup_id") or ""
-    return f"{job['id']}  {job['kind']:<7} {job['database']:<16} {job['state']:<9} {amount}  {tail}"
+    return (
+        f"{job['id']}  {job['kind']:<7} {job['database']:<16} {job['state']:<9} "
+        f"{amount or '-'}  {tail}"
+    )
 
 
-async def _jobs(args: argparse.Namespace) -> int:
+async def _jobs(params: dict[str, Any]) -> int:
     filters = {
-        name: str(getattr(args, name))
+        name: str(params[name])
         for name in ("state", "database", "kind", "limit")
-        if getattr(args, name) is not None
+        if params[name] is not None
     }
 
     async def work(client: Any) -> int:
         jobs = await client.jobs(**filters)
-        _emit(args, jobs, "\n".join(_row(j) for j in jobs) or "no jobs")
+        _emit(params, jobs, "\n".join(_row(j) for j in jobs) or "no jobs")
         return 0
 
-    return await _with_client(args, work)
+    return await _with_client(params, work)
 
 
 def _details(job: dict[str, Any]) -> str:
@@ -243,6 +333,9 @@ def _details(job: dict[str, Any]) -> str:
         lines.append(f"  backup {job['backup_id']} in {job.get('storage_url')}")
     if job.get("queue_position") is not None:
         lines.append(f"  position {job['queue_position'] + 1} in the queue")
+    result = job.get("result") or {}
+    if result and job_bytes(result):
+        lines.append(f"  {job_bytes(result)}")
     progress = job.get("progress") or {}
     lines.extend(
         f"  device {device['index']}: {device['bytes']:,} bytes, "
@@ -254,82 +347,85 @@ def _details(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def _job(args: argparse.Namespace) -> int:
-    import anyio
-
+async def _job(params: dict[str, Any]) -> int:
     from vdistream.service.client import progress_line
 
     async def work(client: Any) -> int:
-        if not args.follow:
-            job = await client.job(args.id)
-            _emit(args, job, _details(job))
+        if not params["follow"]:
+            job = await client.job(params["id"])
+            _emit(params, job, _details(job))
             return 0
         final: dict[str, Any] | None = None
-        try:
-            async for event in client.events(args.id):
-                final = event["job"]
-                if args.json:
-                    _write(json.dumps(event, default=str))
-                else:
-                    _write(progress_line(final), err=True)
-        except anyio.get_cancelled_exc_class():
-            _write("vdistream: stopped following; the job goes on in the daemon", err=True)
-            raise
+        shown = _progress_stream()
+        async for event in client.events(params["id"]):
+            final = event["job"]
+            if params["json_output"]:
+                _write(json.dumps(event, default=str))
+            elif shown is not None:
+                _write(progress_line(final), err=True)
         if final is None:
             return 1
-        if not args.json:
+        if not params["json_output"]:
             _write(_details(final))
         return 0 if final["state"] == "succeeded" else 1
 
-    return await _with_client(args, work)
+    return await _with_client(params, work)
 
 
-async def _abort(args: argparse.Namespace) -> int:
+async def _abort(params: dict[str, Any]) -> int:
     async def work(client: Any) -> int:
-        job = await client.abort(args.id, args.reason)
-        _emit(args, job, f"job {job['id']}: abort requested (state now {job['state']})")
+        job = await client.abort(params["id"], params["reason"])
+        _emit(params, job, f"job {job['id']}: abort requested (state now {job['state']})")
         return 0
 
-    return await _with_client(args, work)
+    return await _with_client(params, work)
 
 
-async def _submit(args: argparse.Namespace) -> int:
+def _submit(kind: str, params: dict[str, Any]) -> int:
+    note = "the job was aborted in the daemon" if params["wait"] else _DAEMON_GONE_ON
+    return run(lambda: _submit_job(kind, params), interrupted=note)
+
+
+async def _submit_job(kind: str, params: dict[str, Any]) -> int:
     import anyio
 
-    body: dict[str, Any] = {"kind": args.kind, "database": args.database}
+    from vdistream.service.client import absolute_target
+
+    body: dict[str, Any] = {"kind": kind, "database": params["database"]}
     for name in ("backup_id", "verify", "target", "owner"):
-        value = getattr(args, name, None)
+        value = params.get(name)
         if value is not None:
             body[name] = value
-    if args.kind == "restore":
-        body["overwrite"] = args.overwrite
-        body["create"] = args.create
-    if args.kind == "verify":
-        body["content"] = args.content
+    if kind == "restore":
+        body["target"] = absolute_target(params["target"])
+        body["overwrite"] = params["overwrite"]
+        body["create"] = params["create"]
+    if kind == "verify":
+        body["content"] = params["content"]
 
     async def work(client: Any) -> int:
         job = await client.submit(body)
-        if not args.wait:
-            _emit(args, job, f"job {job['id']} accepted ({job['state']})")
+        if not params["wait"]:
+            _emit(params, job, f"job {job['id']} accepted ({job['state']})")
             return 0
         try:
-            final = await client.wait(job["id"], progress=None if args.json else sys.stderr)
+            final = await client.wait(
+                job["id"], progress=None if params["json_output"] else _progress_stream()
+            )
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await client.abort(job["id"], "the client was interrupted (Ctrl-C)")
+                await client.abort(job["id"], "the client was interrupted")
             raise
-        _emit(args, final, _details(final))
+        _emit(params, final, _details(final))
         return 0 if final["state"] == "succeeded" else 1
 
-    return await _with_client(args, work)
+    return await _with_client(params, work)
 
 
 # --- prune ------------------------------------------------------------------------------
 
 
-async def _prune(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
+async def _prune(params: dict[str, Any]) -> int:
     import anyio
 
     from vdistream.catalog import list_manifests
@@ -337,19 +433,19 @@ async def _prune(args: argparse.Namespace) -> int:
     from vdistream.service.backups import apply_retention, group_of, verified_ids
     from vdistream.service.retention import RetentionPolicy
     from vdistream.service.serve import config_path
-    from vdistream.service.settings import SettingsError, load_settings, parse_duration
+    from vdistream.service.settings import SettingsError, load_settings
     from vdistream.service.state import JobStore, StateError
     from vdistream.storage import open_storage
 
     settings: Settings | None = None
-    path = config_path(args.config)
-    if args.config or path.is_file():
+    path = config_path(params["config"])
+    if params["config"] or path.is_file():
         try:
             settings = load_settings(path)
         except SettingsError as exc:
             _write(f"vdistream: {exc}", err=True)
             return 2
-    dest = args.dest
+    dest = params["dest"]
     dest_name: str | None = None
     if settings is not None and dest in settings.destinations:
         dest_name, dest = dest, settings.destinations[dest].url
@@ -360,23 +456,19 @@ async def _prune(args: argparse.Namespace) -> int:
                 dest_name = destination.name
 
     flags: RetentionPolicy | None = None
-    if args.keep_last is not None or args.keep_within is not None:
-        try:
-            within: timedelta | None = (
-                parse_duration(args.keep_within) if args.keep_within else None
-            )
-            flags = RetentionPolicy(keep_last=args.keep_last, keep_within=within)
-        except ValueError as exc:
-            _write(f"vdistream: prune: {exc}", err=True)
-            return 2
+    keep_within: Duration | None = params["keep_within"]
+    if params["keep_last"] is not None or keep_within is not None:
+        within = keep_within.delta if keep_within is not None else None
+        flags = RetentionPolicy(keep_last=params["keep_last"], keep_within=within)
 
     async with open_storage(dest) as storage:
+        await existing_destination(storage, dest)
         manifests, problems = await list_manifests(storage)
         for problem in problems:
             _write(f"vdistream: warning: {problem}", err=True)
         groups = sorted({group_of(m.backup_id) for m in manifests})
-        if args.database:
-            groups = [args.database]
+        if params["database"]:
+            groups = [params["database"]]
 
         policies: dict[str, RetentionPolicy] = {}
         for group in groups:
@@ -408,7 +500,7 @@ async def _prune(args: argparse.Namespace) -> int:
                             verified[group] = await verified_ids(store, group, present)
             except StateError as exc:
                 _write(f"vdistream: warning: {exc}; backups count as unverified", err=True)
-        if args.verify:
+        if params["verify"]:
             for manifest in manifests:
                 group = group_of(manifest.backup_id)
                 if group in policies and manifest.backup_id not in verified[group]:
@@ -435,23 +527,22 @@ async def _prune(args: argparse.Namespace) -> int:
                     group,
                     policy,
                     verified[group],
-                    dry_run=args.dry_run,
+                    dry_run=params["dry_run"],
                     in_use=in_use,
                 )
             )
 
     summaries = [o.summary() for o in outcomes]
-    if args.json:
+    if params["json_output"]:
         _write(json.dumps({"destination": storage.url, "groups": summaries}, default=str))
     else:
         lines = []
         for summary in summaries:
             name = summary["database"] or "(backups made by hand)"
             policy = summary["policy"]
-            within = policy["keep_within"]
             lines.append(
                 f"database {name}: keep_last={policy['keep_last'] or '-'}, "
-                f"keep_within={'-' if within is None else f'{within:g}s'}"
+                f"keep_within={_shown_within(policy['keep_within'], keep_within)}"
             )
             for verdict in ("keep", "delete"):
                 for row in summary[verdict]:
@@ -462,7 +553,7 @@ async def _prune(args: argparse.Namespace) -> int:
                     )
             lines.extend(f"  kept (in use by a job): {b}" for b in summary["in_use"])
         count = sum(len(s["delete"]) for s in summaries)
-        if args.dry_run:
+        if params["dry_run"]:
             lines.append(f"dry run: {count} backup(s) would be deleted, nothing was")
         else:
             lines.append(f"{sum(len(s['deleted']) for s in summaries)} backup(s) deleted")
@@ -471,3 +562,12 @@ async def _prune(args: argparse.Namespace) -> int:
     for error in failed:
         _write(f"vdistream: prune: {error}", err=True)
     return 1 if failed else 0
+
+
+def _shown_within(seconds: float | None, given: Duration | None) -> str:
+    """``keep_within`` as the user wrote it (``14d``), ``-`` when the rule is off."""
+    if seconds is None:
+        return "-"
+    if given is not None and given.seconds == seconds:
+        return given.text
+    return format_duration(seconds)

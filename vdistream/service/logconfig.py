@@ -62,7 +62,7 @@ def configure_logging(log_format: str, level: str, *, stream: TextIO | None = No
     else:
         final = [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.dev.ConsoleRenderer(),
+            structlog.dev.ConsoleRenderer(colors=out.isatty()),  # no escape codes in files
         ]
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],

@@ -1,0 +1,135 @@
+"""The ``vdistream`` command line: the root group, its commands, and ``main``.
+
+The contract scripts rely on (README, "The command line"):
+
+* **stdout** carries the result a script consumes: ``backup`` prints the bare backup
+  id; ``list``, ``verify``, ``jobs``, ... their rows; ``--json`` exactly one JSON
+  document (an array for ``list``) instead.
+* **stderr** carries the progress display (only when it is a terminal) and one final
+  line: the summary of a success or the error (``vdistream: error: ...``). Log events
+  appear only with ``-v``/``--log-level`` (:mod:`vdistream.cli.framework`).
+* **Exit codes**: 0 success; 1 the operation failed (or the daemon is unreachable);
+  2 bad usage: an option's value, a missing argument, an unknown URL scheme, always
+  one line naming the option in the user's terms, never a traceback; 3 ``storage
+  audit`` found debris it did not remove; 128 + N after signal N (130 Ctrl-C, 143
+  SIGTERM, 129 SIGHUP), after the running job was aborted cleanly.
+
+Parsing, validation, help and shell completion come from click
+(``eval "$(_VDISTREAM_COMPLETE=bash_source vdistream)"``; ``zsh_source``,
+``fish_source``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+from vdistream import __version__
+from vdistream.cli.framework import CommandError, logging_options, say
+from vdistream.cli.local import register_local_commands
+from vdistream.cli.params import OptionValueError
+
+__all__ = ["build_parser", "cli", "main"]
+
+USAGE = 2
+
+
+@click.group(
+    "vdistream",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="stdout: the result (backup: the id; --json: one JSON document). stderr: "
+    "progress on a terminal and one final line. Exit codes: 0 success, 1 failure, "
+    "2 bad usage, 3 storage audit found debris, 128+N after signal N (the job is "
+    "aborted cleanly first). Shell completion: "
+    'eval "$(_VDISTREAM_COMPLETE=bash_source vdistream)".',
+)
+@click.version_option(
+    __version__, "--version", prog_name="vdistream", message="%(prog)s %(version)s"
+)
+@logging_options
+def cli() -> None:
+    """Stream database backups through virtual devices, the way SQL Server's VDI does."""
+
+
+def build_parser() -> click.Group:
+    """The root command group with every command registered (done once, on first use,
+    so that importing a command's module first cannot make a cycle)."""
+    if not cli.commands:
+        from vdistream.service.commands import register_commands
+
+        register_local_commands(cli)
+        register_commands(cli)
+    return cli
+
+
+def _param_name(param: click.Parameter, ctx: click.Context | None) -> str:
+    if isinstance(param, click.Option):
+        longs = [opt for opt in param.opts if opt.startswith("--")]
+        return (longs or param.opts)[0]
+    return param.human_readable_name
+
+
+def usage_line(exc: click.UsageError) -> str:
+    """One line for a usage error, in the user's terms."""
+    if isinstance(exc, OptionValueError) and exc.param is not None:
+        line = f"{_param_name(exc.param, exc.ctx)} {exc.value}: {exc.reason}"
+    elif (
+        isinstance(exc, click.BadParameter)
+        and not isinstance(exc, click.MissingParameter)
+        and exc.param is not None
+    ):
+        line = f"{_param_name(exc.param, exc.ctx)}: {exc.message}"
+    elif isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        where = exc.ctx.command_path if exc.ctx is not None else "vdistream"
+        line = f"{where} needs a command (`{where} --help` lists them)"
+    else:
+        line = exc.format_message()
+    return " ".join(line.split())
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); the exit code."""
+    from vdistream.catalog import CatalogError
+    from vdistream.errors import ConfigError, StorageURLError, VdistreamError
+
+    try:
+        code = build_parser().main(
+            args=list(argv) if argv is not None else None,
+            prog_name="vdistream",
+            standalone_mode=False,
+        )
+    except click.UsageError as exc:
+        say(f"vdistream: error: {usage_line(exc)}", err=True)
+        return USAGE
+    except click.ClickException as exc:
+        say(f"vdistream: error: {' '.join(exc.format_message().split())}", err=True)
+        return exc.exit_code
+    except click.Abort:  # Ctrl-C while click itself was reading or prompting
+        say("vdistream: interrupted by SIGINT", err=True)
+        return 130
+    except Exception as raised:
+        error = _leaf(raised)
+        text = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, CommandError):
+            say(f"vdistream: error: {text}", err=True)
+            return error.code
+        if isinstance(error, ConfigError | StorageURLError):
+            say(f"vdistream: error: {text}", err=True)
+            return USAGE
+        if isinstance(error, CatalogError | VdistreamError | OSError):
+            say(f"vdistream: error: {text}", err=True)
+            return 1
+        say(
+            f"vdistream: error: unexpected {type(error).__name__}: {text} "
+            "(a bug; -vv shows the traceback)",
+            err=True,
+        )
+        return 1
+    return code if isinstance(code, int) else 0

@@ -1,0 +1,521 @@
+"""The commands that run in this process: backup, restore, verify, list, storage
+audit, keygen, demo. The work lives in :mod:`vdistream.operations`; this module parses,
+checks and presents (the contract of stdout, stderr and exit codes is in
+:mod:`vdistream.cli.app`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import click
+from click.core import ParameterSource
+
+from vdistream.cli.framework import CommandError, logging_options, run, say
+from vdistream.cli.output import byte_counts, emit, manifest_bytes, with_progress
+from vdistream.cli.params import (
+    BLOCK_SIZE,
+    BUFFER_COUNT,
+    COMPRESSION,
+    DEVICES,
+    MAX_TRANSFER_SIZE,
+    MIN_AGE,
+    SECONDS,
+    Duration,
+)
+from vdistream.operations import KeySource
+
+__all__ = ["existing_destination", "register_local_commands"]
+
+#: exit code of ``storage audit`` when it found debris and did not remove it
+AUDIT_DEBRIS = 3
+
+#: ``backup`` options the daemon takes from its settings, not from the command line
+_DAEMON_OWNS = (
+    "mode",
+    "devices",
+    "max_transfer_size",
+    "buffer_count",
+    "block_size",
+    "stall_timeout",
+    "compress",
+    "encrypt_key_file",
+    "encrypt_key_env",
+    "encrypt_passphrase_env",
+)
+
+_JSON_HELP = "Print one JSON object on stdout at the end instead of text."
+
+
+def key_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option(
+            "--encrypt-passphrase-env",
+            metavar="VAR",
+            help=f"{what} a passphrase in this environment variable (stretched with scrypt).",
+        )(f)
+        f = click.option(
+            "--encrypt-key-env",
+            metavar="VAR",
+            help=f"{what} the key in this environment variable (hex or base64).",
+        )(f)
+        f = click.option(
+            "--encrypt-key-file",
+            metavar="PATH",
+            help=f"{what} the 32-byte key in this file (`vdistream keygen` makes one).",
+        )(f)
+        return f
+
+    return decorate
+
+
+def _key_source(params: dict[str, Any]) -> KeySource | None:
+    source = KeySource(
+        key_file=params["encrypt_key_file"],
+        env=params["encrypt_key_env"],
+        passphrase_env=params["encrypt_passphrase_env"],
+    )
+    return source if source.given else None
+
+
+async def existing_destination(storage: Any, given: str) -> None:
+    """A directory destination that is missing or no directory is an error: a typo
+    must not read as "no backups" (object stores answer for themselves)."""
+    from vdistream.storage.file import FileStorage
+
+    if isinstance(storage, FileStorage):
+        path = anyio.Path(storage.path)
+        if not await path.exists():
+            raise CommandError(f"{given}: no such directory")
+        if not await path.is_dir():
+            raise CommandError(f"{given}: is not a directory")
+
+
+# --- backup -----------------------------------------------------------------------------
+
+
+@click.command(
+    "backup",
+    short_help="Back up a database into a destination.",
+    epilog="Prints the backup's id on stdout (with --json one JSON object); the summary "
+    "goes to stderr. Exit 0 only when the backup is complete and its manifest written.",
+)
+@click.argument(
+    "source",
+    help="What to back up: sqlite:///path/app.db, postgresql://..., cmd:COMMAND; with "
+    "--daemon also the name of a configured database.",
+)
+@click.argument(
+    "dest",
+    required=False,
+    help="Where: a directory or a storage URL (file://, s3://, memory://, null://); with "
+    "--daemon and a database name, leave it out.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["basebackup", "dump"]),
+    help="PostgreSQL: physical (basebackup, the default) or logical (dump).",
+)
+@click.option(
+    "--devices",
+    type=DEVICES,
+    default=4,
+    show_default=True,
+    help="Virtual devices the stream is striped over, 1 to 64.",
+)
+@click.option(
+    "--max-transfer-size",
+    type=MAX_TRANSFER_SIZE,
+    default="1M",
+    show_default=True,
+    help="Largest transfer (MAXTRANSFERSIZE): a multiple of 64K from 64K to 4M.",
+)
+@click.option(
+    "--buffer-count",
+    type=BUFFER_COUNT,
+    help="Buffers shared by all devices (BUFFERCOUNT), 1 to 4096; memory is count x "
+    "max transfer size. [default: 2 per device]",
+)
+@click.option(
+    "--block-size",
+    type=BLOCK_SIZE,
+    default="64K",
+    show_default=True,
+    help="BLOCKSIZE: a power of two from 512 to 64K; every transfer is a multiple.",
+)
+@click.option(
+    "--stall-timeout",
+    type=SECONDS,
+    default=60.0,
+    show_default=True,
+    help="Abort when no device moved a byte for this many seconds (or 90s, 5m).",
+)
+@click.option("--id", "backup_id", help="The backup's id in DEST. [default: time + random]")
+@click.option(
+    "--compress",
+    type=COMPRESSION,
+    default="none",
+    show_default=True,
+    help="none, zstd (level 3), zstd:1 .. zstd:19, or lz4.",
+)
+@key_options("Encrypt with")
+@click.option("--json", "json_output", is_flag=True, help=_JSON_HELP)
+@click.option(
+    "--daemon",
+    is_flag=True,
+    help="Have the running daemon do it (a database of its settings) instead of this process.",
+)
+@click.option("--socket", help="With --daemon: the daemon's socket.")
+@click.option(
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="With --daemon: return once the job is queued.",
+)
+@logging_options
+@click.pass_context
+def backup(ctx: click.Context, /, **params: Any) -> int:
+    """Back up SOURCE into DEST through virtual devices."""
+    if params["daemon"]:
+        given = [
+            "--" + name.replace("_", "-")
+            for name in _DAEMON_OWNS
+            if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} cannot be used with --daemon: the daemon takes them "
+                "from its settings ([databases.NAME])"
+            )
+        return run(lambda: _backup_by_daemon(params), interrupted=_DAEMON_INTERRUPTED)
+    if params["dest"] is None:
+        raise click.UsageError("backup needs a destination (DEST)")
+    if params["socket"] is not None or params["no_wait"]:
+        raise click.UsageError("--socket and --no-wait go with --daemon")
+    return run(lambda: _backup(params), interrupted="the backup was aborted and nothing was kept")
+
+
+_DAEMON_INTERRUPTED = "the job was aborted in the daemon"
+
+
+async def _backup_by_daemon(params: dict[str, Any]) -> int:
+    from vdistream.service.client import submit_backup_to_daemon
+
+    name_only = params["dest"] is None
+    return await submit_backup_to_daemon(
+        params["socket"],
+        params["source"] if name_only else None,
+        None if name_only else params["source"],
+        params["dest"],
+        backup_id=params["backup_id"],
+        wait=not params["no_wait"],
+        json_output=params["json_output"],
+    )
+
+
+async def _backup(params: dict[str, Any]) -> int:
+    from vdistream.operations import BackupSettings, run_backup
+
+    settings = BackupSettings(
+        devices=params["devices"],
+        block_size=params["block_size"],
+        max_transfer_size=params["max_transfer_size"],
+        buffer_count=params["buffer_count"],
+        stall_timeout=params["stall_timeout"],
+        mode=params["mode"],
+        backup_id=params["backup_id"],
+        compression=params["compress"],
+        encryption=_key_source(params),
+    )
+    source, dest = params["source"], params["dest"]
+    outcome = await with_progress(
+        "backup", lambda hook: run_backup(source, dest, settings, on_job=hook)
+    )
+    result = outcome.result
+    summary = outcome.summary()
+    if outcome.ok and outcome.manifest is not None:
+        emit(params["json_output"], summary, result.backup_id)
+        logical, stored = manifest_bytes(outcome.manifest)
+        say(
+            f"backup {result.backup_id} complete: {byte_counts(logical, stored)} on "
+            f"{len(result.devices)} devices in {result.duration:.1f} s; "
+            f"manifest {outcome.manifest_url}",
+            err=True,
+        )
+        return 0
+    if params["json_output"]:
+        emit(True, summary, "")
+    say(f"vdistream: backup failed ({result.status.value}): {result.error}", err=True)
+    return 1
+
+
+# --- restore ----------------------------------------------------------------------------
+
+
+@click.command(
+    "restore",
+    short_help="Restore a backup into a target.",
+    epilog="A restore publishes its target only after every stream passed every check; a "
+    "cmd: consumer cannot be undone, so --verify-first reads and checks everything "
+    "before feeding it.",
+)
+@click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
+@click.argument(
+    "target",
+    help="SQLite: a database file; PostgreSQL basebackup: an empty data directory; dump: "
+    "a database URL or a file; cmd:COMMAND: a command reading the stream on stdin.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing SQLite file; PostgreSQL dump: drop objects first (--clean).",
+)
+@click.option("--create", is_flag=True, help="PostgreSQL dump: create the target database.")
+@click.option(
+    "--owner",
+    metavar="USER",
+    help="PostgreSQL basebackup: give the restored directory to this user.",
+)
+@click.option(
+    "--verify-first",
+    is_flag=True,
+    help="Read and check every stream completely before the engine gets a byte "
+    "(for cmd: consumers, which cannot be undone). Reads the backup twice.",
+)
+@key_options("The key of an encrypted backup:")
+@click.option("--json", "json_output", is_flag=True, help=_JSON_HELP)
+@logging_options
+def restore(**params: Any) -> int:
+    """Restore BACKUP into TARGET."""
+    return run(lambda: _restore(params), interrupted="the restore was aborted")
+
+
+async def _restore(params: dict[str, Any]) -> int:
+    from vdistream.operations import run_restore
+
+    backup_ref, target = params["backup"], params["target"]
+    result = await with_progress(
+        "restore",
+        lambda hook: run_restore(
+            backup_ref,
+            target,
+            overwrite=params["overwrite"],
+            create=params["create"],
+            owner=params["owner"],
+            keys=_key_source(params),
+            on_job=hook,
+            verify_first=params["verify_first"],
+        ),
+    )
+    summary = {
+        "id": result.backup_id,
+        "status": result.status.value,
+        "target": target,
+        "bytes": result.bytes,
+        "seconds": round(result.duration, 3),
+        "error": None if result.ok else str(result.error),
+    }
+    if params["json_output"]:
+        emit(True, summary, "")
+    if result.ok:
+        say(
+            f"restored {result.backup_id} into {target}: logical {result.bytes:,} bytes "
+            f"in {result.duration:.1f} s",
+            err=True,
+        )
+        return 0
+    say(f"vdistream: restore failed: {result.error}", err=True)
+    return 1
+
+
+# --- verify -----------------------------------------------------------------------------
+
+
+@click.command("verify", short_help="Re-read and check a backup.")
+@click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
+@click.option(
+    "--no-content",
+    is_flag=True,
+    help="Check the streams only; skip the test restore the database checks.",
+)
+@key_options("The key of an encrypted backup:")
+@click.option("--json", "json_output", is_flag=True, help=_JSON_HELP)
+@logging_options
+def verify(**params: Any) -> int:
+    """Re-read every stream of BACKUP and check it, then let the database check a test
+    restore, without touching the source. Prints one line per check on stdout."""
+    return run(lambda: _verify(params), interrupted="the verification was stopped")
+
+
+async def _verify(params: dict[str, Any]) -> int:
+    from vdistream.operations import run_verify
+
+    report = await run_verify(
+        params["backup"], content=not params["no_content"], keys=_key_source(params)
+    )
+    lines = [f"{'ok ' if c.ok else 'BAD'} {c.name}: {c.detail}" for c in report.checks]
+    lines.append(f"backup {report.backup_id}: {'verified' if report.ok else 'FAILED'}")
+    emit(params["json_output"], report.summary(), "\n".join(lines))
+    if report.ok:
+        return 0
+    bad = next((c for c in report.checks if not c.ok), None)
+    detail = f"{bad.name}: {bad.detail}" if bad is not None else "no checks ran"
+    say(f"vdistream: verify failed: {detail}", err=True)
+    return 1
+
+
+# --- list -------------------------------------------------------------------------------
+
+
+@click.command("list", short_help="List the backups in a destination.")
+@click.argument("dest", help="A directory or a storage URL.")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON array on stdout instead.")
+@logging_options
+def list_(**params: Any) -> int:
+    """List the complete backups in DEST (those with a committed manifest), oldest
+    first. A missing DEST, or one that is not a directory, is an error."""
+    return run(lambda: _list(params), interrupted="the listing was stopped")
+
+
+async def _list(params: dict[str, Any]) -> int:
+    from vdistream.catalog import list_manifests
+    from vdistream.operations import opened_storage
+
+    dest = params["dest"]
+    async with opened_storage(dest) as storage:
+        await existing_destination(storage, dest)
+        manifests, problems = await list_manifests(storage)
+    for problem in problems:
+        say(f"vdistream: warning: {problem}", err=True)
+    rows = []
+    lines = []
+    for manifest in manifests:
+        row = manifest.summary()
+        logical, stored = manifest_bytes(manifest)
+        rows.append(row)
+        kind = row["engine"] + ("/" + row["mode"] if row["mode"] else "")
+        lines.append(
+            f"{row['id']}  {kind}  {row['ended']}  {byte_counts(logical, stored)}  "
+            f"{row['devices']} devices  {row['source']}"
+        )
+    emit(params["json_output"], rows, "\n".join(lines))
+    if not rows and not params["json_output"]:
+        say(f"no backups in {dest}", err=True)
+    return 0
+
+
+# --- storage audit ----------------------------------------------------------------------
+
+
+@click.group("storage", short_help="Look after a destination.")
+@logging_options
+def storage() -> None:
+    """Look after a destination."""
+
+
+@storage.command(
+    "audit",
+    short_help="Find (and with --clean remove) what no backup references.",
+    epilog="Exit codes: 0 nothing to clean (or all of it removed); 3 debris found and "
+    "not removed (run again with --clean); 1 the audit or a removal failed.",
+)
+@click.argument("dest", help="A directory or a storage URL.")
+@click.option("--clean", is_flag=True, help="Remove the debris found.")
+@click.option(
+    "--min-age",
+    type=MIN_AGE,
+    default="1h",
+    show_default=True,
+    help="Leave debris younger than this alone, it may be a running job's "
+    "(30s, 90m, 14d; 0 for all).",
+)
+@click.option("--json", "json_output", is_flag=True, help=_JSON_HELP)
+@logging_options
+def audit(**params: Any) -> int:
+    """List the objects, temporaries and multipart uploads under DEST that no committed
+    manifest references: the debris of failed or killed jobs."""
+    return run(lambda: _audit(params), interrupted="the audit was stopped")
+
+
+async def _audit(params: dict[str, Any]) -> int:
+    from vdistream.catalog.audit import audit as run_audit
+    from vdistream.operations import opened_storage
+
+    dest = params["dest"]
+    min_age: Duration = params["min_age"]
+    async with opened_storage(dest) as opened:
+        await existing_destination(opened, dest)
+        report = await run_audit(opened, clean=params["clean"], min_age=min_age.delta or None)
+    lines = [f"{len(report.backups)} backups, {len(report.referenced)} objects referenced"]
+    lines += [f"orphan object: {key}" for key in report.orphan_objects]
+    lines += [f"orphan upload: {up.key} ({up.upload_id})" for up in report.orphan_uploads]
+    lines += [f"temporary: {key}" for key in report.temporaries]
+    lines += [f"kept (unreadable manifest): {key}" for key in report.unverifiable]
+    lines += [f"missing (named by a manifest): {key}" for key in report.missing]
+    lines += [f"too young to judge: {key}" for key in report.too_young]
+    if params["clean"]:
+        removed = len(report.removed_objects) + len(report.aborted_uploads)
+        removed += len(report.removed_temporaries)
+        lines.append(f"removed {removed}")
+    lines += [f"FAILED: {failure}" for failure in report.failures]
+    emit(params["json_output"], dataclasses.asdict(report), "\n".join(lines))
+    if report.failures:
+        say(f"vdistream: storage audit: {len(report.failures)} failure(s)", err=True)
+        return 1
+    debris = len(report.orphan_objects) + len(report.orphan_uploads) + len(report.temporaries)
+    if debris and not params["clean"]:
+        say(
+            f"vdistream: storage audit: {debris} item(s) of debris in {dest}; "
+            f"`vdistream storage audit {dest} --clean` removes them",
+            err=True,
+        )
+        return AUDIT_DEBRIS
+    return 0
+
+
+# --- keygen, demo -----------------------------------------------------------------------
+
+
+@click.command("keygen", short_help="Write a new random encryption key file (mode 0600).")
+@click.argument("path", help="The new key file; an existing file is never overwritten.")
+@logging_options
+def keygen(path: str) -> int:
+    """Write a new random 32-byte key to PATH (mode 0600) and print its fingerprint."""
+
+    async def work() -> int:
+        from vdistream.pipeline.keys import generate_key_file
+
+        key = await anyio.to_thread.run_sync(generate_key_file, path)
+        say(f"wrote a new key to {path} (mode 0600), fingerprint {key.fingerprint}")
+        return 0
+
+    return run(work, interrupted="no key was written")
+
+
+@click.command("demo", short_help="Create a SQLite database, back it up, verify it, restore it.")
+@click.option(
+    "--dir",
+    "directory",
+    default="vdistream-demo",
+    show_default=True,
+    help="Where the database, the backups and the restored copy go.",
+)
+@click.option("--db", help="An existing SQLite database to use instead of a new one.")
+@logging_options
+def demo(directory: str, db: str | None) -> int:
+    """A real backup, verify and restore of a SQLite database, each step printed."""
+
+    async def work() -> int:
+        from vdistream.demo import run_demo
+
+        return await run_demo(directory, db)
+
+    return run(work, interrupted="the demo was stopped; its backup was aborted")
+
+
+def register_local_commands(group: click.Group) -> None:
+    for command in (backup, restore, verify, list_, storage, keygen, demo):
+        group.add_command(command)

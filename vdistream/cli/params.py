@@ -1,0 +1,271 @@
+"""The command line's value types: every number is checked where it is parsed.
+
+Each type turns the text the user typed into a value, or fails with
+:class:`OptionValueError`, which carries the text and the reason in the user's terms;
+:mod:`vdistream.cli.app` prints it as one line naming the option
+(``vdistream: error: --block-size 3000: must be a power of two from 512 to 65536``)
+and exits 2. The VDI limits come from :mod:`vdistream.protocol.config`, so the
+command line and the device set can never disagree about them.
+
+Sizes are bytes or a number with a binary unit: ``K``/``KiB``, ``M``/``MiB``,
+``G``/``GiB`` (powers of 1024, case-insensitive; a trailing ``B`` is optional, so
+``64KB`` is 64 KiB, never 64,000). Durations are ``30s``, ``90m``, ``36h``, ``14d``,
+``2w`` or sums like ``1d12h``; where plain seconds make sense (``--stall-timeout``)
+a bare number is seconds too. A :class:`Duration` keeps the text as written, so a
+value is shown back the way the user wrote it (``keep_within=14d``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from vdistream.errors import ConfigError
+from vdistream.pipeline.spec import CompressionSpec, parse_compression
+from vdistream.protocol.config import (
+    BLOCK_SIZE_MAX,
+    BLOCK_SIZE_MIN,
+    DEVICE_COUNT_MAX,
+    TRANSFER_SIZE_MAX,
+    TRANSFER_UNIT,
+    valid_block_size,
+    valid_max_transfer_size,
+)
+
+__all__ = [
+    "BLOCK_SIZE",
+    "BUFFER_COUNT",
+    "BUFFER_COUNT_MAX",
+    "COMPRESSION",
+    "DEVICES",
+    "DURATION",
+    "JOB_LIMIT",
+    "KEEP_LAST",
+    "MAX_TRANSFER_SIZE",
+    "MIN_AGE",
+    "SECONDS",
+    "Duration",
+    "OptionValueError",
+    "format_duration",
+    "format_size",
+    "parse_size",
+]
+
+#: The most buffers a backup may ask for. VDI itself sets no bound; this one keeps a
+#: typo (``--buffer-count 100000``) from asking for hundreds of GiB of buffer area.
+BUFFER_COUNT_MAX = 4096
+
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([kmg])(?:i?b)?|b)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*", re.IGNORECASE)
+
+
+class OptionValueError(click.BadParameter):
+    """A value the option does not accept: ``value`` as typed, ``reason`` why."""
+
+    def __init__(self, value: str, reason: str) -> None:
+        super().__init__(f"{value}: {reason}")
+        self.value = value
+        self.reason = reason
+
+
+def format_size(size: int) -> str:
+    """``1048576`` -> ``1M``; a size that is no whole number of a unit stays bytes."""
+    for unit, factor in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def parse_size(text: str) -> int | None:
+    """The bytes ``text`` means (module doc), or ``None`` when it is no size."""
+    match = _SIZE.match(text)
+    if match is None:
+        return None
+    value = float(match[1]) * _UNITS[(match[2] or "").lower()]
+    return int(value) if value.is_integer() else None
+
+
+def format_duration(seconds: float) -> str:
+    """``1209600`` -> ``14d``, ``129600`` -> ``36h``: the largest unit that divides."""
+    if seconds > 0 and float(seconds).is_integer():
+        whole = int(seconds)
+        for unit in ("d", "h", "m"):
+            if whole % _DURATION_UNITS[unit] == 0:
+                return f"{whole // _DURATION_UNITS[unit]}{unit}"
+        return f"{whole}s"
+    return f"{seconds:g}s"
+
+
+@dataclasses.dataclass(frozen=True)
+class Duration:
+    """A duration and the text it was written as."""
+
+    text: str
+    delta: timedelta
+
+    @property
+    def seconds(self) -> float:
+        return self.delta.total_seconds()
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _Type(click.ParamType[Any, Any]):
+    def fail_value(self, value: Any, reason: str) -> OptionValueError:
+        return OptionValueError(str(value), reason)
+
+
+class _Count(_Type):
+    """A whole number in ``low..high``."""
+
+    def __init__(self, name: str, low: int, high: int) -> None:
+        self.name = name
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            text = str(value).strip()
+            if not re.fullmatch(r"[+-]?[0-9]+", text):
+                raise self.fail_value(
+                    value, f"must be a whole number from {self.low} to {self.high}"
+                )
+            number = int(text)
+        if not self.low <= number <= self.high:
+            raise self.fail_value(value, f"must be a whole number from {self.low} to {self.high}")
+        return number
+
+
+class _Size(_Type):
+    """A size in bytes, checked by ``valid`` (the reason given when it is not)."""
+
+    def __init__(self, name: str, reason: str, valid: Any) -> None:
+        self.name = name
+        self.reason = reason
+        self.valid = valid
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            size: int | None = value
+        else:
+            size = parse_size(str(value))
+            if size is None:
+                raise self.fail_value(
+                    value, f"not a size; write bytes or a number with K, M or G ({self.reason})"
+                )
+        assert size is not None
+        if not self.valid(size):
+            raise self.fail_value(value, self.reason)
+        return size
+
+
+class _Seconds(_Type):
+    """A positive number of seconds, or a duration with a unit (``90s``, ``5m``)."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            text = str(value).strip()
+            try:
+                seconds = float(text)
+            except ValueError:
+                duration = _parse_duration(text)
+                if duration is None:
+                    raise self.fail_value(
+                        value, "must be a number of seconds above 0, or a duration like 90s, 5m"
+                    ) from None
+                seconds = duration.total_seconds()
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise self.fail_value(value, "must be a number of seconds above 0")
+        return seconds
+
+
+def _parse_duration(text: str) -> timedelta | None:
+    seconds = 0.0
+    pos = 0
+    if not text.strip():
+        return None
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            return None
+        seconds += float(match[1]) * _DURATION_UNITS[match[2].lower()]
+        pos = match.end()
+    return timedelta(seconds=seconds)
+
+
+class _Duration(_Type):
+    """A duration with its unit (``30s``, ``1h``, ``14d``, ``1d12h``); ``zero_ok``
+    also takes ``0`` (no minimum)."""
+
+    def __init__(self, *, zero_ok: bool = False) -> None:
+        self.name = "duration"
+        self.zero_ok = zero_ok
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Duration:
+        if isinstance(value, Duration):
+            return value
+        text = str(value).strip()
+        if self.zero_ok and re.fullmatch(r"0+(\.0*)?[smhdw]?", text, re.IGNORECASE):
+            return Duration(text, timedelta(0))
+        delta = _parse_duration(text)
+        example = "30s, 90m, 36h, 14d or 1d12h" + (" (0: no minimum)" if self.zero_ok else "")
+        if delta is None:
+            raise self.fail_value(value, f"not a duration; write a number and a unit: {example}")
+        if delta <= timedelta(0) and not self.zero_ok:
+            raise self.fail_value(value, "must be longer than 0")
+        return Duration(text, delta)
+
+
+class _Compression(_Type):
+    name = "compression"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> CompressionSpec:
+        if isinstance(value, CompressionSpec):
+            return value
+        text = str(value)
+        try:
+            return parse_compression(text, setting="--compress")
+        except ConfigError as exc:
+            reason = str(exc)
+            prefix = f"--compress={text!r}: "
+            raise self.fail_value(value, reason.removeprefix(prefix)) from None
+
+
+DEVICES = _Count("devices", 1, DEVICE_COUNT_MAX)
+BUFFER_COUNT = _Count("count", 1, BUFFER_COUNT_MAX)
+MAX_TRANSFER_SIZE = _Size(
+    "size",
+    f"must be a multiple of {format_size(TRANSFER_UNIT)} from {format_size(TRANSFER_UNIT)} "
+    f"to {format_size(TRANSFER_SIZE_MAX)}",
+    valid_max_transfer_size,
+)
+BLOCK_SIZE = _Size(
+    "size",
+    f"must be a power of two from {BLOCK_SIZE_MIN} to {BLOCK_SIZE_MAX}",
+    valid_block_size,
+)
+SECONDS = _Seconds()
+DURATION = _Duration()
+MIN_AGE = _Duration(zero_ok=True)
+COMPRESSION = _Compression()
+KEEP_LAST = _Count("count", 1, 1_000_000)
+JOB_LIMIT = _Count("count", 1, 1000)
