@@ -11,6 +11,7 @@ import stat
 import tarfile
 from pathlib import Path
 
+import anyio
 import pytest
 
 import vdistream
@@ -144,3 +145,70 @@ async def test_sqlite_snapshot_removed_when_the_job_fails(tmp_path: Path) -> Non
     assert engine.snapshot.snapshot_path is not None
     assert not engine.snapshot.snapshot_path.parent.exists()
     assert sorted(tree(tmp_path)) == ["src.db"]
+
+
+HALF_RESTORE = """
+import sys, time, anyio
+from pathlib import Path
+from vdistream.engines.tarstream import TarExtractConsumer
+
+async def main():
+    data = Path(sys.argv[2]).read_bytes()
+    consumer = TarExtractConsumer(sys.argv[1])
+    async with consumer.running():
+        await consumer.write(memoryview(data)[: len(data) // 2])
+        while not any(Path(sys.argv[1]).iterdir()):
+            await anyio.sleep(0.01)
+        print("half", flush=True)
+        await anyio.sleep(1000)
+
+anyio.run(main)
+"""
+
+
+async def test_a_killed_base_backup_restore_is_emptied_by_the_next_restore(
+    tmp_path: Path,
+) -> None:
+    """kill -9 mid-extraction leaves a half-filled directory and a free lock beside it:
+    the next restore into it removes the debris and restores; while a restore runs,
+    another one into the same directory is refused and nothing of it is touched."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "source"
+    make_tree(source)
+    archive = tmp_path / "source.tar"
+    await anyio.run_process(["tar", "-C", str(source), "-cf", str(archive), "."])
+    await backup_command(f"tar -C {source} -cf - .", tmp_path / "store", "t")
+    target = tmp_path / "pgdata"
+
+    def half_restore() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HALF_RESTORE, str(target), str(archive)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "half"
+        return proc
+
+    live = half_restore()
+    lock = TarExtractConsumer(target).lock_path
+    try:
+        assert lock.exists()
+        result = await restore_tar(tmp_path / "store", "t", target)
+        assert isinstance(result.error, TargetExistsError), result.error
+        assert "another restore" in str(result.error)
+        assert any(target.iterdir())  # the live restore's files were not touched
+    finally:
+        live.kill()
+        live.wait()
+        assert live.stdout is not None
+        live.stdout.close()
+    assert any(target.iterdir())  # what kill -9 leaves: half a data directory
+    assert lock.exists()  # and its lock, free
+
+    result = await restore_tar(tmp_path / "store", "t", target)
+    assert result.ok, result.error
+    assert tree(target) == tree(source)
+    assert not lock.exists()

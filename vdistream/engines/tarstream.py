@@ -19,6 +19,14 @@ never seeking), which extracts it into ``directory``:
   caller's ``verify(directory)``. ``discard()`` (any failure, abort or cancellation)
   stops the thread and removes what was extracted: the directory is left as it was
   found (empty, or absent if it was created here).
+* A restore that is killed (``kill -9``) cannot clean up, so while it runs it holds an
+  owner lock beside the directory, ``.<name>.vdistream-restore.lock`` (an ``flock``
+  that dies with the process, ``vdistream.ownership``). The next restore into the same
+  directory that finds that lock free knows the content is a dead restore's debris:
+  it empties the directory (logged as ``debris_removed``) and goes on. A lock that is
+  held means another restore into the directory is running: refused. The lock appears
+  under its name already locked (made under a private name, locked, then linked), so
+  nobody ever sees a live restore's lock free.
 
 Errors are ``EndpointError``\\s naming the directory.
 """
@@ -26,6 +34,8 @@ Errors are ``EndpointError``\\s naming the directory.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import pwd
 import shutil
@@ -40,6 +50,7 @@ import anyio.to_thread
 from vdistream.engines.scoped import EndpointError, ScopedStream, TargetExistsError
 from vdistream.engines.streams import ByteConsumer
 from vdistream.log import get_logger
+from vdistream.ownership import OwnerLock, owner_gone, owner_record
 
 __all__ = ("TarExtractConsumer", "chown_tree", "resolve_owner")
 
@@ -90,6 +101,12 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         self._thread_error: BaseException | None = None
         self._started = False
         self._finished = False
+        self._lock: OwnerLock | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        """The owner lock held beside the directory while a restore runs."""
+        return self.directory.with_name(f".{self.directory.name}.vdistream-restore.lock")
 
     # --- lifetime -------------------------------------------------------------------
 
@@ -100,17 +117,21 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         await anyio.to_thread.run_sync(self._prepare)
         self._done = anyio.Event()
         error: BaseException | None = None
-        async with anyio.create_task_group() as group:
-            self._group = group
-            try:
-                yield
-            except BaseException as exc:  # re-raised below, outside the task group
-                error = exc
-            finally:
-                with anyio.CancelScope(shield=True):
-                    if not self._finished:
-                        await self._stop_and_clean()
-            self._group = None
+        try:
+            async with anyio.create_task_group() as group:
+                self._group = group
+                try:
+                    yield
+                except BaseException as exc:  # re-raised below, outside the task group
+                    error = exc
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        if not self._finished:
+                            await self._stop_and_clean()
+                self._group = None
+        finally:
+            if self._lock is not None:
+                self._lock.release()  # only now: the directory is complete or as found
         if error is not None:
             raise error
 
@@ -118,6 +139,55 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         path = self.directory
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             raise TargetExistsError(f"the restore target {path} exists and is not a directory")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EndpointError(f"cannot create {path.parent}: {exc.strerror}") from exc
+        self._take_lock()
+        try:
+            self._check_empty_or_create()
+        except BaseException:
+            self._lock_release()
+            raise
+
+    def _lock_release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _take_lock(self) -> None:
+        """Remove a dead restore's debris, then hold the lock (module docstring)."""
+        path, lock = self.directory, self.lock_path
+        if owner_gone(lock):
+            if path.is_dir():
+                self._empty(path)
+                _log.info("debris_removed", path=str(path), what="a killed restore's files")
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+        pending = lock.with_name(f"{lock.name}.{os.getpid()}.{id(self):x}")
+        try:
+            fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise EndpointError(f"cannot create {pending}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, json.dumps(owner_record()).encode() + b"\n")
+            os.link(pending, lock)  # fails if the name exists: the lock is never seen free
+        except FileExistsError:
+            os.close(fd)
+            raise TargetExistsError(
+                f"another restore into {path} is running (its lock {lock} is held)"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise EndpointError(f"cannot create {lock}: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                pending.unlink()
+        self._lock = OwnerLock(lock, fd)
+
+    def _check_empty_or_create(self) -> None:
+        path = self.directory
         if path.is_dir():
             if any(path.iterdir()):
                 raise TargetExistsError(
@@ -126,7 +196,6 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
                 )
         else:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 path.mkdir(mode=0o700)
             except OSError as exc:
                 raise EndpointError(f"cannot create {path}: {exc.strerror}") from exc
@@ -248,6 +317,10 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         if self._created:
             shutil.rmtree(path, ignore_errors=True)
             return
+        self._empty(path)
+
+    @staticmethod
+    def _empty(path: Path) -> None:
         if path.is_dir():
             for entry in path.iterdir():
                 if entry.is_dir() and not entry.is_symlink():
