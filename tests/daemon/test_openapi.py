@@ -14,7 +14,7 @@ import yaml  # type: ignore[import-untyped]  # PyYAML comes with moto[server]
 
 from tests.daemon.conftest import REPO, embedded_settings
 from vdistream.service import Service
-from vdistream.service.api import create_app
+from vdistream.service.api import MAX_BODY, MAX_DEPTH, create_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,6 +54,25 @@ def test_every_route_is_documented_with_its_error_codes() -> None:
     used -= {"bad_request", "forbidden", "not_acceptable", "length_required"}
     assert {"queue_full", "unauthorized", "body_too_large", "malformed_json"} <= used
     assert used <= documented_codes, used - documented_codes
+
+
+def test_the_limits_and_the_refusals_are_documented() -> None:
+    """The body limits the API enforces are the ones the document states, and every
+    operation that reads a body or a query documents how it refuses a bad one."""
+    spec = _spec()
+    description = " ".join(spec["info"]["description"].split())
+    assert f"at most {MAX_BODY} bytes" in description
+    assert f"nested at most {MAX_DEPTH} levels" in description
+    assert "`limit=²` is a 400" in description
+    assert str(MAX_BODY) in spec["components"]["responses"]["TooLarge"]["description"]
+    bad_request = " ".join(spec["components"]["responses"]["BadRequest"]["description"].split())
+    assert f"nested deeper than {MAX_DEPTH} levels" in bad_request
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if method == "post":
+                assert {"400", "413", "415"} <= set(operation["responses"]), (path, method)
+    for path in ("/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/events"):  # read a query
+        assert "400" in spec["paths"][path]["get"]["responses"], path
 
 
 @pytest.mark.asyncio

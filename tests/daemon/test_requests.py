@@ -1,21 +1,26 @@
-"""Requests as the API reads them, backup ids, and how a client's URL meets the
-settings' (no daemon needed)."""
+"""Requests as the API reads them, backup ids, how a client's URL meets the settings',
+and which failures are refusals (no daemon needed)."""
 
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from vdistream.engines import TargetExistsError
+from vdistream.errors import JobError, KeyMissingError, StorageError, WrongKeyError
+from vdistream.service.api import MAX_DEPTH, _json_depth, _parse_json
 from vdistream.service.backups import group_of
 from vdistream.service.jobs import (
     InvalidRequestError,
     JobRequest,
+    ServiceError,
     new_backup_id,
 )
-from vdistream.service.manager import _same_url
+from vdistream.service.manager import _refusal, _same_url
 from vdistream.service.state import JobType
 
 
@@ -88,3 +93,79 @@ def test_backup_ids_belong_to_their_database() -> None:
 )
 def test_client_urls_meet_configured_ones(configured: str, given: str, same: bool) -> None:
     assert _same_url(configured, given) is same
+
+
+# --- JSON bodies as the API parses them -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "depth"),
+    [
+        (b"{}", 1),
+        (b'{"a": [1, {"b": []}]}', 4),
+        (b'["[[[[", "{{{{"]', 1),  # brackets inside strings do not count
+        (b'["\\"[[[[", "\\\\"]', 1),  # nor after an escaped quote
+        (b'"[[[[', 0),  # an unterminated string ends the scan
+        (b"[" * 1_000_000, MAX_DEPTH + 1),  # stops counting past the limit
+        (b"]]]][", 0),  # unbalanced: json.loads refuses it
+    ],
+)
+def test_json_depth_is_counted_without_recursion(raw: bytes, depth: int) -> None:
+    assert _json_depth(raw) == depth
+
+
+def test_json_depth_is_linear_on_unterminated_strings() -> None:
+    """64 KiB of ``"\\"`` pairs: a scan that restarted at every quote would take
+    minutes (quadratic); this one takes milliseconds."""
+    started = time.monotonic()
+    assert _json_depth(b'["' + b'\\"' * 30_000) == 1
+    assert _json_depth(b'"\\' * 30_000) == 0
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "message"),
+    [
+        (b"[" * 30_000 + b"]" * 30_000, "invalid_request", f"deeper than {MAX_DEPTH} levels"),
+        (b'{"a":' * 10_000 + b"1" + b"}" * 10_000, "invalid_request", "deeper than"),
+        (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "invalid_request", "deeper than"),
+        (b"\xff{}", "malformed_json", "not UTF-8 text (byte 0"),
+        (b"\xef\xbb\xbf{}", "malformed_json", "not valid JSON"),  # a BOM
+        (b'{"kind": NaN}', "malformed_json", "NaN is not a JSON value"),
+        (b"[Infinity]", "malformed_json", "Infinity is not a JSON value"),
+        (b'{"a": 1, "a": 2}', "malformed_json", "the key 'a' appears twice"),
+        (b"1" * 5_000, "malformed_json", "not valid JSON"),  # past int's digit limit
+        (b'{"kind": "a\\u0000b"}', "invalid_request", "'kind' holds a NUL character"),
+        (b'{"kind": ["\\ud800"]}', "invalid_request", "'kind' holds a NUL character or a"),
+        (b'{"\\udfff": 1}', "invalid_request", "a field name holds"),
+        (b'{"kind": "\xed\xa0\x80"}', "malformed_json", "not UTF-8"),  # an encoded surrogate
+    ],
+)
+def test_bodies_are_refused_before_they_can_hurt(raw: bytes, code: str, message: str) -> None:
+    with pytest.raises(ServiceError, match=re.escape(message)) as caught:
+        _parse_json(raw)
+    assert caught.value.code == code
+    assert 400 <= caught.value.status < 500
+
+
+def test_plain_json_parses() -> None:
+    nested = b"[" * MAX_DEPTH + b"]" * MAX_DEPTH
+    assert _parse_json(nested) is not None
+    body = b'{"kind": "restore", "database": "app", "target": "/tmp/\xc3\xa9t\xc3\xa9.db"}'
+    assert _parse_json(body) == {"kind": "restore", "database": "app", "target": "/tmp/été.db"}
+    assert _parse_json(b'{"reason": "\\ud83d\\ude00"}') == {"reason": "\U0001f600"}
+
+
+# --- refusals are not aborts ------------------------------------------------------------
+
+
+def test_refusals_are_recognised_through_the_chain() -> None:
+    exists = TargetExistsError("the restore target /x already exists")
+    assert _refusal(exists) == "target_exists"
+    wrapped = JobError("restore failed")
+    wrapped.__cause__ = exists
+    assert _refusal(wrapped) == "target_exists"
+    assert _refusal(WrongKeyError("wrong key")) == "wrong_key"
+    assert _refusal(KeyMissingError("no key")) == "key_missing"
+    assert _refusal(StorageError("disk full")) is None
+    assert _refusal(None) is None

@@ -25,6 +25,21 @@ Contracts
   body limit is ``MAX_BODY`` bytes), ``unsupported_media_type`` (415),
   ``unknown_database`` (422), ``queue_full`` (429, with ``Retry-After``),
   ``shutting_down`` / ``not_ready`` (503), ``internal_error`` (500).
+* **Bad input is a 4xx, never a 500.** A body is read only up to ``MAX_BODY`` bytes
+  (413); it must be UTF-8 (400 ``malformed_json``) and standard JSON: no ``NaN`` or
+  ``Infinity``, no key twice in one object, arrays and objects nested at most
+  ``MAX_DEPTH`` deep (checked by a scan that does not recurse, *before* ``json.loads``,
+  which would otherwise raise ``RecursionError`` on a deep body), no string holding a
+  NUL character or a lone surrogate (``invalid_request``: such a string cannot be a
+  name, a path or a reason). Query numbers are ASCII decimals only (``"²".isdigit()``
+  is true, ``float("\\u0661")`` is 1.0: neither is accepted), and a query parameter
+  given twice is refused. A body that cannot be read (broken chunking, a
+  ``Content-Encoding`` that does not decode) is a 400 too. Whatever else escapes a
+  handler is a bug: answered as a JSON 500 (``internal_error``) and logged with its
+  traceback (``api_internal_error``). Only what is not HTTP at all (a malformed
+  request line or header, a ``Content-Encoding`` aiohttp has no decoder for) gets
+  aiohttp's own plain-text 400, and an ``Expect`` other than ``100-continue`` its
+  417, before the application sees the request.
 * **Progress streams** (``GET /v1/jobs/{id}/events``) are newline-delimited JSON, or
   server-sent events with ``Accept: text/event-stream`` or ``?format=sse``: one
   ``{"event": "progress" | "end", "job": {...}}`` per interval and state change, the
@@ -37,6 +52,7 @@ import errno
 import hmac
 import json
 import os
+import re
 import socket
 import stat
 from collections.abc import Awaitable, Callable
@@ -47,6 +63,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vdistream import __version__
 from vdistream.errors import VdistreamError
@@ -62,13 +79,24 @@ from vdistream.service.metrics import CONTENT_TYPE
 from vdistream.service.settings import ServiceSettings, Settings
 from vdistream.service.state import JobState, JobType
 
-__all__ = ("MAX_BODY", "ApiBackend", "ApiServer", "ApiStartError", "create_app")
+__all__ = ("MAX_BODY", "MAX_DEPTH", "ApiBackend", "ApiServer", "ApiStartError", "create_app")
 
 log = get_logger(__name__)
 
 #: The largest request body accepted (bytes); larger ones get 413.
 MAX_BODY = 64 * 1024
+#: The deepest nesting of arrays and objects a JSON body may have (no request needs 3).
+MAX_DEPTH = 32
 _LIST_LIMIT = 1000
+#: A JSON string (its closing quote optional, so that an unterminated one ends the
+#: scan instead of making it quadratic) or a bracket: what ``_json_depth`` looks at.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
+#: What no string of a request may hold: NUL (no path or name has it) and lone
+#: surrogates (not Unicode text: they cannot be encoded, logged or stored as UTF-8).
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+#: Query numbers: ASCII decimals only.
+_INTEGER = re.compile(r"[0-9]{1,9}")
+_DECIMAL = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")
 
 
 class ApiStartError(VdistreamError):
@@ -108,7 +136,7 @@ class ApiBackend(Protocol):
 _BACKEND: web.AppKey[ApiBackend] = web.AppKey("backend", ApiBackend)
 
 _STATUS_CODES = {
-    400: "bad_request",
+    400: "invalid_request",
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
@@ -124,6 +152,22 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
     return web.json_response(
         {"error": {"code": code, "message": message}}, status=status, headers=headers or None
     )
+
+
+def _shown_path(request: web.Request) -> str:
+    """The path as the client sent it (still percent-encoded: a decoded ``%0A`` would
+    break the message's one line), at most 200 characters."""
+    path = request.raw_path.partition("?")[0]
+    return path if len(path) <= 200 else path[:200] + "..."
+
+
+def _reason(exc: BaseException) -> str:
+    """One line from aiohttp's payload errors (``RequestPayloadError`` wraps an
+    ``HttpProcessingError`` whose ``str`` spans lines: ``400, message:\n  ...``)."""
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc
+    if isinstance(cause, HttpProcessingError) and cause.message:
+        return " ".join(str(cause.message).split())
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 @web.middleware
@@ -143,14 +187,18 @@ async def _errors(
         if exc.status == 413:
             message = f"the request body is larger than {MAX_BODY} bytes"
         elif exc.status == 404:
-            message = f"no such endpoint: {request.method} {request.path}"
+            message = f"no such endpoint: {request.method} {_shown_path(request)}"
         elif exc.status == 405:
             allowed = exc.headers.get("Allow", "")
-            message = f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+            message = (
+                f"{request.method} is not allowed on {_shown_path(request)} (allowed: {allowed})"
+            )
         else:
             message = exc.text or exc.reason
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return _error(exc.status, code, message, **headers)
+    except (HttpProcessingError, web.RequestPayloadError) as exc:  # an undecodable body
+        return _error(400, "invalid_request", f"malformed HTTP request: {_reason(exc)}")
     except (ConnectionError, anyio.get_cancelled_exc_class()):
         raise
     except Exception as exc:  # a bug: answer 500, log it, keep serving
@@ -183,8 +231,80 @@ async def _auth(
     return await handler(request)
 
 
+def _json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in ``raw`` (brackets inside strings do not
+    count); stops counting past ``MAX_DEPTH``. A loop, not a recursion: safe on any
+    input ``json.loads`` would choke on."""
+    depth = deepest = 0
+    for match in _JSON_TOKEN.finditer(raw):
+        token = match[0]
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    break
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _check_strings(value: Any, where: str = "the body") -> None:
+    """Refuse NUL and lone surrogates in any key or string (depth is bounded)."""
+    if isinstance(value, str):
+        if _BAD_CHARS.search(value):
+            raise InvalidRequestError(
+                f"{where} holds a NUL character or a lone surrogate (\\u0000, \\ud800...)"
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, "a field name")
+            _check_strings(item, f"{key!r}" if _BAD_CHARS.search(key) is None else where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item, where)
+
+
+def _parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, with the module doc's limits (``ServiceError`` otherwise)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _MalformedJSONError(
+            f"the body is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
+    if _json_depth(raw) > MAX_DEPTH:
+        raise InvalidRequestError(f"the JSON body is nested deeper than {MAX_DEPTH} levels")
+    try:
+        value = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+    except ValueError as exc:  # JSONDecodeError, the hooks', int digits limit
+        raise _MalformedJSONError(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # not reached after _json_depth; never a 500 all the same
+        raise InvalidRequestError(
+            f"the JSON body is nested deeper than {MAX_DEPTH} levels"
+        ) from None
+    _check_strings(value)
+    return value
+
+
 async def _json_body(request: web.Request, *, required: bool) -> Any:
-    raw = await request.read()  # 413 past client_max_size
+    try:
+        raw = await request.read()  # 413 past client_max_size
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        raise InvalidRequestError(f"the request body cannot be read: {_reason(exc)}") from None
     if not raw.strip():
         if required:
             raise InvalidRequestError("the request needs a JSON object as its body")
@@ -196,18 +316,33 @@ async def _json_body(request: web.Request, *, required: bool) -> Any:
         raise _UnsupportedMediaTypeError(
             f"the body must be JSON (Content-Type: application/json), not {request.content_type}"
         )
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _MalformedJSONError(f"the body is not valid JSON: {exc}") from None
+    return _parse_json(raw)
 
 
 def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
-    for name in request.query:
+    out: dict[str, str] = {}
+    for name, value in request.query.items():
         if name not in allowed:
             known = ", ".join(allowed) or "none"
-            raise InvalidRequestError(f"unknown query parameter {name!r} (known: {known})")
-    return {name: request.query[name] for name in request.query}
+            raise InvalidRequestError(f"unknown query parameter {name[:100]!r} (known: {known})")
+        if name in out:
+            raise InvalidRequestError(f"the query parameter {name!r} is given twice")
+        if _BAD_CHARS.search(value):
+            raise InvalidRequestError(
+                f"the query parameter {name!r} holds a NUL character or a lone surrogate"
+            )
+        out[name] = value
+    return out
+
+
+def _integer(query: dict[str, str], name: str, low: int, high: int, default: int) -> int:
+    """An ASCII decimal query parameter from ``low`` to ``high``."""
+    text = query.get(name)
+    if text is None:
+        return default
+    if _INTEGER.fullmatch(text) is None or not low <= int(text) <= high:
+        raise InvalidRequestError(f"{name} must be a whole number from {low} to {high}")
+    return int(text)
 
 
 # --- handlers ---------------------------------------------------------------------------
@@ -292,12 +427,7 @@ async def _list(request: web.Request) -> web.Response:
             raise InvalidRequestError(
                 f"kind {query['kind']!r} is not one of backup, restore, verify"
             ) from None
-    limit = 100
-    if "limit" in query:
-        text = query["limit"]
-        if not text.isdigit() or not 1 <= int(text) <= _LIST_LIMIT:
-            raise InvalidRequestError(f"limit must be a number from 1 to {_LIST_LIMIT}")
-        limit = int(text)
+    limit = _integer(query, "limit", 1, _LIST_LIMIT, 100)
     views = await request.app[_BACKEND].manager.views(
         state=states, database=query.get("database"), kind=kind, limit=limit
     )
@@ -333,10 +463,8 @@ async def _events(request: web.Request) -> web.StreamResponse:
     query = _query(request, ("interval", "format"))
     interval = 1.0
     if "interval" in query:
-        try:
-            interval = float(query["interval"])
-        except ValueError:
-            interval = -1.0
+        text = query["interval"]
+        interval = float(text) if _DECIMAL.fullmatch(text) is not None else -1.0
         if not 0.1 <= interval <= 60:
             raise InvalidRequestError("interval must be a number of seconds from 0.1 to 60")
     fmt = query.get("format")

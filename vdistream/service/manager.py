@@ -62,6 +62,12 @@ Each job uses its database's pipeline: ``compress`` and ``encrypt_key_file`` for
 backup; the key file again for restore and verify (the manifest says the rest). The
 key is read from its file when a job starts, so a rotated key file is picked up
 without a reload, and it is never kept in the manager or the state database.
+
+A job *refused* before it changed anything (a restore onto an existing target without
+``overwrite``; a wrong, missing or needless key: ``_refusal``) ends ``failed`` like any
+failure, but it is not an abort: it counts in ``vdistream_refused_jobs_total{kind,
+reason}``, never in ``vdistream_aborts_total`` (the coordinator reports the engine's
+refusal as an ``engine`` abort; that is not what happened to the data).
 """
 
 from __future__ import annotations
@@ -80,9 +86,10 @@ import structlog
 
 from vdistream.catalog import CatalogError, list_manifests, read_manifest
 from vdistream.coordinator import AbortCause, Job, JobStatus, stream_key
+from vdistream.engines import TargetExistsError
 from vdistream.engines.files import partial_files
 from vdistream.engines.streams import partial_path
-from vdistream.errors import VdistreamError
+from vdistream.errors import KeyMissingError, KeyNotNeededError, VdistreamError, WrongKeyError
 from vdistream.log import get_logger
 from vdistream.operations import BackupSettings, KeySource, run_backup, run_restore, run_verify
 from vdistream.service.backups import (
@@ -134,6 +141,29 @@ class _Outcome:
     error: str | None = None
     #: the AbortCause value when the job was aborted or failed through an abort
     cause: str | None = None
+    #: why the job was refused before it changed anything (``_refusal``), if it was
+    refused: str | None = None
+
+
+#: Errors that refuse a job before it changes anything, and their metric label.
+_REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
+    (TargetExistsError, "target_exists"),
+    (WrongKeyError, "wrong_key"),
+    (KeyMissingError, "key_missing"),
+    (KeyNotNeededError, "key_not_needed"),
+)
+
+
+def _refusal(error: BaseException | None) -> str | None:
+    """The ``_REFUSALS`` label of ``error`` or of an error it was raised from."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for kind, label in _REFUSALS:
+            if isinstance(error, kind):
+                return label
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @dataclasses.dataclass(eq=False)
@@ -553,7 +583,7 @@ class JobManager:
                 return await self._restore(active, database, destination)
             return await self._verify(active, database, destination)
         except (VdistreamError, OSError) as exc:
-            return _Outcome(JobState.FAILED, error=str(exc))
+            return _Outcome(JobState.FAILED, error=str(exc), refused=_refusal(exc))
 
     async def _started(self, active: _Active, **fields: Any) -> None:
         active.started_at = anyio.current_time()
@@ -641,7 +671,10 @@ class JobManager:
             return _Outcome(JobState.SUCCEEDED, summary)
         state = JobState.ABORTED if result.status is JobStatus.ABORTED else JobState.FAILED
         cause = result.aborted_by.value if result.aborted_by is not None else None
-        return _Outcome(state, summary, str(result.error), cause)
+        refused = _refusal(result.error) if state is JobState.FAILED else None
+        if refused is not None:
+            cause = None  # the engine refused to start: not an abort
+        return _Outcome(state, summary, str(result.error), cause, refused)
 
     async def _verify(
         self, active: _Active, database: DatabaseSettings, destination: DestinationSettings
@@ -733,7 +766,9 @@ class JobManager:
             self._metrics.job_duration.labels(kind).observe(
                 anyio.current_time() - active.started_at
             )
-        if outcome.state is not JobState.SUCCEEDED and outcome.cause is not None:
+        if outcome.refused is not None:
+            self._metrics.refused.labels(kind, outcome.refused).inc()
+        elif outcome.state is not JobState.SUCCEEDED and outcome.cause is not None:
             self._metrics.aborts.labels(kind, outcome.cause).inc()
         log.log(
             20 if outcome.state is JobState.SUCCEEDED else 30,
@@ -950,10 +985,11 @@ def _remove_partial_target(target: object) -> list[str]:
 
 
 def _keys(database: DatabaseSettings) -> KeySource | None:
-    """The database's key source; the key itself is read per job, never kept."""
+    """The database's key source; the key itself is read per job, never kept. It is
+    optional: the database's older, unencrypted backups still restore and verify."""
     if database.encrypt_key_file is None:
         return None
-    return KeySource(key_file=str(database.encrypt_key_file))
+    return KeySource(key_file=str(database.encrypt_key_file), optional=True)
 
 
 def _backup_ref(url: str, backup_id: str) -> str:

@@ -15,6 +15,7 @@ metric                                                      type       labels
 ``vdistream_job_duration_seconds``                          histogram  kind
 ``vdistream_jobs_current``                                  gauge      state (queued, running)
 ``vdistream_aborts_total``                                  counter    kind, cause
+``vdistream_refused_jobs_total``                            counter    kind, reason
 ``vdistream_retries_total``                                 counter    operation
 ``vdistream_retention_deleted_backups_total``               counter    database
 ``vdistream_seconds_since_last_verified_backup``            gauge      database
@@ -29,6 +30,11 @@ metric                                                      type       labels
   stays small whatever the number of jobs.
 * ``cause`` is a ``vdistream.coordinator.AbortCause`` value (``user``, ``cancelled``,
   ``engine``, ``sink``, ``watchdog``, ``server-timeout``).
+* A job refused before it changed anything (a restore onto an existing target
+  without ``overwrite``, a wrong, missing or needless key) is not an abort: it counts
+  in ``vdistream_refused_jobs_total`` with ``reason`` ``target_exists``, ``wrong_key``,
+  ``key_missing`` or ``key_not_needed``, and in ``vdistream_jobs_total`` with
+  ``outcome="failed"`` (its state), never in ``vdistream_aborts_total``.
 * ``vdistream_seconds_since_last_verified_backup`` is the age (now minus the end time)
   of the newest backup of each configured database whose verification succeeded,
   computed at scrape time from the state database; ``+Inf`` when the database has no
@@ -123,6 +129,12 @@ class Metrics:
             "vdistream_aborts",
             "Jobs aborted or failed, by the cause of the abort (AbortCause)",
             ["kind", "cause"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "vdistream_refused_jobs",
+            "Jobs refused before they changed anything (not aborts), by reason",
+            ["kind", "reason"],
             registry=r,
         )
         self.retries = Counter(
