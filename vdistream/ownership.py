@@ -10,12 +10,19 @@ job's files would destroy a running backup. Two kinds of proof, both stdlib only
   proof, on this host or on another one sharing the file system (NFS locks are
   forwarded; a file system without locks makes the lock fail loudly at acquire).
 * Where no lock can be held (object storage), :func:`owner_record` describes the owner
-  (host, boot id, pid, the process's start time) and :func:`record_owner_gone` tells
-  whether that owner is provably gone: only on the same host and boot, when the pid no
-  longer exists or now belongs to a process that started at another time (pid reuse).
-  A record from another host, or one that cannot be read, is never proof: the answer is
-  ``False`` and age-based cleaning (``storage audit --clean --min-age``) is left to
-  the operator.
+  (host name, machine id, boot id, PID namespace, pid, the process's start time) and
+  :func:`record_owner_gone` tells whether that owner is provably gone: only on the same
+  machine (``/etc/machine-id``: two machines or containers may share a host name) and
+  in the same PID namespace (another container's pids are invisible here), when the
+  machine rebooted since, or the pid no longer exists, or it now belongs to a process
+  that started at another time (pid reuse). A record from another machine or
+  namespace, or one that cannot be read, is never proof: the answer is ``False`` and
+  age-based cleaning (``storage audit --clean --min-age``) is left to the operator.
+
+``flock`` is only as good as the file system's: NFS mounted with ``local_lock=flock``,
+``local_lock=all`` or ``nolock`` keeps locks local to each client, so two hosts sharing
+such a mount cannot see each other's locks. Share a destination between hosts only on a
+file system whose locks are shared (NFSv4 is, by default).
 
 The lock file's content is the same record, as JSON, for the operator's eyes only.
 """
@@ -23,6 +30,7 @@ The lock file's content is the same record, as JSON, for the operator's eyes onl
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -65,12 +73,32 @@ def process_start_time(pid: int) -> int | None:
         return None
 
 
+def _machine_id() -> str | None:
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            found = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if found:
+            return found
+    return None
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def owner_record(pid: int | None = None) -> dict[str, Any]:
-    """This process (or ``pid``) as an owner: host, boot id, pid, start time."""
+    """This process (or ``pid``, of this namespace) as an owner (module docstring)."""
     pid = os.getpid() if pid is None else pid
     return {
         "host": socket.gethostname(),
+        "machine_id": _machine_id(),
         "boot_id": _boot_id(),
+        "pid_namespace": _pid_namespace(),
         "pid": pid,
         "start_time": process_start_time(pid),
     }
@@ -83,9 +111,15 @@ def record_owner_gone(record: Any) -> bool:
     pid, started = record.get("pid"), record.get("start_time")
     if record.get("host") != socket.gethostname() or not isinstance(pid, int):
         return False
+    machine = _machine_id()
+    if machine is None or record.get("machine_id") != machine:
+        return False  # another machine (or no way to tell) that may share our host name
     boot = record.get("boot_id")
     if boot is not None and boot != _boot_id():
-        return True  # the machine rebooted since: every process of then is gone
+        return True  # this machine rebooted since: every process of then is gone
+    namespace = _pid_namespace()
+    if namespace is None or record.get("pid_namespace") != namespace:
+        return False  # another container's pids cannot be seen from here
     now = process_start_time(pid)
     if now is None:
         return not _pid_exists(pid)  # without /proc a live pid proves nothing either way
@@ -113,9 +147,11 @@ class OwnerLock:
     an orphaned child cannot keep its parent's debris alive.
     """
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, previous: dict[str, Any] | None = None) -> None:
         self.path = path
         self._fd: int | None = fd
+        #: the record a dead owner left in the file (``None``: the file was new)
+        self.previous = previous
 
     @classmethod
     def acquire(cls, path: str | os.PathLike[str]) -> OwnerLock:
@@ -123,12 +159,34 @@ class OwnerLock:
         fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            previous = _read_record(fd)
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(owner_record()).encode() + b"\n")
+            os.pwrite(fd, json.dumps(owner_record()).encode() + b"\n", 0)
         except BaseException:
             os.close(fd)
             raise
-        return cls(target, fd)
+        return cls(target, fd, previous)
+
+    @classmethod
+    def take(cls, path: str | os.PathLike[str], *, attempts: int = 10) -> OwnerLock:
+        """``acquire``, and make sure the file locked is still the one named ``path``:
+        whoever removes a lock file does so holding its lock, so between our open and
+        our lock it may have gone; then we try again. ``BlockingIOError``: held."""
+        for _ in range(attempts):
+            lock = cls.acquire(path)
+            if lock.linked():
+                return lock
+            lock.release(remove=False)
+        raise OSError(errno.EAGAIN, "the lock file keeps disappearing", str(path))
+
+    def linked(self) -> bool:
+        """Whether the file locked is still the one at ``path``."""
+        if self._fd is None:
+            return False
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
 
     @property
     def held(self) -> bool:
@@ -151,6 +209,14 @@ class OwnerLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _read_record(fd: int) -> dict[str, Any] | None:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def owner_gone(path: str | os.PathLike[str]) -> bool:

@@ -52,6 +52,19 @@ def test_lock_of_a_live_process_is_not_gone_and_of_a_killed_one_is(tmp_path: Pat
     assert not path.exists()
 
 
+def test_a_dead_owners_record_is_read_and_a_removed_file_is_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "owner.lock"
+    path.write_text(json.dumps({"pid": 12345, "host": "gone"}))
+    with OwnerLock.take(path) as lock:
+        assert lock.previous == {"pid": 12345, "host": "gone"}
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        assert lock.linked()
+        path.unlink()  # what a sweeper holding the lock would do
+        assert not lock.linked()
+    with OwnerLock.take(path) as fresh:
+        assert fresh.previous is None
+
+
 def test_own_lock_is_held_and_release_removes_the_file(tmp_path: Path) -> None:
     path = tmp_path / "owner.lock"
     with OwnerLock.acquire(path) as lock:
@@ -68,5 +81,13 @@ def test_records_prove_only_what_they_can() -> None:
     assert not record_owner_gone(me)
     assert record_owner_gone({**me, "start_time": me["start_time"] + 1})  # pid reused
     assert not record_owner_gone({**me, "host": "elsewhere", "pid": 2**22 + 1})
+    # a machine that shares our host name, or a container that shares our machine
+    dead = {**me, "pid": 2**22 + 1, "start_time": 1}
+    assert record_owner_gone(dead)
+    assert not record_owner_gone({**dead, "machine_id": "another machine"})
+    assert not record_owner_gone({**dead, "machine_id": None})
+    assert not record_owner_gone({**dead, "pid_namespace": 1})
+    assert not record_owner_gone({**me, "machine_id": "other", "boot_id": "other boot"})
+    assert record_owner_gone({**me, "boot_id": "a boot before this one"})
     assert not record_owner_gone("garbage")
     assert not record_owner_gone({"host": me["host"]})

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.s3.conftest import TEST_PART_SIZE, MotoServer, StorageFactory
+from vdistream.catalog.audit import audit
 from vdistream.ownership import owner_record
 from vdistream.storage import BackupInProgressError, StorageProbeError
 from vdistream.storage.s3 import MARK_NAME
@@ -123,3 +124,23 @@ async def test_probe_of_an_unreachable_endpoint(make_storage: StorageFactory) ->
         StorageProbeError, match=r"^s3://\S+: cannot connect to http://127\.0\.0\.1:9"
     ):
         await storage.probe()
+
+
+async def test_the_audit_leaves_a_job_of_another_machine_alone_until_min_age(
+    make_storage: StorageFactory, moto_server: MotoServer, bucket: str
+) -> None:
+    """Same host name, another machine (a cloned image): its job may be running, so a
+    plain audit reports no debris and --clean with the default age touches nothing."""
+    import datetime
+
+    twin = {**owner_record(), "machine_id": "another machine", "pid": 2**22 + 1}
+    put_mark(moto_server, bucket, "twin", twin)
+    storage = make_storage()
+    await storage.write_bytes("twin/stream-01-of-01.vdi", b"theirs")
+    assert await storage.sweep() == []
+    report = await audit(storage, clean=True, min_age=datetime.timedelta(hours=1))
+    assert report.in_progress == ("twin",)
+    assert not report.debris_left
+    assert report.removed_objects == ()
+    assert "backups/twin/stream-01-of-01.vdi" in moto_server.keys(bucket)
+    assert f"backups/twin/{MARK_NAME}" in moto_server.keys(bucket)

@@ -170,14 +170,44 @@ async def audit(
     object's age (file objects, memory) such objects are then reported, not removed.
     """
     now = datetime.datetime.now(datetime.UTC)
+    # Everything is listed BEFORE the owner marks are read: a backup that starts
+    # meanwhile then has its mark read too, and its files are never taken for orphans.
+    manifests, problems = await list_manifests(storage)
+    keys = await storage.list()
+    listed_uploads = await storage.list_uploads() if isinstance(storage, _MultipartStorage) else []
+    file_temporaries: list[tuple[str, datetime.datetime | None]] = []
+    file_empty: list[tuple[str, datetime.datetime | None]] = []
+    if isinstance(storage, FileStorage):
+        file_temporaries = await anyio.to_thread.run_sync(_temporaries, storage.path)
+        file_empty = await anyio.to_thread.run_sync(_empty_directories, storage.path)
     marks = await storage.owner_marks() if isinstance(storage, _MarkedStorage) else []
-    live = sorted({mark.backup_id for mark in marks if mark.alive is True})
+
+    ages = await _object_ages(storage) if min_age is not None else {}
+    too_young: list[str] = []
+
+    def old_enough(name: str, when: datetime.datetime | None) -> bool:
+        if min_age is None:
+            return True
+        if when is None or now - when < min_age:
+            too_young.append(name)
+            return False
+        return True
+
+    # A mark whose owner may live (alive None: another host, or no way to tell) protects
+    # its backup like a live one until it is older than ``min_age``: only the operator's
+    # age bound can declare another host's job dead.
+    live = sorted(
+        {
+            mark.backup_id
+            for mark in marks
+            if mark.alive is True
+            or (mark.alive is None and not old_enough(mark.name, mark.modified))
+        }
+    )
 
     def is_live(name: str) -> bool:
         return name.partition("/")[0] in live and "/" in name
 
-    manifests, problems = await list_manifests(storage)
-    keys = await storage.list()
     backups = tuple(m.backup_id for m in manifests)
     readable = set(backups)
 
@@ -202,42 +232,26 @@ async def audit(
         for key in keys
         if key not in referenced and key not in unverifiable and not is_live(key)
     ]
-
-    ages = await _object_ages(storage) if min_age is not None else {}
-    too_young: list[str] = []
-
-    def old_enough(name: str, when: datetime.datetime | None) -> bool:
-        if min_age is None:
-            return True
-        if when is None or now - when < min_age:
-            too_young.append(name)
-            return False
-        return True
-
     orphan_objects = [key for key in orphans if old_enough(key, ages.get(key))]
 
     uploads: list[OrphanUpload] = []
-    if isinstance(storage, _MultipartStorage):
-        for upload in await storage.list_uploads():
-            if is_live(upload.key):
-                continue
-            found = OrphanUpload(upload.key, upload.upload_id, upload.initiated)
-            if old_enough(f"upload {upload.key} ({upload.upload_id})", upload.initiated):
-                uploads.append(found)
+    for upload in listed_uploads:
+        if is_live(upload.key):
+            continue
+        found = OrphanUpload(upload.key, upload.upload_id, upload.initiated)
+        if old_enough(f"upload {upload.key} ({upload.upload_id})", upload.initiated):
+            uploads.append(found)
 
     temporaries: list[str] = [
-        mark.name
-        for mark in marks
-        if mark.alive is not True and old_enough(mark.name, mark.modified)
+        mark.name for mark in marks if mark.alive is not True and mark.backup_id not in live
     ]
+    for name, mtime in file_temporaries:
+        if not is_live(name) and old_enough(name, mtime):
+            temporaries.append(name)
     empty: list[str] = []
-    if isinstance(storage, FileStorage):
-        for name, mtime in await anyio.to_thread.run_sync(_temporaries, storage.path):
-            if not is_live(name) and old_enough(name, mtime):
-                temporaries.append(name)
-        for name, mtime in await anyio.to_thread.run_sync(_empty_directories, storage.path):
-            if not is_live(name + "/") and old_enough(name + "/", mtime):
-                empty.append(name)
+    for name, mtime in file_empty:
+        if not is_live(name + "/") and old_enough(name + "/", mtime):
+            empty.append(name)
 
     report = AuditReport(
         url=storage.url,

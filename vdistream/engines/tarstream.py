@@ -24,9 +24,9 @@ never seeking), which extracts it into ``directory``:
   that dies with the process, ``vdistream.ownership``). The next restore into the same
   directory that finds that lock free knows the content is a dead restore's debris:
   it empties the directory (logged as ``debris_removed``) and goes on. A lock that is
-  held means another restore into the directory is running: refused. The lock appears
-  under its name already locked (made under a private name, locked, then linked), so
-  nobody ever sees a live restore's lock free.
+  held means another restore into the directory is running: refused. Emptying happens
+  while holding the lock (``OwnerLock.take``), and the lock is released as soon as the
+  directory is complete and verified.
 
 Errors are ``EndpointError``\\s naming the directory.
 """
@@ -34,8 +34,6 @@ Errors are ``EndpointError``\\s naming the directory.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import pwd
 import shutil
@@ -50,7 +48,7 @@ import anyio.to_thread
 from vdistream.engines.scoped import EndpointError, ScopedStream, TargetExistsError
 from vdistream.engines.streams import ByteConsumer
 from vdistream.log import get_logger
-from vdistream.ownership import OwnerLock, owner_gone, owner_record
+from vdistream.ownership import OwnerLock
 
 __all__ = ("TarExtractConsumer", "chown_tree", "resolve_owner")
 
@@ -130,8 +128,7 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
                             await self._stop_and_clean()
                 self._group = None
         finally:
-            if self._lock is not None:
-                self._lock.release()  # only now: the directory is complete or as found
+            self._lock_release()  # only now: the directory is complete or as found
         if error is not None:
             raise error
 
@@ -156,35 +153,21 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
             self._lock = None
 
     def _take_lock(self) -> None:
-        """Remove a dead restore's debris, then hold the lock (module docstring)."""
-        path, lock = self.directory, self.lock_path
-        if owner_gone(lock):
-            if path.is_dir():
-                self._empty(path)
-                _log.info("debris_removed", path=str(path), what="a killed restore's files")
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-        pending = lock.with_name(f"{lock.name}.{os.getpid()}.{id(self):x}")
+        """Hold the lock, and remove a dead restore's debris (module docstring)."""
+        path = self.directory
         try:
-            fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise EndpointError(f"cannot create {pending}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, json.dumps(owner_record()).encode() + b"\n")
-            os.link(pending, lock)  # fails if the name exists: the lock is never seen free
-        except FileExistsError:
-            os.close(fd)
+            lock = OwnerLock.take(self.lock_path)
+        except BlockingIOError:
             raise TargetExistsError(
-                f"another restore into {path} is running (its lock {lock} is held)"
+                f"another restore into {path} is running (its lock {self.lock_path} is held)"
             ) from None
         except OSError as exc:
-            os.close(fd)
-            raise EndpointError(f"cannot create {lock}: {exc.strerror}") from exc
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                pending.unlink()
-        self._lock = OwnerLock(lock, fd)
+            raise EndpointError(f"cannot create {self.lock_path}: {exc.strerror}") from exc
+        if lock.previous is not None and path.is_dir():
+            # a record nobody holds: its restore was killed before it could clean up
+            self._empty(path)
+            _log.info("debris_removed", path=str(path), what="a killed restore's files")
+        self._lock = lock
 
     def _check_empty_or_create(self) -> None:
         path = self.directory
@@ -299,6 +282,7 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         if self.verify is not None:
             await self.verify(self.directory)
         self._finished = True
+        self._lock_release()  # at once: a complete directory is nobody's debris
 
     async def discard(self) -> None:
         with anyio.CancelScope(shield=True):

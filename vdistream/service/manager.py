@@ -87,7 +87,7 @@ import structlog
 from vdistream.catalog import CatalogError, list_manifests, read_manifest
 from vdistream.coordinator import AbortCause, Job, JobStatus, stream_key
 from vdistream.engines import TargetExistsError
-from vdistream.engines.files import partial_files
+from vdistream.engines.files import remove_stale_partials
 from vdistream.engines.streams import partial_path
 from vdistream.errors import KeyMissingError, KeyNotNeededError, VdistreamError, WrongKeyError
 from vdistream.log import get_logger
@@ -973,15 +973,14 @@ def _remove_partial_target(target: object) -> list[str]:
     if not isinstance(target, str) or "://" in target or ":" in target.split("/", 1)[0]:
         return []  # a database URL or a command: nothing of ours on disk
     path = Path(target)
-    candidates = [partial_path(path), *partial_files(path)]
-    removed = []
-    for candidate in candidates:
-        try:
-            candidate.unlink()
-        except OSError:
-            continue
-        removed.append(str(candidate))
-    return removed
+    # A partial file beside the target may be a live restore's (a CLI's, say): only
+    # those whose lock nobody holds go. The dump-to-file ``.partial`` is the daemon's.
+    removed = [str(p) for p in remove_stale_partials(path)]
+    try:
+        partial_path(path).unlink()
+    except OSError:
+        return removed
+    return [*removed, str(partial_path(path))]
 
 
 def _keys(database: DatabaseSettings) -> KeySource | None:

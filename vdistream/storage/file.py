@@ -492,23 +492,6 @@ def _remove_empty(directories: tuple[Path, ...]) -> None:
             return  # not empty (or gone): so are its parents, or they are someone's
 
 
-class _Lock(OwnerLock):
-    @classmethod
-    def take(cls, path: Path) -> _Lock:
-        lock = cls.acquire(path)
-        assert isinstance(lock, _Lock)
-        return lock
-
-    def linked(self) -> bool:
-        """Whether the file locked is still the one at ``path`` (a sweep may have
-        removed it between our open and our lock: then the lock guards nothing)."""
-        assert self._fd is not None
-        try:
-            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
-        except FileNotFoundError:
-            return False
-
-
 def _read_holder(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
@@ -523,21 +506,18 @@ def _holder_text(record: dict[str, Any] | None) -> str:
     return f"{record.get('host', '?')}, pid {record.get('pid', '?')}"
 
 
-def _acquire(directory: Path) -> tuple[_Lock | None, str]:
+def _acquire(directory: Path) -> tuple[OwnerLock | None, str]:
     """Take ``directory``'s owner lock (creating the directory): (lock, "") or, when a
     live process holds it, (None, "host, pid N")."""
     path = directory / LOCK_NAME
     for _ in range(10):
         _make_directory(directory)
         try:
-            lock = _Lock.take(path)
+            return OwnerLock.take(path), ""
         except FileNotFoundError:
             continue  # a sweep removed the directory just now
         except BlockingIOError:
             return None, _holder_text(_read_holder(path))
-        if lock.linked():
-            return lock, ""
-        lock.release(remove=False)
     raise OSError(errno.EAGAIN, "the lock file keeps disappearing", str(path))
 
 
@@ -572,7 +552,7 @@ def _owner_marks(root: Path) -> builtins.list[OwnerMark]:
 
 def _remove_stale_lock(path: Path) -> None:
     try:
-        lock = _Lock.take(path) if path.exists() else None
+        lock = OwnerLock.take(path) if path.exists() else None
     except (BlockingIOError, FileNotFoundError):
         return  # held after all (or gone): not ours to remove
     if lock is not None:
@@ -600,7 +580,7 @@ def _sweep(root: Path) -> tuple[builtins.list[str], builtins.list[str]]:
         if not path.is_file():
             continue  # no lock: not provably anyone's debris (storage audit's case)
         try:
-            lock = _Lock.take(path)
+            lock = OwnerLock.take(path)
         except OSError:
             continue  # held: its owner lives (or the lock is unusable: leave it)
         try:
