@@ -256,8 +256,10 @@ async def _backup(
     pipeline = PipelineConfig(compression=settings.compression, key=key)
     # Decided here, not by the job: the preflight and the in-progress marker need it.
     backup_id = settings.backup_id or new_backup_id()
-    await _preflight(storage, backup_id)
+    await _preflight(storage)
     async with storage.in_progress(backup_id):
+        # under the marker: no other backup with this id can start between check and use
+        await _check_id_free(storage, backup_id)
         return await _backup_job(source, storage, settings, on_job, backup_id, pipeline, versions)
 
 
@@ -273,11 +275,14 @@ async def _sweep(storage: Storage) -> None:
         _log.info("debris_swept", storage=storage.url, removed=list(removed))
 
 
-async def _preflight(storage: Storage, backup_id: str) -> None:
-    """Before the engine starts: debris swept, the destination reachable and writable,
-    the backup id free (``CatalogError`` "backup X already exists in DEST")."""
+async def _preflight(storage: Storage) -> None:
+    """Before the engine starts: debris swept, the destination reachable and writable."""
     await _sweep(storage)
     await storage.probe()
+
+
+async def _check_id_free(storage: Storage, backup_id: str) -> None:
+    """``CatalogError`` "backup X already exists in DEST" unless the id is free."""
     taken = await storage.list(f"{backup_id}/")
     if manifest_key(backup_id) in taken:
         raise CatalogError(f"backup {backup_id} already exists in {storage.url}")

@@ -45,6 +45,7 @@ __all__ = [
     "owner_record",
     "process_start_time",
     "record_owner_gone",
+    "record_owner_state",
 ]
 
 #: the usual name of an owner lock file inside the directory it protects
@@ -102,6 +103,29 @@ def owner_record(pid: int | None = None) -> dict[str, Any]:
         "pid": pid,
         "start_time": process_start_time(pid),
     }
+
+
+def record_owner_state(record: Any) -> bool | None:
+    """False when the owner described by ``record`` provably no longer runs, True when
+    it provably runs (this machine and namespace, same pid and start time), None when
+    that cannot be told (another machine or container, an unreadable record)."""
+    if record_owner_gone(record):
+        return False
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+        return None
+    machine, namespace = _machine_id(), _pid_namespace()
+    same_place = (
+        machine is not None
+        and namespace is not None
+        and record.get("host") == socket.gethostname()
+        and record.get("machine_id") == machine
+        and record.get("pid_namespace") == namespace
+        and record.get("boot_id") == _boot_id()
+    )
+    started = record.get("start_time")
+    if same_place and started is not None and process_start_time(record["pid"]) == started:
+        return True
+    return None
 
 
 def record_owner_gone(record: Any) -> bool:

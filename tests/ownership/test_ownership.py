@@ -16,6 +16,7 @@ from vdistream.ownership import (
     owner_record,
     process_start_time,
     record_owner_gone,
+    record_owner_state,
 )
 
 HOLD = """
@@ -90,4 +91,8 @@ def test_records_prove_only_what_they_can() -> None:
     assert not record_owner_gone({**me, "machine_id": "other", "boot_id": "other boot"})
     assert record_owner_gone({**me, "boot_id": "a boot before this one"})
     assert not record_owner_gone("garbage")
+    assert record_owner_state(me) is True
+    assert record_owner_state(dead) is False
+    assert record_owner_state({**me, "machine_id": "another machine"}) is None
+    assert record_owner_state({**me, "start_time": None}) is None
     assert not record_owner_gone({"host": me["host"]})

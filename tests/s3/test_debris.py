@@ -144,3 +144,24 @@ async def test_the_audit_leaves_a_job_of_another_machine_alone_until_min_age(
     assert report.removed_objects == ()
     assert "backups/twin/stream-01-of-01.vdi" in moto_server.keys(bucket)
     assert f"backups/twin/{MARK_NAME}" in moto_server.keys(bucket)
+
+
+async def test_a_sweep_that_lost_the_race_to_a_new_owner_removes_nothing(
+    make_storage: StorageFactory, moto_server: MotoServer, bucket: str
+) -> None:
+    """A sweep read the dead owner's mark; before it removed anything, a new backup
+    with the same id took the mark over and started writing: the sweep sees the mark
+    changed and leaves everything of the new owner alone."""
+    put_mark(moto_server, bucket, "again", dead_owner())
+    sweeper = make_storage()
+    (stale,) = [mark for mark in await sweeper.owner_marks() if mark.backup_id == "again"]
+    assert stale.alive is False
+    storage = make_storage()
+    async with storage.in_progress("again"):
+        sink = await storage.open_sink("again/stream-01-of-01.vdi")
+        await sink.write(memoryview(bytes(2 * TEST_PART_SIZE)))
+        await sink.flush()
+        assert await sweeper._sweep_backup(stale) == []  # the race, made deterministic
+        assert len(moto_server.uploads(bucket)) == 1
+        assert f"backups/again/{MARK_NAME}" in moto_server.keys(bucket)
+        await sink.abort()

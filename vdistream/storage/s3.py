@@ -198,7 +198,7 @@ from vdistream.errors import (
     StorageURLError,
 )
 from vdistream.log import get_logger
-from vdistream.ownership import owner_record, record_owner_gone
+from vdistream.ownership import owner_record, record_owner_gone, record_owner_state
 from vdistream.storage._common import (
     INTERNAL_PREFIX,
     OwnerMark,
@@ -1129,13 +1129,7 @@ class S3Storage(Storage):
                 continue
             full_key = self._root() + obj.key
             record = await self._read_mark(full_key, url=join_url(self.url, obj.key))
-            alive: bool | None
-            if record_owner_gone(record):
-                alive = False
-            elif record is not None and record.get("host") == owner_record()["host"]:
-                alive = True
-            else:
-                alive = None
+            alive = record_owner_state(record)
             marks.append(OwnerMark(backup_id, obj.key, alive, obj.last_modified, record))
         return marks
 
@@ -1173,17 +1167,30 @@ class S3Storage(Storage):
             removed.append(item)
             _log.info("debris_removed", storage=self.url, item=item)
 
-        for upload in await self.list_uploads(prefix):
+        async def still_dead() -> bool:
+            # A new backup with the same id may take the dead mark over at any time
+            # (``_place_mark``): then everything under the id is its own. Checked after
+            # each listing, before anything listed is removed.
+            url = join_url(self.url, mark.name)
+            return await self._read_mark(self._root() + mark.name, url=url) == mark.record
+
+        uploads = await self.list_uploads(prefix)
+        if not await still_dead():
+            return removed
+        for upload in uploads:
             await self.abort_upload(upload.key, upload.upload_id)
             gone(f"upload {upload.key} {upload.upload_id}")
         keys = await self.list(prefix)
         if f"{prefix}{_MANIFEST}" not in keys:
+            if not await still_dead():
+                return removed
             for key in keys:
                 with contextlib.suppress(StorageNotFoundError):
                     await self._delete(self._full_key(key), url=join_url(self.url, key))
                 gone(key)
-        await self.remove_mark(mark)
-        gone(mark.name)
+        if await still_dead():
+            await self.remove_mark(mark)
+            gone(mark.name)
         return removed
 
     async def probe(self) -> None:
