@@ -304,6 +304,7 @@ async def _backup_job(
     versions: dict[str, str],
 ) -> BackupOutcome:
     started = _now()
+    file_mode = await source.file_mode()  # as the job starts: what its snapshot reads
     job = Job(
         JobKind.BACKUP,
         source.backup_engine(settings.simulator(), tempdir=settings.workdir),
@@ -354,6 +355,7 @@ async def _backup_job(
             versions=versions,
             logical_bytes=getattr(engine_result, "logical_bytes", None),
             pipeline=pipeline.describe() if pipeline.any else None,
+            file_mode=file_mode,
         )
         url = await write_manifest(storage, manifest)
     except (CatalogError, StorageError) as exc:
@@ -423,6 +425,7 @@ async def _restore_job(
         overwrite=overwrite,
         create=create,
         owner=owner,
+        file_mode=manifest.file_mode,
     )
     job = Job(
         JobKind.RESTORE,

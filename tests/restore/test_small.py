@@ -1,6 +1,6 @@
-"""Smaller restore promises: the restored file's mode follows the umask, a key given
-for an unencrypted backup is refused, partial files of killed restores are removed
-(and a live restore's never)."""
+"""Smaller restore promises: the restored file's mode follows the source's within the
+umask, a key given for an unencrypted backup is refused, partial files of killed
+restores are removed (and a live restore's never)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,25 @@ async def test_the_restored_file_gets_the_usual_mode(
     result = await run_restore(f"{backup}/b", str(target))
     assert result.ok, result.error
     assert stat.S_IMODE(target.stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("source_mode", [0o600, 0o640, 0o644])
+async def test_the_restored_file_follows_the_source_within_the_umask(
+    tmp_path: Path, umask: None, source_mode: int
+) -> None:
+    source = make_database(tmp_path / "secret.db")
+    source.chmod(source_mode)
+    dest = tmp_path / "dest"
+    await backup_database(source, dest)
+    os.umask(0o022)
+    target = tmp_path / "restored.db"
+    result = await run_restore(f"{dest}/b", str(target))
+    assert result.ok, result.error
+    assert stat.S_IMODE(target.stat().st_mode) == source_mode  # never looser than it was
+    os.umask(0o077)
+    narrow = tmp_path / "narrow.db"
+    assert (await run_restore(f"{dest}/b", str(narrow))).ok
+    assert stat.S_IMODE(narrow.stat().st_mode) == 0o600
 
 
 async def test_a_key_for_an_unencrypted_backup_is_refused(

@@ -67,6 +67,9 @@ class Manifest:
     logical_bytes: int | None = None
     #: the stages, in order, with their parameters (nothing secret); None: no stages
     pipeline: dict[str, Any] | None = None
+    #: the source file's permission bits (SQLite), which a restore follows within its
+    #: umask; None: not recorded (backups before it, or no file)
+    file_mode: int | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -151,6 +154,7 @@ class Manifest:
                 versions=dict(body["versions"]),
                 logical_bytes=body.get("logical_bytes"),
                 pipeline=body.get("pipeline"),
+                file_mode=body.get("file_mode"),
             )
         except (KeyError, TypeError) as exc:
             raise CatalogError(f"manifest {where} is incomplete: {exc!r}") from exc

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -136,6 +137,17 @@ class DatabaseSource:
                 return PostgresDump(spec, options)
             return PostgresBaseBackup(spec, options)
         return CommandBackup(list(spec.argv), options)
+
+    async def file_mode(self) -> int | None:
+        """The permission bits of the source's file (SQLite), None for other sources:
+        the restored file follows them (within the umask of the restoring process)."""
+        spec: _Spec = self._spec  # type: ignore[attr-defined]
+        if not isinstance(spec, _SQLiteSpec):
+            return None
+        try:
+            return stat.S_IMODE((await anyio.Path(spec.path).stat()).st_mode)
+        except OSError:
+            return None
 
     async def describe(self) -> dict[str, str]:
         """Tool and server versions for this source; never a secret.
@@ -239,16 +251,20 @@ def restore_engine(
     create: bool = False,
     no_owner: bool = False,
     owner: str | int | None = None,
+    file_mode: int | None = None,
 ) -> Engine:
     """A restore engine for a backup of ``kind``/``mode`` into ``target`` (module docstring).
 
     ``create`` and ``no_owner`` apply to PostgreSQL dumps restored into a database,
-    ``owner`` to base backups (the restored data directory's user; root only).
+    ``owner`` to base backups (the restored data directory's user; root only),
+    ``file_mode`` to SQLite (the source file's mode recorded in the manifest).
     ``ConfigError`` when the combination makes no sense.
     """
     if kind == "sqlite":
         _no_mode(target, "sqlite", mode)
-        return SQLiteRestore(_target_path(target, "sqlite"), options, overwrite=overwrite)
+        return SQLiteRestore(
+            _target_path(target, "sqlite"), options, overwrite=overwrite, file_mode=file_mode
+        )
     if kind == "postgresql":
         chosen = mode or "basebackup"
         if chosen == "basebackup":

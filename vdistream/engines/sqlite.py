@@ -44,7 +44,7 @@ import anyio
 import anyio.to_thread
 
 from vdistream.engines.faults import FailPoint
-from vdistream.engines.files import AtomicFileConsumer
+from vdistream.engines.files import AtomicFileConsumer, creation_mode
 from vdistream.engines.scoped import (
     EndpointError,
     ScopedBackup,
@@ -304,12 +304,17 @@ class SQLiteRestore(ScopedRestore):
         options: SimulatorOptions | None = None,
         *,
         overwrite: bool = False,
+        file_mode: int | None = None,
         fail_at: FailPoint | None = None,
     ) -> None:
         self.target = Path(target).absolute()
         self.checked: str | None = None
+        # The source's mode within our umask; unknown (an older backup): owner only,
+        # since a database may hold secrets.
+        mode = (0o600 if file_mode is None else file_mode) & creation_mode()
         self.file = AtomicFileConsumer(
             self.target,
+            mode=mode,
             overwrite=overwrite,
             validate=self._validate,
             before_place=self._before_place,
