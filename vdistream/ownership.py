@@ -43,6 +43,7 @@ __all__ = [
     "OwnerLock",
     "owner_gone",
     "owner_record",
+    "proc_stat",
     "process_start_time",
     "record_owner_gone",
     "record_owner_state",
@@ -59,17 +60,25 @@ def _boot_id() -> str | None:
         return None
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field
-    22), or None if there is no such process (or no ``/proc``)."""
+def proc_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name: ``[0]`` the state,
+    ``[1]`` the parent pid, ``[2]`` the process group, ``[19]`` the start time; None if
+    there is no such process (or no ``/proc``)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
     except OSError:
         return None
     # the command name (field 2) is in parentheses and may hold spaces or ')'
-    fields = stat[stat.rindex(")") + 2 :].split()
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field
+    22), or None if there is no such process (or no ``/proc``)."""
+    fields = proc_stat(pid)
     try:
-        return int(fields[19])
+        return int(fields[19]) if fields is not None else None
     except (IndexError, ValueError):
         return None
 

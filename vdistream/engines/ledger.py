@@ -49,7 +49,7 @@ import anyio.to_thread
 
 from vdistream.engines.process import CHILD_ID_VARIABLE, ChildRecord, group_members
 from vdistream.log import get_logger
-from vdistream.ownership import owner_record, process_start_time
+from vdistream.ownership import owner_record, proc_stat, process_start_time
 
 __all__ = ("LEDGER_DIR", "ChildLedger", "Survivor")
 
@@ -179,11 +179,7 @@ class _Target:
 
 
 def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    fields = proc_stat(pid)
     return fields[0].decode() if fields else None
 
 

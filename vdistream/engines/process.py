@@ -105,6 +105,7 @@ import anyio.to_thread
 from vdistream.engines.scoped import EndpointError, ScopedStream
 from vdistream.engines.streams import ByteConsumer, ByteProducer
 from vdistream.log import get_logger
+from vdistream.ownership import proc_stat
 
 __all__ = (
     "CHILD_ID_VARIABLE",
@@ -401,14 +402,9 @@ def _child_start_time(pid: int) -> int | None:
     """The start time of our child ``pid``, or None once it is gone. asyncio's child
     watcher may already have reaped a quick child (and the pid been reused): the time
     counts only if the process read is still a child of ours (one ``/proc`` read)."""
+    fields = proc_stat(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19]) if int(fields[1]) == os.getpid() else None
+        return int(fields[19]) if fields and int(fields[1]) == os.getpid() else None
     except (IndexError, ValueError):
         return None
 
@@ -458,13 +454,9 @@ def group_members(pgid: int) -> list[int]:
     for entry in entries:
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as file:
-                stat = file.read()
-        except OSError:
+        fields = proc_stat(entry)
+        if fields is None:
             continue  # it ended while we looked
-        # pid (comm) state ppid pgrp ...: comm may hold anything, so split after ")".
-        fields = stat[stat.rfind(b")") + 2 :].split()
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(entry))
     return members
