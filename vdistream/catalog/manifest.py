@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from vdistream.errors import VdistreamError
+from vdistream.storage._common import MANIFEST_NAME  # storage must know it too: one name
 
 __all__ = [
     "MANIFEST_NAME",
@@ -27,7 +28,6 @@ __all__ = [
 
 FORMAT = "vdistream-manifest"
 VERSION = 1
-MANIFEST_NAME = "manifest.json"
 
 
 class CatalogError(VdistreamError):

@@ -26,6 +26,10 @@ __all__ = (
 #: probe objects): never keys, hidden from ``list``, refused as key components.
 INTERNAL_PREFIX = ".vdistream-"
 
+#: the name the catalog gives a committed backup's manifest (``<backup_id>/manifest.json``):
+#: the one thing storage knows of backups, so that a sweep never removes a committed one
+MANIFEST_NAME = "manifest.json"
+
 
 def is_internal(name: str) -> bool:
     """Whether the last component of ``name`` is one of vdistream's internal names."""

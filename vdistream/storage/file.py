@@ -69,6 +69,7 @@ from vdistream.errors import (
 from vdistream.log import get_logger
 from vdistream.ownership import LOCK_NAME, OwnerLock, owner_gone
 from vdistream.storage._common import (
+    MANIFEST_NAME,
     OwnerMark,
     SinkState,
     byte_view,
@@ -91,7 +92,6 @@ __all__ = ("FileSink", "FileSource", "FileStorage")
 _TEMP_NAME = re.compile(r"\..*\.[0-9a-f]{16}\.tmp", re.DOTALL)
 # Errors that mean "there is no object under this key" for stat, open and delete.
 _MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})
-_MANIFEST = "manifest.json"  # the catalog's name; storage knows no more of backups
 #: how long ``in_progress`` retries a lock held for a moment (by a sweep)
 _LOCK_PATIENCE = 2.0
 _log = get_logger(__name__)
@@ -586,7 +586,7 @@ def _sweep(root: Path) -> tuple[builtins.list[str], builtins.list[str]]:
         try:
             if not lock.linked():
                 continue
-            committed = (directory / _MANIFEST).is_file()
+            committed = (directory / MANIFEST_NAME).is_file()
             _remove_debris(root, directory, committed, removed, failures)
             removed.append(f"{directory.name}/{LOCK_NAME}")
         finally:

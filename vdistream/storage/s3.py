@@ -201,6 +201,7 @@ from vdistream.log import get_logger
 from vdistream.ownership import owner_record, record_owner_gone, record_owner_state
 from vdistream.storage._common import (
     INTERNAL_PREFIX,
+    MANIFEST_NAME,
     OwnerMark,
     SinkState,
     byte_view,
@@ -274,7 +275,6 @@ _THREAD_HASH_BYTES = 1 * MiB
 
 #: the owner mark ``in_progress`` writes under ``<backup_id>/``
 MARK_NAME = ".vdistream-owner.json"
-_MANIFEST = "manifest.json"  # the catalog's name; storage knows no more of backups
 
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 _URL_OPTIONS = frozenset({"endpoint_url", "region", "profile", "addressing_style"})
@@ -1181,7 +1181,7 @@ class S3Storage(Storage):
             await self.abort_upload(upload.key, upload.upload_id)
             gone(f"upload {upload.key} {upload.upload_id}")
         keys = await self.list(prefix)
-        if f"{prefix}{_MANIFEST}" not in keys:
+        if f"{prefix}{MANIFEST_NAME}" not in keys:
             if not await still_dead():
                 return removed
             for key in keys:
