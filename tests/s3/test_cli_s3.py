@@ -70,3 +70,24 @@ def test_unreachable_s3_is_a_clear_error(tmp_path: Path) -> None:
         check=1,
     )
     assert "nobucket" in done.stderr
+
+
+def test_a_missing_bucket_and_a_taken_id_are_refused_before_the_engine_starts(
+    moto_server: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """The producer never runs: it would create ``started`` at once."""
+    started = tmp_path / "started"
+    producer = f"cmd:sh -c 'touch {started}; head -c 100000 /dev/urandom'"
+    missing = f"s3://no-such-bucket/x?endpoint_url={moto_server.endpoint}"
+    done = vdistream("backup", producer, missing, check=1)
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "no such bucket" in done.stderr
+    assert not started.exists()
+
+    dest = f"s3://{bucket}/db?endpoint_url={moto_server.endpoint}"
+    first = vdistream("backup", "cmd:head -c 1000 /dev/urandom", dest, "--id", "nightly")
+    assert first.stdout == "nightly\n"
+    again = vdistream("backup", producer, dest, "--id", "nightly", check=1)
+    assert again.stderr.count("\n") == 1, again.stderr
+    assert "backup nightly already exists in s3://" in again.stderr
+    assert not started.exists()
