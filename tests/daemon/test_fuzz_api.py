@@ -25,7 +25,7 @@ import yaml  # type: ignore[import-untyped]  # PyYAML comes with moto[server]
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.daemon.conftest import REPO, TERMINAL, Daemon, make_sqlite
+from tests.daemon.conftest import REPO, TERMINAL, Daemon, _UnixHTTPConnection, make_sqlite
 from tests.databases.pgserver import free_port
 from vdistream.service.api import MAX_BODY, MAX_DEPTH, create_app
 
@@ -88,22 +88,6 @@ UNICODE_DIGITS = (
 )
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class Answer:
     def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
         self.status = status
@@ -129,7 +113,7 @@ def send(
     """One request as given (no header added but Host and Content-Length); on the Unix
     socket, or on the TCP listener at ``port``."""
     connection: http.client.HTTPConnection = (
-        _Unix(daemon.socket, timeout=20)
+        _UnixHTTPConnection(str(daemon.socket), timeout=20)
         if port is None
         else http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     )

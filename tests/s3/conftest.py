@@ -27,6 +27,7 @@ import botocore.session
 import pytest
 import pytest_asyncio
 
+from tests.s3.proxy import FaultProxy
 from vdistream.storage.s3 import S3Storage
 
 #: The smallest part the test server accepts (and the sinks' first part size).
@@ -202,3 +203,22 @@ async def make_storage(moto_server: MotoServer, bucket: str) -> AsyncIterator[St
     for storage in made:
         with contextlib.suppress(Exception):
             await storage.aclose()
+
+
+@pytest_asyncio.fixture
+async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
+    """A fault-injecting proxy in front of the S3 server (``tests/s3/proxy.py``)."""
+    proxy = FaultProxy(moto_server.port)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+@pytest.fixture
+def faulty(make_storage: StorageFactory, proxy: FaultProxy) -> StorageFactory:
+    """Storages that talk to moto through the proxy."""
+
+    def make(**options: object) -> S3Storage:
+        return make_storage(endpoint_url=proxy.endpoint, **options)
+
+    return make

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 
 from tests.s3.conftest import TEST_PART_SIZE, MotoServer, StorageFactory
 from tests.s3.proxy import FaultProxy
@@ -24,24 +22,6 @@ COMPLETE = r"^POST /\S*[?&]uploadId="
 
 def nth_part(number: int) -> str:
     return rf"{PART}{number}(&|$)"
-
-
-@pytest_asyncio.fixture
-async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy(moto_server.port)
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
-
-
-@pytest.fixture
-def faulty(make_storage: StorageFactory, proxy: FaultProxy) -> StorageFactory:
-    """Storages that talk to moto through the proxy."""
-
-    def make(**options: object) -> S3Storage:
-        return make_storage(endpoint_url=proxy.endpoint, **options)
-
-    return make
 
 
 async def upload(storage: S3Storage, key: str, data: bytes, device: str | None = None) -> None:

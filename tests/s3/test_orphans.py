@@ -5,10 +5,8 @@ CompleteMultipartUpload, lost answers to a put, and a store that refuses every a
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 
 from tests.s3.conftest import TEST_PART_SIZE, MotoServer, StorageFactory
 from tests.s3.proxy import FaultProxy
@@ -24,22 +22,6 @@ CREATE = r"^POST /\S*[?&]uploads"
 COMPLETE = r"^POST /\S*[?&]uploadId="
 ABORT = r"^DELETE /\S*[?&]uploadId="
 EVER = 10**6
-
-
-@pytest_asyncio.fixture
-async def proxy(moto_server: MotoServer) -> AsyncIterator[FaultProxy]:
-    proxy = FaultProxy(moto_server.port)
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
-
-
-@pytest.fixture
-def faulty(make_storage: StorageFactory, proxy: FaultProxy) -> StorageFactory:
-    def make(**options: object) -> S3Storage:
-        return make_storage(endpoint_url=proxy.endpoint, **options)
-
-    return make
 
 
 async def upload(storage: S3Storage, key: str, data: bytes) -> None:
