@@ -365,7 +365,7 @@ def main() -> int:
         "warmup_s": args.warmup,
         "env": args.env,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"glibc {'-'.join(platform.libc_ver())}, Python {platform.python_version()}",
+        f"{' '.join(platform.libc_ver())}, Python {platform.python_version()}",
         "jobs": counts.jobs,
         "jobs_total": sum(counts.jobs.values()),
         "failed": sum(v for k, v in counts.jobs.items() if not k.endswith("/succeeded")),

@@ -26,9 +26,10 @@ Exit codes: 0 after a graceful shutdown, 1 after a forced one or when the servic
 cannot start (the state directory is locked by another daemon, the socket is in
 use...), 2 for invalid settings.
 
-Memory: before anything starts a thread, ``serve`` tunes glibc's allocator for a
-long-running process (``tune_malloc``, below); importing vdistream or running the CLI's
-other commands changes nothing.
+Memory: before anything starts a thread, ``serve`` limits glibc's malloc arenas to
+``ARENA_MAX`` and then returns free heap pages once a minute (``tune_malloc``, below),
+so that the worker threads' arenas do not each keep their own high-water mark;
+importing vdistream, embedding ``Service`` or the CLI's other commands change nothing.
 
 Test knob: ``VDISTREAM_SCHEDULE_SPEEDUP=N`` runs the schedules' clock N times faster
 (``Service(schedule_speedup=N)``), so tests see ``* * * * *`` fire every 60/N seconds.
@@ -271,9 +272,9 @@ TRIM_EVERY = 60.0
 def tune_malloc() -> Callable[[], object] | None:
     """Tune glibc's allocator for the daemon; its ``malloc_trim(0)``, or None (not glibc).
 
-    Why: glibc gives each thread that allocates while the others hold theirs an arena
-    of its own, up to 8 per core, and an arena keeps the memory freed in it for reuse
-    by its own threads. The daemon's blocking work (file I/O, zstd, AES, hashing) runs
+    Why: glibc gives each new thread that allocates an arena of its own until there
+    are 8 per core, and an arena keeps the memory freed in it for reuse by its own
+    threads. The daemon's blocking work (file I/O, zstd, AES, hashing) runs
     in anyio's worker threads, which come and go with the load (up to its 40-token
     limiter, about 15 in the soak), so 15 arenas each kept the high-water mark of
     whichever jobs passed through them: the soak's RSS rose from 59 to 160 MiB, 86 MiB
