@@ -24,13 +24,13 @@ from vdistream.service.client import submit_backup_to_daemon
 pytestmark = pytest.mark.timeout(90)
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+def _run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vdistream", *argv],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=REPO,
+        cwd=cwd,
         check=False,
     )
 
@@ -245,14 +245,7 @@ def test_relative_paths_are_the_clients(
     socket = ["--socket", str(daemon.socket)]
 
     def run_here(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "vdistream", *argv],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=client_dir,
-            check=False,
-        )
+        return _run(*argv, cwd=client_dir)
 
     relative_dest = os.path.relpath(daemon.dest, client_dir)
     made = run_here("backup", "sqlite:../app.db", relative_dest, "--daemon", *socket)

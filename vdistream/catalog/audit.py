@@ -370,13 +370,9 @@ def _temporaries(root: Path) -> list[tuple[str, datetime.datetime | None]]:
         for name in names:
             if not _TEMP_NAME.fullmatch(name):
                 continue
-            path = Path(directory, name)
-            try:
-                mtime = path.lstat().st_mtime
-            except OSError:
-                continue
-            when = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
-            found.append((path.relative_to(root).as_posix(), when))
+            dated = _dated(root, Path(directory, name))
+            if dated is not None:
+                found.append(dated)
     return sorted(found)
 
 
@@ -391,13 +387,19 @@ def _empty_directories(root: Path) -> list[tuple[str, datetime.datetime | None]]
             continue
         if all(path / sub in empty for sub in subdirectories):
             empty.add(path)
-            try:
-                mtime = path.lstat().st_mtime
-            except OSError:
-                continue
-            when = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
-            found.append((path.relative_to(root).as_posix(), when))
+            dated = _dated(root, path)
+            if dated is not None:
+                found.append(dated)
     return found
+
+
+def _dated(root: Path, path: Path) -> tuple[str, datetime.datetime] | None:
+    """``path`` relative to ``root`` and when it last changed; None once it is gone."""
+    try:
+        mtime = path.lstat().st_mtime
+    except OSError:
+        return None
+    return path.relative_to(root).as_posix(), datetime.datetime.fromtimestamp(mtime, datetime.UTC)
 
 
 def _rmdir(root: Path, name: str) -> None:
