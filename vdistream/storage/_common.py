@@ -53,10 +53,16 @@ class OwnerMark:
 
     def owner(self) -> str:
         """``"host, pid N"`` for messages, or ``"unknown owner"``."""
-        record = self.record or {}
-        if "host" in record or "pid" in record:
-            return f"{record.get('host', '?')}, pid {record.get('pid', '?')}"
-        return "unknown owner"
+        return owner_text(self.record)
+
+
+def owner_text(record: dict[str, Any] | None) -> str:
+    """An owner record (``vdistream.ownership.owner_record``) as ``"host, pid N"``
+    for messages, or ``"unknown owner"`` when it names nobody."""
+    record = record or {}
+    if "host" in record or "pid" in record:
+        return f"{record.get('host', '?')}, pid {record.get('pid', '?')}"
+    return "unknown owner"
 
 
 class SinkState(enum.Enum):

@@ -77,6 +77,7 @@ from vdistream.storage._common import (
     check_key,
     check_position,
     is_internal,
+    owner_text,
     require,
 )
 from vdistream.storage.base import (
@@ -500,12 +501,6 @@ def _read_holder(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _holder_text(record: dict[str, Any] | None) -> str:
-    if not record:
-        return "owner unknown"
-    return f"{record.get('host', '?')}, pid {record.get('pid', '?')}"
-
-
 def _acquire(directory: Path) -> tuple[OwnerLock | None, str]:
     """Take ``directory``'s owner lock (creating the directory): (lock, "") or, when a
     live process holds it, (None, "host, pid N")."""
@@ -517,7 +512,7 @@ def _acquire(directory: Path) -> tuple[OwnerLock | None, str]:
         except FileNotFoundError:
             continue  # a sweep removed the directory just now
         except BlockingIOError:
-            return None, _holder_text(_read_holder(path))
+            return None, owner_text(_read_holder(path))
     raise OSError(errno.EAGAIN, "the lock file keeps disappearing", str(path))
 
 

@@ -209,6 +209,7 @@ from vdistream.storage._common import (
     check_key,
     check_position,
     join_url,
+    owner_text,
     require,
 )
 from vdistream.storage.base import (
@@ -1090,7 +1091,7 @@ class S3Storage(Storage):
             if not record_owner_gone(record):
                 raise BackupInProgressError(
                     f"backup {backup_id} is being written by another process "
-                    f"({OwnerMark(backup_id, '', None, record=record).owner()})",
+                    f"({owner_text(record)})",
                     url=join_url(self.url, backup_id),
                 )
             with contextlib.suppress(StorageNotFoundError):
