@@ -23,7 +23,10 @@
           │    ├── StorageNotFoundError what should be read is not there
           │    ├── StorageExistsError   a committed object would be overwritten
           │    ├── StorageFullError     no space left (ENOSPC, EFBIG, quota)
-          │    └── StorageIntegrityError  sizes or checksums do not match
+          │    ├── StorageIntegrityError  sizes or checksums do not match
+          │    ├── BackupInProgressError  a live process is writing this backup id  (*)
+          │    ├── StorageProbeError    the destination is unreachable or unwritable  (*)
+          │    └── OrphanUploadsError   the store refused to remove a job's writes  (*)
           ├── PipelineError             a pipeline stage (compression, encryption) failed
           │    ├── CorruptStreamError   stored bytes fail authentication or decoding
           │    ├── WrongKeyError        the key given is not the key the backup was made with
@@ -32,6 +35,8 @@
           ├── ConfigError               a setting is invalid; names the key and where
           └── JobError                  a backup or restore job did not complete
                └── JobAbortedError      it was aborted; .cause says why
+
+(*) defined in ``vdistream.storage.base`` (storage's own), exported by ``vdistream.storage``.
 
 Errors cross each seam translated: an ``OSError`` from a file becomes a
 ``StorageError`` naming the URL (raised ``from`` the original), a VDI refusal inside a
