@@ -4,7 +4,7 @@ Each case runs in a child process so that its peak RSS (VmHWM) is its own; wall 
 and CPU time come from the child. Cases:
 
 * ``dd bs=1M`` of the data file to /dev/null, and to a file with ``conv=fsync``;
-* vdistream: the simulated engine reads the file and stripes it over 4 devices into
+* vdistream: the striping engine reads the file and stripes it over 4 devices into
   ``null://`` and into a directory on the same disk (fsync, rename, as always);
 * vdistream restore of that backup into a file (fsync), beside ``dd conv=fsync``;
 * peak RSS of a 1 GiB and an 8 GiB backup to ``null://`` from a generated stream,
@@ -53,24 +53,24 @@ def child(case: str, data: str, workdir: str, gib: float) -> None:
     from vdistream.engines import (
         CallableProducer,
         FileConsumer,
-        SimulatedBackup,
-        SimulatedRestore,
-        SimulatorOptions,
+        StripedBackup,
+        StripedRestore,
+        StripingOptions,
     )
 
-    options = SimulatorOptions(max_transfer_size=4 * MIB, buffer_count=16)
+    options = StripingOptions(max_transfer_size=4 * MIB, buffer_count=16)
     job = JobOptions(devices=4)
 
     async def main() -> int:
         if case == "backup-null":
-            result = await backup(SimulatedBackup(Path(data), options), "null://", options=job)
+            result = await backup(StripedBackup(Path(data), options), "null://", options=job)
         elif case == "backup-file":
             result = await backup(
-                SimulatedBackup(Path(data), options), workdir, backup_id="bench", options=job
+                StripedBackup(Path(data), options), workdir, backup_id="bench", options=job
             )
         elif case == "restore-file":
             result = await restore(
-                SimulatedRestore(FileConsumer(Path(workdir) / "restored"), options),
+                StripedRestore(FileConsumer(Path(workdir) / "restored"), options),
                 workdir,
                 "bench",
                 options=job,
@@ -86,7 +86,7 @@ def child(case: str, data: str, workdir: str, gib: float) -> None:
                 return n
 
             result = await backup(
-                SimulatedBackup(CallableProducer(fill), options), "null://", options=job
+                StripedBackup(CallableProducer(fill), options), "null://", options=job
             )
         result.raise_for_status()
         return result.bytes

@@ -65,7 +65,7 @@ from vdistream.vdi import ServerVirtualDeviceSet as ServerVirtualDeviceSet
 if _typing.TYPE_CHECKING:
     from vdistream.service.daemon import Service as Service
 
-__version__ = "0.1.0"
+from vdistream._version import __version__ as __version__
 
 __all__ = (
     "AbortCause",

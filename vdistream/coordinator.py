@@ -73,7 +73,7 @@ from vdistream.pump import Pump, PumpEnd
 from vdistream.storage import OrphanUploadsError, Storage, open_storage
 from vdistream.vdi import ClientVirtualDevice, ClientVirtualDeviceSet, Registry
 
-__all__ = [
+__all__ = (
     "AbortCause",
     "DeviceResult",
     "ExpectedStream",
@@ -86,7 +86,7 @@ __all__ = [
     "new_backup_id",
     "restore",
     "stream_key",
-]
+)
 
 
 def _being_cancelled() -> bool:

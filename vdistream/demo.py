@@ -17,7 +17,7 @@ import anyio.to_thread
 
 from vdistream.operations import BackupSettings, run_backup, run_restore, run_verify
 
-__all__ = ["run_demo"]
+__all__ = ("run_demo",)
 
 
 def _create(path: Path, rows: int = 200_000) -> None:

@@ -53,7 +53,7 @@ from typing import ClassVar
 
 from vdistream.protocol.codes import HResult
 
-__all__ = [
+__all__ = (
     "ConfigError",
     "CorruptStreamError",
     "JobAbortedError",
@@ -84,7 +84,7 @@ __all__ = [
     "VdistreamError",
     "WrongKeyError",
     "translate_os_error",
-]
+)
 
 
 class VdistreamError(Exception):

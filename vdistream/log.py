@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["get_logger"]
+__all__ = ("get_logger",)
 
 
 def get_logger(name: str, **bound: Any) -> structlog.stdlib.BoundLogger:

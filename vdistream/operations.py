@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from vdistream import __version__
+from vdistream._version import __version__
 from vdistream.catalog import (
     CatalogError,
     DeviceEntry,
@@ -60,7 +60,7 @@ from vdistream.coordinator import (
     JobStatus,
     new_backup_id,
 )
-from vdistream.engines import SimulatorOptions
+from vdistream.engines import StripingOptions
 from vdistream.engines.databases import (
     DatabaseSource,
     content_check,
@@ -83,7 +83,7 @@ from vdistream.pipeline.keys import Key, ScryptParams, load_key
 from vdistream.pipeline.spec import CompressionSpec
 from vdistream.storage import Storage, open_storage
 
-__all__ = [
+__all__ = (
     "BackupOutcome",
     "BackupSettings",
     "Check",
@@ -93,7 +93,7 @@ __all__ = [
     "run_backup",
     "run_restore",
     "run_verify",
-]
+)
 
 JobHook = Callable[[Job], None]
 
@@ -162,8 +162,8 @@ class BackupSettings:
     #: where staged data goes (SQLite's snapshot); None: the system's temporary directory
     workdir: Path | None = None
 
-    def simulator(self) -> SimulatorOptions:
-        return SimulatorOptions(
+    def striping(self) -> StripingOptions:
+        return StripingOptions(
             block_size=self.block_size,
             max_transfer_size=self.max_transfer_size,
             buffer_count=self.buffer_count,
@@ -307,7 +307,7 @@ async def _backup_job(
     file_mode = await source.file_mode()  # as the job starts: what its snapshot reads
     job = Job(
         JobKind.BACKUP,
-        source.backup_engine(settings.simulator(), tempdir=settings.workdir),
+        source.backup_engine(settings.striping(), tempdir=settings.workdir),
         storage,
         backup_id=backup_id,
         options=settings.job(),
@@ -413,7 +413,7 @@ async def _restore_job(
                 f"backup {manifest.backup_id} failed its check before the restore, so "
                 f"nothing was restored: " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
             )
-    options = SimulatorOptions(
+    options = StripingOptions(
         block_size=manifest.vdi["block_size"],
         max_transfer_size=manifest.vdi["max_transfer_size"],
     )

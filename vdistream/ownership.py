@@ -38,7 +38,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-__all__ = [
+__all__ = (
     "LOCK_NAME",
     "OwnerLock",
     "owner_gone",
@@ -47,7 +47,7 @@ __all__ = [
     "process_start_time",
     "record_owner_gone",
     "record_owner_state",
-]
+)
 
 #: the usual name of an owner lock file inside the directory it protects
 LOCK_NAME = ".vdistream-owner.lock"

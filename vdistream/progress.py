@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-__all__ = ["DeviceProgress", "DeviceSnapshot", "JobProgress", "ProgressSnapshot"]
+__all__ = ("DeviceProgress", "DeviceSnapshot", "JobProgress", "ProgressSnapshot")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ every check. The first READ that finds the source's end calls ``at_end()`` (the
 coordinator's check of the stored size and SHA-256, and of the logical ones behind
 decryption and decompression) *before* completing with HANDLE_EOF; a failing check
 completes that READ with a read fault instead. An engine that publishes its target only
-after every device reported its end (every engine of vdistream does: the simulator's
+after every device reported its end (every engine of vdistream does: the striping engine's
 reassembly waits for each device's end) therefore never publishes a damaged stream.
 """
 
@@ -51,7 +51,7 @@ from vdistream.protocol import Command, CommandCode, Completion, Whence
 from vdistream.storage import Sink, Source
 from vdistream.vdi import ClientVirtualDevice
 
-__all__ = ["Pump", "PumpEnd"]
+__all__ = ("Pump", "PumpEnd")
 
 ERROR_WRITE_FAULT = 29
 ERROR_READ_FAULT = 30

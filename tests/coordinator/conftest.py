@@ -11,9 +11,9 @@ import pytest
 import pytest_asyncio
 
 from vdistream.coordinator import Job, JobOptions, backup
-from vdistream.engines import SimulatedBackup, SimulatorOptions
+from vdistream.engines import StripedBackup, StripingOptions
 
-SMALL = SimulatorOptions(block_size=4096, max_transfer_size=65536, buffer_count=None)
+SMALL = StripingOptions(block_size=4096, max_transfer_size=65536, buffer_count=None)
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -34,7 +34,7 @@ def data() -> bytes:
 async def older(tmp_path: Path) -> dict[str, str]:
     """A complete backup already in ``tmp_path``; returns its files and checksums."""
     result = await backup(
-        SimulatedBackup(b"older backup" * 10000, SMALL),
+        StripedBackup(b"older backup" * 10000, SMALL),
         str(tmp_path),
         backup_id="older",
         options=JobOptions(devices=2),

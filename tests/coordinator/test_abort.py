@@ -25,7 +25,7 @@ from vdistream.engines import (
     FailPoint,
     Phase,
     ScopedBackup,
-    SimulatedBackup,
+    StripedBackup,
 )
 from vdistream.errors import JobAbortedError, StorageError, StorageFullError
 from vdistream.storage import FileStorage
@@ -53,7 +53,7 @@ async def run_job(
 ) -> tuple[Job, JobResult, Faults]:
     faults = faults or Faults(write_delay=0.002)
     storage = FaultyStorage(FileStorage(root), faults)
-    engine = SimulatedBackup(data, SMALL, fail_at=fail_at)
+    engine = StripedBackup(data, SMALL, fail_at=fail_at)
     job = Job(
         JobKind.BACKUP,
         engine,
@@ -249,7 +249,7 @@ async def test_cancelling_the_caller_aborts_cleanly(
 ) -> None:
     faults = Faults(write_delay=0.01) if when == "mid-stream" else Faults(hang_commit=True)
     storage = FaultyStorage(FileStorage(tmp_path), faults)
-    job = Job(JobKind.BACKUP, SimulatedBackup(data, SMALL), storage, backup_id="x")
+    job = Job(JobKind.BACKUP, StripedBackup(data, SMALL), storage, backup_id="x")
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
 
@@ -275,7 +275,7 @@ async def test_disk_full_names_device_and_path(tmp_path: Path, data: bytes) -> N
     mount.mkdir()
     await anyio.run_process(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)])
     try:
-        job = Job(JobKind.BACKUP, SimulatedBackup(data, SMALL), str(mount), backup_id="full")
+        job = Job(JobKind.BACKUP, StripedBackup(data, SMALL), str(mount), backup_id="full")
         result = await job.run()
         assert result.status is JobStatus.FAILED
         assert result.aborted_by is AbortCause.SINK

@@ -12,9 +12,9 @@ from vdistream import CommandCode
 from vdistream.coordinator import Job, JobKind, JobOptions, JobStatus, backup, restore
 from vdistream.engines import (
     BytesConsumer,
-    SimulatedBackup,
-    SimulatedRestore,
-    SimulatorOptions,
+    StripedBackup,
+    StripedRestore,
+    StripingOptions,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -26,7 +26,7 @@ async def test_striped_backup_and_restore(
     tmp_path: Path, data: bytes, devices: int, disk_like: bool
 ) -> None:
     options = JobOptions(devices=devices, disk_like=disk_like)
-    engine = SimulatedBackup(data, SMALL)
+    engine = StripedBackup(data, SMALL)
     result = await backup(engine, str(tmp_path), backup_id="b1", options=options)
     assert result.ok, result.error
     assert result.status is JobStatus.SUCCEEDED
@@ -37,19 +37,17 @@ async def test_striped_backup_and_restore(
     assert all(d.url.startswith("file://") and d.url.endswith(d.key) for d in result.devices)
 
     target = BytesConsumer()
-    reading = SimulatorOptions(
+    reading = StripingOptions(
         block_size=4096, max_transfer_size=65536, read_sizes=(8192, 61440, 4096)
     )
-    restored = await restore(
-        SimulatedRestore(target, reading), str(tmp_path), "b1", options=options
-    )
+    restored = await restore(StripedRestore(target, reading), str(tmp_path), "b1", options=options)
     assert restored.ok, restored.error
     assert target.getvalue() == data
     assert tree(tmp_path) == files  # restore changes nothing
 
 
 async def test_commands_seen_by_the_engine(tmp_path: Path, data: bytes) -> None:
-    engine = SimulatedBackup(data, SMALL)
+    engine = StripedBackup(data, SMALL)
     result = await backup(engine, str(tmp_path), options=JobOptions(devices=4))
     stats = result.engine_result
     # REQUEST_COMPLETE is asked for by default and honoured: FLUSH and COMPLETE per device
@@ -58,19 +56,19 @@ async def test_commands_seen_by_the_engine(tmp_path: Path, data: bytes) -> None:
 
 
 async def test_memory_and_null_storage(data: bytes) -> None:
-    result = await backup(SimulatedBackup(data, SMALL), "memory://jobs", backup_id="m")
+    result = await backup(StripedBackup(data, SMALL), "memory://jobs", backup_id="m")
     assert result.ok
     target = BytesConsumer()
-    assert (await restore(SimulatedRestore(target, SMALL), "memory://jobs", "m")).ok
+    assert (await restore(StripedRestore(target, SMALL), "memory://jobs", "m")).ok
     assert target.getvalue() == data
-    assert (await backup(SimulatedBackup(data, SMALL), "null://")).ok
+    assert (await backup(StripedBackup(data, SMALL), "null://")).ok
 
 
 async def test_progress_and_log_events(
     tmp_path: Path, data: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="vdistream")
-    job = Job(JobKind.BACKUP, SimulatedBackup(data, SMALL), str(tmp_path), backup_id="p")
+    job = Job(JobKind.BACKUP, StripedBackup(data, SMALL), str(tmp_path), backup_id="p")
     result = await job.run()
     snapshot = job.progress.snapshot()
     assert [d.name for d in snapshot.devices] == [d.name for d in result.devices]

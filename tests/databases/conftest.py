@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.databases.pgserver import PG_BINDIR, PgCluster, PgServer, missing_tools, run
-from vdistream.engines import SimulatorOptions
+from vdistream.engines import StripingOptions
 
 #: Small transfers so that even small backups spread over every device.
-OPTIONS = SimulatorOptions(block_size=4096, max_transfer_size=256 * 1024)
+OPTIONS = StripingOptions(block_size=4096, max_transfer_size=256 * 1024)
 
 
 @pytest.fixture(scope="session")

@@ -40,9 +40,9 @@ from vdistream.engines import (
     BytesConsumer,
     Engine,
     EngineResult,
-    SimulatedBackup,
-    SimulatedRestore,
-    SimulatorOptions,
+    StripedBackup,
+    StripedRestore,
+    StripingOptions,
     device_names,
 )
 
@@ -211,7 +211,7 @@ class FakeClient:
 #: Small sizes so that many-chunk, many-device tests stay fast.
 BLOCK = 4096
 CHUNK = 65536
-OPTIONS = SimulatorOptions(block_size=BLOCK, max_transfer_size=CHUNK)
+OPTIONS = StripingOptions(block_size=BLOCK, max_transfer_size=CHUNK)
 
 
 async def run_job(
@@ -239,11 +239,11 @@ async def backup(
     devices: int,
     *,
     features: int = 0,
-    options: SimulatorOptions = OPTIONS,
+    options: StripingOptions = OPTIONS,
     **client: Any,
 ) -> tuple[FakeClient, EngineResult]:
     fake = FakeClient(registry, devices, features=features, **client)
-    result = await run_job(SimulatedBackup(data, options), fake, registry)
+    result = await run_job(StripedBackup(data, options), fake, registry)
     return fake, result
 
 
@@ -252,11 +252,11 @@ async def restore(
     streams: list[bytes],
     *,
     features: int = 0,
-    options: SimulatorOptions = OPTIONS,
+    options: StripingOptions = OPTIONS,
     **client: Any,
 ) -> tuple[bytes, FakeClient, EngineResult]:
     fake = FakeClient(registry, len(streams), features=features, streams=streams, **client)
     target = BytesConsumer()
-    result = await run_job(SimulatedRestore(target, options), fake, registry)
+    result = await run_job(StripedRestore(target, options), fake, registry)
     assert target.finished
     return target.getvalue(), fake, result

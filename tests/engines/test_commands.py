@@ -8,7 +8,7 @@ import pytest
 
 from tests.engines.fake_client import BLOCK, CHUNK, backup, restore
 from vdistream import CommandCode, Features, Registry
-from vdistream.engines import SimulatorOptions
+from vdistream.engines import StripingOptions
 
 pytestmark = pytest.mark.asyncio
 
@@ -45,7 +45,7 @@ async def test_complete_is_sent_when_granted(registry: Registry) -> None:
 
 
 async def test_complete_is_not_sent_when_not_honoured(registry: Registry) -> None:
-    options = SimulatorOptions(block_size=BLOCK, max_transfer_size=CHUNK, honour_complete=False)
+    options = StripingOptions(block_size=BLOCK, max_transfer_size=CHUNK, honour_complete=False)
     client, result = await backup(
         registry, DATA, 3, features=Features.REQUEST_COMPLETE, options=options
     )

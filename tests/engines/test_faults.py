@@ -28,9 +28,9 @@ from vdistream.engines import (
     FailPoint,
     InjectedFaultError,
     Phase,
-    SimulatedBackup,
-    SimulatedRestore,
-    SimulatorOptions,
+    StripedBackup,
+    StripedRestore,
+    StripingOptions,
     device_names,
 )
 
@@ -88,7 +88,7 @@ def check_client_saw(client: FakeClient, phase: Phase, last: CommandCode) -> Non
 async def test_backup_fail_points(registry: Registry, phase: Phase, action: Action) -> None:
     client = FakeClient(registry, DEVICES)
     point = FailPoint(phase, action, after_commands=MID)
-    engine = SimulatedBackup(DATA, OPTIONS, fail_at=point)
+    engine = StripedBackup(DATA, OPTIONS, fail_at=point)
     with pytest.raises(InjectedFaultError) as info:
         await run_job(engine, client, registry)
     assert info.value.point is point
@@ -105,7 +105,7 @@ async def test_restore_fail_points(
     client = FakeClient(registry, DEVICES, streams=streams)
     target = BytesConsumer()
     point = FailPoint(phase, action, after_commands=MID)
-    engine = SimulatedRestore(target, OPTIONS, fail_at=point)
+    engine = StripedRestore(target, OPTIONS, fail_at=point)
     with pytest.raises(InjectedFaultError):
         await run_job(engine, client, registry)
     assert target.discarded
@@ -118,7 +118,7 @@ async def test_backup_stall_ends_when_the_client_watchdog_aborts(
     registry: Registry, phase: Phase
 ) -> None:
     client = FakeClient(registry, DEVICES, timeout=0.2)
-    engine = SimulatedBackup(DATA, OPTIONS, fail_at=FailPoint(phase, Action.STALL, MID))
+    engine = StripedBackup(DATA, OPTIONS, fail_at=FailPoint(phase, Action.STALL, MID))
     started = time.monotonic()
     with pytest.raises(EngineAbortedError, match="client signalled abort"):
         await run_job(engine, client, registry)
@@ -131,7 +131,7 @@ async def test_restore_stall_ends_when_the_client_watchdog_aborts(
     registry: Registry, streams: list[bytes], phase: Phase
 ) -> None:
     client = FakeClient(registry, DEVICES, streams=streams, timeout=0.2)
-    engine = SimulatedRestore(BytesConsumer(), OPTIONS, fail_at=FailPoint(phase, Action.STALL, MID))
+    engine = StripedRestore(BytesConsumer(), OPTIONS, fail_at=FailPoint(phase, Action.STALL, MID))
     with pytest.raises(EngineAbortedError):
         await run_job(engine, client, registry)
     assert client.timed_out
@@ -139,7 +139,7 @@ async def test_restore_stall_ends_when_the_client_watchdog_aborts(
 
 async def test_stall_ends_on_cancellation(registry: Registry) -> None:
     client = FakeClient(registry, DEVICES, timeout=30)
-    engine = SimulatedBackup(DATA, OPTIONS, fail_at=FailPoint(Phase.MID_STREAM, Action.STALL))
+    engine = StripedBackup(DATA, OPTIONS, fail_at=FailPoint(Phase.MID_STREAM, Action.STALL))
     async with anyio.create_task_group() as tg:
         tg.start_soon(client.run)
         with anyio.move_on_after(0.2) as scope:
@@ -150,7 +150,7 @@ async def test_stall_ends_on_cancellation(registry: Registry) -> None:
 
 async def test_cancelling_the_engine_aborts_and_closes(registry: Registry) -> None:
     client = FakeClient(registry, DEVICES, delay=0.005)
-    engine = SimulatedBackup(DATA, OPTIONS)
+    engine = StripedBackup(DATA, OPTIONS)
     async with anyio.create_task_group() as tg:
         tg.start_soon(client.run)
         with anyio.move_on_after(0.05) as scope:
@@ -169,7 +169,7 @@ async def test_a_failed_command_names_device_and_code(
 ) -> None:
     client = FakeClient(registry, DEVICES, fail=Fail(1, code, Completion.DISK_FULL, nth))
     with pytest.raises(CommandFailedError) as info:
-        await run_job(SimulatedBackup(DATA, OPTIONS), client, registry)
+        await run_job(StripedBackup(DATA, OPTIONS), client, registry)
     error = info.value
     assert error.code is code
     assert error.completion == Completion.DISK_FULL
@@ -185,7 +185,7 @@ async def test_the_client_fails_the_backup_at_complete(registry: Registry) -> No
     fail = Fail(2, CommandCode.COMPLETE, Completion.HANDLE_DISK_FULL)
     client = FakeClient(registry, DEVICES, features=Features.REQUEST_COMPLETE, fail=fail)
     with pytest.raises(CommandFailedError, match="COMPLETE completed with HANDLE_DISK_FULL"):
-        await run_job(SimulatedBackup(DATA, OPTIONS), client, registry)
+        await run_job(StripedBackup(DATA, OPTIONS), client, registry)
     assert client.aborted
 
 
@@ -194,7 +194,7 @@ async def test_a_failed_read(registry: Registry, streams: list[bytes]) -> None:
         registry, DEVICES, streams=streams, fail=Fail(0, CommandCode.READ, Completion.IO_DEVICE, 2)
     )
     with pytest.raises(CommandFailedError, match="READ completed with IO_DEVICE"):
-        await run_job(SimulatedRestore(BytesConsumer(), OPTIONS), client, registry)
+        await run_job(StripedRestore(BytesConsumer(), OPTIONS), client, registry)
     assert client.aborted
 
 
@@ -202,7 +202,7 @@ async def test_a_short_read_reported_as_success(registry: Registry, streams: lis
     fail = Fail(1, CommandCode.READ, Completion.SUCCESS, 1, bytes_transferred=BLOCK)
     client = FakeClient(registry, DEVICES, streams=streams, fail=fail)
     with pytest.raises(EngineError, match="short read must report HANDLE_EOF"):
-        await run_job(SimulatedRestore(BytesConsumer(), OPTIONS), client, registry)
+        await run_job(StripedRestore(BytesConsumer(), OPTIONS), client, registry)
     assert client.aborted
 
 
@@ -210,17 +210,17 @@ async def test_a_filemark_is_a_failure(registry: Registry, streams: list[bytes])
     fail = Fail(1, CommandCode.READ, Completion.FILEMARK_DETECTED, 1)
     client = FakeClient(registry, DEVICES, streams=streams, fail=fail)
     with pytest.raises(CommandFailedError, match="FILEMARK_DETECTED"):
-        await run_job(SimulatedRestore(BytesConsumer(), OPTIONS), client, registry)
+        await run_job(StripedRestore(BytesConsumer(), OPTIONS), client, registry)
 
 
 @pytest.mark.parametrize("direction", ["backup", "restore"])
 async def test_the_client_aborts(registry: Registry, streams: list[bytes], direction: str) -> None:
     if direction == "backup":
         client = FakeClient(registry, DEVICES, abort_after=10)
-        engine: SimulatedBackup | SimulatedRestore = SimulatedBackup(DATA, OPTIONS)
+        engine: StripedBackup | StripedRestore = StripedBackup(DATA, OPTIONS)
     else:
         client = FakeClient(registry, DEVICES, streams=streams, abort_after=10)
-        engine = SimulatedRestore(BytesConsumer(), OPTIONS)
+        engine = StripedRestore(BytesConsumer(), OPTIONS)
     with pytest.raises(EngineAbortedError, match="the client signalled abort") as info:
         await run_job(engine, client, registry)
     assert info.value.reason is not None
@@ -239,7 +239,7 @@ async def test_producer_failure(registry: Registry) -> None:
 
     client = FakeClient(registry, DEVICES)
     with pytest.raises(EngineError, match="the producer failed: OSError: disk on fire") as info:
-        await run_job(SimulatedBackup(fill, OPTIONS), client, registry)
+        await run_job(StripedBackup(fill, OPTIONS), client, registry)
     assert isinstance(info.value.__cause__, OSError)
     assert client.aborted
 
@@ -250,21 +250,21 @@ async def test_consumer_failure(registry: Registry, streams: list[bytes]) -> Non
 
     client = FakeClient(registry, DEVICES, streams=streams)
     with pytest.raises(EngineError, match="the consumer failed: ValueError: no room"):
-        await run_job(SimulatedRestore(write, OPTIONS), client, registry)
+        await run_job(StripedRestore(write, OPTIONS), client, registry)
     assert client.aborted
 
 
 async def test_restore_needs_a_buffer_per_device(registry: Registry, streams: list[bytes]) -> None:
-    options = SimulatorOptions(block_size=BLOCK, max_transfer_size=CHUNK, buffer_count=2)
+    options = StripingOptions(block_size=BLOCK, max_transfer_size=CHUNK, buffer_count=2)
     client = FakeClient(registry, DEVICES, streams=streams)
     with pytest.raises(EngineError, match="BUFFERCOUNT=2 is less than the 3 devices"):
-        await run_job(SimulatedRestore(BytesConsumer(), options), client, registry)
+        await run_job(StripedRestore(BytesConsumer(), options), client, registry)
     assert client.aborted
 
 
 async def test_no_such_set(registry: Registry) -> None:
     with pytest.raises(EngineError, match="cannot open the set"):
-        await SimulatedBackup(b"x").run("nobody-created-this", registry=registry)
+        await StripedBackup(b"x").run("nobody-created-this", registry=registry)
 
 
 async def test_the_client_never_opens_its_devices(registry: Registry) -> None:
@@ -272,9 +272,9 @@ async def test_the_client_never_opens_its_devices(registry: Registry) -> None:
 
     client = ClientVirtualDeviceSet(registry=registry)
     client.create("lazy", VDConfig(device_count=2))
-    options = SimulatorOptions(block_size=BLOCK, max_transfer_size=CHUNK, open_timeout=0.1)
+    options = StripingOptions(block_size=BLOCK, max_transfer_size=CHUNK, open_timeout=0.1)
     with pytest.raises(EngineError, match=r"did not open every device within 0\.1 s"):
-        await SimulatedBackup(b"x", options).run("lazy", registry=registry)
+        await StripedBackup(b"x", options).run("lazy", registry=registry)
     with pytest.raises(VDAbortError):
         await client.get_configuration(0)
     client.close()
@@ -285,8 +285,8 @@ async def test_the_client_never_completes(registry: Registry) -> None:
 
     client = ClientVirtualDeviceSet(registry=registry)
     client.create("slow", VDConfig(device_count=1))
-    options = SimulatorOptions(block_size=BLOCK, max_transfer_size=CHUNK, command_timeout=0.1)
-    engine = SimulatedBackup(b"x", options)
+    options = StripingOptions(block_size=BLOCK, max_transfer_size=CHUNK, command_timeout=0.1)
+    engine = StripedBackup(b"x", options)
     async with anyio.create_task_group() as tg:
         tg.start_soon(client.get_configuration, 5)
         await anyio.lowlevel.checkpoint()
@@ -311,7 +311,7 @@ async def test_the_client_never_completes(registry: Registry) -> None:
 
 
 async def test_an_engine_serves_one_job(registry: Registry) -> None:
-    engine = SimulatedBackup(b"")
+    engine = StripedBackup(b"")
     with pytest.raises(EngineError):
         await engine.run("nothing", registry=registry)
     with pytest.raises(RuntimeError, match="one job"):
@@ -320,16 +320,16 @@ async def test_an_engine_serves_one_job(registry: Registry) -> None:
 
 async def test_fail_points_must_fit_the_direction() -> None:
     with pytest.raises(ValueError, match="CLEAR_ERROR"):
-        SimulatedBackup(b"", fail_at=FailPoint(Phase.DURING_CLEAR_ERROR))
+        StripedBackup(b"", fail_at=FailPoint(Phase.DURING_CLEAR_ERROR))
     with pytest.raises(ValueError, match="FLUSH"):
-        SimulatedRestore(BytesConsumer(), fail_at=FailPoint(Phase.DURING_FLUSH))
+        StripedRestore(BytesConsumer(), fail_at=FailPoint(Phase.DURING_FLUSH))
     with pytest.raises(ValueError):
         FailPoint(Phase.MID_STREAM, after_commands=-1)
 
 
 async def test_after_an_engine_failure_the_server_side_is_closed(registry: Registry) -> None:
     client = FakeClient(registry, DEVICES)
-    engine = SimulatedBackup(DATA, OPTIONS, fail_at=FailPoint(Phase.MID_STREAM, after_commands=6))
+    engine = StripedBackup(DATA, OPTIONS, fail_at=FailPoint(Phase.MID_STREAM, after_commands=6))
     with pytest.raises(InjectedFaultError):
         await run_job(engine, client, registry)
     assert registry.names() == []  # nothing of the set is left

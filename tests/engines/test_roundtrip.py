@@ -11,7 +11,7 @@ from tests.engines.fake_client import BLOCK, CHUNK, OPTIONS, backup, restore
 from vdistream import CommandCode, Completion, Features, Registry
 from vdistream.engines import (
     Direction,
-    SimulatorOptions,
+    StripingOptions,
     framing,
 )
 
@@ -73,7 +73,7 @@ async def test_restore_reads_with_sizes_unlike_the_backup(registry: Registry) ->
     client, _ = await backup(registry, data, 3)
     writes = {s for d in range(3) for s in client.sizes(d, CommandCode.WRITE)}
     assert writes == {BLOCK, 2 * BLOCK, CHUNK}  # header/trailer, the padded last chunk, chunks
-    options = SimulatorOptions(
+    options = StripingOptions(
         block_size=BLOCK, max_transfer_size=4 * CHUNK, read_sizes=(BLOCK, 3 * BLOCK, 4 * CHUNK)
     )
     restored, rclient, _ = await restore(Registry(), client.streams, options=options)
@@ -113,7 +113,7 @@ async def test_several_commands_outstanding_per_device(registry: Registry) -> No
 
 @pytest.mark.parametrize("buffers", [1, 3])
 async def test_backup_with_fewer_buffers_than_devices(registry: Registry, buffers: int) -> None:
-    options = SimulatorOptions(block_size=BLOCK, max_transfer_size=CHUNK, buffer_count=buffers)
+    options = StripingOptions(block_size=BLOCK, max_transfer_size=CHUNK, buffer_count=buffers)
     data = payload(7 * CHUNK + 1)
     client, _ = await backup(registry, data, 4, options=options)
     restored, _, _ = await restore(Registry(), client.streams)
@@ -122,10 +122,10 @@ async def test_backup_with_fewer_buffers_than_devices(registry: Registry, buffer
 
 async def test_default_options_round_trip(registry: Registry) -> None:
     data = os.urandom(3 << 20)
-    client, result = await backup(registry, data, 2, options=SimulatorOptions())
+    client, result = await backup(registry, data, 2, options=StripingOptions())
     assert {s for d in range(2) for s in client.sizes(d, CommandCode.WRITE)} == {65536, 1 << 20}
     assert result.commands(CommandCode.WRITE) == [2 + 2, 2 + 1]  # header+trailer+chunks
-    restored, _, _ = await restore(Registry(), client.streams, options=SimulatorOptions())
+    restored, _, _ = await restore(Registry(), client.streams, options=StripingOptions())
     assert restored == data
 
 
@@ -148,13 +148,13 @@ async def test_disk_like_writes_carry_their_stream_offset(registry: Registry) ->
 
 async def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="block_size"):
-        SimulatorOptions(block_size=1000)
+        StripingOptions(block_size=1000)
     with pytest.raises(ValueError, match="max_transfer_size"):
-        SimulatorOptions(max_transfer_size=1000)
+        StripingOptions(max_transfer_size=1000)
     with pytest.raises(ValueError, match="buffer_count"):
-        SimulatorOptions(buffer_count=0)
+        StripingOptions(buffer_count=0)
     with pytest.raises(ValueError, match="read size"):
-        SimulatorOptions(block_size=4096, max_transfer_size=65536, read_sizes=(5000,))
+        StripingOptions(block_size=4096, max_transfer_size=65536, read_sizes=(5000,))
     with pytest.raises(ValueError, match="read size"):
-        SimulatorOptions(block_size=4096, max_transfer_size=65536, read_sizes=(131072,))
+        StripingOptions(block_size=4096, max_transfer_size=65536, read_sizes=(131072,))
     assert OPTIONS.read_schedule() == (32768, 4096, 65536, 12288)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.engines.fake_client import BLOCK, CHUNK, backup, restore
 from vdistream import Features, Registry
-from vdistream.engines import SimulatorOptions
+from vdistream.engines import StripingOptions
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -29,8 +29,8 @@ def test_random_round_trip(
 ) -> None:
     data = random.Random(size).randbytes(size)
     features = Features.LIKE_DISK if disk else Features.LIKE_PIPE
-    backup_options = SimulatorOptions(block_size=BLOCK, max_transfer_size=CHUNK)
-    restore_options = SimulatorOptions(
+    backup_options = StripingOptions(block_size=BLOCK, max_transfer_size=CHUNK)
+    restore_options = StripingOptions(
         block_size=BLOCK,
         max_transfer_size=2 * CHUNK,
         read_sizes=tuple(reads),

@@ -14,10 +14,10 @@ from tests.engines.fake_client import BLOCK, CHUNK, OPTIONS, FakeClient, backup,
 from vdistream import Registry
 from vdistream.engines import (
     BytesConsumer,
-    SimulatedBackup,
-    SimulatedRestore,
-    SimulatorOptions,
     StreamFormatError,
+    StripedBackup,
+    StripedRestore,
+    StripingOptions,
     device_names,
 )
 
@@ -32,7 +32,7 @@ async def streams_of(
 ) -> list[bytes]:
     registry = Registry()
     fake = FakeClient(registry, devices)
-    engine = SimulatedBackup(random.Random(size).randbytes(size), OPTIONS, backup_id=backup_id)
+    engine = StripedBackup(random.Random(size).randbytes(size), OPTIONS, backup_id=backup_id)
     await run_job(engine, fake, registry)
     return fake.streams
 
@@ -41,13 +41,13 @@ async def restore_fails(
     streams: list[bytes],
     match: str,
     devices: set[int] | None = None,
-    options: SimulatorOptions = OPTIONS,
+    options: StripingOptions = OPTIONS,
 ) -> StreamFormatError:
     registry = Registry()
     fake = FakeClient(registry, len(streams), streams=streams)
     target = BytesConsumer()
     with pytest.raises(StreamFormatError, match=match) as info:
-        await run_job(SimulatedRestore(target, options), fake, registry)
+        await run_job(StripedRestore(target, options), fake, registry)
     assert fake.aborted, "the client must see the abort"
     assert not any(fake.closed)
     assert target.discarded
@@ -139,7 +139,7 @@ async def test_not_a_backup_at_all() -> None:
 
 async def test_restore_with_another_block_size() -> None:
     streams = await streams_of()
-    options = SimulatorOptions(block_size=2 * BLOCK, max_transfer_size=CHUNK)
+    options = StripingOptions(block_size=2 * BLOCK, max_transfer_size=CHUNK)
     await restore_fails(streams, "BLOCKSIZE=4096", {0, 1, 2, 3}, options)
 
 
@@ -162,6 +162,6 @@ async def test_a_file_target_keeps_nothing_of_a_failed_restore(tmp_path: Path) -
     registry = Registry()
     fake = FakeClient(registry, 2, streams=streams)
     with pytest.raises(StreamFormatError):
-        await run_job(SimulatedRestore(target, OPTIONS), fake, registry)
+        await run_job(StripedRestore(target, OPTIONS), fake, registry)
     assert not await anyio.Path(target).exists()
     assert [p async for p in anyio.Path(tmp_path).iterdir()] == []

@@ -18,8 +18,8 @@ from vdistream.engines import (
     FileConsumer,
     FileProducer,
     IterableProducer,
-    SimulatedBackup,
-    SimulatedRestore,
+    StripedBackup,
+    StripedRestore,
     as_consumer,
     as_producer,
 )
@@ -32,7 +32,7 @@ DATA = random.Random(11).randbytes(3 * CHUNK + 1234)
 async def streams_from(source: object) -> list[bytes]:
     registry = Registry()
     client = FakeClient(registry, 2)
-    result = await run_job(SimulatedBackup(source, OPTIONS), client, registry)  # type: ignore[arg-type]
+    result = await run_job(StripedBackup(source, OPTIONS), client, registry)  # type: ignore[arg-type]
     assert result.logical_bytes == len(DATA)
     return client.streams
 
@@ -46,7 +46,7 @@ async def test_file_to_file(tmp_path: Path) -> None:
     target.parent.mkdir()
     registry = Registry()
     client = FakeClient(registry, 2, streams=streams)
-    await run_job(SimulatedRestore(target, OPTIONS), client, registry)
+    await run_job(StripedRestore(target, OPTIONS), client, registry)
     assert target.read_bytes() == DATA
     assert list(target.parent.iterdir()) == [target]  # the .partial file was renamed
 
@@ -58,7 +58,7 @@ async def test_empty_file_restores_to_an_empty_file(tmp_path: Path) -> None:
     target = tmp_path / "restored"
     registry = Registry()
     fake = FakeClient(registry, 3, streams=client.streams)
-    await run_job(SimulatedRestore(FileConsumer(target), OPTIONS), fake, registry)
+    await run_job(StripedRestore(FileConsumer(target), OPTIONS), fake, registry)
     assert target.read_bytes() == b""
 
 
@@ -80,7 +80,7 @@ async def test_async_callable_producer_and_consumer() -> None:
 
     registry = Registry()
     client = FakeClient(registry, 2, streams=streams)
-    await run_job(SimulatedRestore(write, OPTIONS), client, registry)
+    await run_job(StripedRestore(write, OPTIONS), client, registry)
     assert bytes(collected) == DATA
 
 
@@ -132,5 +132,5 @@ async def test_a_lying_producer_is_an_engine_error(registry: Registry) -> None:
 
     client = FakeClient(registry, 1)
     with pytest.raises(EngineError, match="producer"):
-        await run_job(SimulatedBackup(fill, OPTIONS), client, registry)
+        await run_job(StripedBackup(fill, OPTIONS), client, registry)
     assert client.aborted

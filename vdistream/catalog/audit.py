@@ -54,7 +54,7 @@ from vdistream.storage._common import OwnerMark
 from vdistream.storage.base import Storage
 from vdistream.storage.file import _TEMP_NAME, FileStorage
 
-__all__ = ["AuditReport", "OrphanUpload", "audit"]
+__all__ = ("AuditReport", "OrphanUpload", "audit")
 
 
 class _Upload(Protocol):

@@ -18,13 +18,13 @@ from typing import Any
 from vdistream.errors import VdistreamError
 from vdistream.storage._common import MANIFEST_NAME  # storage must know it too: one name
 
-__all__ = [
+__all__ = (
     "MANIFEST_NAME",
     "CatalogError",
     "DeviceEntry",
     "Manifest",
     "manifest_key",
-]
+)
 
 FORMAT = "vdistream-manifest"
 VERSION = 1

@@ -11,14 +11,14 @@ from vdistream.catalog.manifest import MANIFEST_NAME, CatalogError, Manifest, ma
 from vdistream.errors import StorageExistsError, StorageNotFoundError
 from vdistream.storage import Storage
 
-__all__ = [
+__all__ = (
     "check_streams",
     "hash_stream",
     "list_manifests",
     "parse_backup_ref",
     "read_manifest",
     "write_manifest",
-]
+)
 
 _CHUNK = 4 * 1024 * 1024
 

@@ -25,12 +25,12 @@ from collections.abc import Sequence
 
 import click
 
-from vdistream import __version__
+from vdistream._version import __version__
 from vdistream.cli.framework import CommandError, logging_options, say
 from vdistream.cli.local import register_local_commands
 from vdistream.cli.params import OptionValueError
 
-__all__ = ["build_parser", "cli", "main"]
+__all__ = ("build_parser", "cli", "main")
 
 USAGE = 2
 

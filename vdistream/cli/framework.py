@@ -41,13 +41,13 @@ import structlog
 from vdistream.errors import VdistreamError
 from vdistream.log import get_logger
 
-__all__ = [
+__all__ = (
     "CommandError",
     "LogChoice",
     "logging_options",
     "run",
     "say",
-]
+)
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 _LEVELS = ("debug", "info", "warning", "error")

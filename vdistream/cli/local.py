@@ -28,7 +28,7 @@ from vdistream.cli.params import (
 )
 from vdistream.operations import KeySource
 
-__all__ = ["existing_destination", "register_local_commands"]
+__all__ = ("existing_destination", "register_local_commands")
 
 #: exit code of ``storage audit`` when it found debris and did not remove it
 AUDIT_DEBRIS = 3

@@ -21,7 +21,7 @@ import anyio
 from vdistream.catalog import Manifest
 from vdistream.coordinator import Job
 
-__all__ = ["Progress", "byte_counts", "emit", "manifest_bytes", "with_progress"]
+__all__ = ("Progress", "byte_counts", "emit", "manifest_bytes", "with_progress")
 
 MIB = 1024 * 1024
 T = TypeVar("T")

@@ -37,7 +37,7 @@ from vdistream.protocol.config import (
     valid_max_transfer_size,
 )
 
-__all__ = [
+__all__ = (
     "BLOCK_SIZE",
     "BUFFER_COUNT",
     "BUFFER_COUNT_MAX",
@@ -54,7 +54,7 @@ __all__ = [
     "format_duration",
     "format_size",
     "parse_size",
-]
+)
 
 #: The most buffers a backup may ask for. VDI itself sets no bound; this one keeps a
 #: typo (``--buffer-count 100000``) from asking for hundreds of GiB of buffer area.

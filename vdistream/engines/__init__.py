@@ -1,7 +1,7 @@
 """Engines: the server side of a virtual device set (the database's part of VDI).
 
-``Engine`` is the contract (``vdistream.engines.base``); ``SimulatedBackup`` and
-``SimulatedRestore`` are the SQL-Server-like engine (``vdistream.engines.simulator``),
+``Engine`` is the contract (``vdistream.engines.base``); ``StripedBackup`` and
+``StripedRestore`` are the SQL-Server-like engine (``vdistream.engines.striping``),
 whose stream format is ``vdistream.engines.framing``. The real engines reuse it with
 producers and consumers of their own (``vdistream.engines.scoped``): any command
 (``command``, over ``process``), SQLite (``sqlite``), PostgreSQL (``postgres``);
@@ -46,9 +46,6 @@ from vdistream.engines.scoped import ScopedRestore as ScopedRestore
 from vdistream.engines.scoped import ScopedStream as ScopedStream
 from vdistream.engines.scoped import TargetExistsError as TargetExistsError
 from vdistream.engines.session import ServerSession as ServerSession
-from vdistream.engines.simulator import SimulatedBackup as SimulatedBackup
-from vdistream.engines.simulator import SimulatedRestore as SimulatedRestore
-from vdistream.engines.simulator import SimulatorOptions as SimulatorOptions
 from vdistream.engines.sqlite import SQLiteBackup as SQLiteBackup
 from vdistream.engines.sqlite import SQLiteError as SQLiteError
 from vdistream.engines.sqlite import SQLiteRestore as SQLiteRestore
@@ -63,6 +60,9 @@ from vdistream.engines.streams import FileProducer as FileProducer
 from vdistream.engines.streams import IterableProducer as IterableProducer
 from vdistream.engines.streams import as_consumer as as_consumer
 from vdistream.engines.streams import as_producer as as_producer
+from vdistream.engines.striping import StripedBackup as StripedBackup
+from vdistream.engines.striping import StripedRestore as StripedRestore
+from vdistream.engines.striping import StripingOptions as StripingOptions
 
 __all__ = (
     "Action",
@@ -108,10 +108,10 @@ __all__ = (
     "ScopedRestore",
     "ScopedStream",
     "ServerSession",
-    "SimulatedBackup",
-    "SimulatedRestore",
-    "SimulatorOptions",
     "StreamFormatError",
+    "StripedBackup",
+    "StripedRestore",
+    "StripingOptions",
     "TargetExistsError",
     "ToolFailedError",
     "as_consumer",

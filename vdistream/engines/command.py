@@ -3,8 +3,8 @@
 ``CommandBackup(command)`` stripes what ``command`` writes to its standard output over
 the devices (``tar -C dir -cf - .``, ``mysqldump ...``, ``zfs send ...``);
 ``CommandRestore(command)`` feeds the reassembled, verified stream to ``command``'s
-standard input (``tar -x -C dir``). The stream on the devices is the simulator's, so
-the two meet like ``SimulatedBackup`` and ``SimulatedRestore`` do.
+standard input (``tar -x -C dir``). The stream on the devices is the striping engine's, so
+the two meet like ``StripedBackup`` and ``StripedRestore`` do.
 
 ``command`` is an argv list, or a string split with ``shlex`` (quotes work, nothing
 else of a shell does: no pipes, no redirections, no variables). ``shell=True`` runs a
@@ -30,8 +30,8 @@ import anyio.lowlevel
 from vdistream.engines.faults import FailPoint
 from vdistream.engines.process import ProcessConsumer, ProcessProducer
 from vdistream.engines.scoped import ScopedBackup, ScopedRestore
-from vdistream.engines.simulator import SimulatorOptions
 from vdistream.engines.streams import ByteConsumer
+from vdistream.engines.striping import StripingOptions
 from vdistream.errors import ConfigError
 
 __all__ = ("CommandBackup", "CommandRestore", "DiscardConsumer", "parse_command")
@@ -67,7 +67,7 @@ class CommandBackup(ScopedBackup):
     def __init__(
         self,
         command: str | Sequence[str],
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         shell: bool = False,
         env: Mapping[str, str] | None = None,
@@ -96,7 +96,7 @@ class CommandRestore(ScopedRestore):
     def __init__(
         self,
         command: str | Sequence[str],
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         shell: bool = False,
         env: Mapping[str, str] | None = None,

@@ -66,8 +66,8 @@ from vdistream.engines.postgres import (
     verify_base_backup,
 )
 from vdistream.engines.scoped import ScopedRestore
-from vdistream.engines.simulator import SimulatorOptions
 from vdistream.engines.sqlite import SQLiteBackup, SQLiteRestore, database_info, integrity_check
+from vdistream.engines.striping import StripingOptions
 from vdistream.errors import ConfigError
 
 __all__ = (
@@ -124,7 +124,7 @@ class DatabaseSource:
         object.__setattr__(self, "_spec", spec)
 
     def backup_engine(
-        self, options: SimulatorOptions | None = None, *, tempdir: Path | None = None
+        self, options: StripingOptions | None = None, *, tempdir: Path | None = None
     ) -> Engine:
         """A new backup engine for this source (an engine serves one job); ``tempdir``:
         where an engine that stages data (SQLite's snapshot) puts it (default: the
@@ -245,7 +245,7 @@ def restore_engine(
     kind: str,
     mode: str | None,
     target: str,
-    options: SimulatorOptions | None = None,
+    options: StripingOptions | None = None,
     *,
     overwrite: bool = False,
     create: bool = False,

@@ -1,4 +1,4 @@
-"""The stream format of the simulated engine (its stand-in for SQL Server's MTF).
+"""The stream format of the striping engine (its stand-in for SQL Server's MTF).
 
 A backup of ``L`` logical bytes over ``N`` devices is cut into chunks of ``C`` bytes
 (``C`` a multiple of the block size ``B``; the engine uses its MAXTRANSFERSIZE).

@@ -80,7 +80,7 @@ from vdistream.engines.process import (
     run_tool,
 )
 from vdistream.engines.scoped import EndpointError, ScopedBackup, ScopedRestore
-from vdistream.engines.simulator import SimulatorOptions
+from vdistream.engines.striping import StripingOptions
 from vdistream.engines.tarstream import TarExtractConsumer
 from vdistream.errors import ConfigError
 from vdistream.log import get_logger
@@ -396,7 +396,7 @@ class PostgresBaseBackup(ScopedBackup):
     def __init__(
         self,
         url: str | PostgresURL = "postgresql://",
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         bindir: str | os.PathLike[str] | None = None,
         checkpoint: str = "fast",
@@ -444,7 +444,7 @@ class PostgresBaseRestore(ScopedRestore):
     def __init__(
         self,
         directory: str | os.PathLike[str],
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         owner: str | int | None = None,
         verify: bool = True,
@@ -472,7 +472,7 @@ class PostgresDump(ScopedBackup):
     def __init__(
         self,
         url: str | PostgresURL = "postgresql://",
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         bindir: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
@@ -572,7 +572,7 @@ class PostgresDumpRestore(ScopedRestore):
     def __init__(
         self,
         url: str | PostgresURL,
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         create: bool = False,
         no_owner: bool = False,
@@ -634,7 +634,7 @@ class PostgresDumpFile(ScopedRestore):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         overwrite: bool = False,
         fail_at: FailPoint | None = None,

@@ -4,7 +4,7 @@
 ``ProcessConsumer(argv)`` is the destination of a restore: the command's standard
 input. Both are ``ScopedStream``\\s for ``ScopedBackup`` / ``ScopedRestore``
 (``vdistream.engines.scoped``), which stripe and frame the stream exactly like the
-SQL-Server-like simulator. ``run_tool`` runs a helper command to its end (a version
+SQL-Server-like striping engine. ``run_tool`` runs a helper command to its end (a version
 query, ``pg_verifybackup``, ``createdb``) under the same rules.
 
 How a process is run, and why:

@@ -1,8 +1,8 @@
 """Engines over producers and consumers that need a scope of their own.
 
 The real engines (a command, SQLite, PostgreSQL) do not stripe or frame anything
-themselves: they hand a ``ByteProducer`` to ``SimulatedBackup`` or a ``ByteConsumer``
-to ``SimulatedRestore``, which own the device protocol and the stream format. What
+themselves: they hand a ``ByteProducer`` to ``StripedBackup`` or a ``ByteConsumer``
+to ``StripedRestore``, which own the device protocol and the stream format. What
 they add is an *endpoint* with a lifetime: a subprocess whose standard error must be
 read while it runs, a temporary snapshot file, a directory being extracted into. Such
 an endpoint is a ``ScopedStream``: ``running()`` is an async context manager that
@@ -15,7 +15,7 @@ an endpoint is a ``ScopedStream``: ``running()`` is an async context manager tha
   reaped, a temporary file removed, a worker thread joined.
 
 ``ScopedBackup(producer)`` and ``ScopedRestore(consumer)`` are the engines: they enter
-``running()`` around the simulator's ``run``. The simulator reports a failing producer
+``running()`` around the striping engine's ``run``. It reports a failing producer
 or consumer as a generic ``EngineError`` ("the producer failed: ..."); an endpoint's
 own ``EndpointError`` (for example ``ProducerFailedError``, carrying the tool's
 exit status and standard error) is found in that error's causes and raised instead,
@@ -31,8 +31,8 @@ from collections.abc import AsyncIterator
 
 from vdistream.engines.base import Direction, Engine, EngineError, EngineResult
 from vdistream.engines.faults import FailPoint
-from vdistream.engines.simulator import SimulatedBackup, SimulatedRestore, SimulatorOptions
 from vdistream.engines.streams import ByteConsumer, ByteProducer
+from vdistream.engines.striping import StripedBackup, StripedRestore, StripingOptions
 from vdistream.vdi import Registry
 
 __all__ = (
@@ -107,7 +107,7 @@ async def _endpoint_scope(endpoint: object, set_name: str) -> AsyncIterator[None
                 found.locate(set_name)
             raise
         found.locate(set_name)
-        # The simulator's wrapper ("the producer failed: ...") only repeats it.
+        # The striping engine's wrapper ("the producer failed: ...") only repeats it.
         raise found from found.__cause__
     except Exception as exc:
         # An endpoint's precondition or cleanup failing outside any EngineError.
@@ -127,23 +127,23 @@ class _OneShot(Engine):
 
 
 class ScopedBackup(_OneShot):
-    """``SimulatedBackup(producer)`` inside the producer's ``running()`` scope.
+    """``StripedBackup(producer)`` inside the producer's ``running()`` scope.
 
-    The stream on the devices is exactly the simulator's (same framing, same striping),
-    so ``SimulatedRestore`` (or ``ScopedRestore``) reads it back.
+    The stream on the devices is exactly the striping engine's (same framing, same striping),
+    so ``StripedRestore`` (or ``ScopedRestore``) reads it back.
     """
 
     def __init__(
         self,
         producer: ByteProducer,
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         fail_at: FailPoint | None = None,
         backup_id: uuid.UUID | None = None,
     ) -> None:
         super().__init__()
         self.producer = producer
-        self.options = options if options is not None else SimulatorOptions()
+        self.options = options if options is not None else StripingOptions()
         self.fail_at = fail_at
         self.backup_id = backup_id
 
@@ -157,7 +157,7 @@ class ScopedBackup(_OneShot):
 
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
         self._claim()
-        inner = SimulatedBackup(
+        inner = StripedBackup(
             self.producer, self.options, fail_at=self.fail_at, backup_id=self.backup_id
         )
         async with _endpoint_scope(self.producer, set_name):
@@ -166,20 +166,20 @@ class ScopedBackup(_OneShot):
 
 
 class ScopedRestore(_OneShot):
-    """``SimulatedRestore(consumer)`` inside the consumer's ``running()`` scope."""
+    """``StripedRestore(consumer)`` inside the consumer's ``running()`` scope."""
 
     def __init__(
         self,
         consumer: ByteConsumer,
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         fail_at: FailPoint | None = None,
     ) -> None:
         super().__init__()
         self.consumer = consumer
-        self.options = options if options is not None else SimulatorOptions()
+        self.options = options if options is not None else StripingOptions()
         self.fail_at = fail_at
-        self._inner: SimulatedRestore | None = None
+        self._inner: StripedRestore | None = None
 
     @property
     def direction(self) -> Direction:
@@ -191,7 +191,7 @@ class ScopedRestore(_OneShot):
 
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
         self._claim()
-        inner = self._inner = SimulatedRestore(self.consumer, self.options, fail_at=self.fail_at)
+        inner = self._inner = StripedRestore(self.consumer, self.options, fail_at=self.fail_at)
         async with _endpoint_scope(self.consumer, set_name):
             return await inner.run(set_name, registry=registry)
         raise AssertionError("unreachable")  # pragma: no cover - mypy: the scope may swallow

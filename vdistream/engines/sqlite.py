@@ -4,7 +4,7 @@ Backup (``SQLiteBackup(path)``): once the set is configured, SQLite's online bac
 API (``sqlite3.Connection.backup``) copies the live database into a temporary file in
 a fresh temporary directory (``tempdir``, default the system's), in a worker thread;
 that file is then streamed into the devices (``FileProducer``, striped and framed by
-the simulator). The copy is made in ONE backup step, i.e. inside one read
+the striping engine). The copy is made in ONE backup step, i.e. inside one read
 transaction, so it is a transaction-consistent snapshot even while other connections
 or processes write: in WAL mode writers go on meanwhile and the copy holds exactly
 the transactions committed when it started; in rollback-journal mode writers wait for
@@ -52,8 +52,8 @@ from vdistream.engines.scoped import (
     ScopedStream,
     TargetExistsError,
 )
-from vdistream.engines.simulator import SimulatorOptions
 from vdistream.engines.streams import ByteProducer, FileProducer
+from vdistream.engines.striping import StripingOptions
 from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
 from vdistream.log import get_logger
 from vdistream.ownership import OwnerLock
@@ -263,7 +263,7 @@ class SQLiteBackup(ScopedBackup):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         tempdir: str | os.PathLike[str] | None = None,
         fail_at: FailPoint | None = None,
@@ -301,7 +301,7 @@ class SQLiteRestore(ScopedRestore):
     def __init__(
         self,
         target: str | os.PathLike[str],
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         overwrite: bool = False,
         file_mode: int | None = None,

@@ -36,7 +36,7 @@ from vdistream.pipeline.keys import Key
 from vdistream.pipeline.spec import CompressionSpec
 from vdistream.storage import Sink, Source
 
-__all__ = ["ORDER", "PipelineConfig", "SinkChain", "SourceChain"]
+__all__ = ("ORDER", "PipelineConfig", "SinkChain", "SourceChain")
 
 ORDER = ("compress", "encrypt", "store")
 

@@ -20,7 +20,7 @@ import anyio.to_thread
 
 from vdistream.storage import Sink, Source
 
-__all__ = ["HashingSink", "HashingSource"]
+__all__ = ("HashingSink", "HashingSource")
 
 _SMALL = 64 * 1024  # below this, a thread hop costs more than the hash
 

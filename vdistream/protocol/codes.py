@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import enum
 
-__all__ = [
+__all__ = (
     "INFINITE_MS",
     "CommandCode",
     "Completion",
     "Features",
     "HResult",
     "Whence",
-]
+)
 
 #: The spec's ``INFINITE`` timeout (milliseconds); Python callers pass ``None`` instead.
 INFINITE_MS = 0xFFFFFFFF

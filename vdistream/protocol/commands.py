@@ -11,7 +11,7 @@ import dataclasses
 
 from vdistream.protocol.codes import CommandCode
 
-__all__ = ["BUFFER_COMMANDS", "Command", "CommandResult"]
+__all__ = ("BUFFER_COMMANDS", "Command", "CommandResult")
 
 #: The commands whose ``buffer`` and ``size`` name data (spec §3.4).
 BUFFER_COMMANDS = frozenset({CommandCode.READ, CommandCode.WRITE})

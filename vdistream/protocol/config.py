@@ -29,7 +29,7 @@ from typing import Self
 
 from vdistream.protocol.codes import Features
 
-__all__ = [
+__all__ = (
     "ALIGNMENT_MAX",
     "BLOCK_SIZE_MAX",
     "BLOCK_SIZE_MIN",
@@ -44,7 +44,7 @@ __all__ = [
     "valid_block_size",
     "valid_max_transfer_size",
     "valid_server_alignment",
-]
+)
 
 DEVICE_COUNT_MAX = 64
 BLOCK_SIZE_MIN = 512

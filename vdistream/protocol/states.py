@@ -42,7 +42,7 @@ from collections.abc import Mapping
 
 from vdistream.protocol.codes import Completion, HResult
 
-__all__ = [
+__all__ = (
     "ClientCall",
     "ClientState",
     "DeviceState",
@@ -58,7 +58,7 @@ __all__ = [
     "device_refusal",
     "server_event",
     "server_transition",
-]
+)
 
 
 class ClientState(enum.Enum):

@@ -65,7 +65,7 @@ import anyio.to_thread
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from vdistream import __version__
+from vdistream._version import __version__
 from vdistream.errors import VdistreamError
 from vdistream.log import get_logger
 from vdistream.service.jobs import (

@@ -49,7 +49,7 @@ from vdistream.cli.params import DURATION, JOB_LIMIT, KEEP_LAST, Duration, forma
 if TYPE_CHECKING:
     from vdistream.service.settings import Settings
 
-__all__ = ["register_commands"]
+__all__ = ("register_commands",)
 
 
 def _write(text: str, *, err: bool = False) -> None:

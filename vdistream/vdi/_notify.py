@@ -11,7 +11,7 @@ import math
 
 import anyio
 
-__all__ = ["Notifier"]
+__all__ = ("Notifier",)
 
 
 class Notifier:

@@ -24,7 +24,7 @@ import os
 
 from vdistream.errors import VDMemoryError
 
-__all__ = ["BufferArea", "Slot", "address_of"]
+__all__ = ("BufferArea", "Slot", "address_of")
 
 _ALIGN_SLACK = 65536  # the largest alignment we honour; the mapping is only page aligned
 

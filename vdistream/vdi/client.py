@@ -45,7 +45,7 @@ from vdistream.vdi.registry import Registry, default_registry
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["ClientVirtualDevice", "ClientVirtualDeviceSet"]
+__all__ = ("ClientVirtualDevice", "ClientVirtualDeviceSet")
 
 _U32 = 0xFFFFFFFF
 _ERRORS: dict[HResult, type[VDIError]] = {

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from vdistream.vdi.buffers import BufferArea, Slot
     from vdistream.vdi.registry import Registry
 
-__all__ = ["MAX_QUEUED", "NOT_READY", "DeviceCore", "NotReady", "PendingCommand", "SetCore"]
+__all__ = ("MAX_QUEUED", "NOT_READY", "DeviceCore", "NotReady", "PendingCommand", "SetCore")
 
 MAX_QUEUED = 1024
 

@@ -15,7 +15,7 @@ from vdistream.errors import VDInvalidError
 if TYPE_CHECKING:
     from vdistream.vdi.core import SetCore
 
-__all__ = ["Registry", "default_registry"]
+__all__ = ("Registry", "default_registry")
 
 
 def _key(instance: str | None, name: str) -> tuple[str, str]:

@@ -70,7 +70,7 @@ from vdistream.vdi.registry import Registry, default_registry
 if TYPE_CHECKING:
     from vdistream.vdi.buffers import Slot
 
-__all__ = ["ServerVirtualDevice", "ServerVirtualDeviceSet"]
+__all__ = ("ServerVirtualDevice", "ServerVirtualDeviceSet")
 
 _MEDIA = Features.WRITE_MEDIA | Features.READ_MEDIA
 _I64 = 1 << 63

@@ -1,11 +1,11 @@
-"""A SQL-Server-like engine: the server side of a striped BACKUP or RESTORE (spec §6).
+"""A SQL-Server-like striping engine: the server side of a striped BACKUP or RESTORE (spec §6).
 
-``SimulatedBackup(source)`` and ``SimulatedRestore(target)`` are ``Engine``\\s (see
+``StripedBackup(source)`` and ``StripedRestore(target)`` are ``Engine``\\s (see
 ``vdistream.engines.base`` for the contract). They are the engine of the tests and
 benchmarks and the template of real engines: an engine that gets its bytes elsewhere
 (a subprocess, SQLite) passes its own ``ByteProducer``/``ByteConsumer``.
 
-Options (``SimulatorOptions``) follow T-SQL: ``block_size`` (BLOCKSIZE, default 64 KiB
+Options (``StripingOptions``) follow T-SQL: ``block_size`` (BLOCKSIZE, default 64 KiB
 here), ``buffer_count`` (BUFFERCOUNT, the total number of buffers shared by all devices;
 default 2 per device), ``max_transfer_size`` (MAXTRANSFERSIZE, default 1 MiB), and
 ``honour_complete`` (grant the client's REQUEST_COMPLETE). The mode comes from the
@@ -91,7 +91,7 @@ from vdistream.protocol import CommandCode, Completion, Features, Whence
 from vdistream.protocol.config import valid_block_size, valid_max_transfer_size
 from vdistream.vdi import PendingCommand, Registry
 
-__all__ = ("SimulatedBackup", "SimulatedRestore", "SimulatorOptions")
+__all__ = ("StripedBackup", "StripedRestore", "StripingOptions")
 
 DEFAULT_BLOCK_SIZE = 65536
 DEFAULT_MAX_TRANSFER_SIZE = 1 << 20
@@ -106,8 +106,8 @@ _AFTER_END = _END_OF_DATA | {Completion.IO_DEVICE}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class SimulatorOptions:
-    """The T-SQL options of the simulated BACKUP / RESTORE (module docstring).
+class StripingOptions:
+    """The T-SQL options of the striped BACKUP / RESTORE (module docstring).
 
     ``read_sizes`` (restore only) is the cycle of READ sizes; ``None`` picks a mix of
     sizes that differ from ``max_transfer_size``. ``open_timeout`` bounds the wait for
@@ -157,11 +157,11 @@ class SimulatorOptions:
         return tuple(dict.fromkeys((half, block, most, min(most, 3 * block))))
 
 
-class _Simulator(Engine):
+class _Striped(Engine):
     """What backup and restore share: options, fault point, one run per object."""
 
-    def __init__(self, options: SimulatorOptions | None, fail_at: FailPoint | None) -> None:
-        self.options = options if options is not None else SimulatorOptions()
+    def __init__(self, options: StripingOptions | None, fail_at: FailPoint | None) -> None:
+        self.options = options if options is not None else StripingOptions()
         self.fail_at = fail_at
         self._ran = False
 
@@ -202,13 +202,13 @@ class _Write:
     buffer: memoryview  # the whole allocated buffer, to free once the WRITE completed
 
 
-class SimulatedBackup(_Simulator):
+class StripedBackup(_Striped):
     """BACKUP ... TO VIRTUAL_DEVICE = ... from ``source`` (module docstring)."""
 
     def __init__(
         self,
         source: ProducerLike,
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         fail_at: FailPoint | None = None,
         backup_id: uuid.UUID | None = None,
@@ -407,13 +407,13 @@ class _End:
 _Item = _Header | _Piece | _End
 
 
-class SimulatedRestore(_Simulator):
+class StripedRestore(_Striped):
     """RESTORE ... FROM VIRTUAL_DEVICE = ... into ``target`` (module docstring)."""
 
     def __init__(
         self,
         target: ConsumerLike,
-        options: SimulatorOptions | None = None,
+        options: StripingOptions | None = None,
         *,
         fail_at: FailPoint | None = None,
     ) -> None:
