@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import pkgutil
 import subprocess
 import sys
 
@@ -59,6 +61,32 @@ def test_all_is_a_tuple_of_exactly_the_public_names(name: str) -> None:
         if not attr.startswith("_") and not isinstance(value, type(sys))
     }
     assert public == set(exported)
+
+
+MODULES = [
+    info.name
+    for info in pkgutil.walk_packages(importlib.import_module("vdistream").__path__, "vdistream.")
+    if not info.ispkg and not info.name.endswith("__main__")
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_module_all_is_a_tuple_of_its_public_names(name: str) -> None:
+    """Each module's ``__all__``: a tuple, no repeats, every name there, and every public
+    class or function the module defines listed (others are named with a ``_``)."""
+    module = importlib.import_module(name)
+    exported = module.__all__
+    assert isinstance(exported, tuple)
+    assert len(set(exported)) == len(exported)
+    assert [attr for attr in exported if not hasattr(module, attr)] == []
+    defined = {
+        attr
+        for attr, value in vars(module).items()
+        if not attr.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and value.__module__ == name
+    }
+    assert sorted(defined - set(exported)) == []
 
 
 def test_api_md_names_are_importable_from_the_top() -> None:
