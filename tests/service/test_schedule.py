@@ -125,6 +125,24 @@ def test_bad_expressions(text: str, problem: str) -> None:
     assert isinstance(caught.value, ConfigError)
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("0 0 L * *", "day-of-month field: 'l' is not a number"),
+        ("0 0 LW * *", "day-of-month field: 'lw' is not a number"),
+        ("0 0 * * 5L", "day-of-week field: '5l' is not a number"),
+        ("0 0 * * mon#2", "day-of-week field: 'mon#2' is not *, N, A-B"),
+        ("0 0 0 * * *", "has 6 fields"),
+    ],
+)
+def test_cronsim_extensions_are_refused(text: str, problem: str) -> None:
+    """cronsim would take Quartz's L, W, # and a seconds field; schedules are 5-field
+    Vixie cron, so these are errors naming the field."""
+    with pytest.raises(CronError) as caught:
+        CronExpr.parse(text)
+    assert problem in str(caught.value)
+
+
 def test_feb_30_with_a_weekday_still_fires_by_or() -> None:
     # both day fields restricted: either matching is enough, so this is "every Monday
     # of February", not "never"

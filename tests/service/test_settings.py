@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from vdistream.service import (
     parse_duration,
     settings_summary,
 )
-from vdistream.service import settings as settings_module
+from vdistream.service.settings import _schema
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "vdistream.toml"
@@ -177,10 +179,10 @@ def test_the_example_file_loads_and_documents_every_key() -> None:
     assert app.retention == RetentionPolicy(keep_last=7, keep_within=timedelta(days=14))
     text = EXAMPLE.read_text()
     for key in (
-        *settings_module._SERVICE_KEYS,
-        *settings_module._DATABASE_KEYS,
-        *settings_module._RETENTION_KEYS,
-        *settings_module._DESTINATION_KEYS,
+        *_schema.ServiceIn.model_fields,
+        *_schema.DatabaseIn.model_fields,
+        *_schema.RetentionIn.model_fields,
+        *_schema.DestinationIn.model_fields,
     ):
         assert re.search(rf"^#?\s*(retention = {{ )?{key} =|{key} = ", text, re.M), key
 
@@ -650,6 +652,34 @@ def test_bad_files_name_key_file_and_line(
     assert problem in message
     assert isinstance(caught.value, SettingsError)
     assert (caught.value.key, caught.value.source, caught.value.line) == (key, str(path), line)
+
+
+def test_every_problem_is_one_line_in_the_order_of_the_file(tmp_path: Path) -> None:
+    text = "[service]\nlog_level = 'loud'\nmax_job = 4\n" + MINIMAL + "devices = 0\n"
+    path = write(tmp_path, text)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, env={})
+    assert str(caught.value).splitlines() == [
+        f"{path}, line 2: service.log_level: expected one of debug, info, warning, error, "
+        "got 'loud'",
+        f"{path}, line 3: service.max_job: unknown key in [service]; did you mean 'max_jobs'? "
+        "(known: state_dir, socket, socket_mode, listen, token_file, max_jobs, max_queued, "
+        "grace_period, job_history, log_format, log_level, timezone)",
+        f"{path}, line 10: databases.app.devices: expected an integer from 1 to 64, got 0",
+    ]
+    assert (caught.value.key, caught.value.line) == ("service.log_level", 2)
+
+
+def test_only_loading_imports_pydantic() -> None:
+    """The settings' types cost no pydantic import; ``load_settings`` brings it."""
+    code = (
+        "import sys\n"
+        "import vdistream.service\n"
+        "assert not [m for m in sys.modules if m.startswith('pydantic')]\n"
+        "vdistream.service.load_settings(None, env={})\n"
+        "assert 'pydantic' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_listen_needs_a_token(tmp_path: Path) -> None:

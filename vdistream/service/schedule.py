@@ -1,4 +1,4 @@
-"""Cron-style schedules: a 5-field parser, ``next_fire``, and an async ``Scheduler``.
+"""Cron-style schedules: ``CronExpr``, ``next_fire`` and an async ``Scheduler``, on cronsim.
 
 Syntax (Vixie cron, plus the usual extensions)
 -----------------------------------------------
@@ -53,36 +53,26 @@ Each matching wall-clock time fires **at most once**, at one well-defined instan
 
 Who wants strictly periodic fires uses ``UTC``.
 
-The Scheduler
--------------
+Where this wraps cronsim, and why
+---------------------------------
 
-``Scheduler(schedules, callback, tz=..., clock=..., sleep=..., max_wait=60)`` owns no
-task: ``await scheduler.run()`` (or ``await tg.start(scheduler.run)``, which returns
-once the first fire times are computed) runs in the caller's task group until the
-caller cancels it. It reads ``clock()`` (aware datetimes), calls
-``await callback(name, planned)`` for every schedule that is due, in order of planned
-time then name, and otherwise sleeps with ``sleep(seconds)``, never longer than
-``max_wait`` seconds, so a wall-clock jump (NTP step, suspend) is noticed within
-``max_wait``. Contracts:
-
-* the first fires are the ones strictly after the clock reading when ``run`` starts:
-  times missed while the daemon was down are not replayed (the job manager may do
-  catch-up from its state database);
-* a schedule that became due several times while nothing looked (suspend, a slow
-  callback, the clock jumping forward) fires **once**, with its oldest missed planned
-  time, then continues with the first fire after the current clock reading;
-* the callback should return promptly (submit a job, do not run it). An ``Exception``
-  from it is logged (``schedule_callback_failed``) and the schedule continues;
-  cancellation and other ``BaseException`` propagate.
+cronsim parses the fields and walks the matching wall-clock times; three things are
+ours. **DST**: cronsim follows Debian cron, which runs jobs with a ``*`` in the minute
+or hour field by elapsed time (``0 * * * *`` fires twice in an overlap, ``*/15 2 * * *``
+not at all in a gap); so cronsim walks *naive* wall times here and ``_instant`` applies
+the rules above to every expression. **Syntax**: cronsim also takes a seconds field
+and Quartz's ``L``, ``W``, ``#``, and says only "Bad minute"; ``_check_field`` refuses
+those and names the field and the item. **Never fires**: cronsim gives up after 50
+years; no fire from 2000 on means never (no 5-field expression waits that long).
 """
 
 from __future__ import annotations
 
-import bisect
-import calendar
+import contextlib
+import functools
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -90,6 +80,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import anyio.abc
+from cronsim import CronSim, CronSimError
 
 from vdistream.errors import ConfigError
 from vdistream.log import get_logger
@@ -114,16 +105,6 @@ class CronError(ConfigError):
 #: ``await callback(schedule_name, planned_fire_time)``
 ScheduleCallback = Callable[[str, datetime], Awaitable[None]]
 
-# literal English names: calendar.month_abbr follows the locale
-_MONTHS = {
-    name: i
-    for i, name in enumerate(
-        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
-        start=1,
-    )
-}
-_WEEKDAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
-
 _SHORTCUTS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -134,61 +115,48 @@ _SHORTCUTS = {
     "@hourly": "0 * * * *",
 }
 
+# literal English names: calendar's follow the locale
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 # (name, lowest, highest, names)
-_FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
     ("minute", 0, 59, {}),
     ("hour", 0, 23, {}),
     ("day-of-month", 1, 31, {}),
-    ("month", 1, 12, _MONTHS),
-    ("day-of-week", 0, 7, _WEEKDAYS),
+    ("month", 1, 12, {name: i for i, name in enumerate(_MONTHS, start=1)}),
+    ("day-of-week", 0, 7, {name: i for i, name in enumerate(_DAYS)}),
 )
-
 _ITEM = re.compile(r"^(?:(?P<star>\*)|(?P<lo>[0-9a-z]+)(?:-(?P<hi>[0-9a-z]+))?)(?:/(?P<step>.*))?$")
 
-#: The Gregorian calendar (weekdays included) repeats after 400 years.
-_CYCLE_YEARS = 400
 
-
-def _value(token: str, field_name: str, lo: int, hi: int, names: Mapping[str, int]) -> int:
-    if token.isdigit():
-        number = int(token)
-    elif token in names:
-        number = names[token]
-    else:
-        known = f" or a name ({', '.join(names)})" if names else ""
-        raise CronError(f"{field_name} field: {token!r} is not a number{known}")
-    if not lo <= number <= hi:
-        raise CronError(f"{field_name} field: {number} is out of range {lo}-{hi}")
-    return number
-
-
-def _parse_field(text: str, index: int) -> frozenset[int]:
+def _check_field(text: str, index: int) -> None:
+    """Raise ``CronError`` naming the field and item unless ``text`` is a list of
+    ``*``, ``N`` or ``A-B`` items with an optional ``/STEP`` (module doc: Syntax)."""
     field_name, lo, hi, names = _FIELDS[index]
-    values: set[int] = set()
+
+    def value(token: str) -> int:
+        if token.isascii() and token.isdigit():
+            number = int(token)
+        elif token in names:
+            number = names[token]
+        else:
+            known = f" or a name ({', '.join(names)})" if names else ""
+            raise CronError(f"{field_name} field: {token!r} is not a number{known}")
+        if not lo <= number <= hi:
+            raise CronError(f"{field_name} field: {number} is out of range {lo}-{hi}")
+        return number
+
     for item in text.lower().split(","):
         match = _ITEM.match(item)
         if not item or match is None:
             raise CronError(f"{field_name} field: {item!r} is not *, N, A-B or one with /STEP")
-        if match["star"]:
-            start, end = lo, hi
-        else:
-            start = _value(match["lo"], field_name, lo, hi, names)
-            if match["hi"] is not None:
-                end = _value(match["hi"], field_name, lo, hi, names)
-                if end < start:
-                    raise CronError(f"{field_name} field: range {item!r} runs backwards")
-            else:
-                end = hi if match["step"] is not None else start
-        step = 1
-        if match["step"] is not None:
-            if not match["step"].isdigit() or int(match["step"]) == 0:
-                raise CronError(f"{field_name} field: step in {item!r} must be a number >= 1")
-            step = int(match["step"])
-        values.update(range(start, end + 1, step))
-    if index == 4 and 7 in values:  # Sunday is 0 and 7
-        values.discard(7)
-        values.add(0)
-    return frozenset(values)
+        if match["lo"] is not None:
+            start = value(match["lo"])
+            if match["hi"] is not None and value(match["hi"]) < start:
+                raise CronError(f"{field_name} field: range {item!r} runs backwards")
+        step = match["step"]
+        if step is not None and not (step.isascii() and step.isdigit() and int(step) > 0):
+            raise CronError(f"{field_name} field: step in {item!r} must be a number >= 1")
 
 
 @dataclass(frozen=True)
@@ -208,6 +176,8 @@ class CronExpr:
     weekdays: frozenset[int] = field(repr=False)
     dom_star: bool = field(repr=False)
     dow_star: bool = field(repr=False)
+    #: the five fields given to cronsim (shortcuts expanded)
+    fields: str = field(repr=False, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> CronExpr:
@@ -215,35 +185,36 @@ class CronExpr:
         if not isinstance(text, str):
             raise CronError(f"a cron expression is a string, not {type(text).__name__}")
         stripped = text.strip()
-        expanded = stripped
-        if stripped.startswith("@"):
-            if stripped.lower() not in _SHORTCUTS:
-                raise CronError(
-                    f"unknown shortcut {stripped!r} (known: {', '.join(sorted(_SHORTCUTS))})"
-                )
-            expanded = _SHORTCUTS[stripped.lower()]
-        parts = expanded.split()
+        if stripped.startswith("@") and stripped.lower() not in _SHORTCUTS:
+            raise CronError(
+                f"unknown shortcut {stripped!r} (known: {', '.join(sorted(_SHORTCUTS))})"
+            )
+        parts = _SHORTCUTS.get(stripped.lower(), stripped).split()
         if len(parts) != 5:
             raise CronError(
                 f"{text!r} has {len(parts)} fields; expected 5 (minute hour day-of-month "
                 "month day-of-week) or a shortcut like @daily"
             )
-        minutes, hours, days, months, weekdays = (
-            _parse_field(part, i) for i, part in enumerate(parts)
-        )
-        expr = cls(
+        for index, part in enumerate(parts):
+            _check_field(part, index)
+        try:
+            sim = CronSim(" ".join(parts), datetime(2000, 1, 1))
+            next(sim)  # the fields are valid: only "no day ever matches" is left to fail
+        except (CronSimError, StopIteration):
+            raise CronError(
+                f"{text!r} never fires: no date matches its day and month fields"
+            ) from None
+        return cls(
             stripped,
-            minutes,
-            hours,
-            days,
-            months,
-            weekdays,
+            frozenset(sim.minutes),
+            frozenset(sim.hours),
+            frozenset(sim.days),
+            frozenset(sim.months),
+            frozenset(d % 7 for d in sim.weekdays if isinstance(d, int)),  # Sunday: 0 and 7
             dom_star=parts[2].startswith("*"),
             dow_star=parts[4].startswith("*"),
+            fields=" ".join(parts),
         )
-        if next(expr._dates_from(date(2000, 1, 1)), None) is None:
-            raise CronError(f"{text!r} never fires: no date matches its day and month fields")
-        return expr
 
     def __str__(self) -> str:
         return self.text
@@ -269,32 +240,6 @@ class CronExpr:
         """See the module function ``next_fire``."""
         return next_fire(self, after, tz)
 
-    # --- internals ------------------------------------------------------------------
-
-    def _minutes_of_day(self) -> list[int]:
-        return sorted(h * 60 + m for h in self.hours for m in self.minutes)
-
-    def _dates_from(self, start: date) -> Iterator[date]:
-        """Matching dates from ``start`` on, for one full Gregorian cycle."""
-        lowest_day = min(self.days)
-        year, month, first = start.year, start.month, start.day
-        for _ in range(_CYCLE_YEARS * 12 + 1):
-            if month in self.months:
-                length = calendar.monthrange(year, month)[1]
-                # with AND semantics (or dow unrestricted) a month shorter than the
-                # smallest listed day cannot match: skip it without looking at days
-                if not (self.dow_star and lowest_day > length):
-                    for day in range(first, length + 1):
-                        candidate = date(year, month, day)
-                        if self.matches_date(candidate):
-                            yield candidate
-            first = 1
-            month += 1
-            if month == 13:
-                year, month = year + 1, 1
-                if year > date.max.year:
-                    return
-
 
 def local_timezone() -> tzinfo:
     """The system's local zone as a ``tzinfo`` that knows its DST rules.
@@ -304,17 +249,13 @@ def local_timezone() -> tzinfo:
     """
     name = os.environ.get("TZ", "").removeprefix(":")
     if name:
-        try:
+        with contextlib.suppress(ConfigError):
             return resolve_timezone(name)
-        except ConfigError:
-            pass
     localtime = Path("/etc/localtime")
-    try:
+    with contextlib.suppress(OSError, ValueError, ZoneInfoNotFoundError):
         target = str(localtime.resolve())
         if "zoneinfo/" in target:
             return ZoneInfo(target.rsplit("zoneinfo/", 1)[1])
-    except (OSError, ValueError, ZoneInfoNotFoundError):
-        pass
     try:
         with localtime.open("rb") as f:
             return ZoneInfo.from_file(f, key="localtime")
@@ -342,6 +283,7 @@ def _wall(instant: datetime, zone: tzinfo) -> datetime:
 
 def _instant(wall: datetime, zone: tzinfo) -> datetime:
     """The UTC instant a matching wall time fires at (module docstring: gaps, overlaps)."""
+    wall = wall.replace(fold=0)
     utc = wall.replace(tzinfo=zone).astimezone(UTC)  # fold=0: first occurrence
     if _wall(utc, zone) == wall:
         return utc
@@ -367,38 +309,41 @@ def next_fire(expr: str | CronExpr, after: datetime, tz: tzinfo | None = None) -
         raise ValueError("next_fire needs an aware datetime (with tzinfo)")
     zone = tz if tz is not None else local_timezone()
     limit = after.astimezone(UTC)
-    minutes = cron._minutes_of_day()
-
-    # One day back: after a fall-back overlap, wall times of yesterday's date can be
-    # later instants than "after"'s own wall time suggests. Instants are monotonic in
-    # wall time, so the first fire is found by bisection within each day.
-    start = _wall(limit, zone).date()
-    if start > date.min:
-        start -= timedelta(days=1)
-    for day in cron._dates_from(start):
-        base = datetime(day.year, day.month, day.day)
-
-        def at(i: int, base: datetime = base) -> datetime:
-            return _instant(base + timedelta(minutes=minutes[i]), zone)
-
-        if at(len(minutes) - 1) <= limit:
-            continue
-        index = bisect.bisect_right(range(len(minutes)), limit, key=at)
-        return at(index).astimezone(zone)
+    # Instants never decrease as wall times increase (first occurrence, end of the
+    # gap), and the wall time of "after" fires no later than "after": so the answer is
+    # the first matching wall time after it whose instant is later (module doc: DST).
+    for wall in CronSim(cron.fields, _wall(limit, zone)):
+        instant = _instant(wall, zone)
+        if instant > limit:
+            return instant.astimezone(zone)
     raise CronError(f"{cron.text!r} does not fire after {after.isoformat()}")
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+_utc_now = functools.partial(datetime.now, UTC)
 
 
 class Scheduler:
-    """Calls ``callback(name, planned)`` whenever a named schedule fires.
+    """Calls ``await callback(name, planned)`` whenever a named schedule fires.
 
     ``schedules`` maps a name (the database) to a cron text or ``CronExpr``; texts are
     parsed at once (``CronError``). ``clock`` returns aware datetimes (default: now in
     UTC); ``sleep(seconds)`` waits (default ``anyio.sleep``); both are injectable for
-    tests. The contract is in the module docstring.
+    tests. The scheduler owns no task: ``await scheduler.run()`` (or ``await
+    tg.start(scheduler.run)``, which returns once the first fire times are computed)
+    runs in the caller's task group until the caller cancels it. It calls the callback
+    for every schedule that is due, in order of planned time then name, and otherwise
+    sleeps, never longer than ``max_wait`` seconds, so a wall-clock jump (NTP step,
+    suspend) is noticed within ``max_wait``. Contracts:
+
+    * the first fires are the ones strictly after the clock reading when ``run``
+      starts: times missed while the daemon was down are not replayed (the job manager
+      may do catch-up from its state database);
+    * a schedule that became due several times while nothing looked (suspend, a slow
+      callback, the clock jumping forward) fires **once**, with its oldest missed
+      planned time, then continues with the first fire after the current clock reading;
+    * the callback should return promptly (submit a job, do not run it). An
+      ``Exception`` from it is logged (``schedule_callback_failed``) and the schedule
+      continues; cancellation and other ``BaseException`` propagate.
     """
 
     def __init__(

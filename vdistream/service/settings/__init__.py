@@ -1,0 +1,311 @@
+"""The daemon's settings: a TOML file, overridden by ``VDISTREAM_*`` environment variables.
+
+``load_settings(path, env=os.environ) -> Settings`` reads, merges, validates and
+returns frozen dataclasses (this module, free of pydantic so that importing it costs
+nothing). The file's shape and values are checked by pydantic models (``_schema``,
+imported only when settings are loaded); ``_load`` reads, overlays the environment,
+turns pydantic's errors into the messages below and builds the dataclasses;
+``_lines`` finds a key's line. Every key, its default and its meaning are in
+``config/vdistream.toml``. Any problem raises ``SettingsError`` (a ``ConfigError``)
+whose message starts with where the value came from and names the key::
+
+    /etc/vdistream/vdistream.toml, line 14: databases.app.devices: expected an integer
+    from 1 to 64, got 'eight'
+    environment variable VDISTREAM_SERVICE__MAX_JOBS: service.max_jobs: expected ...
+
+Decisions
+---------
+
+* **Unknown keys are errors**, everywhere (with a "did you mean" when one is close),
+  so a typo never passes silently. Wrong types are errors (pydantic's strict mode):
+  ``true`` is not an integer, ``"8"`` is not a number. Every problem pydantic finds is
+  one line of the message; the first one gives ``key``, ``source`` and ``line``.
+* **Lines.** ``tomllib`` gives no positions, so the file's text is scanned for table
+  headers (``[databases.app]``), ``key =`` lines, dotted keys and inline tables
+  (``retention = { keep_last = 7 }``). The message says "line N" for the key, or for
+  its nearest enclosing table when the key is missing; it says only the file when
+  nothing is found (values inside multi-line strings or arrays are not scanned).
+* **Environment overrides.** ``VDISTREAM_<TABLE>__<KEY>`` for ``[service]``
+  (``VDISTREAM_SERVICE__MAX_JOBS=4``) and ``VDISTREAM_<TABLE>__<NAME>__<KEY>[__<SUBKEY>]``
+  for ``[databases.NAME]`` and ``[destinations.NAME]``
+  (``VDISTREAM_DATABASES__APP__DEVICES=8``,
+  ``VDISTREAM_DATABASES__APP__RETENTION__KEEP_LAST=3``). A double underscore is one
+  level of nesting; keys are matched lowercase; NAME matches an existing table
+  case-insensitively (``-`` in a name is ``_`` in the variable), or creates a new
+  one named in lowercase. The value is parsed as a TOML value (``8``, ``true``,
+  ``0.5``, ``"text"``, ``{ keep_last = 3 }``); text that is not valid TOML is taken as a
+  plain string (``0 3 * * *``, ``/var/backups``), and for a key that wants a string
+  the variable's raw text is used whatever it parses as. An **empty value removes**
+  the key (back to its default). Variables are applied in sorted order, after the
+  file. ``VDISTREAM_`` variables without ``__`` are not overrides (``VDISTREAM_CONFIG``,
+  ``VDISTREAM_API_TOKEN``, test knobs) except that ``VDISTREAM_SERVICE_MAX_JOBS``-like
+  names (a table name and a single underscore) are refused as typos; a ``__``
+  variable whose first part is not a table is refused too. (pydantic-settings' own
+  environment source cannot express these rules, TOML values, name matching, removal
+  or the variable's name in errors, so the overlay is ours and feeds pydantic a dict.)
+* **Paths.** Relative paths in the file are relative to the file's directory; relative
+  paths from the environment (or with no file) to the current directory. A relative
+  ``sqlite:`` URL is made absolute the same way.
+* **Empty strings** mean "not set" for optional keys (``listen = ""``).
+* **Secrets.** The API bearer token is never written in the file: it comes from
+  ``VDISTREAM_API_TOKEN`` (wins) or from ``service.token_file`` (first line, stripped;
+  the file must not be accessible to "others"; at least 16 characters). It is held in
+  a ``Secret`` whose ``repr`` and ``str`` are masked. A database URL may hold a
+  PostgreSQL password: ``DatabaseSettings.url`` is left out of ``repr`` and
+  ``display_url`` masks the password; destination URLs with a password likewise.
+  ``dataclasses.asdict`` does reveal the URL: do not log its output. A ``cmd:`` URL
+  is shown as written: give a command its secrets through its environment or a file,
+  not its arguments. ``settings_summary(settings)`` is the secret-free form to log.
+* **Checks at load** (fail at start, not at 3 am): a database's destination exists;
+  durations (``"14d"``, ``"36h"``, ``"90m"``, ``"1d12h"``; units s m h d w) and
+  cron expressions parse (and can fire); the time zone exists; the TCP listen address
+  is loopback and comes with a token; the socket mode grants nothing to "others" and
+  fits in 0o777; the socket path fits in ``sun_path``; ``encrypt_key_file`` and
+  ``token_file`` exist, and the key file holds a key (``vdistream.pipeline.keys``;
+  the key itself is not kept); ``compress`` is parsed by ``vdistream.pipeline.spec``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta, tzinfo
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from vdistream.errors import ConfigError
+from vdistream.pipeline.spec import CompressionSpec
+from vdistream.service.retention import RetentionPolicy
+from vdistream.service.schedule import CronExpr, resolve_timezone
+
+__all__ = (
+    "DEFAULT_SETTINGS_PATH",
+    "TOKEN_ENV",
+    "DatabaseSettings",
+    "DestinationSettings",
+    "RetentionPolicy",
+    "Secret",
+    "ServiceSettings",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+    "parse_duration",
+    "settings_summary",
+)
+
+DEFAULT_SETTINGS_PATH = Path("/etc/vdistream/vdistream.toml")
+#: The environment variable that carries the API bearer token (wins over token_file).
+TOKEN_ENV = "VDISTREAM_API_TOKEN"
+
+LogFormat = Literal["json", "console", "auto"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+DatabaseKind = Literal["sqlite", "postgresql", "cmd"]
+
+
+class SettingsError(ConfigError):
+    """A setting is invalid. ``key`` is the dotted key, ``source`` the file or the
+    environment variable, ``line`` the file's line (1-based) when found."""
+
+    def __init__(
+        self, message: str, *, key: str, source: str | None = None, line: int | None = None
+    ) -> None:
+        self.key = key
+        self.source = source
+        self.line = line
+        super().__init__(message)
+
+
+class Secret:
+    """A string that does not show itself: ``repr``/``str`` are masked, ``reveal()``
+    returns it. Equality is constant-time."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# --- the settings -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """``[service]``: the daemon itself. Defaults are those of ``config/vdistream.toml``."""
+
+    state_dir: Path = Path("/var/lib/vdistream")
+    #: ``None`` means ``state_dir / "vdistream.sock"`` (see ``socket_path``)
+    socket: Path | None = None
+    socket_mode: int = 0o600
+    #: loopback ``(host, port)`` for the TCP API, or ``None`` (Unix socket only)
+    listen: tuple[str, int] | None = None
+    token_file: Path | None = None
+    token: Secret | None = field(default=None, repr=False)
+    max_jobs: int = 2
+    max_queued: int = 16
+    grace_period: float = 30.0
+    #: how long ended jobs stay in the state database (``None``: forever)
+    job_history: timedelta | None = timedelta(days=90)
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "info"
+    #: a zoneinfo key; ``None`` is the system's local zone
+    timezone: str | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket if self.socket is not None else self.state_dir / "vdistream.sock"
+
+    @property
+    def state_db(self) -> Path:
+        """The job state database (``vdistream.service.state``)."""
+        return self.state_dir / "state.db"
+
+    @property
+    def work_dir(self) -> Path:
+        """Where jobs stage data (SQLite snapshots, verification restores); emptied at
+        every start, so what a killed job left there does not pile up."""
+        return self.state_dir / "work"
+
+    def tzinfo(self) -> tzinfo:
+        """The zone schedules are read in."""
+        return resolve_timezone(self.timezone)
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    """``[destinations.NAME]``: where backups are stored."""
+
+    name: str
+    url: str = field(repr=False)
+    #: ``url`` with any password masked: what may be logged and shown
+    display_url: str = ""
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """``[databases.NAME]``: one database to back up."""
+
+    name: str
+    url: str = field(repr=False)
+    destination: str
+    kind: DatabaseKind
+    #: ``url`` with any password masked: what may be logged and shown
+    display_url: str = ""
+    #: ``basebackup`` or ``dump`` for ``postgresql``, ``None`` otherwise
+    mode: str | None = None
+    devices: int = 4
+    #: the pipeline's compression (``vdistream.pipeline.spec``); ``none`` by default
+    compress: CompressionSpec = field(default_factory=lambda: CompressionSpec("none"))
+    encrypt_key_file: Path | None = None
+    max_jobs: int = 1
+    schedule: CronExpr | None = None
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    verify_after_backup: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``load_settings`` read. ``source`` is the file (``None``: none read);
+    ``env_overrides`` the names (never the values) of the variables applied."""
+
+    service: ServiceSettings = ServiceSettings()
+    databases: Mapping[str, DatabaseSettings] = field(default_factory=lambda: MappingProxyType({}))
+    destinations: Mapping[str, DestinationSettings] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    source: Path | None = None
+    env_overrides: tuple[str, ...] = ()
+
+
+# --- durations --------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"14d"``, ``"36h"``, ``"90m"``, ``"30s"``, ``"2w"``, or sums like ``"1d12h"``.
+    A number needs its unit. ``ValueError`` otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("expected a duration like '14d', '36h', '90m'")
+    if not re.fullmatch(f"(?:{_DURATION.pattern})+", text):
+        raise ValueError(
+            f"{text!r} is not a duration: write a number and a unit "
+            "(s, m, h, d, w), e.g. '14d', '36h', '90m', '1d12h'"
+        )
+    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text)))
+
+
+def load_settings(path: str | Path | None, env: Mapping[str, str] = os.environ) -> Settings:
+    """Read ``path`` (``None``: no file, defaults and environment only), apply the
+    ``VDISTREAM_*`` overrides from ``env``, validate, and return the settings.
+    Raises ``SettingsError`` (module doc) for anything wrong."""
+    from vdistream.service.settings._load import load  # pydantic: only when loading
+
+    return load(Path(path) if path is not None else None, env)
+
+
+def settings_summary(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON-ready data without secrets (for ``serve --check``, the
+    startup log line and the API): URLs masked, the token only as "set"."""
+    service = settings.service
+    listen = service.listen
+    return {
+        "source": None if settings.source is None else str(settings.source),
+        "env_overrides": list(settings.env_overrides),
+        "service": {
+            "state_dir": str(service.state_dir),
+            "socket": str(service.socket_path),
+            "socket_mode": f"{service.socket_mode:#o}",
+            "listen": None if listen is None else f"{listen[0]}:{listen[1]}",
+            "token": "set" if service.token is not None else None,
+            "max_jobs": service.max_jobs,
+            "max_queued": service.max_queued,
+            "grace_period": service.grace_period,
+            "job_history": _seconds(service.job_history),
+            "log_format": service.log_format,
+            "log_level": service.log_level,
+            "timezone": service.timezone,
+        },
+        "destinations": {n: d.display_url for n, d in settings.destinations.items()},
+        "databases": {
+            n: {
+                "url": d.display_url,
+                "kind": d.kind,
+                "mode": d.mode,
+                "destination": d.destination,
+                "devices": d.devices,
+                "compress": str(d.compress),
+                "encrypted": d.encrypt_key_file is not None,
+                "max_jobs": d.max_jobs,
+                "schedule": None if d.schedule is None else d.schedule.text,
+                "keep_last": d.retention.keep_last,
+                "keep_within": _seconds(d.retention.keep_within),
+                "verify_after_backup": d.verify_after_backup,
+            }
+            for n, d in settings.databases.items()
+        },
+    }
+
+
+def _seconds(duration: timedelta | None) -> float | None:
+    return None if duration is None else duration.total_seconds()

@@ -1,0 +1,340 @@
+"""The settings file's shape as pydantic models: strict types, unknown keys forbidden,
+and the rules of each value (``vdistream.service.settings`` documents every key).
+
+A rule raises ``ValueError`` with the text the user sees; ``_load`` puts the file, the
+line and the key in front of it. The URL rules (``database_url``, ``destination_url``)
+need the directory relative paths start from, which depends on the source of the
+value, so ``_load`` calls them when it builds the settings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
+
+from vdistream.errors import VdistreamError
+from vdistream.pipeline.spec import CompressionSpec, parse_compression
+from vdistream.service.schedule import CronExpr, resolve_timezone
+from vdistream.service.settings import DatabaseKind, LogFormat, LogLevel, parse_duration
+
+__all__ = (
+    "TABLES",
+    "TEXT",
+    "DatabaseIn",
+    "DestinationIn",
+    "FileIn",
+    "RetentionIn",
+    "ServiceIn",
+    "database_url",
+    "destination_url",
+    "given",
+    "mask",
+    "show",
+    "type_name",
+)
+
+_T = TypeVar("_T")
+
+#: In a field's metadata: the key wants a string, so ``""`` means "not set" (the key's
+#: default) and an environment variable's raw text is the value, whatever it parses as.
+TEXT = "text"
+
+
+def type_name(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        dict: "a table",
+        list: "an array",
+    }.get(type(value), type(value).__name__)
+
+
+def show(value: object) -> str:
+    if isinstance(value, dict | list):
+        return type_name(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _rule(check: Callable[[Any], _T]) -> Callable[[Any], _T]:
+    """``check`` with our errors as ``ValueError``, the only kind pydantic reports."""
+
+    def run(value: Any) -> _T:
+        try:
+            return check(value)
+        except (TypeError, VdistreamError) as exc:
+            raise ValueError(str(exc)) from None
+
+    return run
+
+
+def _socket_mode(value: Any) -> int:
+    hint = 'write it in octal: 0o600 or "0600"'
+    if isinstance(value, bool):
+        raise ValueError(f"expected a file mode, {hint}")
+    if isinstance(value, str):
+        digits = value.strip().removeprefix("0o")
+        if not digits or any(c not in "01234567" for c in digits):
+            raise ValueError(f"{value!r} is not an octal mode; {hint}")
+        mode = int(digits, 8)
+    elif isinstance(value, int):
+        mode = value
+    else:
+        raise ValueError(f"expected a file mode, got {type_name(value)}; {hint}")
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"mode {mode:#o} is outside 0o000..0o777 ({hint})")
+    if mode & 0o007:
+        raise ValueError(
+            f"mode {mode:#o} lets every local user control the daemon; "
+            "give nothing to others (e.g. 0o600 or 0o660)"
+        )
+    if not mode & 0o200:
+        raise ValueError(f"mode {mode:#o} does not let the owner connect (needs 0o200)")
+    return mode
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'HOST:PORT', got {type_name(value)}")
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not HOST:PORT (IPv6: [::1]:PORT)")
+    host = match[1] or match[3]
+    port = int(match[2] or match[4])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1..65535")
+    if host.lower() != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IP address; the API listens only on loopback "
+                "(127.0.0.1, ::1 or localhost)"
+            ) from None
+        if not loopback:
+            raise ValueError(
+                f"{host} is not a loopback address: the API listens only on loopback "
+                "(127.0.0.1, ::1 or localhost); use the Unix socket or a proxy otherwise"
+            )
+    return host, port
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected seconds (a number) or a duration like '90s'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = parse_duration(value).total_seconds()
+    else:
+        raise ValueError(f"expected seconds or a duration, got {type_name(value)}")
+    if not 0 <= seconds <= 86400:
+        raise ValueError(f"expected 0 to 86400 seconds, got {value!r}")
+    return seconds
+
+
+def _history(value: Any) -> timedelta | None:
+    if value == "forever":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f'expected a duration like "90d", or "forever", got {type_name(value)}')
+    history = parse_duration(value)
+    if history < timedelta(hours=1):
+        raise ValueError(f"expected at least 1h, got {value!r}")
+    return history
+
+
+def _positive_duration(value: Any) -> timedelta:
+    if not isinstance(value, str):
+        raise ValueError(
+            f'expected a duration string like "14d", got {type_name(value)} {show(value)}'
+        )
+    duration = parse_duration(value)
+    if duration <= timedelta(0):
+        raise ValueError("the duration must be longer than zero")
+    return duration
+
+
+def _compression(value: Any) -> CompressionSpec:
+    if not isinstance(value, str):
+        raise ValueError(f'expected a string like "zstd:3", got {type_name(value)}')
+    return parse_compression(value, setting="compress")
+
+
+def _timezone(name: str) -> str:
+    resolve_timezone(name)
+    return name
+
+
+def _name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9]+(?:[_-][A-Za-z0-9]+)*", name):
+        raise ValueError(
+            f"a name is letters and digits, joined by single '-' or '_' (got {name!r})"
+        )
+    return name
+
+
+_DESTINATION_SCHEMES = ("file", "s3", "memory", "null")
+
+
+def destination_url(url: str, base: Path) -> str:
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", url)
+    if scheme is None:  # a plain path
+        path = Path(url)
+        return str(path if path.is_absolute() else base / path)
+    name = scheme[1].lower()
+    if name not in _DESTINATION_SCHEMES:
+        raise ValueError(
+            f"unknown storage scheme {name!r} (known: a path, "
+            f"{', '.join(s + '://' for s in _DESTINATION_SCHEMES)})"
+        )
+    parts = urlsplit(url)
+    if name == "s3" and not parts.hostname:
+        raise ValueError(f"{mask(url)} names no bucket: s3://BUCKET/PREFIX")
+    if name == "file" and not parts.path.startswith("/"):
+        raise ValueError(f"{url!r}: a file URL needs an absolute path (file:///dir)")
+    return url
+
+
+def mask(url: str) -> str:
+    """``url`` with the password of its user info replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return url
+
+
+def database_url(url: str, base: Path) -> tuple[DatabaseKind, str]:
+    scheme, sep, rest = url.partition(":")
+    scheme = scheme.lower()
+    known = "sqlite:, postgresql: (postgres:), cmd:"
+    if not sep:
+        raise ValueError(f"{url!r} is not a database URL (known schemes: {known})")
+    if scheme == "sqlite":
+        path_text = rest[2:] if rest.startswith("//") else rest
+        if not path_text or path_text in ("/", ":memory:"):
+            raise ValueError(f"{url!r} names no database file (sqlite:///path/to/app.db)")
+        path = Path(path_text)
+        return "sqlite", f"sqlite://{path if path.is_absolute() else base / path}"
+    if scheme in ("postgresql", "postgres"):
+        parts = urlsplit(url)
+        if not rest.startswith("//"):
+            raise ValueError(f"{mask(url)!r} is not postgresql://[user@]host[:port]/dbname")
+        try:
+            parts.port  # noqa: B018 -- raises for a bad port
+        except ValueError as exc:
+            raise ValueError(f"{mask(url)!r}: {exc}") from None
+        return "postgresql", url
+    if scheme == "cmd":
+        try:
+            words = shlex.split(rest)
+        except ValueError as exc:
+            raise ValueError(f"cmd: command line cannot be split: {exc}") from None
+        if not words:
+            raise ValueError(
+                "cmd: needs a command line, e.g. cmd:mysqldump --single-transaction db"
+            )
+        return "cmd", url
+    raise ValueError(f"unknown database URL scheme {scheme!r} (known: {known})")
+
+
+def given(table: BaseModel | None) -> dict[str, Any]:
+    """The keys a table sets, with their values (``model_dump`` would convert them)."""
+    return {} if table is None else {k: getattr(table, k) for k in table.model_fields_set}
+
+
+class _Table(BaseModel):
+    """A TOML table: strict (``true`` is not an integer), no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        text = {name for name, f in cls.model_fields.items() if TEXT in f.metadata}
+        return {k: v for k, v in data.items() if not (v == "" and k in text)}
+
+
+# A key left out is not set (``model_fields_set``): its default is the one of the
+# settings' dataclasses, which document every key; the ``None`` here only means that.
+
+
+class ServiceIn(_Table):
+    state_dir: Annotated[str | None, TEXT] = None
+    socket: Annotated[str | None, TEXT] = None
+    socket_mode: Annotated[int | None, PlainValidator(_socket_mode)] = None
+    listen: Annotated[tuple[str, int] | None, TEXT, PlainValidator(_listen)] = None
+    token_file: Annotated[str | None, TEXT] = None
+    max_jobs: Annotated[int | None, Field(ge=1, le=1024)] = None
+    max_queued: Annotated[int | None, Field(ge=0, le=100_000)] = None
+    grace_period: Annotated[float | None, PlainValidator(_seconds)] = None
+    job_history: Annotated[timedelta | None, TEXT, PlainValidator(_history)] = None
+    log_format: Annotated[LogFormat | None, TEXT] = None
+    log_level: Annotated[LogLevel | None, TEXT] = None
+    timezone: Annotated[str | None, TEXT, AfterValidator(_rule(_timezone))] = None
+
+
+class DestinationIn(_Table):
+    url: Annotated[str, TEXT] = Field(
+        description='the destination\'s URL, e.g. url = "/var/backups/vdistream"'
+    )
+
+
+class RetentionIn(_Table):
+    keep_last: Annotated[int | None, Field(ge=1, le=100_000)] = None
+    keep_within: Annotated[timedelta | None, TEXT, PlainValidator(_positive_duration)] = None
+
+
+class DatabaseIn(_Table):
+    url: Annotated[str, TEXT] = Field(
+        description='the database to back up, e.g. url = "sqlite:///srv/app/app.db"'
+    )
+    mode: Annotated[Literal["basebackup", "dump"] | None, TEXT] = None
+    devices: Annotated[int | None, Field(ge=1, le=64)] = None
+    compress: Annotated[CompressionSpec | None, TEXT, PlainValidator(_rule(_compression))] = None
+    encrypt_key_file: Annotated[str | None, TEXT] = None
+    max_jobs: Annotated[int | None, Field(ge=1, le=64)] = None
+    destination: Annotated[str, TEXT] = Field(
+        description='the name of a [destinations.NAME] table, e.g. destination = "local"'
+    )
+    schedule: Annotated[CronExpr | None, TEXT, PlainValidator(_rule(CronExpr.parse))] = None
+    retention: RetentionIn | None = None
+    verify_after_backup: bool | None = None
+
+
+_Name = Annotated[str, AfterValidator(_name)]
+
+
+class FileIn(_Table):
+    """The whole file. Destinations come before databases, which name them."""
+
+    service: ServiceIn | None = None
+    destinations: dict[_Name, DestinationIn] = {}
+    databases: dict[_Name, DatabaseIn] = {}
+
+
+#: Each table's model by its path; ``*`` stands for a table's name.
+TABLES: dict[tuple[str, ...], type[BaseModel]] = {
+    (): FileIn,
+    ("service",): ServiceIn,
+    ("destinations", "*"): DestinationIn,
+    ("databases", "*"): DatabaseIn,
+    ("databases", "*", "retention"): RetentionIn,
+}
