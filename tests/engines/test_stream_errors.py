@@ -132,6 +132,21 @@ async def test_corrupt_header_byte() -> None:
     await restore_fails(streams, "header block is corrupt", {2})
 
 
+@pytest.mark.parametrize(
+    "offset",
+    [60, 32, 56],
+    ids=["its own CRC", "total length under a stale CRC", "payload CRC under a stale CRC"],
+)
+async def test_damaged_trailer_block(offset: int) -> None:
+    """The trailer block's own CRC-32 (bytes 60..63, framing) is checked: without the
+    check the first case restores and the others fail later, with other messages."""
+    streams = await streams_of()
+    damaged = bytearray(streams[2])
+    damaged[len(damaged) - BLOCK + offset] ^= 0x01
+    streams[2] = bytes(damaged)
+    await restore_fails(streams, "trailer block is corrupt", {2})  # names device 2
+
+
 async def test_not_a_backup_at_all() -> None:
     streams = [random.Random(1).randbytes(3 * BLOCK) for _ in range(2)]
     await restore_fails(streams, "does not start with a header", {0, 1})

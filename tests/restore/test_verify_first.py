@@ -14,7 +14,9 @@ from vdistream.operations import BackupSettings, run_backup, run_restore
 
 pytestmark = pytest.mark.asyncio
 
-DATA = os.urandom(300_000)
+# More than a pipe holds (process.PIPE_SIZE): the command must be running, its output
+# file open, before the restore can fail at the end of the damaged stream.
+DATA = os.urandom(3_000_000)
 
 
 async def command_backup(tmp_path: Path) -> Path:

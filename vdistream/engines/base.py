@@ -59,6 +59,7 @@ __all__ = (
     "StreamFormatError",
     "completion_name",
     "device_names",
+    "freeze_counts",
 )
 
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import os
 import shlex
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Unpack
 
 import anyio.lowlevel
 
 from vdistream.engines.faults import FailPoint
-from vdistream.engines.process import ProcessConsumer, ProcessProducer
+from vdistream.engines.process import ProcessConsumer, ProcessOptions, ProcessProducer
 from vdistream.engines.scoped import ScopedBackup, ScopedRestore
 from vdistream.engines.streams import ByteConsumer
 from vdistream.engines.striping import StripingOptions
@@ -60,8 +61,9 @@ def parse_command(command: str | Sequence[str], *, shell: bool = False) -> list[
 class CommandBackup(ScopedBackup):
     """A backup of what ``command`` writes to its standard output (module docstring).
 
-    ``env``/``extra_env``/``cwd``/``fail_on_stderr``/``terminate_timeout`` are those
-    of ``ProcessProducer``; the process starts once the set is configured.
+    ``fail_on_stderr`` and the ``ProcessOptions`` (``env``, ``extra_env``, ``cwd``,
+    ``terminate_timeout``, ...) are those of ``ProcessProducer``; the process starts
+    once the set is configured.
     """
 
     def __init__(
@@ -70,28 +72,19 @@ class CommandBackup(ScopedBackup):
         options: StripingOptions | None = None,
         *,
         shell: bool = False,
-        env: Mapping[str, str] | None = None,
-        extra_env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
         fail_on_stderr: bool = False,
-        terminate_timeout: float = 5.0,
         fail_at: FailPoint | None = None,
         backup_id: uuid.UUID | None = None,
+        **process: Unpack[ProcessOptions],
     ) -> None:
         self.argv = parse_command(command, shell=shell)
-        self.process = ProcessProducer(
-            self.argv,
-            env=env,
-            extra_env=extra_env,
-            cwd=cwd,
-            fail_on_stderr=fail_on_stderr,
-            terminate_timeout=terminate_timeout,
-        )
+        self.process = ProcessProducer(self.argv, fail_on_stderr=fail_on_stderr, **process)
         super().__init__(self.process, options, fail_at=fail_at, backup_id=backup_id)
 
 
 class CommandRestore(ScopedRestore):
-    """A restore into ``command``'s standard input (module docstring)."""
+    """A restore into ``command``'s standard input (module docstring); the
+    ``ProcessOptions`` are those of ``ProcessConsumer``."""
 
     def __init__(
         self,
@@ -99,20 +92,11 @@ class CommandRestore(ScopedRestore):
         options: StripingOptions | None = None,
         *,
         shell: bool = False,
-        env: Mapping[str, str] | None = None,
-        extra_env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        terminate_timeout: float = 5.0,
         fail_at: FailPoint | None = None,
+        **process: Unpack[ProcessOptions],
     ) -> None:
         self.argv = parse_command(command, shell=shell)
-        self.process = ProcessConsumer(
-            self.argv,
-            env=env,
-            extra_env=extra_env,
-            cwd=cwd,
-            terminate_timeout=terminate_timeout,
-        )
+        self.process = ProcessConsumer(self.argv, **process)
         super().__init__(self.process, options, fail_at=fail_at)
 
 

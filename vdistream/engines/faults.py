@@ -27,16 +27,32 @@ Phases (where each fires):
 * ``DURING_CLEAR_ERROR`` (restore): the first device to reach the end of its stream
   sent CLEAR_ERROR and the client took it, before the engine awaits its completion;
 * ``BEFORE_CLOSE``: every command completed, no device closed yet.
+
+The checks live in ``FaultySession``, the ``ServerSession`` an engine runs only when it
+has a fail point (``session_for``): without one, no command pays for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
 
 from vdistream.engines.base import EngineError
+from vdistream.engines.session import DATA_COMMANDS, ServerSession
+from vdistream.protocol import CommandCode
+from vdistream.vdi import PendingCommand
 
-__all__ = ("Action", "FailPoint", "InjectedFaultError", "Phase")
+__all__ = ("Action", "FailPoint", "FaultySession", "InjectedFaultError", "Phase", "session_for")
+
+#: How often a stalled engine looks whether the set was aborted: the server side offers
+#: no "wait for abort" call, and a stall must end promptly when the client gives up.
+STALL_POLL_SECONDS = 0.005
+#: How long a DURING_* fault waits for the client to take the commands it is "during".
+TAKE_WAIT_SECONDS = 1.0
 
 
 class Phase(enum.Enum):
@@ -80,3 +96,80 @@ class InjectedFaultError(EngineError):
             set_name=set_name,
             device=device,
         )
+
+
+def session_for(set_name: str, fail_at: FailPoint | None, **options: Any) -> ServerSession:
+    """The session of one run: a plain ``ServerSession`` unless there is a fail point."""
+    if fail_at is None:
+        return ServerSession(set_name, **options)
+    return FaultySession(set_name, fail_at, **options)
+
+
+class FaultySession(ServerSession):
+    """A ``ServerSession`` that fires ``point`` where the module docstring says."""
+
+    def __init__(self, set_name: str, point: FailPoint, **options: Any) -> None:
+        super().__init__(set_name, **options)
+        self.point = point
+        self.data_commands = 0
+        self.data_bytes = 0
+        self._fired = False
+        self._stalled = False
+
+    async def send(
+        self,
+        index: int,
+        code: CommandCode,
+        size: int = 0,
+        position: int = 0,
+        buffer: memoryview | None = None,
+    ) -> PendingCommand:
+        """Send (joining a stall in progress); a data command may fire MID_STREAM."""
+        if self._stalled:
+            await self.stall()
+        pending = await super().send(index, code, size, position, buffer)
+        if code in DATA_COMMANDS:
+            self.data_commands += 1
+            self.data_bytes += size
+            point = self.point
+            if (
+                point.phase is Phase.MID_STREAM
+                and not self._fired
+                and self.data_commands >= point.after_commands
+                and self.data_bytes >= point.after_bytes
+                and all(self.outstanding(i) for i in range(self.device_count))
+            ):
+                await self.fault(Phase.MID_STREAM)
+        return pending
+
+    async def fault(
+        self, phase: Phase, device: int | None = None, *, sent: Sequence[PendingCommand] = ()
+    ) -> None:
+        """Fire the fail point if it names ``phase`` and has not fired yet.
+
+        ``sent`` are the commands the phase is "during" (FLUSH, CLEAR_ERROR): the fault
+        waits (briefly, bounded) until the client has taken them, so that it really
+        strikes while the client holds them.
+        """
+        point = self.point
+        if point.phase is not phase or self._fired:
+            return
+        self._fired = True
+        with anyio.move_on_after(TAKE_WAIT_SECONDS):
+            while not all(p.done() or p.command is not None for p in sent):  # noqa: ASYNC110
+                await anyio.sleep(STALL_POLL_SECONDS)
+        self.log.info("fault_injected", phase=phase.value, action=point.action.value)
+        if point.action is Action.STALL:
+            await self.stall()
+        error = InjectedFaultError(point, set_name=self.set_name, device=self.device_label(device))
+        self.record_failure(error)
+        if point.action is Action.SIGNAL_ABORT:
+            self.sds.signal_abort()
+        raise error
+
+    async def stall(self) -> None:
+        """Send nothing more; wait until the set is aborted, then raise."""
+        self._stalled = True
+        while self.sds.abort_reason is None:  # noqa: ASYNC110 - no event to wait on (see above)
+            await anyio.sleep(STALL_POLL_SECONDS)
+        raise self.aborted_error()

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 
+from vdistream import threads
 from vdistream.engines.scoped import EndpointError, ScopedStream, TargetExistsError
 from vdistream.engines.streams import ByteConsumer
 from vdistream.log import get_logger
@@ -162,12 +162,12 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(self._prepare)
+        await threads.run_sync(self._prepare)
         try:
             yield
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._drop)
+                await threads.run_sync(self._drop)
 
     def _prepare(self) -> None:
         """Refuse early what would fail late; create the temporary file."""
@@ -230,7 +230,7 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
     async def write(self, view: memoryview) -> None:
         file = self._writer()
         try:
-            await anyio.to_thread.run_sync(file.write, view)
+            await threads.run_sync(file.write, view)
         except OSError as exc:
             raise EndpointError(
                 f"writing the restored {self.what} next to {self.path} failed: {exc.strerror}"
@@ -239,7 +239,7 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
 
     async def finish(self) -> None:
         file = self._writer()
-        await anyio.to_thread.run_sync(self._seal, file)
+        await threads.run_sync(self._seal, file)
 
     def _seal(self, file: io.BufferedWriter) -> None:
         assert self.temp is not None
@@ -299,4 +299,4 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
 
     async def discard(self) -> None:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._drop)
+            await threads.run_sync(self._drop)

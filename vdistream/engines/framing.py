@@ -63,6 +63,7 @@ import dataclasses
 import struct
 import uuid
 import zlib
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from vdistream.engines.base import StreamFormatError
 
@@ -93,8 +94,6 @@ FLAG_DISK_LIKE = 0x1
 _HEADER = struct.Struct("<8sHH16sHHIII")
 _TRAILER = struct.Struct("<8sHH16sHHQQQI")
 _CRC = struct.Struct("<I")
-HEADER_SIZE = _HEADER.size + _CRC.size
-TRAILER_SIZE = _TRAILER.size + _CRC.size
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -128,8 +127,53 @@ def _problem(message: str, set_name: str | None, device: str | None) -> StreamFo
     return StreamFormatError(message, set_name=set_name, device=device)
 
 
+class _Block:
+    """A header or trailer block: the dataclass fields (``backup_id`` first) after the
+    magic, the version and the size, then a CRC-32 of all that (module docstring)."""
+
+    _LAYOUT: ClassVar[struct.Struct]
+    _MAGIC: ClassVar[bytes]
+    _NAME: ClassVar[str]
+    _MISSING: ClassVar[str]  # what a block without the magic means
+
+    if TYPE_CHECKING:  # what the dataclasses below provide
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+        def __init__(self, backup_id: uuid.UUID, *values: int) -> None: ...
+
+    def pack_into(self, block: memoryview) -> None:
+        """Write the block into ``block`` (zeroing the rest of it)."""
+        backup_id, *values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        size = self._LAYOUT.size + _CRC.size
+        fields = self._LAYOUT.pack(self._MAGIC, FORMAT_VERSION, size, backup_id.bytes, *values)
+        block[: len(fields)] = fields
+        block[len(fields) : size] = _CRC.pack(crc32(fields))
+        block[size:] = bytes(block.nbytes - size)
+
+    @classmethod
+    def unpack(
+        cls, block: bytes, *, set_name: str | None = None, device: str | None = None
+    ) -> Self:
+        size = cls._LAYOUT.size + _CRC.size
+        if len(block) < size or block[:8] != cls._MAGIC:
+            raise _problem(cls._MISSING, set_name, device)
+        fields = block[: cls._LAYOUT.size]
+        _, version, field_bytes, backup_id, *values = cls._LAYOUT.unpack(fields)
+        if version != FORMAT_VERSION or field_bytes != size:
+            raise _problem(f"unsupported stream format version {version}", set_name, device)
+        (crc,) = _CRC.unpack_from(block, cls._LAYOUT.size)
+        if crc != crc32(fields):
+            raise _problem(f"the {cls._NAME} block is corrupt (CRC mismatch)", set_name, device)
+        return cls(uuid.UUID(bytes=backup_id), *values)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class StreamHeader:
+class StreamHeader(_Block):
+    _LAYOUT = _HEADER
+    _MAGIC = HEADER_MAGIC
+    _NAME = "header"
+    _MISSING = "the stream does not start with a header block (not a stream of this engine)"
+
     backup_id: uuid.UUID
     device_index: int
     device_count: int
@@ -137,47 +181,14 @@ class StreamHeader:
     chunk_size: int
     flags: int = 0
 
-    def pack_into(self, block: memoryview) -> None:
-        """Write the header block into ``block`` (zeroing the rest of it)."""
-        fields = _HEADER.pack(
-            HEADER_MAGIC,
-            FORMAT_VERSION,
-            HEADER_SIZE,
-            self.backup_id.bytes,
-            self.device_index,
-            self.device_count,
-            self.block_size,
-            self.chunk_size,
-            self.flags,
-        )
-        block[: len(fields)] = fields
-        block[len(fields) : HEADER_SIZE] = _CRC.pack(crc32(fields))
-        block[HEADER_SIZE:] = bytes(block.nbytes - HEADER_SIZE)
-
-    @classmethod
-    def unpack(
-        cls, block: bytes, *, set_name: str | None = None, device: str | None = None
-    ) -> StreamHeader:
-        if len(block) < HEADER_SIZE or block[:8] != HEADER_MAGIC:
-            raise _problem(
-                "the stream does not start with a header block (not a stream of this engine)",
-                set_name,
-                device,
-            )
-        fields = block[: _HEADER.size]
-        _, version, size, backup_id, index, count, block_size, chunk_size, flags = _HEADER.unpack(
-            fields
-        )
-        if version != FORMAT_VERSION or size != HEADER_SIZE:
-            raise _problem(f"unsupported stream format version {version}", set_name, device)
-        (crc,) = _CRC.unpack_from(block, _HEADER.size)
-        if crc != crc32(fields):
-            raise _problem("the header block is corrupt (CRC mismatch)", set_name, device)
-        return cls(uuid.UUID(bytes=backup_id), index, count, block_size, chunk_size, flags)
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class StreamTrailer:
+class StreamTrailer(_Block):
+    _LAYOUT = _TRAILER
+    _MAGIC = TRAILER_MAGIC
+    _NAME = "trailer"
+    _MISSING = "the stream does not end with a trailer block (truncated or incomplete)"
+
     backup_id: uuid.UUID
     device_index: int
     device_count: int
@@ -185,45 +196,6 @@ class StreamTrailer:
     payload_length: int
     chunk_count: int
     payload_crc32: int
-
-    def pack_into(self, block: memoryview) -> None:
-        """Write the trailer block into ``block`` (zeroing the rest of it)."""
-        fields = _TRAILER.pack(
-            TRAILER_MAGIC,
-            FORMAT_VERSION,
-            TRAILER_SIZE,
-            self.backup_id.bytes,
-            self.device_index,
-            self.device_count,
-            self.total_length,
-            self.payload_length,
-            self.chunk_count,
-            self.payload_crc32,
-        )
-        block[: len(fields)] = fields
-        block[len(fields) : TRAILER_SIZE] = _CRC.pack(crc32(fields))
-        block[TRAILER_SIZE:] = bytes(block.nbytes - TRAILER_SIZE)
-
-    @classmethod
-    def unpack(
-        cls, block: bytes, *, set_name: str | None = None, device: str | None = None
-    ) -> StreamTrailer:
-        if len(block) < TRAILER_SIZE or block[:8] != TRAILER_MAGIC:
-            raise _problem(
-                "the stream does not end with a trailer block (truncated or incomplete)",
-                set_name,
-                device,
-            )
-        fields = block[: _TRAILER.size]
-        (_, version, size, backup_id, index, count, total, payload, chunks, digest) = (
-            _TRAILER.unpack(fields)
-        )
-        if version != FORMAT_VERSION or size != TRAILER_SIZE:
-            raise _problem(f"unsupported stream format version {version}", set_name, device)
-        (crc,) = _CRC.unpack_from(block, _TRAILER.size)
-        if crc != crc32(fields):
-            raise _problem("the trailer block is corrupt (CRC mismatch)", set_name, device)
-        return cls(uuid.UUID(bytes=backup_id), index, count, total, payload, chunks, digest)
 
 
 class DeviceStreamParser:

@@ -63,6 +63,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
+from typing import Unpack
 from urllib.parse import quote, unquote, urlsplit
 
 import anyio
@@ -74,6 +75,7 @@ from vdistream.engines.process import (
     ConsumerFailedError,
     ProcessConsumer,
     ProcessFailedError,
+    ProcessOptions,
     ProcessProducer,
     ProducerFailedError,
     ToolFailedError,
@@ -365,11 +367,9 @@ class _BaseBackupProducer(ProcessProducer):
         argv: Sequence[str],
         *,
         manifest_checksums: str | None,
-        env: Mapping[str, str] | None,
-        extra_env: Mapping[str, str],
-        terminate_timeout: float,
+        **options: Unpack[ProcessOptions],
     ) -> None:
-        super().__init__(argv, env=env, extra_env=extra_env, terminate_timeout=terminate_timeout)
+        super().__init__(argv, **options)
         self.manifest_checksums = manifest_checksums
         self.tool_version: str | None = None
 
@@ -501,10 +501,9 @@ class _PgRestoreConsumer(ProcessConsumer):
         create: bool,
         maintenance_db: str,
         bindir: str | os.PathLike[str] | None,
-        env: Mapping[str, str] | None,
-        terminate_timeout: float,
+        **options: Unpack[ProcessOptions],
     ) -> None:
-        super().__init__(argv, env=env, extra_env=url.env(), terminate_timeout=terminate_timeout)
+        super().__init__(argv, **options)
         self.url = url
         self.create = create
         self.maintenance = url.with_dbname(maintenance_db)
@@ -609,6 +608,7 @@ class PostgresDumpRestore(ScopedRestore):
             maintenance_db=maintenance_db,
             bindir=bindir,
             env=env,
+            extra_env=self.url.env(),
             terminate_timeout=terminate_timeout,
         )
         super().__init__(self.process, options, fail_at=fail_at)

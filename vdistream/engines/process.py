@@ -96,13 +96,13 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from vdistream.engines.scoped import EndpointError, ScopedStream
+from vdistream.engines.scoped import EndpointError, ScopedStream, endpoint_tasks
 from vdistream.engines.streams import ByteConsumer, ByteProducer
 from vdistream.log import get_logger
 from vdistream.ownership import proc_stat
@@ -116,6 +116,7 @@ __all__ = (
     "OutputTail",
     "ProcessConsumer",
     "ProcessFailedError",
+    "ProcessOptions",
     "ProcessProducer",
     "ProducerFailedError",
     "ToolFailedError",
@@ -221,6 +222,17 @@ class OutputTail:
 
     def text(self) -> str:
         return self._data.decode("utf-8", errors="replace")
+
+
+async def _collect(
+    stream: anyio.abc.ByteReceiveStream | None, take: Callable[[bytes], None]
+) -> None:
+    """Hand what a child writes to ``stream`` to ``take``, to its end (a closed or
+    broken pipe is an end too)."""
+    assert stream is not None
+    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        async for chunk in stream:
+            take(chunk)
 
 
 def _environment(env: Mapping[str, str] | None, extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -503,35 +515,39 @@ async def terminate(process: anyio.abc.Process, grace: float) -> None:
             await anyio.sleep(0.01)
 
 
+class ProcessOptions(TypedDict, total=False):
+    """How a producer's or consumer's process runs (module docstring): ``env``
+    (default: vdistream's own) plus ``extra_env``, ``cwd``, ``terminate_timeout``
+    (SIGTERM to SIGKILL, default 5 s) and ``stderr_limit`` (the bytes of its standard
+    error kept, default ``STDERR_LIMIT``)."""
+
+    env: Mapping[str, str] | None
+    extra_env: Mapping[str, str] | None
+    cwd: str | os.PathLike[str] | None
+    terminate_timeout: float
+    stderr_limit: int
+
+
 class _Subprocess(ScopedStream):
     """What producer and consumer share: start, stderr capture, end, termination."""
 
     error_class: type[ProcessFailedError] = ProcessFailedError
 
-    def __init__(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        extra_env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        terminate_timeout: float = 5.0,
-        stderr_limit: int = STDERR_LIMIT,
-    ) -> None:
+    def __init__(self, argv: Sequence[str], **options: Unpack[ProcessOptions]) -> None:
         if isinstance(argv, str | bytes):
             raise TypeError("argv must be a sequence of arguments, not a string")
         if not argv:
             raise ValueError("argv must not be empty")
         self.argv = [os.fspath(arg) for arg in argv]
-        self.env = env
-        self.extra_env = dict(extra_env or {})
-        self.cwd = cwd
-        self.terminate_timeout = terminate_timeout
-        self.stderr = OutputTail(stderr_limit)
+        self.env = options.get("env")
+        self.extra_env = dict(options.get("extra_env") or {})
+        self.cwd = options.get("cwd")
+        self.terminate_timeout = options.get("terminate_timeout", 5.0)
+        self.stderr = OutputTail(options.get("stderr_limit", STDERR_LIMIT))
         self.process: anyio.abc.Process | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self._stderr_done: anyio.Event | None = None  # made in running(): it needs a loop
-        self._fd: int | None = None  # our end of the data pipe
+        self._fd = None  # our end of the data pipe
         self._ended = False  # the process exited and its status was checked
         self._record: ChildRecord | None = None  # what the observer was told
         self._observer: ChildObserver | None = None
@@ -540,21 +556,12 @@ class _Subprocess(ScopedStream):
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        error: BaseException | None = None
         self._stderr_done = anyio.Event()
-        async with anyio.create_task_group() as group:
-            self._group = group
-            try:
+        try:
+            async with endpoint_tasks(self._shutdown) as self._group:
                 yield
-            except BaseException as exc:  # re-raised below, outside the task group
-                error = exc
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self._shutdown()
-                group.cancel_scope.cancel()  # the stderr reader, if a grandchild holds it
+        finally:
             self._group = None
-        if error is not None:
-            raise error
 
     @property
     def pid(self) -> int | None:
@@ -586,11 +593,9 @@ class _Subprocess(ScopedStream):
 
     async def _read_stderr(self) -> None:
         assert self.process is not None
-        assert self.process.stderr is not None
         try:
-            async for chunk in self.process.stderr:
-                self.stderr.append(chunk)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await _collect(self.process.stderr, self.stderr.append)
+        except OSError:
             pass
         finally:
             assert self._stderr_done is not None
@@ -609,12 +614,6 @@ class _Subprocess(ScopedStream):
         return self.error_class(
             what, command=self.argv, returncode=self.returncode, stderr=self.stderr.text()
         )
-
-    def _close_fd(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            anyio.notify_closing(fd)
-            os.close(fd)
 
     async def _shutdown(self) -> None:
         """Terminate (if still running) and reap the process; close every pipe."""
@@ -646,21 +645,10 @@ class ProcessProducer(_Subprocess, ByteProducer):
         self,
         argv: Sequence[str],
         *,
-        env: Mapping[str, str] | None = None,
-        extra_env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
         fail_on_stderr: bool = False,
-        terminate_timeout: float = 5.0,
-        stderr_limit: int = STDERR_LIMIT,
+        **options: Unpack[ProcessOptions],
     ) -> None:
-        super().__init__(
-            argv,
-            env=env,
-            extra_env=extra_env,
-            cwd=cwd,
-            terminate_timeout=terminate_timeout,
-            stderr_limit=stderr_limit,
-        )
+        super().__init__(argv, **options)
         self.fail_on_stderr = fail_on_stderr
         self.bytes_read = 0
 
@@ -720,26 +708,9 @@ class ProcessConsumer(_Subprocess, ByteConsumer):
 
     error_class = ConsumerFailedError
 
-    def __init__(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        extra_env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        terminate_timeout: float = 5.0,
-        stderr_limit: int = STDERR_LIMIT,
-    ) -> None:
-        super().__init__(
-            argv,
-            env=env,
-            extra_env=extra_env,
-            cwd=cwd,
-            terminate_timeout=terminate_timeout,
-            stderr_limit=stderr_limit,
-        )
-        self.stdout = OutputTail(stderr_limit)
-        self.bytes_written = 0
+    def __init__(self, argv: Sequence[str], **options: Unpack[ProcessOptions]) -> None:
+        super().__init__(argv, **options)
+        self.stdout = OutputTail(self.stderr.limit)
         self._stdout_fd: int | None = None
 
     async def _ensure_started(self) -> int:
@@ -787,19 +758,12 @@ class ProcessConsumer(_Subprocess, ByteConsumer):
 
     async def write(self, view: memoryview) -> None:
         fd = await self._ensure_started()
-        remaining = view
-        while remaining.nbytes:
-            try:
-                count = os.write(fd, remaining)
-            except BlockingIOError:
-                await anyio.wait_writable(fd)
-                continue
-            except BrokenPipeError:
-                raise await self._stopped_reading() from None
-            except OSError as exc:
-                raise self._failure(f"writing its input failed: {exc.strerror}") from exc
-            remaining = remaining[count:]
-            self.bytes_written += count
+        try:
+            await self._write_fd(fd, view)
+        except BrokenPipeError:
+            raise await self._stopped_reading() from None
+        except OSError as exc:
+            raise self._failure(f"writing its input failed: {exc.strerror}") from exc
 
     async def _stopped_reading(self) -> ProcessFailedError:
         """The tool closed its input early: how it ended (waiting a bounded time)."""
@@ -881,26 +845,17 @@ async def run_tool(
             f"{prefix}cannot be started: {exc.strerror or exc}", command=command
         ) from exc
 
-    async def read_stdout() -> None:
-        assert process.stdout is not None
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            async for chunk in process.stdout:
-                counts[0] += len(chunk)
-                counts[1] += chunk.count(b"\n")
-                if len(head) < stdout_limit:
-                    head.extend(chunk[: stdout_limit - len(head)])
-
-    async def read_stderr() -> None:
-        assert process.stderr is not None
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            async for chunk in process.stderr:
-                stderr.append(chunk)
+    def take_stdout(chunk: bytes) -> None:
+        counts[0] += len(chunk)
+        counts[1] += chunk.count(b"\n")
+        if len(head) < stdout_limit:
+            head.extend(chunk[: stdout_limit - len(head)])
 
     timed_out = False
     try:
         async with anyio.create_task_group() as group:
-            group.start_soon(read_stdout)
-            group.start_soon(read_stderr)
+            group.start_soon(_collect, process.stdout, take_stdout)
+            group.start_soon(_collect, process.stderr, stderr.append)
             with anyio.move_on_after(timeout) as scope:
                 await process.wait()
             if scope.cancelled_caught:

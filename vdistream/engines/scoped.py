@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import uuid
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from vdistream.engines.base import Direction, Engine, EngineError, EngineResult
-from vdistream.engines.faults import FailPoint
+import anyio
+import anyio.abc
+
+from vdistream.engines.base import EngineError, EngineResult
 from vdistream.engines.streams import ByteConsumer, ByteProducer
-from vdistream.engines.striping import StripedBackup, StripedRestore, StripingOptions
+from vdistream.engines.striping import StripedBackup, StripedRestore
 from vdistream.vdi import Registry
 
 __all__ = (
@@ -41,6 +43,7 @@ __all__ = (
     "ScopedRestore",
     "ScopedStream",
     "TargetExistsError",
+    "endpoint_tasks",
     "surface_endpoint_error",
 )
 
@@ -73,11 +76,59 @@ class TargetExistsError(EndpointError):
 
 
 class ScopedStream(abc.ABC):
-    """A producer or consumer with a lifetime of its own (module docstring)."""
+    """A producer or consumer with a lifetime of its own (module docstring).
+
+    Its helpers serve endpoints that move bytes through a non-blocking pipe end
+    (``_fd``) waited on with anyio, and count what they wrote (``bytes_written``).
+    """
+
+    _fd: int | None = None
+    bytes_written = 0
 
     @abc.abstractmethod
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Check preconditions, own the endpoint's tasks, release everything on exit."""
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            anyio.notify_closing(fd)
+            os.close(fd)
+
+    async def _write_fd(self, fd: int, view: memoryview) -> None:
+        """All of ``view`` into ``fd``, waiting while the pipe is full and counting
+        what went in; raises what ``os.write`` raises (``BrokenPipeError``: the reader
+        is gone)."""
+        remaining = view
+        while remaining.nbytes:
+            try:
+                count = os.write(fd, remaining)
+            except BlockingIOError:
+                await anyio.wait_writable(fd)
+                continue
+            remaining = remaining[count:]
+            self.bytes_written += count
+
+
+@contextlib.asynccontextmanager
+async def endpoint_tasks(
+    cleanup: Callable[[], Awaitable[None]],
+) -> AsyncIterator[anyio.abc.TaskGroup]:
+    """The task group of an endpoint's ``running()``: whatever the body did, ``cleanup``
+    runs shielded, then what is left of the group is cancelled (a reader whose pipe a
+    grandchild holds open); the body's error is re-raised outside the group, as is."""
+    error: BaseException | None = None
+    async with anyio.create_task_group() as group:
+        try:
+            yield group
+        except BaseException as exc:  # re-raised below, outside the task group
+            error = exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await cleanup()
+            group.cancel_scope.cancel()
+    if error is not None:
+        raise error
 
 
 def surface_endpoint_error(exc: BaseException) -> EndpointError | None:
@@ -116,40 +167,14 @@ async def _endpoint_scope(endpoint: object, set_name: str) -> AsyncIterator[None
         ) from exc
 
 
-class _OneShot(Engine):
-    def __init__(self) -> None:
-        self._ran = False
-
-    def _claim(self) -> None:
-        if self._ran:
-            raise RuntimeError(f"{type(self).__name__} serves one job; build a new one")
-        self._ran = True
-
-
-class ScopedBackup(_OneShot):
+class ScopedBackup(StripedBackup):
     """``StripedBackup(producer)`` inside the producer's ``running()`` scope.
 
     The stream on the devices is exactly the striping engine's (same framing, same striping),
     so ``StripedRestore`` (or ``ScopedRestore``) reads it back.
     """
 
-    def __init__(
-        self,
-        producer: ByteProducer,
-        options: StripingOptions | None = None,
-        *,
-        fail_at: FailPoint | None = None,
-        backup_id: uuid.UUID | None = None,
-    ) -> None:
-        super().__init__()
-        self.producer = producer
-        self.options = options if options is not None else StripingOptions()
-        self.fail_at = fail_at
-        self.backup_id = backup_id
-
-    @property
-    def direction(self) -> Direction:
-        return Direction.BACKUP
+    producer: ByteProducer
 
     @property
     def busy(self) -> bool:
@@ -157,41 +182,18 @@ class ScopedBackup(_OneShot):
 
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
         self._claim()
-        inner = StripedBackup(
-            self.producer, self.options, fail_at=self.fail_at, backup_id=self.backup_id
-        )
         async with _endpoint_scope(self.producer, set_name):
-            return await inner.run(set_name, registry=registry)
+            return await self._serve(set_name, registry)
         raise AssertionError("unreachable")  # pragma: no cover - mypy: the scope may swallow
 
 
-class ScopedRestore(_OneShot):
+class ScopedRestore(StripedRestore):
     """``StripedRestore(consumer)`` inside the consumer's ``running()`` scope."""
 
-    def __init__(
-        self,
-        consumer: ByteConsumer,
-        options: StripingOptions | None = None,
-        *,
-        fail_at: FailPoint | None = None,
-    ) -> None:
-        super().__init__()
-        self.consumer = consumer
-        self.options = options if options is not None else StripingOptions()
-        self.fail_at = fail_at
-        self._inner: StripedRestore | None = None
-
-    @property
-    def direction(self) -> Direction:
-        return Direction.RESTORE
-
-    @property
-    def busy(self) -> bool:
-        return self._inner is not None and self._inner.busy
+    consumer: ByteConsumer
 
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
         self._claim()
-        inner = self._inner = StripedRestore(self.consumer, self.options, fail_at=self.fail_at)
         async with _endpoint_scope(self.consumer, set_name):
-            return await inner.run(set_name, registry=registry)
+            return await self._serve(set_name, registry)
         raise AssertionError("unreachable")  # pragma: no cover - mypy: the scope may swallow

@@ -13,7 +13,9 @@ command sequence); the session does the rest of the engine contract of
   ``command_timeout``) and turn ``OPERATION_ABORTED`` into ``EngineAbortedError`` and a
   failure code into ``CommandFailedError``. After such a completion the engine must not
   touch that command's buffer again; the session never frees it.
-* per-device statistics (``stats()``) and the fault points of ``vdistream.engines.faults``.
+* per-device statistics (``stats()``); ``fault(phase)`` marks the fail points of
+  ``vdistream.engines.faults`` and does nothing here: an engine given a ``FailPoint``
+  runs a ``FaultySession`` instead, chosen once, so the hot path checks no fault.
 * ``task_group()``: a task group whose first failing task decides the error ``run``
   raises, so that the secondary failures it causes (other devices seeing the abort)
   never hide the cause.
@@ -23,8 +25,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -37,23 +39,19 @@ from vdistream.engines.base import (
     device_names,
     freeze_counts,
 )
-from vdistream.engines.faults import Action, FailPoint, InjectedFaultError, Phase
 from vdistream.errors import VDAbortError, VDIError, VDTimeoutError
 from vdistream.log import get_logger
 from vdistream.protocol import CommandCode, CommandResult, Completion, ServerState, VDConfig
 from vdistream.vdi import PendingCommand, Registry, ServerVirtualDevice, ServerVirtualDeviceSet
 
+if TYPE_CHECKING:
+    from vdistream.engines.faults import Phase
+
 __all__ = ("ServerSession", "TaskSpawner")
 
 T = TypeVar("T")
 
-#: How often a stalled engine looks whether the set was aborted: the server side offers
-#: no "wait for abort" call, and a stall must end promptly when the client gives up.
-STALL_POLL_SECONDS = 0.005
-#: How long a DURING_* fault waits for the client to take the commands it is "during".
-TAKE_WAIT_SECONDS = 1.0
-
-_DATA_COMMANDS = (CommandCode.READ, CommandCode.WRITE)
+DATA_COMMANDS = (CommandCode.READ, CommandCode.WRITE)
 
 _log = get_logger(__name__)
 
@@ -94,28 +92,21 @@ class ServerSession:
         set_name: str,
         *,
         registry: Registry | None = None,
-        fail_at: FailPoint | None = None,
         open_timeout: float | None = 60.0,
         command_timeout: float | None = None,
     ) -> None:
         self.set_name = set_name
         self.sds = ServerVirtualDeviceSet(registry=registry)
-        self.fail_at = fail_at
         self.open_timeout = open_timeout
         self.command_timeout = command_timeout
         self.devices: list[ServerVirtualDevice] = []
         self.device_count = 0
         self.counts: list[Counter[CommandCode]] = []
         self.bytes: list[int] = []
-        self.data_commands = 0
-        self.data_bytes = 0
         self.first_failure: Exception | None = None
         #: Per device, read buffers whose data the engine has not used up yet (restore).
         self.lent: list[int] = []
         self._inflight: list[set[PendingCommand]] = []
-        self._fired = False
-        self._stalled = False
-        self._at_eof = 0
         self.log = _log.bind(set_name=set_name)
 
     # --- the whole run -----------------------------------------------------------
@@ -139,11 +130,9 @@ class ServerSession:
         return result
 
     def _open(self) -> None:
-        try:
+        with self.vdi_calls("cannot open the set", aborted=False):
             self.sds.open(None, self.set_name)
             config = self.sds.get_configuration()
-        except VDIError as exc:
-            raise EngineError(f"cannot open the set: {exc}", set_name=self.set_name) from exc
         self.device_count = config.device_count
         self.counts = [Counter() for _ in range(config.device_count)]
         self.bytes = [0] * config.device_count
@@ -167,16 +156,31 @@ class ServerSession:
 
     def translate(self, exc: BaseException, device: int | None = None) -> EngineError:
         """``exc`` as an ``EngineError`` (itself when it already is one)."""
-        label = self.device_label(device)
         if isinstance(exc, EngineError):
             return exc
-        if isinstance(exc, VDAbortError):
-            return self.aborted_error(device)
         if isinstance(exc, VDIError):
-            return EngineError(f"a VDI call failed: {exc}", set_name=self.set_name, device=label)
-        return EngineError(
-            f"the engine failed: {type(exc).__name__}: {exc}", set_name=self.set_name, device=label
-        )
+            return self._vdi_error(exc, "a VDI call failed", device)
+        return self.error(f"the engine failed: {type(exc).__name__}: {exc}", device)
+
+    def _vdi_error(
+        self, exc: VDIError, failed: str, device: int | None, aborted: bool = True
+    ) -> EngineError:
+        if aborted and isinstance(exc, VDAbortError):
+            return self.aborted_error(device)
+        return self.error(f"{failed}: {exc}", device)
+
+    @contextlib.contextmanager
+    def vdi_calls(
+        self, failed: str, device: int | None = None, *, aborted: bool = True
+    ) -> Iterator[None]:
+        """The seam between the VDI and the engine: a ``VDAbortError`` raised inside
+        becomes ``EngineAbortedError`` (unless ``aborted`` is false), any other
+        ``VDIError`` an ``EngineError`` reading ``"{failed}: {exc}"``; both name
+        ``device`` and keep the VDI error as their cause."""
+        try:
+            yield
+        except VDIError as exc:
+            raise self._vdi_error(exc, failed, device, aborted) from exc
 
     def record_failure(self, exc: Exception) -> None:
         if self.first_failure is None:
@@ -197,12 +201,8 @@ class ServerSession:
             pass
 
     def close(self) -> None:
-        try:
+        with self.vdi_calls("close failed"):
             self.sds.close()
-        except VDAbortError as exc:
-            raise self.aborted_error() from exc
-        except VDIError as exc:
-            raise EngineError(f"close failed: {exc}", set_name=self.set_name) from exc
         self.log.debug("engine_closed")
 
     @contextlib.asynccontextmanager
@@ -220,10 +220,8 @@ class ServerSession:
     @property
     def client_config(self) -> VDConfig:
         """The client's configuration inputs (``device_count``, ``features``, ...)."""
-        try:
+        with self.vdi_calls("a VDI call failed"):
             return self.sds.get_configuration()
-        except VDIError as exc:
-            raise self.translate(exc) from exc
 
     def configure(
         self,
@@ -236,7 +234,7 @@ class ServerSession:
         honour_complete: bool = True,
     ) -> VDConfig:
         """begin_configuration, request_buffers, end_configuration; the final config."""
-        try:
+        with self.vdi_calls("the configuration was refused"):
             self.sds.begin_configuration(
                 features,
                 block_size,
@@ -247,12 +245,6 @@ class ServerSession:
             )
             self.sds.request_buffers(buffer_size or max_transfer_size, 0, buffer_count)
             self.sds.end_configuration()
-        except VDAbortError as exc:
-            raise self.aborted_error() from exc
-        except VDIError as exc:
-            raise EngineError(
-                f"the configuration was refused: {exc}", set_name=self.set_name
-            ) from exc
         final = self.sds.configuration
         assert final is not None
         self.log.debug(
@@ -266,32 +258,20 @@ class ServerSession:
 
     async def open_devices(self) -> None:
         """Open every device by name and wait (``open_timeout``) until the set is active."""
-        try:
-            for name in device_names(self.set_name, self.device_count):
-                self.devices.append(self.sds.open_device(name))
-            await self.sds.wait_active(self.open_timeout)
-        except VDAbortError as exc:
-            raise self.aborted_error() from exc
-        except VDTimeoutError as exc:
-            raise EngineError(
-                f"the client did not open every device within {self.open_timeout} s",
-                set_name=self.set_name,
-            ) from exc
-        except VDIError as exc:
-            raise EngineError(f"opening the devices failed: {exc}", set_name=self.set_name) from exc
+        with self.vdi_calls("opening the devices failed"):
+            try:
+                for name in device_names(self.set_name, self.device_count):
+                    self.devices.append(self.sds.open_device(name))
+                await self.sds.wait_active(self.open_timeout)
+            except VDTimeoutError as exc:
+                raise self.error(
+                    f"the client did not open every device within {self.open_timeout} s"
+                ) from exc
 
     def close_devices(self) -> None:
         for index, device in enumerate(self.devices):
-            try:
+            with self.vdi_calls("close_device failed", index):
                 device.close_device()
-            except VDAbortError as exc:
-                raise self.aborted_error(index) from exc
-            except VDIError as exc:
-                raise EngineError(
-                    f"close_device failed: {exc}",
-                    set_name=self.set_name,
-                    device=self.device_label(index),
-                ) from exc
 
     def device_label(self, index: int | None) -> str | None:
         if index is None:
@@ -299,6 +279,12 @@ class ServerSession:
         if index < len(self.devices):
             return self.devices[index].name
         return device_names(self.set_name, index + 1)[index]
+
+    def error(
+        self, message: str, device: int | None = None, *, kind: type[EngineError] = EngineError
+    ) -> EngineError:
+        """``kind(message)`` placed in this set and, by index, ``device``."""
+        return kind(message, set_name=self.set_name, device=self.device_label(device))
 
     def aborted_error(self, device: int | None = None) -> EngineAbortedError:
         return EngineAbortedError(
@@ -313,28 +299,20 @@ class ServerSession:
     async def allocate(self, size: int) -> memoryview:
         """A buffer of ``size`` bytes; waits (at most ``command_timeout``) for a free one."""
         try:
-            with anyio.fail_after(self.command_timeout):
+            with (
+                self.vdi_calls(f"allocate_buffer({size}) failed"),
+                anyio.fail_after(self.command_timeout),
+            ):
                 return await self.sds.allocate_buffer(size)
         except TimeoutError as exc:
-            raise EngineError(
-                f"no buffer became free within {self.command_timeout} s",
-                set_name=self.set_name,
-            ) from exc
-        except VDAbortError as exc:
-            raise self.aborted_error() from exc
-        except VDIError as exc:
-            raise EngineError(
-                f"allocate_buffer({size}) failed: {exc}", set_name=self.set_name
-            ) from exc
+            raise self.error(f"no buffer became free within {self.command_timeout} s") from exc
 
     def free(self, buffer: memoryview) -> None:
         """Give a buffer back; after an abort this does nothing (the close releases it)."""
         if self.sds.abort_reason is not None:
             return
-        try:
+        with self.vdi_calls("a VDI call failed"):
             self.sds.free_buffer(buffer)
-        except VDIError as exc:
-            raise self.translate(exc) from exc
 
     async def send(
         self,
@@ -344,17 +322,9 @@ class ServerSession:
         position: int = 0,
         buffer: memoryview | None = None,
     ) -> PendingCommand:
-        """Send a command on device ``index`` (joins a stall, if one is in progress)."""
-        if self._stalled:
-            await self.stall()
-        try:
+        """Send a command on device ``index``."""
+        with self.vdi_calls(f"send_command({code.name}) failed", index, aborted=False):
             pending = self.devices[index].send_command(code, size, position, buffer)
-        except VDIError as exc:
-            raise EngineError(
-                f"send_command({code.name}) failed: {exc}",
-                set_name=self.set_name,
-                device=self.device_label(index),
-            ) from exc
         self.counts[index][code] += 1
         self._inflight[index].add(pending)
         return pending
@@ -369,16 +339,14 @@ class ServerSession:
         try:
             result = await pending.wait(self.command_timeout)
         except VDTimeoutError as exc:
-            raise EngineError(
-                f"{pending.code.name} got no completion within {self.command_timeout} s",
-                set_name=self.set_name,
-                device=self.device_label(index),
+            raise self.error(
+                f"{pending.code.name} got no completion within {self.command_timeout} s", index
             ) from exc
         finally:
             self._inflight[index].discard(pending)
         if result.completion == Completion.OPERATION_ABORTED:
             raise self.aborted_error(index)
-        if pending.code in _DATA_COMMANDS:
+        if pending.code in DATA_COMMANDS:
             self.bytes[index] += result.bytes_transferred
         return result
 
@@ -388,12 +356,11 @@ class ServerSession:
         result = await self.result(index, pending)
         if result.completion != Completion.SUCCESS:
             raise self.command_failed(index, pending.code, result.completion)
-        if pending.code in _DATA_COMMANDS and result.bytes_transferred != pending.size:
-            raise EngineError(
+        if pending.code in DATA_COMMANDS and result.bytes_transferred != pending.size:
+            raise self.error(
                 f"{pending.code.name} of {pending.size} bytes completed with SUCCESS but "
                 f"transferred {result.bytes_transferred}",
-                set_name=self.set_name,
-                device=self.device_label(index),
+                index,
             )
         return result
 
@@ -417,55 +384,7 @@ class ServerSession:
             for index in range(self.device_count)
         )
 
-    # --- fault injection ---------------------------------------------------------------
-
     async def fault(
         self, phase: Phase, device: int | None = None, *, sent: Sequence[PendingCommand] = ()
     ) -> None:
-        """Fire the fail point if it names ``phase`` and has not fired yet.
-
-        ``sent`` are the commands the phase is "during" (FLUSH, CLEAR_ERROR): the fault
-        waits (briefly, bounded) until the client has taken them, so that it really
-        strikes while the client holds them.
-        """
-        point = self.fail_at
-        if point is None or point.phase is not phase or self._fired:
-            return
-        self._fired = True
-        with anyio.move_on_after(TAKE_WAIT_SECONDS):
-            while not all(p.done() or p.command is not None for p in sent):  # noqa: ASYNC110
-                await anyio.sleep(STALL_POLL_SECONDS)
-        self.log.info("fault_injected", phase=phase.value, action=point.action.value)
-        if point.action is Action.STALL:
-            await self.stall()
-        error = InjectedFaultError(point, set_name=self.set_name, device=self.device_label(device))
-        self.record_failure(error)
-        if point.action is Action.SIGNAL_ABORT:
-            self.sds.signal_abort()
-        raise error
-
-    async def data_sent(self, size: int) -> None:
-        """Count a data command just sent; fires a due MID_STREAM fail point."""
-        self.data_commands += 1
-        self.data_bytes += size
-        point = self.fail_at
-        if (
-            point is not None
-            and point.phase is Phase.MID_STREAM
-            and not self._fired
-            and self.data_commands >= point.after_commands
-            and self.data_bytes >= point.after_bytes
-            and all(self.outstanding(i) for i in range(self.device_count))
-        ):
-            await self.fault(Phase.MID_STREAM)
-
-    async def data_ended(self) -> None:
-        """The data is over: a MID_STREAM fail point that has not fired fires now."""
-        await self.fault(Phase.MID_STREAM)
-
-    async def stall(self) -> None:
-        """Send nothing more; wait until the set is aborted, then raise."""
-        self._stalled = True
-        while self.sds.abort_reason is None:  # noqa: ASYNC110 - no event to wait on (see above)
-            await anyio.sleep(STALL_POLL_SECONDS)
-        raise self.aborted_error()
+        """A fail point of ``vdistream.engines.faults``: without one, nothing to do."""

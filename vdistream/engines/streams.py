@@ -16,9 +16,9 @@ views:
   instead, when the restore failed: what was written is not a valid image and should
   not be left where it could be mistaken for one.
 
-Blocking file I/O runs in worker threads (``anyio.to_thread``), which also means that a
-read or write that has started finishes even when the calling task is cancelled: the
-buffer goes back to the set right after.
+Blocking file I/O runs in the data path's bounded pool (``vdistream.threads``), which
+also means that a read or write that has started finishes even when the calling task is
+cancelled: the buffer goes back to the set right after.
 
 ``as_producer`` and ``as_consumer`` turn plain values into these objects: ``bytes``
 (and other buffers), a path, an async callable, an (async) iterable of byte chunks
@@ -37,7 +37,8 @@ from typing import cast
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
+
+from vdistream import threads
 
 __all__ = (
     "ByteConsumer",
@@ -112,8 +113,8 @@ class FileProducer(ByteProducer):
         if self._done:
             return 0
         if self._file is None:
-            self._file = await anyio.to_thread.run_sync(self.path.open, "rb")
-        count = await anyio.to_thread.run_sync(self._file.readinto, view)
+            self._file = await threads.run_sync(lambda: self.path.open("rb"))
+        count = await threads.run_sync(self._file.readinto, view)
         if not count:
             self._done = True
             return 0
@@ -122,7 +123,7 @@ class FileProducer(ByteProducer):
     async def aclose(self) -> None:
         if self._file is not None:
             file, self._file = self._file, None
-            await anyio.to_thread.run_sync(file.close)
+            await threads.run_sync(file.close)
 
 
 class CallableProducer(ByteProducer):
@@ -224,12 +225,12 @@ class FileConsumer(ByteConsumer):
 
     async def _open(self) -> io.BufferedWriter:
         if self._file is None:
-            self._file = await anyio.to_thread.run_sync(self.partial.open, "wb")
+            self._file = await threads.run_sync(lambda: self.partial.open("wb"))
         return self._file
 
     async def write(self, view: memoryview) -> None:
         file = await self._open()
-        await anyio.to_thread.run_sync(file.write, view)
+        await threads.run_sync(file.write, view)
 
     async def finish(self) -> None:
         file = await self._open()  # an empty image still yields an (empty) file
@@ -243,7 +244,7 @@ class FileConsumer(ByteConsumer):
                 file.close()
             os.replace(self.partial, self.path)
 
-        await anyio.to_thread.run_sync(seal)
+        await threads.run_sync(seal)
 
     async def discard(self) -> None:
         file, self._file = self._file, None
@@ -254,7 +255,7 @@ class FileConsumer(ByteConsumer):
             self.partial.unlink(missing_ok=True)
 
         with anyio.CancelScope(shield=True):  # cleanup runs to the end
-            await anyio.to_thread.run_sync(drop)
+            await threads.run_sync(drop)
 
 
 class CallableConsumer(ByteConsumer):

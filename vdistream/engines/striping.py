@@ -52,6 +52,7 @@ malformed restore stream is a ``StreamFormatError`` naming the device). The targ
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -60,9 +61,9 @@ import math
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import anyio
-import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from vdistream.engines.base import (
@@ -73,7 +74,7 @@ from vdistream.engines.base import (
     StreamFormatError,
     completion_name,
 )
-from vdistream.engines.faults import FailPoint, Phase
+from vdistream.engines.faults import FailPoint, Phase, session_for
 from vdistream.engines.framing import (
     FLAG_DISK_LIKE,
     DeviceStreamParser,
@@ -87,7 +88,7 @@ from vdistream.engines.framing import (
 )
 from vdistream.engines.session import ServerSession
 from vdistream.engines.streams import ConsumerLike, ProducerLike, as_consumer, as_producer
-from vdistream.protocol import CommandCode, Completion, Features, Whence
+from vdistream.protocol import CommandCode, Completion, Features, VDConfig, Whence
 from vdistream.protocol.config import valid_block_size, valid_max_transfer_size
 from vdistream.vdi import PendingCommand, Registry
 
@@ -157,24 +158,84 @@ class StripingOptions:
         return tuple(dict.fromkeys((half, block, most, min(most, 3 * block))))
 
 
+_T = TypeVar("_T")
+_Queue = tuple[MemoryObjectSendStream[_T], MemoryObjectReceiveStream[_T]]
+
+
+def _queues(stack: contextlib.ExitStack, n: int) -> list[_Queue[_T]]:
+    """One queue per device, closed with ``stack``. Unbounded: what they hold are set
+    buffers (or pieces of them), which BUFFERCOUNT bounds already."""
+    queues: list[_Queue[_T]] = [anyio.create_memory_object_stream(math.inf) for _ in range(n)]
+    for send, receive in queues:
+        stack.enter_context(send)
+        stack.enter_context(receive)
+    return queues
+
+
 class _Striped(Engine):
-    """What backup and restore share: options, fault point, one run per object."""
+    """What backup and restore share: options, fault point, one run per object.
+
+    ``run`` claims the object, then ``_serve`` does the job; ``vdistream.engines.scoped``
+    wraps ``_serve`` in its endpoint's scope.
+    """
 
     def __init__(self, options: StripingOptions | None, fail_at: FailPoint | None) -> None:
         self.options = options if options is not None else StripingOptions()
         self.fail_at = fail_at
         self._ran = False
 
-    def _session(self, set_name: str, registry: Registry | None) -> ServerSession:
+    async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
+        self._claim()
+        return await self._serve(set_name, registry)
+
+    @abc.abstractmethod
+    async def _serve(self, set_name: str, registry: Registry | None) -> EngineResult:
+        """The job on the set, from open to close."""
+
+    def _claim(self) -> None:
         if self._ran:
             raise RuntimeError(f"{type(self).__name__} serves one job; build a new one")
         self._ran = True
-        return ServerSession(
+
+    def _session(self, set_name: str, registry: Registry | None) -> ServerSession:
+        return session_for(
             set_name,
+            self.fail_at,
             registry=registry,
-            fail_at=self.fail_at,
             open_timeout=self.options.open_timeout,
             command_timeout=self.options.command_timeout,
+        )
+
+    async def _open(
+        self, s: ServerSession, disk: bool, features: int, buffers: int, complete: bool
+    ) -> VDConfig:
+        """Configure the set, open the devices and position disk-like ones; the final
+        configuration."""
+        final = s.configure(
+            features=features,
+            block_size=self.options.block_size,
+            max_transfer_size=self.options.max_transfer_size,
+            buffer_count=buffers,
+            honour_complete=complete,
+        )
+        await s.fault(Phase.AFTER_CONFIGURATION)
+        await s.open_devices()
+        if disk:
+            await self._position(s)
+        return final
+
+    def _result(
+        self, s: ServerSession, total: int, final: VDConfig, backup_id: uuid.UUID
+    ) -> EngineResult:
+        """Close the devices; what the job did."""
+        s.close_devices()
+        return EngineResult(
+            direction=self.direction,
+            set_name=s.set_name,
+            devices=s.stats(),
+            logical_bytes=total,
+            features=final.features,
+            backup_id=str(backup_id),
         )
 
     async def _position(self, s: ServerSession) -> None:
@@ -186,11 +247,7 @@ class _Striped(Engine):
         for index, pending in enumerate(sent):
             result = await s.expect(index, pending)
             if result.position != 0:
-                raise EngineError(
-                    f"SET_POSITION to 0 reported position {result.position}",
-                    set_name=s.set_name,
-                    device=s.device_label(index),
-                )
+                raise s.error(f"SET_POSITION to 0 reported position {result.position}", index)
 
 
 # --- backup --------------------------------------------------------------------------
@@ -223,7 +280,7 @@ class StripedBackup(_Striped):
     def direction(self) -> Direction:
         return Direction.BACKUP
 
-    async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
+    async def _serve(self, set_name: str, registry: Registry | None) -> EngineResult:
         session = self._session(set_name, registry)
         try:
             result = await session.run(self._backup)
@@ -242,30 +299,13 @@ class StripedBackup(_Striped):
         await s.fault(Phase.BEFORE_CONFIGURATION)
         disk = bool(s.client_config.features & Features.RANDOM_ACCESS)
         media = Features.WRITE_MEDIA | (Features.READ_MEDIA if disk else 0)
-        final = s.configure(
-            features=media,
-            block_size=opts.block_size,
-            max_transfer_size=opts.max_transfer_size,
-            buffer_count=opts.buffers_for(s.device_count),
-            honour_complete=opts.honour_complete,
-        )
-        await s.fault(Phase.AFTER_CONFIGURATION)
-        await s.open_devices()
-        if disk:
-            await self._position(s)
+        buffers = opts.buffers_for(s.device_count)
+        final = await self._open(s, disk, media, buffers, opts.honour_complete)
         total = await self._write_streams(s, disk)
         await self._end_streams(s, complete=bool(final.features & Features.COMPLETE_ENABLED))
         await s.fault(Phase.BEFORE_CLOSE)
         self._busy = False
-        s.close_devices()
-        return EngineResult(
-            direction=Direction.BACKUP,
-            set_name=s.set_name,
-            devices=s.stats(),
-            logical_bytes=total,
-            features=final.features,
-            backup_id=str(self.backup_id),
-        )
+        return self._result(s, total, final, self.backup_id)
 
     async def _write_streams(self, s: ServerSession, disk: bool) -> int:
         """Header, striped chunks and trailer on every device; the logical length."""
@@ -277,12 +317,8 @@ class StripedBackup(_Striped):
         chunks = [0] * n
         total = 0
         with contextlib.ExitStack() as streams:
-            # One queue per device of the WRITEs to await in order; BUFFERCOUNT bounds
-            # what can be in them, so they need no bound of their own.
-            queues = [anyio.create_memory_object_stream[_Write](math.inf) for _ in range(n)]
-            for send, receive in queues:
-                streams.enter_context(send)
-                streams.enter_context(receive)
+            # One queue per device of the WRITEs to await in order.
+            queues: list[_Queue[_Write]] = _queues(streams, n)
             async with s.task_group() as tasks:
                 for index, (_, receive) in enumerate(queues):
                     tasks.start_soon(self._await_writes, s, index, receive, name=f"writes {index}")
@@ -292,7 +328,6 @@ class StripedBackup(_Striped):
                     pending = await s.send(index, CommandCode.WRITE, size, position, buffer[:size])
                     positions[index] += size
                     queues[index][0].send_nowait(_Write(pending, buffer))
-                    await s.data_sent(size)
 
                 flags = FLAG_DISK_LIKE if disk else 0
                 for index in range(n):
@@ -317,7 +352,7 @@ class StripedBackup(_Striped):
                     crcs[index] = crc32(buffer[:size], crcs[index])
                     if filled < chunk:
                         break  # _fill only comes back short at the end of the source
-                await s.data_ended()
+                await s.fault(Phase.MID_STREAM)  # the data ended before it fired
                 for index in range(n):
                     buffer = await s.allocate(block)
                     StreamTrailer(
@@ -341,13 +376,10 @@ class StripedBackup(_Striped):
             try:
                 count = await self.producer.readinto(buffer[filled:])
             except Exception as exc:
-                raise EngineError(
-                    f"the producer failed: {type(exc).__name__}: {exc}", set_name=s.set_name
-                ) from exc
+                raise s.error(f"the producer failed: {type(exc).__name__}: {exc}") from exc
             if not 0 <= count <= buffer.nbytes - filled:
-                raise EngineError(
-                    f"the producer reported {count} bytes for a buffer of {buffer.nbytes - filled}",
-                    set_name=s.set_name,
+                raise s.error(
+                    f"the producer reported {count} bytes for a buffer of {buffer.nbytes - filled}"
                 )
             if not count:
                 break
@@ -427,7 +459,7 @@ class StripedRestore(_Striped):
     def direction(self) -> Direction:
         return Direction.RESTORE
 
-    async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
+    async def _serve(self, set_name: str, registry: Registry | None) -> EngineResult:
         session = self._session(set_name, registry)
         try:
             return await session.run(self._restore)
@@ -443,29 +475,16 @@ class StripedRestore(_Striped):
         disk = bool(s.client_config.features & Features.RANDOM_ACCESS)
         buffers = opts.buffers_for(n)
         if buffers < n:
-            raise EngineError(
+            raise s.error(
                 f"BUFFERCOUNT={buffers} is less than the {n} devices: a restore reads "
-                "every device at once",
-                set_name=s.set_name,
+                "every device at once"
             )
-        final = s.configure(
-            features=Features.READ_MEDIA,
-            block_size=opts.block_size,
-            max_transfer_size=opts.max_transfer_size,
-            buffer_count=buffers,
-            honour_complete=False,  # a restore never sends COMPLETE
-        )
-        await s.fault(Phase.AFTER_CONFIGURATION)
-        await s.open_devices()
-        if disk:
-            await self._position(s)
+        # A restore never sends COMPLETE.
+        final = await self._open(s, disk, Features.READ_MEDIA, buffers, complete=False)
         with contextlib.ExitStack() as streams:
-            # Per device, what its reader parsed, in stream order. Each device holds at
-            # most buffer_count // n read buffers, so the queues need no bound of their own.
-            queues = [anyio.create_memory_object_stream[_Item](math.inf) for _ in range(n)]
-            for send, receive in queues:
-                streams.enter_context(send)
-                streams.enter_context(receive)
+            # Per device, what its reader parsed, in stream order (each device holds at
+            # most buffer_count // n read buffers).
+            queues: list[_Queue[_Item]] = _queues(streams, n)
             async with s.task_group() as tasks:
                 for index, (send, _) in enumerate(queues):
                     tasks.start_soon(
@@ -483,19 +502,8 @@ class StripedRestore(_Striped):
             self._busy = True  # finishing (e.g. verifying an image) moves no bytes
             await self.consumer.finish()
         except Exception as exc:
-            raise EngineError(
-                f"the consumer failed to finish: {type(exc).__name__}: {exc}",
-                set_name=s.set_name,
-            ) from exc
-        s.close_devices()
-        return EngineResult(
-            direction=Direction.RESTORE,
-            set_name=s.set_name,
-            devices=s.stats(),
-            logical_bytes=total,
-            features=final.features,
-            backup_id=str(backup_id),
-        )
+            raise s.error(f"the consumer failed to finish: {type(exc).__name__}: {exc}") from exc
+        return self._result(s, total, final, backup_id)
 
     # --- one device's reader ------------------------------------------------------
 
@@ -536,7 +544,6 @@ class StripedRestore(_Striped):
                     )
                     position += size
                     inflight.append(_Read(pending, buffer, size))
-                    await s.data_sent(size)
                 if not inflight:
                     if at_end:
                         break
@@ -548,12 +555,12 @@ class StripedRestore(_Striped):
                 if at_end:
                     # A READ sent before the end showed up: it must carry no data.
                     if result.bytes_transferred or result.completion not in _AFTER_END:
-                        raise StreamFormatError(
+                        raise s.error(
                             f"a READ after the end of the stream completed with "
                             f"{completion_name(result.completion)} and "
                             f"{result.bytes_transferred} bytes",
-                            set_name=s.set_name,
-                            device=s.device_label(index),
+                            index,
+                            kind=StreamFormatError,
                         )
                     self._give_back(s, read.buffer, credits)
                     continue
@@ -561,15 +568,14 @@ class StripedRestore(_Striped):
                     at_end = True
                     self._devices_at_end += 1
                     if self._devices_at_end == s.device_count:
-                        await s.data_ended()
+                        await s.fault(Phase.MID_STREAM)  # the data ended before it fired
                 elif result.completion != Completion.SUCCESS:
                     raise s.command_failed(index, CommandCode.READ, result.completion)
                 elif result.bytes_transferred != read.size:
-                    raise EngineError(
+                    raise s.error(
                         f"a READ of {read.size} bytes completed with SUCCESS but transferred "
                         f"{result.bytes_transferred} (a short read must report HANDLE_EOF)",
-                        set_name=s.set_name,
-                        device=s.device_label(index),
+                        index,
                     )
                 pieces = parser.feed(read.buffer[: result.bytes_transferred])
                 if parser.header is not None and not announced:
@@ -619,18 +625,18 @@ class StripedRestore(_Striped):
         for index, item in enumerate(headers):
             assert isinstance(item, _Header)
             if item.header.backup_id != reference.backup_id:
-                raise StreamFormatError(
+                raise s.error(
                     f"this stream belongs to backup {item.header.backup_id}, the stream of "
                     f"device {s.device_label(0)!r} to backup {reference.backup_id}",
-                    set_name=s.set_name,
-                    device=s.device_label(index),
+                    index,
+                    kind=StreamFormatError,
                 )
             if item.header.chunk_size != reference.chunk_size:
-                raise StreamFormatError(
+                raise s.error(
                     f"chunk size {item.header.chunk_size} differs from device "
                     f"{s.device_label(0)!r}'s {reference.chunk_size}",
-                    set_name=s.set_name,
-                    device=s.device_label(index),
+                    index,
+                    kind=StreamFormatError,
                 )
         chunk_size = reference.chunk_size
         held: list[_Piece | None] = [None] * n  # the unused rest of a piece, per device
@@ -691,11 +697,11 @@ class StripedRestore(_Striped):
                 total = self._agree(s, index, total, item.trailer)
         assert total is not None  # every device delivered its trailer
         if written != total or chunks != chunk_count(total, chunk_size):
-            raise StreamFormatError(
+            raise s.error(
                 f"the streams hold {written} bytes in {chunks} chunks; the trailers promise "
                 f"{total} bytes in {chunk_count(total, chunk_size)} chunks (a stream is "
                 "missing chunks)",
-                set_name=s.set_name,
+                kind=StreamFormatError,
             )
         for index, trailer in enumerate(trailers):
             assert trailer is not None
@@ -717,36 +723,28 @@ class StripedRestore(_Striped):
         try:
             return await queue.receive()
         except anyio.EndOfStream:
-            raise EngineError(
-                "the device's reader stopped early",
-                set_name=s.set_name,
-                device=s.device_label(index),
-            ) from None
+            raise s.error("the device's reader stopped early", index) from None
 
     async def _deliver(self, s: ServerSession, view: memoryview) -> None:
         try:
             await self.consumer.write(view)
         except Exception as exc:
-            raise EngineError(
-                f"the consumer failed: {type(exc).__name__}: {exc}", set_name=s.set_name
-            ) from exc
+            raise s.error(f"the consumer failed: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _agree(s: ServerSession, index: int, total: int | None, trailer: StreamTrailer) -> int:
         """The backup's length: every trailer must state the same one."""
         if total is not None and trailer.total_length != total:
-            raise StreamFormatError(
+            raise s.error(
                 f"the trailer gives the backup {trailer.total_length} bytes, another device's "
                 f"{total}",
-                set_name=s.set_name,
-                device=s.device_label(index),
+                index,
+                kind=StreamFormatError,
             )
         return trailer.total_length
 
     @staticmethod
-    def _layout_error(s: ServerSession, index: int, what: str) -> StreamFormatError:
-        return StreamFormatError(
-            f"the stream does not fit the backup's layout: {what}",
-            set_name=s.set_name,
-            device=s.device_label(index),
+    def _layout_error(s: ServerSession, index: int, what: str) -> EngineError:
+        return s.error(
+            f"the stream does not fit the backup's layout: {what}", index, kind=StreamFormatError
         )

@@ -45,7 +45,13 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from vdistream.engines.scoped import EndpointError, ScopedStream, TargetExistsError
+from vdistream import threads
+from vdistream.engines.scoped import (
+    EndpointError,
+    ScopedStream,
+    TargetExistsError,
+    endpoint_tasks,
+)
 from vdistream.engines.streams import ByteConsumer
 from vdistream.log import get_logger
 from vdistream.ownership import OwnerLock
@@ -91,10 +97,9 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         self.owner = owner
         self.verify = verify
         self.members = 0
-        self.bytes_written = 0
         self._created = False
         self._group: anyio.abc.TaskGroup | None = None
-        self._fd: int | None = None  # the pipe's write end
+        self._fd = None  # the pipe's write end
         self._done: anyio.Event | None = None  # made in running(): it needs a loop
         self._thread_error: BaseException | None = None
         self._started = False
@@ -112,25 +117,18 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
     async def running(self) -> AsyncIterator[None]:
         if self.owner is not None:
             resolve_owner(self.owner)  # an unknown user fails before anything happens
-        await anyio.to_thread.run_sync(self._prepare)
+        await threads.run_sync(self._prepare)
         self._done = anyio.Event()
-        error: BaseException | None = None
         try:
-            async with anyio.create_task_group() as group:
-                self._group = group
-                try:
-                    yield
-                except BaseException as exc:  # re-raised below, outside the task group
-                    error = exc
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        if not self._finished:
-                            await self._stop_and_clean()
-                self._group = None
+            async with endpoint_tasks(self._stop_unless_finished) as self._group:
+                yield
         finally:
+            self._group = None
             self._lock_release()  # only now: the directory is complete or as found
-        if error is not None:
-            raise error
+
+    async def _stop_unless_finished(self) -> None:
+        if not self._finished:
+            await self._stop_and_clean()
 
     def _prepare(self) -> None:
         path = self.directory
@@ -202,6 +200,8 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
 
     async def _extract_task(self, read: int) -> None:
         try:
+            # Not vdistream.threads: this call waits on the pipe for the whole restore, and
+            # the bounded pool takes only bounded work.
             self.members = await anyio.to_thread.run_sync(self._extract, read)
         except BaseException as exc:
             self._thread_error = exc
@@ -240,32 +240,19 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         fd = self._fd if self._started else self._start()
         if fd is None:
             raise EndpointError(f"the tar stream into {self.directory} was already closed")
-        remaining = view
-        while remaining.nbytes:
-            try:
-                count = os.write(fd, remaining)
-            except BlockingIOError:
-                await anyio.wait_writable(fd)
-                continue
-            except BrokenPipeError:
-                self._close_pipe()
-                assert self._done is not None
-                with anyio.move_on_after(THREAD_STOP_SECONDS):
-                    await self._done.wait()
-                raise self._thread_failure() from self._thread_error
-            remaining = remaining[count:]
-            self.bytes_written += count
-
-    def _close_pipe(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            anyio.notify_closing(fd)
-            os.close(fd)
+        try:
+            await self._write_fd(fd, view)
+        except BrokenPipeError:
+            self._close_fd()
+            assert self._done is not None
+            with anyio.move_on_after(THREAD_STOP_SECONDS):
+                await self._done.wait()
+            raise self._thread_failure() from self._thread_error
 
     async def finish(self) -> None:
         if not self._started:
             self._start()  # an empty stream: tarfile decides whether that is an archive
-        self._close_pipe()
+        self._close_fd()
         assert self._done is not None
         await self._done.wait()
         if self._thread_error is not None:
@@ -273,7 +260,7 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         if self.owner is not None:
             uid, gid = resolve_owner(self.owner)
             try:
-                await anyio.to_thread.run_sync(chown_tree, self.directory, uid, gid)
+                await threads.run_sync(chown_tree, self.directory, uid, gid)
             except OSError as exc:
                 raise EndpointError(
                     f"cannot give {self.directory} to {self.owner!r}: {exc.strerror}"
@@ -290,11 +277,11 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
 
     async def _stop_and_clean(self) -> None:
         """Stop the thread (end of input), then leave the directory as it was found."""
-        self._close_pipe()
+        self._close_fd()
         if self._started and self._done is not None:
             with anyio.move_on_after(THREAD_STOP_SECONDS):
                 await self._done.wait()
-        await anyio.to_thread.run_sync(self._clean)
+        await threads.run_sync(self._clean)
 
     def _clean(self) -> None:
         path = self.directory
