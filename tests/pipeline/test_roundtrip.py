@@ -318,6 +318,6 @@ async def test_decoded_output_stays_bounded_for_extreme_ratios(algorithm: str) -
     while count := await source.readinto(buffer):
         total += count
         # the decoded-but-undelivered buffer: at most the budget plus one zstd block
-        largest = max(largest, len(source._output))
+        largest = max(largest, len(source._out))
     assert total == 64 << 20
     assert largest <= (1 << 20) + (128 << 10)

@@ -45,14 +45,13 @@ import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import anyio.to_thread
-
+from vdistream import threads
 from vdistream.catalog.manifest import MANIFEST_NAME
 from vdistream.catalog.store import list_manifests
 from vdistream.errors import StorageError, StorageNotFoundError
 from vdistream.storage._common import OwnerMark
 from vdistream.storage.base import Storage
-from vdistream.storage.file import _TEMP_NAME, FileStorage
+from vdistream.storage.file import _TEMP_NAME, FileStorage, _fsync_dir, _unlink_if_present
 
 __all__ = ("AuditReport", "OrphanUpload", "audit")
 
@@ -178,8 +177,8 @@ async def audit(
     file_temporaries: list[tuple[str, datetime.datetime | None]] = []
     file_empty: list[tuple[str, datetime.datetime | None]] = []
     if isinstance(storage, FileStorage):
-        file_temporaries = await anyio.to_thread.run_sync(_temporaries, storage.path)
-        file_empty = await anyio.to_thread.run_sync(_empty_directories, storage.path)
+        file_temporaries = await threads.run_sync(_temporaries, storage.path)
+        file_empty = await threads.run_sync(_empty_directories, storage.path)
     marks = await storage.owner_marks() if isinstance(storage, _MarkedStorage) else []
 
     ages = await _object_ages(storage) if min_age is not None else {}
@@ -306,7 +305,7 @@ async def _clean(
             if name in stale and isinstance(storage, _MarkedStorage):
                 await storage.remove_mark(stale[name])
             elif isinstance(storage, FileStorage):
-                await anyio.to_thread.run_sync(_unlink, storage.path / name)
+                await threads.run_sync(_unlink_if_present, storage.path / name)
             else:
                 continue
         except (OSError, StorageError) as exc:
@@ -317,14 +316,14 @@ async def _clean(
         # The directories found empty (old enough), and those our removals emptied.
         live = set(report.in_progress)
         gone = [*removed, *removed_temps]
-        for name, _ in await anyio.to_thread.run_sync(_empty_directories, storage.path):
+        for name, _ in await threads.run_sync(_empty_directories, storage.path):
             if name.partition("/")[0] in live:
                 continue
             ours = any(key.startswith(name + "/") for key in gone)
             if min_age is not None and name not in report.empty_directories and not ours:
                 continue
             try:
-                await anyio.to_thread.run_sync(_rmdir, storage.path, name)
+                await threads.run_sync(_rmdir, storage.path, name)
             except OSError as exc:
                 failures.append(f"remove directory {name}: {exc.strerror or exc}")
             else:
@@ -344,7 +343,7 @@ async def _object_ages(storage: Storage) -> dict[str, datetime.datetime | None]:
     if isinstance(storage, _DatedStorage):
         return {obj.key: obj.last_modified for obj in await storage.list_objects()}
     if isinstance(storage, FileStorage):
-        return await anyio.to_thread.run_sync(_file_ages, storage.path)
+        return await threads.run_sync(_file_ages, storage.path)
     return {}
 
 
@@ -403,20 +402,7 @@ def _dated(root: Path, path: Path) -> tuple[str, datetime.datetime] | None:
 
 
 def _rmdir(root: Path, name: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.rmdir(root / name)
-    except FileNotFoundError:
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open((root / name).parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        with contextlib.suppress(OSError):
+            _fsync_dir((root / name).parent)

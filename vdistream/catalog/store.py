@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-import anyio
-import anyio.to_thread
-
+from vdistream import threads
 from vdistream.catalog.manifest import MANIFEST_NAME, CatalogError, Manifest, manifest_key
 from vdistream.errors import StorageExistsError, StorageNotFoundError
 from vdistream.storage import Storage
@@ -121,6 +119,6 @@ async def hash_stream(storage: Storage, key: str) -> tuple[int, str]:
             got = await source.readinto(view)
             if not got:
                 break
-            await anyio.to_thread.run_sync(hasher.update, view[:got])
+            await threads.run_sync(hasher.update, view[:got])
             size += got
     return size, hasher.hexdigest()

@@ -1,63 +1,40 @@
-"""Pieces the transforming stages (compression, encryption) share.
+"""The two shapes of a transforming stage (compression, encryption).
 
-A stage is a ``Sink`` wrapping a sink, or a ``Source`` wrapping a source, that changes
-the bytes in between. They all follow the cancellation rule of
+``StageSink`` is a ``SinkBase`` that transforms what is written and writes the result
+to ``inner``; ``StageSource`` reads ``inner`` and hands out what its transform made of
+it, from one output buffer it refills. Both follow the cancellation rule of
 ``vdistream.storage.base``: one checkpoint on entry, then the whole transfer shielded,
 because a compressor or cipher that consumed part of a buffer cannot be rolled back.
+Both are sequential: a ``position=`` other than the current one raises
+``PipelineError``, and their own errors are ``PipelineError``\\s naming the stream.
 """
 
 from __future__ import annotations
 
-import enum
+import abc
+import contextlib
+from collections.abc import Iterator
+from typing import ClassVar
+
+import anyio
+import anyio.lowlevel
 
 from vdistream.errors import PipelineError
-from vdistream.storage import Source
+from vdistream.storage import Sink, SinkBase, SinkState, Source, byte_view
 
-__all__ = (
-    "StageState",
-    "byte_view",
-    "check_sequential",
-    "read_full",
-    "require_state",
-    "where",
-)
+__all__ = ("StageSink", "StageSource", "check_sequential", "read_full", "where")
 
-
-class StageState(enum.Enum):
-    """Where a transforming sink is in its life."""
-
-    OPEN = "open"
-    #: the frame or stream trailer is written; only the inner commit remains
-    FINISHED = "finished"
-    COMMITTED = "committed"
-    ABORTED = "aborted"
-    #: a write, flush or finish failed half-way: only abort() is still allowed
-    FAILED = "failed"
+_REFUSALS = {
+    SinkState.SEALED: "the stream was already finished by commit",
+    SinkState.COMMITTED: "the stream is committed",
+    SinkState.ABORTED: "the stream was aborted",
+    SinkState.FAILED: "an earlier write, flush or commit failed",
+}
 
 
 def where(url: str, device: str | None = None) -> str:
     """The ``(device 'x', url)`` suffix every stage error ends with."""
     return f"(device {device!r}, {url})" if device is not None else f"({url})"
-
-
-def byte_view(view: memoryview) -> memoryview:
-    """``view`` as flat unsigned bytes, so lengths count bytes."""
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def require_state(
-    state: StageState, allowed: StageState, *, what: str, url: str, device: str | None
-) -> None:
-    """Refuse ``what`` unless the stage is in ``allowed``; the message says why not."""
-    if state is allowed:
-        return
-    reason = {
-        StageState.FINISHED: "the stream was already finished by commit",
-        StageState.COMMITTED: "the stream is committed",
-        StageState.ABORTED: "the stream was aborted",
-        StageState.FAILED: "an earlier write, flush or commit failed",
-    }.get(state, f"the stream is {state.value}")
-    raise PipelineError(f"cannot {what}: {reason} {where(url, device)}")
 
 
 def check_sequential(
@@ -81,3 +58,122 @@ async def read_full(source: Source, view: memoryview) -> int:
             break
         done += count
     return done
+
+
+class StageSink(SinkBase):
+    """Transforms the bytes written; ``_publish`` commits ``inner`` (a refused commit
+    leaves the stage sealed, so ``commit`` again retries only that), ``_discard``
+    aborts it and calls ``_release`` to drop the transform's state.
+
+    ``size`` and ``bytes_written`` count the bytes given to the stage. CPU steps run in
+    ``vdistream.threads`` through ``limiter``. Only one thread uses the transform at a
+    time: calls never overlap and every thread call is awaited before the next starts.
+    """
+
+    random_access = False
+    #: "compressed", "encrypted": names the stream in errors
+    STAGE: ClassVar[str]
+
+    def __init__(self, inner: Sink, limiter: anyio.CapacityLimiter | None) -> None:
+        super().__init__(inner.url, inner.device)
+        self.inner = inner
+        self.limiter = limiter
+
+    def _refusal(self, what: str) -> Exception:
+        reason = _REFUSALS.get(self._state, f"the stream is {self._state.value}")
+        return PipelineError(f"cannot {what}: {reason} {where(self.url, self.device)}")
+
+    def _check_position(self, position: int | None) -> None:
+        check_sequential(position, self._size, stage=self.STAGE, url=self.url, device=self.device)
+
+    async def _publish(self) -> None:
+        await self.inner.commit()
+
+    async def _discard(self) -> None:
+        await self.inner.abort()
+        self._release()
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Drop the transform and its buffers (the stream is finished or aborted)."""
+
+
+class StageSource(Source):
+    """Hands out ``_out[_out_start:_out_end]``, calling ``_refill`` when it is empty,
+    until ``_ended``. A subclass implements ``_refill`` (refill ``_out`` and set the
+    bounds, or set ``_ended`` at the clean end of the stream) and may override
+    ``_start`` (run before the first byte, e.g. reading a header).
+
+    A ``PipelineError`` is remembered: every later call raises it again, and bytes
+    copied into the caller's buffer during the failing call are not delivered (the
+    caller gets the exception, never a short count that would look like a clean end).
+    ``size`` is None: unknown until the end.
+    """
+
+    random_access = False
+    size = None
+    STAGE: ClassVar[str]
+
+    def __init__(self, inner: Source, limiter: anyio.CapacityLimiter | None) -> None:
+        self.inner = inner
+        self.limiter = limiter
+        self.url = inner.url
+        self._out = bytearray()
+        self._out_start = self._out_end = 0
+        self._ended = False
+        self._position = 0
+        self._error: PipelineError | None = None
+
+    @property
+    def bytes_read(self) -> int:
+        """Transformed bytes handed out so far."""
+        return self._position
+
+    def _raise_latched(self) -> None:
+        if self._error is not None:
+            raise type(self._error)(str(self._error))
+
+    @contextlib.contextmanager
+    def _latching(self) -> Iterator[None]:
+        """Remember a stream error: every later call raises it again."""
+        try:
+            yield
+        except PipelineError as exc:
+            self._error = exc
+            self._out_start = self._out_end = 0
+            raise
+
+    async def _start(self) -> object:
+        return None
+
+    @abc.abstractmethod
+    async def _refill(self) -> None: ...
+
+    async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
+        self._raise_latched()
+        check_sequential(position, self._position, stage=self.STAGE, url=self.url)
+        view = byte_view(buffer)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        filled = 0
+        # Shielded: a step that consumed input cannot be undone half-way.
+        with anyio.CancelScope(shield=True), self._latching():
+            await self._start()
+            while filled < view.nbytes:
+                count = min(self._out_end - self._out_start, view.nbytes - filled)
+                if count:
+                    start = self._out_start
+                    with memoryview(self._out) as out:
+                        view[filled : filled + count] = out[start : start + count]
+                    self._out_start += count
+                    self._position += count
+                    filled += count
+                elif self._ended:
+                    break
+                else:
+                    await self._refill()
+        return filled
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.inner.close()
+        self._out = bytearray()

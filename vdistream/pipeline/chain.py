@@ -115,9 +115,7 @@ class SinkChain:
             sink = CompressingSink(
                 sink, config.compression.algorithm, config.compression.level, limiter=limiter
             )
-        if sink is stored:
-            return cls(stored, stored, stored)
-        logical = HashingSink(sink, limiter=limiter)
+        logical = stored if sink is stored else HashingSink(sink, limiter=limiter)
         return cls(logical, stored, logical)
 
 
@@ -143,7 +141,5 @@ class SourceChain:
         if config.compressed:
             assert config.compression is not None
             source = DecompressingSource(source, config.compression.algorithm, limiter=limiter)
-        if source is stored:
-            return cls(stored, stored, stored)
-        logical = HashingSource(source, limiter=limiter)
+        logical = stored if source is stored else HashingSource(source, limiter=limiter)
         return cls(logical, stored, logical)

@@ -3,9 +3,9 @@
 ``HashingSink`` wraps a sink and hashes every buffer before handing it on;
 ``HashingSource`` hashes what it reads. Hashing runs in a worker thread (hashlib
 releases the GIL on large buffers), so devices hash in parallel and the event loop
-never stalls (pass a ``limiter`` of its own per job, so that hashing cannot starve
-file I/O of threads); the thread call waits for the thread even when cancelled, so a buffer
-is never handed back while it is being hashed.
+never stalls. The threads are ``vdistream.threads``' pool, shared with file I/O; a
+``limiter`` of its own per job bounds that job's share. The thread call waits for the
+thread even when cancelled, so a buffer is never handed back while it is being hashed.
 
 A sink written at positions out of order (a disk-like device seeking back) cannot be
 hashed on the fly; ``HashingSink.sha256`` is then ``None`` and the caller hashes the
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 
-import anyio.to_thread
+import anyio
 
+from vdistream import threads
 from vdistream.storage import Sink, Source
 
 __all__ = ("HashingSink", "HashingSource")
@@ -25,23 +26,35 @@ __all__ = ("HashingSink", "HashingSource")
 _SMALL = 64 * 1024  # below this, a thread hop costs more than the hash
 
 
-async def _update(
-    hasher: hashlib._Hash, data: memoryview, limiter: anyio.CapacityLimiter | None
-) -> None:
-    if data.nbytes < _SMALL:
-        hasher.update(data)
-    else:
-        await anyio.to_thread.run_sync(hasher.update, data, limiter=limiter)
+class _Hashing:
+    """The SHA-256 of the bytes passing, while they pass in order."""
 
-
-class HashingSink(Sink):
-    def __init__(self, inner: Sink, *, limiter: anyio.CapacityLimiter | None = None) -> None:
-        self.inner = inner
+    def __init__(self, limiter: anyio.CapacityLimiter | None) -> None:
         self.limiter = limiter
-        self.url = inner.url
-        self.device = inner.device
         self._hasher = hashlib.sha256()
         self._sequential = True
+
+    @property
+    def sha256(self) -> str | None:
+        """Hex SHA-256 of the stream, or None if it was accessed out of order."""
+        return self._hasher.hexdigest() if self._sequential else None
+
+    async def _update(self, data: memoryview) -> None:
+        if data.nbytes < _SMALL:
+            self._hasher.update(data)
+        else:
+            await threads.run_sync(self._hasher.update, data, limiter=self.limiter)
+
+
+class HashingSink(_Hashing, Sink):
+    """Hashes every buffer on its way to ``inner``; otherwise ``inner`` itself (its
+    random access, counters, states and errors)."""
+
+    def __init__(self, inner: Sink, *, limiter: anyio.CapacityLimiter | None = None) -> None:
+        super().__init__(limiter)
+        self.inner = inner
+        self.url = inner.url
+        self.device = inner.device
 
     @property
     def random_access(self) -> bool:
@@ -55,31 +68,25 @@ class HashingSink(Sink):
     def size(self) -> int:
         return self.inner.size
 
-    @property
-    def sha256(self) -> str | None:
-        """Hex SHA-256 of the object as stored, or None if it was written out of order."""
-        return self._hasher.hexdigest() if self._sequential else None
-
     async def write(self, data: memoryview, *, position: int | None = None) -> None:
         if position is not None and position != self.inner.size:
             self._sequential = False
-        if not self._sequential:
+        if not self._sequential or data.nbytes < _SMALL:
+            if self._sequential:
+                self._hasher.update(data)
             await self.inner.write(data, position=position)
-        elif data.nbytes < _SMALL:
-            self._hasher.update(data)
-            await self.inner.write(data, position=position)
-        else:
-            # Hash and store at once: both only read the buffer, and the task group
-            # returns only when both are done with it.
-            failed: list[Exception] = []
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_update, self._hasher, data, self.limiter)
-                try:
-                    await self.inner.write(data, position=position)
-                except Exception as exc:  # raised after the group, not as an ExceptionGroup
-                    failed.append(exc)
-            if failed:
-                raise failed[0]
+            return
+        # Hash and store at once: both only read the buffer, and the task group
+        # returns only when both are done with it.
+        failed: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._update, data)
+            try:
+                await self.inner.write(data, position=position)
+            except Exception as exc:  # raised after the group, not as an ExceptionGroup
+                failed.append(exc)
+        if failed:
+            raise failed[0]
 
     async def flush(self) -> None:
         await self.inner.flush()
@@ -91,13 +98,13 @@ class HashingSink(Sink):
         await self.inner.abort()
 
 
-class HashingSource(Source):
+class HashingSource(_Hashing, Source):
+    """Hashes what is read from ``inner``."""
+
     def __init__(self, inner: Source, *, limiter: anyio.CapacityLimiter | None = None) -> None:
+        super().__init__(limiter)
         self.inner = inner
-        self.limiter = limiter
         self.url = inner.url
-        self._hasher = hashlib.sha256()
-        self._sequential = True
         self.bytes_read = 0
 
     @property
@@ -108,16 +115,12 @@ class HashingSource(Source):
     def size(self) -> int | None:
         return self.inner.size
 
-    @property
-    def sha256(self) -> str | None:
-        return self._hasher.hexdigest() if self._sequential else None
-
     async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
         if position is not None and position != self.bytes_read:
             self._sequential = False
         got = await self.inner.readinto(buffer, position=position)
         if self._sequential and got:
-            await _update(self._hasher, buffer[:got], self.limiter)
+            await self._update(buffer[:got])
         self.bytes_read += got
         return got
 

@@ -13,20 +13,11 @@ The stored object is a plain, standard frame (``zstd -d`` / ``lz4 -d`` decode it
 
 Contract (beyond ``vdistream.storage.base``)
 --------------------------------------------
-* Sequential only: ``write``/``readinto`` accept ``position`` only when it equals the
-  current logical position; anything else raises ``PipelineError``. ``random_access``
-  is False. ``size`` and ``bytes_written`` of the sink count *uncompressed* bytes; the
-  source's ``size`` is None (unknown until the end).
-* One compressor or decompressor object per stream. It is only ever used by one thread
-  at a time: calls on a sink (or source) never overlap, and every worker-thread call is
-  awaited before the next one starts.
-* CPU work runs in a worker thread through ``limiter`` (``anyio.to_thread.run_sync``
-  waits for the thread even when cancelled), so devices compress in parallel and the
-  event loop never stalls. The caller's buffer is only read while the call runs: the
+* Sequential, threads, cancellation and states as for every stage
+  (``vdistream.pipeline._stage``); ``size`` and ``bytes_written`` of the sink count
+  *uncompressed* bytes. One compressor or decompressor object per stream, so devices
+  compress in parallel. The caller's buffer is only read while the call runs: the
   compressor copies what it keeps, so it may be released right after ``write`` returns.
-* Cancellation follows the storage contract: a call raises on entry if already
-  cancelled (and did nothing), otherwise it runs to completion shielded, because a
-  compressor that has consumed a buffer cannot give it back.
 * ``flush`` ends the current compressed block (zstd ``FLUSH_BLOCK``, lz4 flush without
   ending the frame), writes it and flushes ``inner``: everything written so far is
   durable and decodable. ``commit`` ends the frame, then commits ``inner``; if that
@@ -51,24 +42,17 @@ Contract (beyond ``vdistream.storage.base``)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final, Protocol
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 import lz4.frame  # type: ignore[import-untyped]  # lz4 ships no type information
 import zstandard
 
+from vdistream import threads
 from vdistream.errors import CorruptStreamError, PipelineError
-from vdistream.pipeline._stage import (
-    StageState,
-    byte_view,
-    check_sequential,
-    read_full,
-    require_state,
-    where,
-)
+from vdistream.pipeline._stage import StageSink, StageSource, read_full, where
 from vdistream.storage import Sink, Source
 
 __all__ = (
@@ -167,8 +151,10 @@ class _Lz4Encoder:
         return self._with_header(lz4.frame.compress_flush(self._context, end_frame=True))
 
 
-class CompressingSink(Sink):
+class CompressingSink(StageSink):
     """Compresses everything written into one ``algorithm`` frame written to ``inner``."""
+
+    STAGE = "compressed"
 
     def __init__(
         self,
@@ -178,68 +164,34 @@ class CompressingSink(Sink):
         *,
         limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
-        self.inner = inner
-        self.limiter = limiter
-        self.url = inner.url
-        self.device = inner.device
+        super().__init__(inner, limiter)
         self.algorithm = algorithm
         self.level = _check_algorithm(algorithm, level, url=inner.url)
         self._encoder: _Encoder | None = (
             _ZstdEncoder(self.level) if self.level is not None else _Lz4Encoder()
         )
         self._pending = bytearray()  # compressed, not yet written to inner
-        self._size = 0
-        self._state = StageState.OPEN
-
-    def __repr__(self) -> str:
-        return f"<CompressingSink {self.algorithm} {self.url} {self._state.value}>"
-
-    @property
-    def random_access(self) -> bool:
-        return False
-
-    @property
-    def bytes_written(self) -> int:
-        return self._size
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     @contextlib.contextmanager
-    def _failing(self, what: str) -> Iterator[None]:
-        """Any error leaves the sink failed; codec errors become ``PipelineError``."""
+    def _errors(self, what: str) -> Iterator[None]:
+        """Codec errors become ``PipelineError`` (``_failing`` then fails the sink)."""
         try:
             yield
-        except zstandard.ZstdError as exc:
-            self._state = StageState.FAILED
-            raise PipelineError(
-                f"{what} failed: zstd: {exc} {where(self.url, self.device)}"
-            ) from exc
-        except RuntimeError as exc:  # what lz4.frame raises
-            self._state = StageState.FAILED
+        except (zstandard.ZstdError, RuntimeError) as exc:  # RuntimeError: lz4.frame's
             raise PipelineError(
                 f"{what} failed: {self.algorithm}: {exc} {where(self.url, self.device)}"
             ) from exc
-        except BaseException:
-            self._state = StageState.FAILED
-            raise
 
-    def _require_open(self, what: str) -> _Encoder:
-        require_state(self._state, StageState.OPEN, what=what, url=self.url, device=self.device)
-        assert self._encoder is not None  # dropped only when leaving OPEN
-        return self._encoder
+    async def _code(self, step: Callable[[_Encoder], bytes]) -> None:
+        """Run ``step`` on the encoder in a worker thread; its output joins ``_pending``,
+        which the event loop does not touch while the thread runs."""
+        encoder = self._encoder
+        assert encoder is not None  # dropped only when leaving OPEN
 
-    # The three worker-thread bodies; each appends to _pending, which the event loop
-    # does not touch while the thread runs.
-    def _compress(self, encoder: _Encoder, data: memoryview) -> None:
-        self._pending += encoder.compress(data)
+        def run() -> None:
+            self._pending += step(encoder)
 
-    def _flush(self, encoder: _Encoder) -> None:
-        self._pending += encoder.flush()
-
-    def _finish(self, encoder: _Encoder) -> None:
-        self._pending += encoder.finish()
+        await threads.run_sync(run, limiter=self.limiter)
 
     async def _drain(self) -> None:
         if self._pending:
@@ -247,62 +199,28 @@ class CompressingSink(Sink):
                 await self.inner.write(view)
             self._pending.clear()
 
-    async def write(self, data: memoryview, *, position: int | None = None) -> None:
-        encoder = self._require_open("write")
-        check_sequential(position, self._size, stage="compressed", url=self.url, device=self.device)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        view = byte_view(data)
-        if not view.nbytes:
-            return
-        # Shielded: once the compressor has consumed the buffer the write must finish.
-        with anyio.CancelScope(shield=True), self._failing("write"):
-            await anyio.to_thread.run_sync(self._compress, encoder, view, limiter=self.limiter)
-            self._size += view.nbytes
+    async def _write(self, view: memoryview, start: int) -> None:
+        if view.nbytes:
+            await self._code(lambda encoder: encoder.compress(view))
             if len(self._pending) >= _OUTPUT_CHUNK:
                 await self._drain()
 
-    async def flush(self) -> None:
-        encoder = self._require_open("flush")
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        with anyio.CancelScope(shield=True), self._failing("flush"):
-            await anyio.to_thread.run_sync(self._flush, encoder, limiter=self.limiter)
-            await self._drain()
-            await self.inner.flush()
+    async def _flush(self) -> None:
+        await self._code(lambda encoder: encoder.flush())
+        await self._drain()
+        await self.inner.flush()
 
-    async def commit(self) -> None:
-        if self._state is StageState.COMMITTED:
-            return
-        if self._state is not StageState.FINISHED:
-            self._require_open("commit")
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        with anyio.CancelScope(shield=True):
-            if self._state is StageState.OPEN:
-                encoder = self._require_open("commit")
-                with self._failing("commit"):
-                    await anyio.to_thread.run_sync(self._finish, encoder, limiter=self.limiter)
-                    await self._drain()
-                self._encoder = None
-                self._state = StageState.FINISHED
-            # A refused inner commit (the key exists) leaves us FINISHED: calling commit
-            # again retries only this, as the Sink contract allows.
-            await self.inner.commit()
-            self._state = StageState.COMMITTED
+    async def _seal(self) -> None:
+        await self._code(lambda encoder: encoder.finish())
+        await self._drain()
+        self._encoder = None
 
-    async def abort(self) -> None:
-        # No checkpoint: abort runs even in an already-cancelled scope.
-        with anyio.CancelScope(shield=True):
-            await self.inner.abort()
-        if self._state is not StageState.COMMITTED:
-            self._state = StageState.ABORTED
-            self._encoder = None
-            self._pending = bytearray()
+    def _release(self) -> None:
+        self._encoder = None
+        self._pending = bytearray()
 
 
 # --- decoders ------------------------------------------------------------------------
-
-
-class _Corrupt(Exception):
-    """A decoder found the stream damaged; the source adds the URL."""
 
 
 class _Decoder(Protocol):
@@ -347,10 +265,10 @@ class _ZstdDecoder:
             if available < 5:
                 return None
             if data[start : start + 4] != _ZSTD_MAGIC:
-                raise _Corrupt("not a zstd frame (bad magic number)")
+                raise CorruptStreamError("not a zstd frame (bad magic number)")
             descriptor = data[start + 4]
             if descriptor & 0x08:
-                raise _Corrupt("zstd frame header has its reserved bit set")
+                raise CorruptStreamError("zstd frame header has its reserved bit set")
             single_segment = bool(descriptor & 0x20)
             self._has_checksum = bool(descriptor & 0x04)
             fcs_size = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
@@ -364,9 +282,9 @@ class _ZstdDecoder:
         block_type = (header >> 1) & 0x03
         block_size = header >> 3
         if block_type == 3:
-            raise _Corrupt("zstd block of the reserved type")
+            raise CorruptStreamError("zstd block of the reserved type")
         if block_size > _ZSTD_BLOCK_MAX:
-            raise _Corrupt(f"zstd block of {block_size} bytes exceeds the 128 KiB limit")
+            raise CorruptStreamError(f"zstd block of {block_size} bytes exceeds the 128 KiB limit")
         return 3 + (1 if block_type == 1 else block_size)  # an RLE block stores 1 byte
 
     def decode(self, data: bytearray, out: bytearray, budget: int) -> None:
@@ -390,7 +308,7 @@ class _ZstdDecoder:
                     start += size
                     if self._unit == "end":
                         if not self._obj.eof:
-                            raise _Corrupt("zstd frame structure and decoder disagree")
+                            raise CorruptStreamError("zstd frame structure and decoder disagree")
                         self.done = True
                         self.hungry = False
         finally:
@@ -426,8 +344,10 @@ class _Lz4Decoder:
         return self._leftover
 
 
-class DecompressingSource(Source):
+class DecompressingSource(StageSource):
     """Reads the frame ``CompressingSink`` wrote and returns the uncompressed bytes."""
+
+    STAGE = "decompressed"
 
     def __init__(
         self,
@@ -436,36 +356,16 @@ class DecompressingSource(Source):
         *,
         limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
-        self.inner = inner
-        self.limiter = limiter
-        self.url = inner.url
+        super().__init__(inner, limiter)
         self.algorithm = algorithm
         _check_algorithm(algorithm, None, url=self.url)
         self._decoder: _Decoder = _ZstdDecoder() if algorithm == "zstd" else _Lz4Decoder()
         self._input = bytearray()  # compressed, not yet decoded
-        self._output = bytearray()  # decoded, not yet delivered from _output_start on
-        self._output_start = 0
         self._scratch = bytearray(_READ_CHUNK)
         self._inner_ended = False
-        self._finished = False  # frame complete and nothing after it
-        self._position = 0
-        self._error: PipelineError | None = None
 
     def __repr__(self) -> str:
         return f"<DecompressingSource {self.algorithm} {self.url}>"
-
-    @property
-    def random_access(self) -> bool:
-        return False
-
-    @property
-    def size(self) -> int | None:
-        return None
-
-    @property
-    def bytes_read(self) -> int:
-        """Uncompressed bytes delivered so far."""
-        return self._position
 
     def _corrupt(self, detail: str) -> CorruptStreamError:
         return CorruptStreamError(f"corrupt {self.algorithm} stream: {detail} ({self.url})")
@@ -483,56 +383,25 @@ class DecompressingSource(Source):
 
     def _decode(self) -> None:
         try:
-            self._decoder.decode(self._input, self._output, _DECODE_BUDGET)
-        except (_Corrupt, zstandard.ZstdError, RuntimeError) as exc:
+            self._decoder.decode(self._input, self._out, _DECODE_BUDGET)
+        except (CorruptStreamError, zstandard.ZstdError, RuntimeError) as exc:  # adds the URL
             raise self._corrupt(str(exc)) from exc
 
-    async def _fill_output(self) -> None:
+    async def _refill(self) -> None:
         """Decode until output is waiting, or the frame has ended with nothing after it."""
-        self._output.clear()
-        self._output_start = 0
-        while not self._output:
+        self._out.clear()
+        while not self._out:
             if self._decoder.done:
                 if self._input or self._decoder.leftover() or await self._read_more():
                     raise self._corrupt("unexpected data after the end of the frame")
-                self._finished = True
-                return
+                self._ended = True
+                break
             if self._decoder.hungry and not await self._read_more():
                 # The decoder must have finished its frame when the object ends.
                 raise self._corrupt("truncated: the object ends inside the compressed frame")
-            await anyio.to_thread.run_sync(self._decode, limiter=self.limiter)
-
-    async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
-        if self._error is not None:
-            raise type(self._error)(str(self._error))
-        check_sequential(position, self._position, stage="decompressed", url=self.url)
-        view = byte_view(buffer)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        filled = 0
-        # Shielded: a decode step that consumed input cannot be undone half-way.
-        with anyio.CancelScope(shield=True):
-            try:
-                while filled < view.nbytes:
-                    waiting = len(self._output) - self._output_start
-                    if waiting:
-                        count = min(waiting, view.nbytes - filled)
-                        with memoryview(self._output) as out:
-                            start = self._output_start
-                            view[filled : filled + count] = out[start : start + count]
-                        self._output_start += count
-                        filled += count
-                        continue
-                    if self._finished:
-                        break
-                    await self._fill_output()
-            except PipelineError as exc:
-                self._error = exc
-                raise
-        self._position += filled
-        return filled
+            await threads.run_sync(self._decode, limiter=self.limiter)
+        self._out_start, self._out_end = 0, len(self._out)
 
     async def close(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.inner.close()
+        await super().close()
         self._input = bytearray()
-        self._output = bytearray()

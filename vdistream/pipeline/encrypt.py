@@ -72,32 +72,23 @@ segment of plaintext plus one sealed segment (about two segments).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import hmac
 import secrets
 import struct
-from collections.abc import Iterator
 from typing import Final
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from vdistream import threads
 from vdistream.errors import CorruptStreamError, KeyMissingError, PipelineError, WrongKeyError
-from vdistream.pipeline._stage import (
-    StageState,
-    byte_view,
-    check_sequential,
-    read_full,
-    require_state,
-    where,
-)
+from vdistream.pipeline._stage import StageSink, StageSource, read_full, where
 from vdistream.pipeline.keys import KEY_SIZE, Key
 from vdistream.storage import Sink, Source
 
@@ -188,10 +179,6 @@ def _key_check(material: bytes, salt: bytes, checked: bytes) -> bytes:
     return hmac.new(check_key, checked, hashlib.sha256).digest()[:16]
 
 
-class _HeaderError(Exception):
-    """The header is damaged (or not a header); the source adds the URL."""
-
-
 @dataclasses.dataclass(frozen=True)
 class StreamHeader:
     """A parsed stream header (see the module docstring); ``raw`` is its 76 bytes."""
@@ -213,16 +200,21 @@ class StreamHeader:
 
     @classmethod
     def parse(cls, raw: bytes) -> StreamHeader:
-        """Check everything that needs no key; ``_HeaderError`` or ``PipelineError``."""
+        """Check everything that needs no key: ``CorruptStreamError`` (without the URL)
+        if it is damaged, ``PipelineError`` if it is of another version."""
         if len(raw) < len(MAGIC) and MAGIC.startswith(raw):
-            raise _HeaderError(f"truncated: {len(raw)} bytes, the header alone is {HEADER_SIZE}")
+            raise CorruptStreamError(
+                f"truncated: {len(raw)} bytes, the header alone is {HEADER_SIZE}"
+            )
         if not looks_encrypted(raw):
-            raise _HeaderError("no encryption header (the object is not in this format)")
+            raise CorruptStreamError("no encryption header (the object is not in this format)")
         if len(raw) < HEADER_SIZE:
-            raise _HeaderError(f"truncated: {len(raw)} bytes, the header alone is {HEADER_SIZE}")
+            raise CorruptStreamError(
+                f"truncated: {len(raw)} bytes, the header alone is {HEADER_SIZE}"
+            )
         expected = hashlib.sha256(raw[:_CHECKSUMMED_PREFIX]).digest()[:8]
         if not hmac.compare_digest(expected, raw[_CHECKSUMMED_PREFIX:HEADER_SIZE]):
-            raise _HeaderError("the header checksum does not match: the header is damaged")
+            raise CorruptStreamError("the header checksum does not match: the header is damaged")
         _, version, suite, flags, segment_size, salt, nonce_prefix = _HEADER_START.unpack(
             raw[:_CHECKED_PREFIX]
         )
@@ -232,7 +224,7 @@ class StreamHeader:
                 f"{flags}); this vdistream reads version {FORMAT_VERSION} suite {_SUITE}"
             )
         if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
-            raise _HeaderError(f"segment size {segment_size} out of range")
+            raise CorruptStreamError(f"segment size {segment_size} out of range")
         return cls(segment_size, salt, nonce_prefix, raw[:HEADER_SIZE])
 
     def key_matches(self, material: bytes) -> bool:
@@ -283,8 +275,10 @@ def _check_segment_size(segment_size: int, *, url: str) -> None:
         )
 
 
-class EncryptingSink(Sink):
+class EncryptingSink(StageSink):
     """Encrypts everything written into the segmented format, written to ``inner``."""
+
+    STAGE = "encrypted"
 
     def __init__(
         self,
@@ -295,10 +289,7 @@ class EncryptingSink(Sink):
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
-        self.inner = inner
-        self.limiter = limiter
-        self.url = inner.url
-        self.device = inner.device
+        super().__init__(inner, limiter)
         self.segment_size = segment_size
         material = _key_material(key, url=self.url, device=self.device)
         _check_segment_size(segment_size, url=self.url)
@@ -308,49 +299,14 @@ class EncryptingSink(Sink):
         self._plain = bytearray()  # the partial segment
         self._record = bytearray(_WORD + segment_size + _TAG)  # one sealed segment
         self._index = 0
-        self._size = 0
-        self._state = StageState.OPEN
-
-    def __repr__(self) -> str:
-        return f"<EncryptingSink {self.url} {self._state.value}, segment {self._index}>"
-
-    @property
-    def random_access(self) -> bool:
-        return False
-
-    @property
-    def bytes_written(self) -> int:
-        return self._size
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     @property
     def segments_written(self) -> int:
         return self._index
 
-    @contextlib.contextmanager
-    def _failing(self) -> Iterator[None]:
-        """Any error half-way leaves the stream unusable: only abort remains."""
-        try:
-            yield
-        except BaseException:
-            self._state = StageState.FAILED
-            raise
-
-    def _require_open(self, what: str) -> _SegmentCipher:
-        require_state(self._state, StageState.OPEN, what=what, url=self.url, device=self.device)
-        assert self._cipher is not None  # dropped only when leaving OPEN
-        return self._cipher
-
-    async def _write_header(self) -> None:
-        if not self._header_written:
-            with memoryview(self.header.raw) as view:
-                await self.inner.write(view)
-            self._header_written = True
-
-    def _seal(self, cipher: _SegmentCipher, plain: memoryview | bytearray, final: bool) -> int:
+    def _seal_segment(
+        self, cipher: _SegmentCipher, plain: memoryview | bytearray, final: bool
+    ) -> int:
         """Worker thread: seal ``plain`` as the next segment into ``_record``."""
         length = len(plain)
         word = length | (_FINAL if final else 0)
@@ -359,90 +315,66 @@ class EncryptingSink(Sink):
             cipher.seal_into(self._index, word, plain, out)
         return _WORD + length + _TAG
 
-    async def _emit(
-        self, cipher: _SegmentCipher, plain: memoryview | bytearray, *, final: bool
-    ) -> None:
-        size = await anyio.to_thread.run_sync(
-            self._seal, cipher, plain, final, limiter=self.limiter
+    async def _write_header(self) -> None:
+        if not self._header_written:
+            with memoryview(self.header.raw) as view:
+                await self.inner.write(view)
+            self._header_written = True
+
+    async def _emit(self, plain: memoryview | bytearray, *, final: bool) -> None:
+        cipher = self._cipher
+        assert cipher is not None  # dropped only when leaving OPEN
+        size = await threads.run_sync(
+            self._seal_segment, cipher, plain, final, limiter=self.limiter
         )
         with memoryview(self._record) as record, record[:size] as out:
             await self.inner.write(out)
         self._index += 1
 
-    async def write(self, data: memoryview, *, position: int | None = None) -> None:
-        cipher = self._require_open("write")
-        check_sequential(position, self._size, stage="encrypted", url=self.url, device=self.device)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        view = byte_view(data)
+    async def _write(self, view: memoryview, start: int) -> None:
         if not view.nbytes:
             return
+        await self._write_header()
         segment = self.segment_size
-        # Shielded: the engine's buffer must not be in a worker thread when we return.
-        with anyio.CancelScope(shield=True), self._failing():
-            await self._write_header()
-            offset = 0
-            while offset < view.nbytes:
-                take = min(segment - len(self._plain), view.nbytes - offset)
-                with view[offset : offset + take] as piece:
-                    if not self._plain and take == segment:
-                        await self._emit(cipher, piece, final=False)  # no copy needed
-                    else:
-                        self._plain += piece
-                        if len(self._plain) == segment:
-                            await self._emit(cipher, self._plain, final=False)
-                            self._plain.clear()
-                offset += take
-            self._size += view.nbytes
+        offset = 0
+        while offset < view.nbytes:
+            take = min(segment - len(self._plain), view.nbytes - offset)
+            with view[offset : offset + take] as piece:
+                if not self._plain and take == segment:
+                    await self._emit(piece, final=False)  # no copy needed
+                else:
+                    self._plain += piece
+                    if len(self._plain) == segment:
+                        await self._emit(self._plain, final=False)
+                        self._plain.clear()
+            offset += take
 
-    async def flush(self) -> None:
-        cipher = self._require_open("flush")
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        with anyio.CancelScope(shield=True), self._failing():
-            await self._write_header()
-            if self._plain:  # a short non-final segment, so these bytes are durable too
-                await self._emit(cipher, self._plain, final=False)
-                self._plain.clear()
-            await self.inner.flush()
+    async def _flush(self) -> None:
+        await self._write_header()
+        if self._plain:  # a short non-final segment, so these bytes are durable too
+            await self._emit(self._plain, final=False)
+            self._plain.clear()
+        await self.inner.flush()
 
-    async def commit(self) -> None:
-        if self._state is StageState.COMMITTED:
-            return
-        if self._state is not StageState.FINISHED:
-            self._require_open("commit")
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        with anyio.CancelScope(shield=True):
-            if self._state is StageState.OPEN:
-                cipher = self._require_open("commit")
-                with self._failing():
-                    await self._write_header()
-                    await self._emit(cipher, self._plain, final=True)
-                self._release()
-                self._state = StageState.FINISHED
-            # A refused inner commit (the key exists) leaves us FINISHED: calling commit
-            # again retries only this, as the Sink contract allows.
-            await self.inner.commit()
-            self._state = StageState.COMMITTED
+    async def _seal(self) -> None:
+        await self._write_header()
+        await self._emit(self._plain, final=True)
+        self._release()
 
     def _release(self) -> None:
         self._cipher = None
         self._plain = bytearray()
         self._record = bytearray()
 
-    async def abort(self) -> None:
-        # No checkpoint: abort runs even in an already-cancelled scope.
-        with anyio.CancelScope(shield=True):
-            await self.inner.abort()
-        if self._state is not StageState.COMMITTED:
-            self._state = StageState.ABORTED
-            self._release()
 
-
-class DecryptingSource(Source):
+class DecryptingSource(StageSource):
     """Reads what ``EncryptingSink`` wrote; every segment is verified before use.
 
     ``key`` None raises ``KeyMissingError`` at once. The header is read (and the key
     checked) by the first ``readinto``, or earlier by ``read_header()``.
     """
+
+    STAGE = "encrypted"
 
     def __init__(
         self,
@@ -452,38 +384,17 @@ class DecryptingSource(Source):
         *,
         limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
-        self.inner = inner
-        self.limiter = limiter
-        self.url = inner.url
+        super().__init__(inner, limiter)
         self._material = _key_material(key, url=self.url)
         self._context = bytes(context)
         self.header: StreamHeader | None = None
         self._cipher: _SegmentCipher | None = None
         self._next_word = b""  # the next segment's length word, read with the segment before
         self._record = bytearray()
-        self._plain = bytearray()
-        self._plain_start = 0
-        self._plain_end = 0
         self._index = 0
-        self._final_seen = False
-        self._position = 0
-        self._error: PipelineError | None = None
 
     def __repr__(self) -> str:
         return f"<DecryptingSource {self.url}, segment {self._index}>"
-
-    @property
-    def random_access(self) -> bool:
-        return False
-
-    @property
-    def size(self) -> int | None:
-        return None
-
-    @property
-    def bytes_read(self) -> int:
-        """Plaintext bytes delivered so far."""
-        return self._position
 
     def _corrupt(self, detail: str) -> CorruptStreamError:
         return CorruptStreamError(f"encrypted stream is damaged: {detail} ({self.url})")
@@ -494,16 +405,15 @@ class DecryptingSource(Source):
         ``CorruptStreamError`` if it is damaged or missing, ``WrongKeyError`` if the
         key is not the one the stream was written with.
         """
-        if self._error is not None:
-            raise type(self._error)(str(self._error))
+        self._raise_latched()
         if self.header is not None:
             return self.header
         await anyio.lowlevel.checkpoint_if_cancelled()
         with anyio.CancelScope(shield=True), self._latching():
-            header = await self._read_header()
+            header = await self._start()
         return header
 
-    async def _read_header(self) -> StreamHeader:
+    async def _start(self) -> StreamHeader:
         if self.header is not None:
             return self.header
         start = bytearray(HEADER_SIZE + _WORD)  # the first segment's word comes along
@@ -513,7 +423,7 @@ class DecryptingSource(Source):
             raise self._corrupt("the object is empty; an encrypted stream has a header")
         try:
             header = StreamHeader.parse(bytes(start[: min(count, HEADER_SIZE)]))
-        except _HeaderError as exc:
+        except CorruptStreamError as exc:
             raise self._corrupt(str(exc)) from exc
         except PipelineError as exc:
             raise PipelineError(f"{exc} ({self.url})") from exc
@@ -524,31 +434,22 @@ class DecryptingSource(Source):
         self._cipher = _SegmentCipher(self._material, header, self._context)
         self._next_word = bytes(start[HEADER_SIZE:count])
         self._record = bytearray(header.segment_size + _TAG + _WORD)
-        self._plain = bytearray(header.segment_size)
+        self._out = bytearray(header.segment_size)
         self.header = header
         return header
 
-    @contextlib.contextmanager
-    def _latching(self) -> Iterator[None]:
-        """Remember a stream error: every later call raises it again."""
-        try:
-            yield
-        except PipelineError as exc:
-            self._error = exc
-            self._plain_start = self._plain_end = 0
-            raise
-
     def _open(self, cipher: _SegmentCipher, word: int, length: int) -> bool:
-        """Worker thread: verify and decrypt the segment in ``_record`` into ``_plain``."""
+        """Worker thread: verify and decrypt the segment in ``_record`` into ``_out``."""
         with (
             memoryview(self._record) as record,
             record[: length + _TAG] as sealed,
-            memoryview(self._plain) as plain,
+            memoryview(self._out) as plain,
             plain[:length] as out,
         ):
             return cipher.open_into(self._index, word, sealed, out)
 
-    async def _next_segment(self) -> None:
+    async def _refill(self) -> None:
+        """Read, verify and decrypt the next segment."""
         header, cipher, index = self.header, self._cipher, self._index
         assert header is not None  # the header is read first
         assert cipher is not None
@@ -566,9 +467,7 @@ class DecryptingSource(Source):
             count = await read_full(self.inner, target)
         if count < length + _TAG:
             raise self._corrupt(f"truncated inside segment {index}")
-        verified = await anyio.to_thread.run_sync(
-            self._open, cipher, word, length, limiter=self.limiter
-        )
+        verified = await threads.run_sync(self._open, cipher, word, length, limiter=self.limiter)
         if not verified:
             raise self._corrupt(
                 f"segment {index} (plaintext from byte {self._position}) fails authentication: "
@@ -581,39 +480,11 @@ class DecryptingSource(Source):
             with memoryview(bytearray(1)) as probe:
                 if await read_full(self.inner, probe):
                     raise self._corrupt("unexpected data after the final segment")
-            self._final_seen = True
+            self._ended = True
         self._next_word = bytes(self._record[length + _TAG : count])
-        self._plain_start, self._plain_end = 0, length
+        self._out_start, self._out_end = 0, length
         self._index += 1
 
-    async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
-        if self._error is not None:
-            raise type(self._error)(str(self._error))
-        check_sequential(position, self._position, stage="encrypted", url=self.url)
-        view = byte_view(buffer)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        filled = 0
-        # Shielded: a segment read half-way cannot be resumed.
-        with anyio.CancelScope(shield=True), self._latching():
-            await self._read_header()
-            while filled < view.nbytes:
-                waiting = self._plain_end - self._plain_start
-                if waiting:
-                    count = min(waiting, view.nbytes - filled)
-                    start = self._plain_start
-                    with memoryview(self._plain) as plain:
-                        view[filled : filled + count] = plain[start : start + count]
-                    self._plain_start += count
-                    self._position += count
-                    filled += count
-                    continue
-                if self._final_seen:
-                    break
-                await self._next_segment()
-        return filled
-
     async def close(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.inner.close()
-        self._plain = bytearray()
+        await super().close()
         self._record = bytearray()

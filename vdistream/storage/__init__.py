@@ -9,9 +9,13 @@ against them.
 from vdistream.storage.base import BackupInProgressError as BackupInProgressError
 from vdistream.storage.base import OrphanUploadsError as OrphanUploadsError
 from vdistream.storage.base import Sink as Sink
+from vdistream.storage.base import SinkBase as SinkBase
+from vdistream.storage.base import SinkState as SinkState
 from vdistream.storage.base import Source as Source
+from vdistream.storage.base import SourceBase as SourceBase
 from vdistream.storage.base import Storage as Storage
 from vdistream.storage.base import StorageProbeError as StorageProbeError
+from vdistream.storage.base import byte_view as byte_view
 from vdistream.storage.file import FileSink as FileSink
 from vdistream.storage.file import FileSource as FileSource
 from vdistream.storage.file import FileStorage as FileStorage
@@ -41,11 +45,15 @@ __all__ = (
     "NullStorage",
     "OrphanUploadsError",
     "Sink",
+    "SinkBase",
+    "SinkState",
     "Source",
+    "SourceBase",
     "Storage",
     "StorageFactory",
     "StorageProbeError",
     "StorageRegistry",
+    "byte_view",
     "default_registry",
     "open_storage",
 )

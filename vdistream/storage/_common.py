@@ -1,25 +1,24 @@
-"""Pieces every storage implementation shares: key rules, sink states, argument checks."""
+"""Pieces every storage implementation shares: key rules, owner marks, argument checks."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import enum
 from typing import Any
 
 from vdistream.errors import StorageError, StorageURLError
 
 __all__ = (
     "INTERNAL_PREFIX",
+    "MANIFEST_NAME",
     "OwnerMark",
-    "SinkState",
     "byte_view",
     "check_backup_id",
     "check_key",
     "check_position",
     "is_internal",
     "join_url",
-    "require",
+    "owner_text",
 )
 
 #: Names starting with this are vdistream's own bookkeeping (owner locks and marks,
@@ -65,18 +64,6 @@ def owner_text(record: dict[str, Any] | None) -> str:
     return "unknown owner"
 
 
-class SinkState(enum.Enum):
-    """Where a sink is in its life; see ``Sink`` for the transitions."""
-
-    OPEN = "open"
-    #: commit was refused (the key exists): data final and kept, nothing published
-    SEALED = "sealed"
-    COMMITTED = "committed"
-    ABORTED = "aborted"
-    #: an I/O error happened: only abort() is still allowed
-    FAILED = "failed"
-
-
 def check_key(key: str, *, url: str) -> str:
     """Return ``key`` if it is a valid object key (see ``Storage``), else raise."""
     if not key:
@@ -106,12 +93,6 @@ def check_backup_id(backup_id: str, *, url: str) -> str:
 def join_url(base: str, key: str) -> str:
     """The URL of ``key`` under the storage URL ``base``."""
     return base + key if base.endswith("/") else f"{base}/{key}"
-
-
-def require(state: SinkState, *allowed: SinkState, what: str, url: str, device: str | None) -> None:
-    """Refuse ``what`` unless the sink is in one of the ``allowed`` states."""
-    if state not in allowed:
-        raise StorageError(f"cannot {what}: the sink is {state.value}", url=url, device=device)
 
 
 def check_position(

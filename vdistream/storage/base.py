@@ -1,9 +1,10 @@
 """The storage contracts: ``Sink`` (one object written), ``Source`` (one object read)
 and ``Storage`` (a location holding objects by key).
 
-Implementations live next to this module (``file``, ``memory``, ``null``); every one of
-them must pass ``vdistream.testing.check_storage``. The contracts below are what the
-pump, the catalog and that suite rely on, so a new backend reads them first.
+Implementations live next to this module (``file``, ``memory``, ``null``, ``s3``); every
+one of them must pass ``vdistream.testing.check_storage``. The contracts below are what
+the pump, the catalog and that suite rely on, so a new backend reads them first, then
+builds on ``SinkBase`` and ``SourceBase``, which implement the rules below once.
 
 Cancellation, in one place
 --------------------------
@@ -44,21 +45,41 @@ from __future__ import annotations
 import abc
 import builtins
 import contextlib
-from collections.abc import AsyncIterator, Iterable
-from types import TracebackType
+import enum
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Self
 
+import anyio
+import anyio.lowlevel
+
 from vdistream.errors import StorageError, StorageExistsError, StorageNotFoundError
-from vdistream.storage._common import check_backup_id
+from vdistream.storage._common import byte_view, check_backup_id, check_position
 
 __all__ = (
     "BackupInProgressError",
     "OrphanUploadsError",
     "Sink",
+    "SinkBase",
+    "SinkState",
     "Source",
+    "SourceBase",
     "Storage",
     "StorageProbeError",
+    "byte_view",
 )
+
+
+class SinkState(enum.Enum):
+    """Where a sink is in its life; see ``Sink`` for the transitions."""
+
+    OPEN = "open"
+    #: the data is final (a stage wrote its trailer), nothing is published yet: commit
+    #: was refused (the key exists) and may be called again
+    SEALED = "sealed"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    #: an I/O error happened: only abort() is still allowed
+    FAILED = "failed"
 
 
 class BackupInProgressError(StorageError):
@@ -202,15 +223,141 @@ class Sink(abc.ABC):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # abort() is a no-op after commit(), so calling it unconditionally aborts
-        # exactly the sinks that were not committed.
+    async def __aexit__(self, *exc_info: object) -> None:
+        # abort() is a no-op after commit(): this aborts exactly the uncommitted sinks.
         await self.abort()
+
+
+class SinkBase(Sink):
+    """The skeleton of every sink: one ``SinkState``, the guards, the byte counters and
+    the templates of ``write``, ``flush``, ``commit`` and ``abort`` that carry the
+    cancellation rules of the module docstring. A subclass supplies only its steps:
+
+    * ``_write(view, start)``: store all of ``view`` (flat bytes) at byte ``start``;
+    * ``_flush()``: make what was written durable (default: nothing to do);
+    * ``_seal()``: make the data final before publishing (default: nothing to do);
+    * ``_publish()``: make the object visible; raising ``StorageExistsError`` keeps the
+      sink sealed (commit may be retried), any other error fails it;
+    * ``_discard()``: remove what was written; runs shielded, even when cancelled;
+    * ``_errors(what)``: a context translating the medium's own errors (default: none).
+
+    Every step but ``_discard`` runs shielded, after the checkpoint, inside
+    ``_failing``: any error leaves the sink ``FAILED`` (only ``abort`` remains).
+    ``random_access`` is a class attribute; ``_check_position`` and ``_refusal`` may be
+    overridden for other rules and other errors (the pipeline's stages do).
+    """
+
+    random_access: bool = True
+
+    def __init__(self, url: str, device: str | None = None) -> None:
+        self.url = url
+        self.device = device
+        self._state = SinkState.OPEN
+        self._position = 0  # the end of the last write
+        self._size = 0
+        self._written = 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url} {self._state.value}, {self._size} bytes>"
+
+    @property
+    def bytes_written(self) -> int:
+        return self._written
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def require(self, *allowed: SinkState, what: str) -> None:
+        """Refuse ``what`` unless the sink is in one of the ``allowed`` states."""
+        if self._state not in allowed:
+            raise self._refusal(what)
+
+    def _refusal(self, what: str) -> Exception:
+        return StorageError(
+            f"cannot {what}: the sink is {self._state.value}", url=self.url, device=self.device
+        )
+
+    def _check_position(self, position: int | None) -> None:
+        check_position(position, random_access=self.random_access, url=self.url, device=self.device)
+
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _failing(self, what: str) -> Iterator[None]:
+        """Translate errors (``_errors``); any error leaves the sink failed."""
+        try:
+            with self._errors(what):
+                yield
+        except BaseException:
+            self._state = SinkState.FAILED
+            raise
+
+    async def write(self, data: memoryview, *, position: int | None = None) -> None:
+        self.require(SinkState.OPEN, what="write")
+        self._check_position(position)
+        view = byte_view(data)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        start = self._position if position is None else position
+        # Shielded: the engine reuses the buffer as soon as we return, so a write that
+        # has started must not be abandoned half-way (in a worker thread, say).
+        with anyio.CancelScope(shield=True), self._failing("write"):
+            await self._write(view, start)
+        self._position = start + view.nbytes
+        if view.nbytes:
+            self._size = max(self._size, self._position)
+        self._written += view.nbytes
+
+    async def flush(self) -> None:
+        self.require(SinkState.OPEN, what="flush")
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True), self._failing("flush"):
+            await self._flush()
+
+    async def commit(self) -> None:
+        if self._state is SinkState.COMMITTED:
+            return
+        self.require(SinkState.OPEN, SinkState.SEALED, what="commit")
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True):
+            if self._state is SinkState.OPEN:
+                with self._failing("commit"):
+                    await self._seal()
+                self._state = SinkState.SEALED
+            try:
+                with self._errors("commit"):
+                    await self._publish()
+            except StorageExistsError:
+                raise  # the old object is untouched; sealed, so commit may be retried
+            except BaseException:
+                self._state = SinkState.FAILED
+                raise
+            self._state = SinkState.COMMITTED
+
+    async def abort(self) -> None:
+        if self._state in (SinkState.COMMITTED, SinkState.ABORTED):
+            return
+        # No checkpoint first: abort runs even in an already-cancelled scope (it is
+        # what __aexit__ calls on the way out of one).
+        with anyio.CancelScope(shield=True), self._errors("abort"):
+            await self._discard()
+        self._state = SinkState.ABORTED
+
+    @abc.abstractmethod
+    async def _write(self, view: memoryview, start: int) -> None: ...
+
+    async def _flush(self) -> None:
+        return None
+
+    async def _seal(self) -> None:
+        return None
+
+    @abc.abstractmethod
+    async def _publish(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _discard(self) -> None: ...
 
 
 class Source(abc.ABC):
@@ -250,13 +397,54 @@ class Source(abc.ABC):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class SourceBase(Source):
+    """The skeleton of a random-access source of known ``size``: the closed flag, the
+    position and the templates of ``readinto`` and ``close`` that carry the
+    cancellation rules. A subclass implements ``_readinto(view, start)`` (fill ``view``
+    from byte ``start``, fewer bytes only at the end of the object; runs shielded) and
+    ``_close()`` (runs once, shielded).
+    """
+
+    random_access: bool = True
+
+    def __init__(self, url: str, size: int) -> None:
+        self.url = url
+        self._size = size
+        self._position = 0
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
+        if self._closed:
+            raise StorageError("cannot read: the source is closed", url=self.url)
+        check_position(position, random_access=self.random_access, url=self.url)
+        view = byte_view(buffer)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        start = self._position if position is None else position
+        # Shielded for the same reason as SinkBase.write: the buffer is shared memory.
+        with anyio.CancelScope(shield=True):
+            done = await self._readinto(view, start)
+        self._position = start + done
+        return done
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with anyio.CancelScope(shield=True):
+                await self._close()
+
+    @abc.abstractmethod
+    async def _readinto(self, view: memoryview, start: int) -> int: ...
+
+    async def _close(self) -> None:
+        return None
 
 
 class Storage(abc.ABC):
@@ -353,12 +541,7 @@ class Storage(abc.ABC):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def read_bytes(self, key: str) -> bytes:

@@ -32,8 +32,8 @@ without ``in_progress``) is left to ``vdistream storage audit --clean``. Names s
 with ``.vdistream-`` (the lock, the probe file) are not keys and never listed.
 
 File data goes through aiofiles (unbuffered, so every byte reaches the kernel within
-the call); fsync, link, unlink and directory work run in ``anyio.to_thread``. Every
-``OSError`` is translated with ``vdistream.errors.translate_os_error``.
+the call); it and fsync, link, unlink and directory work run in ``vdistream.threads``'
+bounded pool. Every ``OSError`` is translated with ``vdistream.errors.translate_os_error``.
 """
 
 from __future__ import annotations
@@ -55,11 +55,10 @@ from urllib.parse import unquote, urlsplit
 import aiofiles
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 from aiofiles.threadpool.binary import AsyncFileIO
 
+from vdistream import threads
 from vdistream.errors import (
-    StorageError,
     StorageExistsError,
     StorageIntegrityError,
     StorageNotFoundError,
@@ -71,19 +70,15 @@ from vdistream.ownership import LOCK_NAME, OwnerLock, owner_gone
 from vdistream.storage._common import (
     MANIFEST_NAME,
     OwnerMark,
-    SinkState,
-    byte_view,
     check_backup_id,
     check_key,
-    check_position,
     is_internal,
     owner_text,
-    require,
 )
 from vdistream.storage.base import (
     BackupInProgressError,
-    Sink,
-    Source,
+    SinkBase,
+    SourceBase,
     Storage,
     StorageProbeError,
 )
@@ -139,9 +134,9 @@ class FileStorage(Storage):
         with anyio.CancelScope(shield=True), translate_os_error("open", url=url, device=device):
             created: builtins.list[Path] = []
             for attempt in range(3):
-                created += await anyio.to_thread.run_sync(_make_directories, final.parent)
+                created += await threads.run_sync(_make_directories, final.parent)
                 try:
-                    file = await aiofiles.open(temp, "xb", buffering=0)
+                    file = await aiofiles.open(temp, "xb", buffering=0, executor=threads.executor())
                     break
                 except FileNotFoundError:
                     if attempt == 2:  # a sweep removed the directory each time: give up
@@ -161,9 +156,9 @@ class FileStorage(Storage):
         url = path.as_uri()
         await anyio.lowlevel.checkpoint_if_cancelled()
         with anyio.CancelScope(shield=True), _reading("open", url):
-            file = await aiofiles.open(path, "rb", buffering=0)
+            file = await aiofiles.open(path, "rb", buffering=0, executor=threads.executor())
             try:
-                info = await anyio.to_thread.run_sync(os.fstat, file.fileno())
+                info = await threads.run_sync(os.fstat, file.fileno())
                 if not stat.S_ISREG(info.st_mode):
                     raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
             except BaseException:
@@ -173,12 +168,12 @@ class FileStorage(Storage):
 
     async def list(self, prefix: str = "") -> builtins.list[str]:
         with translate_os_error("list", url=self.url):
-            return await anyio.to_thread.run_sync(_list_keys, self.path, prefix)
+            return await threads.run_sync(_list_keys, self.path, prefix)
 
     async def stat(self, key: str) -> int:
         path = self._path(key)
         with _reading("stat", path.as_uri()):
-            info = await anyio.to_thread.run_sync(os.stat, path)
+            info = await threads.run_sync(os.stat, path)
         if not stat.S_ISREG(info.st_mode):
             raise StorageNotFoundError("stat failed: not a regular file", url=path.as_uri())
         return info.st_size
@@ -186,8 +181,8 @@ class FileStorage(Storage):
     async def delete(self, key: str) -> None:
         path = self._path(key)
         with anyio.CancelScope(shield=True), _reading("delete", path.as_uri()):
-            await anyio.to_thread.run_sync(os.unlink, path)
-            await anyio.to_thread.run_sync(_fsync_dir, path.parent)
+            await threads.run_sync(os.unlink, path)
+            await threads.run_sync(_fsync_dir, path.parent)
 
     # --- debris (see the module docstring) ---
 
@@ -207,13 +202,13 @@ class FileStorage(Storage):
             yield
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_drop_lock, lock, self.path)
+                await threads.run_sync(_drop_lock, lock, self.path)
 
     async def _take_lock(self, backup_id: str, directory: Path, url: str) -> OwnerLock:
         deadline = anyio.current_time() + _LOCK_PATIENCE
         while True:
             with translate_os_error("lock the backup", url=url):
-                lock, holder = await anyio.to_thread.run_sync(_acquire, directory)
+                lock, holder = await threads.run_sync(_acquire, directory)
             if lock is not None:
                 return lock
             if anyio.current_time() >= deadline:
@@ -226,7 +221,7 @@ class FileStorage(Storage):
     async def sweep(self) -> builtins.list[str]:
         """Remove the debris of backups whose lock's owner is gone (``Storage.sweep``)."""
         with anyio.CancelScope(shield=True):
-            removed, failures = await anyio.to_thread.run_sync(_sweep, self.path)
+            removed, failures = await threads.run_sync(_sweep, self.path)
         for name in removed:
             _log.info("debris_removed", storage=self.url, item=name)
         for failure in failures:
@@ -235,19 +230,19 @@ class FileStorage(Storage):
 
     async def owner_marks(self) -> builtins.list[OwnerMark]:
         """The lock of every backup directory, live (held) or stale (not held)."""
-        return await anyio.to_thread.run_sync(_owner_marks, self.path)
+        return await threads.run_sync(_owner_marks, self.path)
 
     async def remove_mark(self, mark: OwnerMark) -> None:
         """Remove a stale lock file (taking it first, so a live one is never removed)."""
         with translate_os_error("remove lock", url=self.url):
-            await anyio.to_thread.run_sync(_remove_stale_lock, self.path / mark.name)
+            await threads.run_sync(_remove_stale_lock, self.path / mark.name)
 
     async def probe(self) -> None:
         """Create the directory (as a backup does) and write, fsync and remove a small
         ``.vdistream-probe-<random>`` file in it (``Storage.probe``)."""
         where = str(self.path)
         try:
-            await anyio.to_thread.run_sync(_probe, self.path)
+            await threads.run_sync(_probe, self.path)
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
             if isinstance(exc, NotADirectoryError | FileExistsError):
@@ -255,7 +250,7 @@ class FileStorage(Storage):
             raise StorageProbeError(where, reason) from exc
 
 
-class FileSink(Sink):
+class FileSink(SinkBase):
     """Writes a temporary file; ``commit`` links it under the key (see module doc)."""
 
     def __init__(
@@ -269,165 +264,67 @@ class FileSink(Sink):
         device: str | None,
         created: tuple[Path, ...] = (),
     ) -> None:
-        self.url = url
-        self.device = device
+        super().__init__(url, device)
         self.temp_path = temp
         self.final_path = final
         self._root = root
         self._created = created  # directories open_sink made, removed by abort if empty
         self._file = file
-        self._position = 0  # where the file offset is: the end of the last write
-        self._size = 0
-        self._written = 0
-        self._state = SinkState.OPEN
 
-    def __repr__(self) -> str:
-        return f"<FileSink {self.url} {self._state.value}, {self._size} bytes>"
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[object]:
+        return translate_os_error(what, url=self.url, device=self.device)
 
-    @property
-    def random_access(self) -> bool:
-        return True
+    async def _write(self, view: memoryview, start: int) -> None:
+        if start != self._position:
+            await self._file.seek(start)
+        done = 0
+        while done < view.nbytes:  # unbuffered writes may be short
+            with view[done:] as rest:
+                done += await self._file.write(rest)
 
-    @property
-    def bytes_written(self) -> int:
-        return self._written
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @contextlib.contextmanager
-    def _io(self, what: str) -> Iterator[None]:
-        """Translate OSErrors; any error leaves the sink failed (only abort remains)."""
-        try:
-            with translate_os_error(what, url=self.url, device=self.device):
-                yield
-        except BaseException:
-            self._state = SinkState.FAILED
-            raise
-
-    async def write(self, data: memoryview, *, position: int | None = None) -> None:
-        require(self._state, SinkState.OPEN, what="write", url=self.url, device=self.device)
-        check_position(position, random_access=True, url=self.url, device=self.device)
-        view = byte_view(data)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        # Shielded: the engine reuses the buffer as soon as we return, so a write that
-        # has started must not be abandoned half-way in a worker thread.
-        with anyio.CancelScope(shield=True), self._io("write"):
-            if position is not None and position != self._position:
-                await self._file.seek(position)
-                self._position = position
-            done = 0
-            while done < view.nbytes:  # unbuffered writes may be short
-                with view[done:] as rest:
-                    done += await self._file.write(rest)
-        self._position += done
-        if done:
-            self._size = max(self._size, self._position)
-        self._written += done
-
-    async def flush(self) -> None:
-        require(self._state, SinkState.OPEN, what="flush", url=self.url, device=self.device)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        with anyio.CancelScope(shield=True), self._io("flush"):
-            await anyio.to_thread.run_sync(os.fsync, self._file.fileno())
-
-    async def commit(self) -> None:
-        if self._state is SinkState.COMMITTED:
-            return
-        require(
-            self._state,
-            SinkState.OPEN,
-            SinkState.SEALED,
-            what="commit",
-            url=self.url,
-            device=self.device,
-        )
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        with anyio.CancelScope(shield=True):
-            if self._state is SinkState.OPEN:
-                await self._seal()
-            await self._publish()
+    async def _flush(self) -> None:
+        await threads.run_sync(os.fsync, self._file.fileno())
 
     async def _seal(self) -> None:
         """Check the byte count, fsync and close: the data is final from here on."""
         fd = self._file.fileno()
-        with self._io("commit"):
-            actual = (await anyio.to_thread.run_sync(os.fstat, fd)).st_size
-            if actual != self._size:
-                raise StorageIntegrityError(
-                    f"commit refused: the file holds {actual} bytes, the sink wrote {self._size}",
-                    url=self.url,
-                    device=self.device,
-                )
-            await anyio.to_thread.run_sync(os.fsync, fd)
-            await self._file.close()
-        self._state = SinkState.SEALED
+        actual = (await threads.run_sync(os.fstat, fd)).st_size
+        if actual != self._size:
+            raise StorageIntegrityError(
+                f"commit refused: the file holds {actual} bytes, the sink wrote {self._size}",
+                url=self.url,
+                device=self.device,
+            )
+        await threads.run_sync(os.fsync, fd)
+        await self._file.close()
 
     async def _publish(self) -> None:
-        with self._io("commit"):
-            await anyio.to_thread.run_sync(_make_directory, self.final_path.parent)
-            linked = await anyio.to_thread.run_sync(_link_new, self.temp_path, self.final_path)
-        if not linked:
-            # The old object stays as it was; we stay sealed so the caller may delete
-            # it and commit again, or abort.
+        if not await threads.run_sync(_link_durably, self._root, self.temp_path, self.final_path):
             raise StorageExistsError(
                 "commit refused: an object is already committed under this key",
                 url=self.url,
                 device=self.device,
             )
-        with self._io("commit"):
-            await anyio.to_thread.run_sync(
-                _finish_link, self._root, self.temp_path, self.final_path
-            )
-        self._state = SinkState.COMMITTED
 
-    async def abort(self) -> None:
-        if self._state in (SinkState.COMMITTED, SinkState.ABORTED):
-            return
-        # No checkpoint first: abort must run even in an already-cancelled scope (it is
-        # what __aexit__ calls on the way out of one).
-        with (
-            anyio.CancelScope(shield=True),
-            translate_os_error("abort", url=self.url, device=self.device),
-        ):
-            try:
-                await self._file.close()  # idempotent
-            finally:
-                await anyio.to_thread.run_sync(_unlink_if_present, self.temp_path)
-                await anyio.to_thread.run_sync(_remove_empty, self._created)
-        self._state = SinkState.ABORTED
+    async def _discard(self) -> None:
+        try:
+            await self._file.close()  # idempotent
+        finally:
+            await threads.run_sync(_unlink_if_present, self.temp_path)
+            await threads.run_sync(_remove_empty, self._created)
 
 
-class FileSource(Source):
+class FileSource(SourceBase):
     """Reads an open regular file; positional reads seek first."""
 
     def __init__(self, file: AsyncFileIO, *, size: int, url: str) -> None:
-        self.url = url
+        super().__init__(url, size)
         self._file = file
-        self._size = size
-        self._position = 0
-        self._closed = False
 
-    @property
-    def random_access(self) -> bool:
-        return True
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
-        if self._closed:
-            raise StorageError("cannot read: the source is closed", url=self.url)
-        check_position(position, random_access=True, url=self.url)
-        view = byte_view(buffer)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        # Shielded for the same reason as FileSink.write: the buffer is shared memory.
-        with anyio.CancelScope(shield=True), translate_os_error("read", url=self.url):
-            if position is not None and position != self._position:
-                await self._file.seek(position)
-                self._position = position
+    async def _readinto(self, view: memoryview, start: int) -> int:
+        with translate_os_error("read", url=self.url):
+            if start != self._position:
+                await self._file.seek(start)
             done = 0
             while done < view.nbytes:
                 with view[done:] as rest:
@@ -435,14 +332,10 @@ class FileSource(Source):
                 if not count:
                     break
                 done += count
-        self._position += done
         return done
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True), translate_os_error("close", url=self.url):
+    async def _close(self) -> None:
+        with translate_os_error("close", url=self.url):
             await self._file.close()
 
 
@@ -461,13 +354,9 @@ def _reading(what: str, url: str) -> Iterator[None]:
             raise
 
 
-def _make_directory(directory: Path) -> None:
-    """Create ``directory`` and its parents; a file in the way is an error, not 'exists'."""
-    _make_directories(directory)
-
-
 def _make_directories(directory: Path) -> builtins.list[Path]:
-    """Like ``_make_directory``; returns the directories created, deepest first."""
+    """Create ``directory`` and its parents; return those created, deepest first. A file
+    in the way is an error, not 'exists'."""
     missing: builtins.list[Path] = []
     probe = directory
     while not probe.is_dir() and probe != probe.parent:
@@ -506,7 +395,7 @@ def _acquire(directory: Path) -> tuple[OwnerLock | None, str]:
     live process holds it, (None, "host, pid N")."""
     path = directory / LOCK_NAME
     for _ in range(10):
-        _make_directory(directory)
+        _make_directories(directory)
         try:
             return OwnerLock.take(path), ""
         except FileNotFoundError:
@@ -631,7 +520,7 @@ def _remove_debris(
 
 
 def _probe(root: Path) -> None:
-    _make_directory(root)
+    _make_directories(root)
     path = root / f".vdistream-probe-{secrets.token_hex(8)}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -646,20 +535,17 @@ def _probe(root: Path) -> None:
     _fsync_dir(root)
 
 
-def _link_new(temp: Path, final: Path) -> bool:
-    """Give ``temp`` the name ``final`` unless that name exists (then False).
+def _link_durably(root: Path, temp: Path, final: Path) -> bool:
+    """Give ``temp`` the name ``final`` unless that name exists (then False), drop the
+    temporary name and make the new one durable; undo on failure.
 
     link(2) fails with EEXIST instead of replacing, atomically; rename(2) would replace.
     """
+    _make_directories(final.parent)
     try:
         os.link(temp, final)
     except FileExistsError:
         return False
-    return True
-
-
-def _finish_link(root: Path, temp: Path, final: Path) -> None:
-    """Drop the temporary name and make the new name durable; undo on failure."""
     inode = os.stat(temp).st_ino
     try:
         os.unlink(temp)
@@ -677,6 +563,7 @@ def _finish_link(root: Path, temp: Path, final: Path) -> None:
                 os.unlink(final)
         _unlink_if_present(temp)
         raise
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

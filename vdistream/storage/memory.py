@@ -13,20 +13,12 @@ from urllib.parse import unquote, urlsplit
 import anyio.lowlevel
 
 from vdistream.errors import (
-    StorageError,
     StorageExistsError,
     StorageNotFoundError,
     StorageURLError,
 )
-from vdistream.storage._common import (
-    SinkState,
-    byte_view,
-    check_key,
-    check_position,
-    join_url,
-    require,
-)
-from vdistream.storage.base import Sink, Source, Storage
+from vdistream.storage._common import check_key, join_url
+from vdistream.storage.base import SinkBase, SourceBase, Storage
 
 __all__ = ("MemorySink", "MemorySource", "MemoryStorage", "MemoryStore", "MemoryStores")
 
@@ -120,62 +112,23 @@ class MemoryStorage(Storage):
         del self.store.objects[self._full_key(key)]
 
 
-class MemorySink(Sink):
+class MemorySink(SinkBase):
     """Buffers in a private ``bytearray``; ``commit`` moves it into the store."""
 
     def __init__(self, store: MemoryStore, key: str, *, url: str, device: str | None) -> None:
-        self.url = url
-        self.device = device
+        super().__init__(url, device)
         self._store = store
         self._key = key
         self._buffer = bytearray()
-        self._position = 0
-        self._written = 0
-        self._state = SinkState.OPEN
 
-    @property
-    def random_access(self) -> bool:
-        return True
-
-    @property
-    def bytes_written(self) -> int:
-        return self._written
-
-    @property
-    def size(self) -> int:
-        return len(self._buffer)
-
-    async def write(self, data: memoryview, *, position: int | None = None) -> None:
-        require(self._state, SinkState.OPEN, what="write", url=self.url, device=self.device)
-        check_position(position, random_access=True, url=self.url, device=self.device)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        start = self._position if position is None else position
-        view = byte_view(data)
+    async def _write(self, view: memoryview, start: int) -> None:
         if view.nbytes:
             if start > len(self._buffer):
                 self._buffer.extend(bytes(start - len(self._buffer)))
             self._buffer[start : start + view.nbytes] = view  # copies
-        self._position = start + view.nbytes
-        self._written += view.nbytes
 
-    async def flush(self) -> None:
-        require(self._state, SinkState.OPEN, what="flush", url=self.url, device=self.device)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-
-    async def commit(self) -> None:
-        if self._state is SinkState.COMMITTED:
-            return
-        require(
-            self._state,
-            SinkState.OPEN,
-            SinkState.SEALED,
-            what="commit",
-            url=self.url,
-            device=self.device,
-        )
-        await anyio.lowlevel.checkpoint_if_cancelled()
+    async def _publish(self) -> None:
         if self._key in self._store.objects:
-            self._state = SinkState.SEALED
             raise StorageExistsError(
                 "commit refused: an object is already committed under this key",
                 url=self.url,
@@ -183,43 +136,19 @@ class MemorySink(Sink):
             )
         self._store.objects[self._key] = bytes(self._buffer)
         self._buffer = bytearray()
-        self._state = SinkState.COMMITTED
 
-    async def abort(self) -> None:
-        # No checkpoint: abort must run even inside an already-cancelled scope.
-        if self._state is not SinkState.COMMITTED:
-            self._buffer = bytearray()
-            self._state = SinkState.ABORTED
+    async def _discard(self) -> None:
+        self._buffer = bytearray()
 
 
-class MemorySource(Source):
+class MemorySource(SourceBase):
     """Reads a committed ``bytes`` object; positional reads allowed."""
 
     def __init__(self, data: bytes, *, url: str) -> None:
-        self.url = url
+        super().__init__(url, len(data))
         self._data = data
-        self._position = 0
-        self._closed = False
 
-    @property
-    def random_access(self) -> bool:
-        return True
-
-    @property
-    def size(self) -> int:
-        return len(self._data)
-
-    async def readinto(self, buffer: memoryview, *, position: int | None = None) -> int:
-        if self._closed:
-            raise StorageError("cannot read: the source is closed", url=self.url)
-        check_position(position, random_access=True, url=self.url)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        start = self._position if position is None else position
-        view = byte_view(buffer)
+    async def _readinto(self, view: memoryview, start: int) -> int:
         count = max(0, min(view.nbytes, len(self._data) - start))
         view[:count] = memoryview(self._data)[start : start + count]
-        self._position = start + count
         return count
-
-    async def close(self) -> None:
-        self._closed = True

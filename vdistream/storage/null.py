@@ -13,15 +13,8 @@ from urllib.parse import urlsplit
 import anyio.lowlevel
 
 from vdistream.errors import StorageNotFoundError, StorageURLError
-from vdistream.storage._common import (
-    SinkState,
-    byte_view,
-    check_key,
-    check_position,
-    join_url,
-    require,
-)
-from vdistream.storage.base import Sink, Source, Storage
+from vdistream.storage._common import check_key, join_url
+from vdistream.storage.base import SinkBase, Source, Storage
 
 __all__ = ("NullSink", "NullStorage")
 
@@ -65,51 +58,17 @@ class NullStorage(Storage):
         raise self._missing(key)
 
 
-class NullSink(Sink):
+class NullSink(SinkBase):
     """Counts bytes and positions like a real sink, then forgets them."""
 
     def __init__(self, *, url: str, device: str | None = None) -> None:
-        self.url = url
-        self.device = device
-        self._position = 0
-        self._size = 0
-        self._written = 0
-        self._state = SinkState.OPEN
+        super().__init__(url, device)
 
-    @property
-    def random_access(self) -> bool:
-        return True
+    async def _write(self, view: memoryview, start: int) -> None:
+        return None
 
-    @property
-    def bytes_written(self) -> int:
-        return self._written
+    async def _publish(self) -> None:
+        return None
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def write(self, data: memoryview, *, position: int | None = None) -> None:
-        require(self._state, SinkState.OPEN, what="write", url=self.url, device=self.device)
-        check_position(position, random_access=True, url=self.url, device=self.device)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        count = byte_view(data).nbytes
-        start = self._position if position is None else position
-        if count:
-            self._size = max(self._size, start + count)
-        self._position = start + count
-        self._written += count
-
-    async def flush(self) -> None:
-        require(self._state, SinkState.OPEN, what="flush", url=self.url, device=self.device)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-
-    async def commit(self) -> None:
-        if self._state is SinkState.COMMITTED:
-            return
-        require(self._state, SinkState.OPEN, what="commit", url=self.url, device=self.device)
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        self._state = SinkState.COMMITTED
-
-    async def abort(self) -> None:
-        if self._state is not SinkState.COMMITTED:
-            self._state = SinkState.ABORTED
+    async def _discard(self) -> None:
+        return None

@@ -5,7 +5,7 @@ Two ways to run it:
 * ``await check_storage(make_storage)`` runs every check, each against a fresh, empty
   storage from ``make_storage()``;
 * subclass ``StorageConformance`` as a pytest test class and override its ``storage``
-  fixture; each check becomes one test::
+  fixture; each check becomes one test (``test_conformance[round_trip]``, ...)::
 
       class TestMyStorage(StorageConformance):
           @pytest.fixture
@@ -44,7 +44,28 @@ __all__ = (
     "StorageConformance",
     "StorageMaker",
     "cancel_during",
+    "check_abort",
+    "check_abort_after_commit",
+    "check_buffers_not_retained",
+    "check_cancel_abort",
+    "check_cancel_commit",
+    "check_cancel_flush",
+    "check_cancel_open",
+    "check_cancel_write",
+    "check_context_manager",
+    "check_delete",
+    "check_in_progress",
+    "check_invalid_keys",
+    "check_list_prefixes",
+    "check_no_overwrite",
+    "check_probe",
+    "check_random_access",
+    "check_readinto",
+    "check_round_trip",
+    "check_sources",
     "check_storage",
+    "check_uncommitted_invisible",
+    "check_zero_length",
 )
 
 #: Returns a fresh, empty storage for one check.
@@ -334,13 +355,18 @@ async def check_cancel_write(storage: Storage, residue: Residue | None = None) -
             )
             _expect(not completed or written == len(first) + len(second), "lost a write")
             await _expect_absent(storage, key)
-            if finish == "abort":
-                await sink.abort()
-                await _expect_absent(storage, key)
-            else:
-                await sink.commit()
-                await _expect_present(storage, key, (first + second)[:written])
+            await _finish(storage, sink, key, finish, (first + second)[:written])
     await _expect_no_residue(storage, residue)
+
+
+async def _finish(storage: Storage, sink: Sink, key: str, how: str, data: bytes) -> None:
+    """``abort`` the sink (nothing is visible) or ``commit`` it (``data`` is)."""
+    if how == "abort":
+        await sink.abort()
+        await _expect_absent(storage, key)
+    else:
+        await sink.commit()
+        await _expect_present(storage, key, data)
 
 
 async def check_cancel_flush(storage: Storage, residue: Residue | None = None) -> None:
@@ -354,12 +380,7 @@ async def check_cancel_flush(storage: Storage, residue: Residue | None = None) -
             await cancel_during(sink.flush, delay)
             _expect(sink.bytes_written == len(data), "flush changed bytes_written")
             await _expect_absent(storage, key)
-            if finish == "abort":
-                await sink.abort()
-                await _expect_absent(storage, key)
-            else:
-                await sink.commit()
-                await _expect_present(storage, key, data)
+            await _finish(storage, sink, key, finish, data)
     await _expect_no_residue(storage, residue)
 
 
@@ -641,85 +662,10 @@ class StorageConformance:
         return None
 
     @pytest.mark.asyncio
-    async def test_round_trip(self, storage: Storage) -> None:
-        await check_round_trip(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_readinto(self, storage: Storage) -> None:
-        await check_readinto(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_uncommitted_invisible(self, storage: Storage) -> None:
-        await check_uncommitted_invisible(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_abort(self, storage: Storage) -> None:
-        await check_abort(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_abort_after_commit(self, storage: Storage) -> None:
-        await check_abort_after_commit(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_no_overwrite(self, storage: Storage) -> None:
-        await check_no_overwrite(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_context_manager(self, storage: Storage) -> None:
-        await check_context_manager(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_cancel_open(self, storage: Storage) -> None:
-        await check_cancel_open(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_cancel_write(self, storage: Storage) -> None:
-        await check_cancel_write(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_cancel_flush(self, storage: Storage) -> None:
-        await check_cancel_flush(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_cancel_commit(self, storage: Storage) -> None:
-        await check_cancel_commit(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_cancel_abort(self, storage: Storage) -> None:
-        await check_cancel_abort(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_buffers_not_retained(self, storage: Storage) -> None:
-        await check_buffers_not_retained(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_delete(self, storage: Storage) -> None:
-        await check_delete(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_list_prefixes(self, storage: Storage) -> None:
-        await check_list_prefixes(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_zero_length(self, storage: Storage) -> None:
-        await check_zero_length(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_random_access(self, storage: Storage) -> None:
-        await check_random_access(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_invalid_keys(self, storage: Storage) -> None:
-        await check_invalid_keys(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_sources(self, storage: Storage) -> None:
-        await check_sources(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_in_progress(self, storage: Storage) -> None:
-        await check_in_progress(storage, self.residue)
-
-    @pytest.mark.asyncio
-    async def test_probe(self, storage: Storage) -> None:
-        await check_probe(storage, self.residue)
+    @pytest.mark.parametrize(
+        "check",
+        STORAGE_CHECKS,
+        ids=[check.__name__.removeprefix("check_") for check in STORAGE_CHECKS],
+    )
+    async def test_conformance(self, storage: Storage, check: StorageCheck) -> None:
+        await check(storage, self.residue)
