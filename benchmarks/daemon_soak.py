@@ -4,7 +4,7 @@ A real ``vdistream serve`` runs in a temporary directory with three SQLite datab
 a few MiB each (``--db-mib``), each backed up by a schedule every minute
 (``* * * * *``) into a directory, verified after each backup, with retention
 ``keep_last = 3`` so that the disk does not fill. Three client loops drive it through
-the control API (the Unix socket, ``vdistream.service.client.ApiClient``), each one
+the control API (the Unix socket, ``vdistream.cli.client.ApiClient``), each one
 submitting, in turn, a backup, a verify (``content = true``) and a restore (into a file
 of its own, ``overwrite = true``) and waiting for each to end, rotating over the
 databases, following each job's event stream as ``vdistream submit --wait`` does. The
@@ -57,7 +57,7 @@ import anyio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vdistream.service.client import ApiClient, DaemonError  # noqa: E402
+from vdistream.cli.client import ApiClient, DaemonError  # noqa: E402
 
 MIB = 1024 * 1024
 HEAP_MAX = 64 * MIB

@@ -68,9 +68,47 @@ def test_backup_list_verify_restore(tmp_path: Path, backed_up: tuple[Path, Path,
 
 
 def test_backup_json_fields(backed_up: tuple[Path, Path, str]) -> None:
-    _, dest, backup_id = backed_up
+    """``backup --json``: one JSON object on stdout, its fields naming the backup made
+    (id, status, the manifest's location, stored and logical bytes, the devices)."""
+    src, dest, backup_id = backed_up
     manifest = dest / backup_id / "manifest.json"
     assert manifest.exists()
+
+    done = vdistream("backup", f"cmd:tar -C {src} -cf - .", str(dest), "--json", "--devices", "3")
+    assert len(done.stdout.splitlines()) == 1
+    summary = json.loads(done.stdout)
+    assert set(summary) == {
+        "id",
+        "status",
+        "manifest",
+        "bytes",
+        "logical_bytes",
+        "devices",
+        "seconds",
+        "error",
+        "aborted_by",
+    }
+    made = summary["id"]
+    assert isinstance(made, str)
+    assert made != backup_id
+    written = json.loads((dest / made / "manifest.json").read_text())
+    assert written["backup_id"] == made
+    assert summary["status"] == "succeeded"
+    assert summary["error"] is None
+    assert summary["aborted_by"] is None
+    assert summary["manifest"] == (dest / made / "manifest.json").as_uri()
+    assert summary["devices"] == written["devices"]
+    assert [d["index"] for d in summary["devices"]] == [0, 1, 2]
+    streams = sorted((dest / made).glob("stream-*-of-03.vdi"))
+    assert [d["key"] for d in summary["devices"]] == [f"{made}/{p.name}" for p in streams]
+    # stored: what the destination holds; logical: what the engine wrote
+    assert type(summary["bytes"]) is int
+    assert summary["bytes"] == sum(p.stat().st_size for p in streams) > 0
+    assert type(summary["logical_bytes"]) is int
+    assert summary["logical_bytes"] == sum(d["logical_bytes"] for d in written["devices"])
+    assert isinstance(summary["seconds"], int | float)
+    assert summary["seconds"] >= 0
+    assert f"backup {made} complete: logical {summary['logical_bytes']:,} bytes" in done.stderr
 
 
 def test_wrong_url_scheme_is_a_usage_error(tmp_path: Path) -> None:

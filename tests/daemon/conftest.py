@@ -34,8 +34,8 @@ import anyio
 import pytest
 
 from tests.databases.pgserver import PG_BINDIR, PgCluster, PgServer, missing_tools
+from vdistream.cli.client import ApiClient
 from vdistream.service import Settings, load_settings
-from vdistream.service.client import ApiClient
 
 SLOW_SOURCE = Path(__file__).with_name("slow_source.py")
 TERMINAL = frozenset({"succeeded", "failed", "aborted"})

@@ -18,8 +18,8 @@ import pytest
 
 from tests.daemon.conftest import REPO, Daemon, make_sqlite, slow_url, wait_job
 from vdistream.cli import main
+from vdistream.cli.daemon import submit_backup_to_daemon
 from vdistream.operations import BackupSettings, run_backup
-from vdistream.service.client import submit_backup_to_daemon
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -26,13 +26,15 @@ from collections.abc import Sequence
 import click
 
 from vdistream._version import __version__
+from vdistream.cli.daemon import abort, job, jobs, serve, status, submit
 from vdistream.cli.framework import CommandError, logging_options, say
-from vdistream.cli.local import register_local_commands
+from vdistream.cli.local import backup, demo, keygen, list_, restore, storage, verify
 from vdistream.cli.params import OptionValueError
+from vdistream.cli.prune import prune
 
 __all__ = ("build_parser", "cli", "main")
 
-USAGE = 2
+_USAGE = 2
 
 
 @click.group(
@@ -53,33 +55,31 @@ def cli() -> None:
 
 
 def build_parser() -> click.Group:
-    """The root command group with every command registered (done once, on first use,
-    so that importing a command's module first cannot make a cycle)."""
+    """The root command group with every command registered."""
     if not cli.commands:
-        from vdistream.service.commands import register_commands
-
-        register_local_commands(cli)
-        register_commands(cli)
+        local = (backup, restore, verify, list_, storage, keygen, demo, prune)
+        for command in (*local, serve, status, jobs, job, abort, submit):
+            cli.add_command(command)
     return cli
 
 
-def _param_name(param: click.Parameter, ctx: click.Context | None) -> str:
+def _param_name(param: click.Parameter) -> str:
     if isinstance(param, click.Option):
         longs = [opt for opt in param.opts if opt.startswith("--")]
         return (longs or param.opts)[0]
     return param.human_readable_name
 
 
-def usage_line(exc: click.UsageError) -> str:
+def _usage_line(exc: click.UsageError) -> str:
     """One line for a usage error, in the user's terms."""
     if isinstance(exc, OptionValueError) and exc.param is not None:
-        line = f"{_param_name(exc.param, exc.ctx)} {exc.value}: {exc.reason}"
+        line = f"{_param_name(exc.param)} {exc.value}: {exc.reason}"
     elif (
         isinstance(exc, click.BadParameter)
         and not isinstance(exc, click.MissingParameter)
         and exc.param is not None
     ):
-        line = f"{_param_name(exc.param, exc.ctx)}: {exc.message}"
+        line = f"{_param_name(exc.param)}: {exc.message}"
     elif isinstance(exc, click.exceptions.NoArgsIsHelpError):
         where = exc.ctx.command_path if exc.ctx is not None else "vdistream"
         line = f"{where} needs a command (`{where} --help` lists them)"
@@ -106,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             standalone_mode=False,
         )
     except click.UsageError as exc:
-        say(f"vdistream: error: {usage_line(exc)}", err=True)
-        return USAGE
+        say(f"vdistream: error: {_usage_line(exc)}", err=True)
+        return _USAGE
     except click.ClickException as exc:
         say(f"vdistream: error: {' '.join(exc.format_message().split())}", err=True)
         return exc.exit_code
@@ -117,19 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as raised:
         error = _leaf(raised)
         text = " ".join(str(error).split()) or type(error).__name__
+        code = 1
         if isinstance(error, CommandError):
-            say(f"vdistream: error: {text}", err=True)
-            return error.code
-        if isinstance(error, ConfigError | StorageURLError):
-            say(f"vdistream: error: {text}", err=True)
-            return USAGE
-        if isinstance(error, CatalogError | VdistreamError | OSError):
-            say(f"vdistream: error: {text}", err=True)
-            return 1
-        say(
-            f"vdistream: error: unexpected {type(error).__name__}: {text} "
-            "(a bug; -vv shows the traceback)",
-            err=True,
-        )
-        return 1
+            code = error.code
+        elif isinstance(error, ConfigError | StorageURLError):
+            code = _USAGE
+        elif not isinstance(error, CatalogError | VdistreamError | OSError):
+            text = f"unexpected {type(error).__name__}: {text} (a bug; -vv shows the traceback)"
+        say(f"vdistream: error: {text}", err=True)
+        return code
     return code if isinstance(code, int) else 0

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TextIO, TypeVar
 
 import anyio
 import click
@@ -44,15 +45,21 @@ from vdistream.log import get_logger
 __all__ = (
     "CommandError",
     "LogChoice",
+    "Params",
+    "beside",
     "logging_options",
+    "options",
     "run",
+    "runs",
     "say",
 )
 
-SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 _LEVELS = ("debug", "info", "warning", "error")
 _META = "vdistream.logging"
-F = TypeVar("F", bound=Callable[..., Any])
+_F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
+Params = dict[str, Any]
 
 _log = get_logger("vdistream.cli")
 
@@ -66,9 +73,9 @@ class CommandError(Exception):
         self.code = code
 
 
-def say(text: str, *, err: bool = False) -> None:
-    """One line (or several) on stdout, or on stderr with ``err``."""
-    stream = sys.stderr if err else sys.stdout
+def say(text: str, *, err: bool = False, to: TextIO | None = None) -> None:
+    """One line (or several) on stdout, on stderr with ``err``, or on ``to``."""
+    stream = to or (sys.stderr if err else sys.stdout)
     stream.write(text if text.endswith("\n") else text + "\n")
     stream.flush()
 
@@ -78,24 +85,19 @@ class LogChoice:
     """What the logging options asked for."""
 
     verbose: int = 0
-    level: str | None = None
+    log_level: str | None = None
     log_format: str | None = None
 
     @property
     def chosen_level(self) -> str | None:
         """The level to show, ``None``: show nothing."""
-        if self.level is not None:
-            return self.level
-        if self.verbose:
-            return "info" if self.verbose == 1 else "debug"
-        return None
+        if self.log_level is not None or not self.verbose:
+            return self.log_level
+        return "info" if self.verbose == 1 else "debug"
 
 
 def _choice(ctx: click.Context) -> LogChoice:
-    meta = ctx.find_root().meta
-    if _META not in meta:
-        meta[_META] = LogChoice()
-    choice: LogChoice = meta[_META]
+    choice: LogChoice = ctx.find_root().meta.setdefault(_META, LogChoice())
     return choice
 
 
@@ -103,43 +105,50 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     choice = _choice(ctx)
     if param.name == "verbose":
         choice.verbose += int(value or 0)
-    elif param.name == "log_level" and value is not None:
-        choice.level = str(value).lower()
-    elif param.name == "log_format" and value is not None:
-        choice.log_format = str(value).lower()
+    elif param.name in ("log_level", "log_format") and value is not None:
+        setattr(choice, param.name, str(value).lower())
 
 
-def logging_options(f: F) -> F:
-    """``-v``, ``--log-level``, ``--log-format``: on the group and on every command,
-    so they can be given before or after the command's name."""
-    f = click.option(
-        "--log-format",
-        type=click.Choice(["console", "json"], case_sensitive=False),
-        expose_value=False,
-        callback=_remember,
-        help="How log events shown by -v/--log-level look (default console).",
-    )(f)
-    f = click.option(
-        "--log-level",
-        type=click.Choice(_LEVELS, case_sensitive=False),
-        expose_value=False,
-        callback=_remember,
-        help="Show the library's log events from this level up on stderr.",
-    )(f)
-    f = click.option(
+def options(*decorators: Callable[[Any], Any]) -> Callable[[_F], _F]:
+    """Several ``click.option`` decorators as one, listed in the order --help shows."""
+
+    def decorate(f: _F) -> _F:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return decorate
+
+
+def _log_option(*decls: str, **attrs: Any) -> Callable[[Any], Any]:
+    return click.option(*decls, expose_value=False, callback=_remember, **attrs)
+
+
+#: ``-v``, ``--log-level``, ``--log-format``: on the group and on every command, so
+#: they can be given before or after the command's name.
+logging_options = options(
+    _log_option(
         "-v",
         "--verbose",
         count=True,
-        expose_value=False,
-        callback=_remember,
         help="Show the library's log events on stderr (-v info, -vv debug); "
         "default: none, only the final line.",
-    )(f)
-    return f
+    ),
+    _log_option(
+        "--log-level",
+        type=click.Choice(_LEVELS, case_sensitive=False),
+        help="Show the library's log events from this level up on stderr.",
+    ),
+    _log_option(
+        "--log-format",
+        type=click.Choice(["console", "json"], case_sensitive=False),
+        help="How log events shown by -v/--log-level look (default console).",
+    ),
+)
 
 
 @contextlib.contextmanager
-def configured_logging(choice: LogChoice) -> Iterator[None]:
+def _configured_logging(choice: LogChoice) -> Iterator[None]:
     """The process's logging as ``choice`` says (module doc), restored afterwards."""
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
@@ -177,7 +186,7 @@ def run(work: Callable[[], Awaitable[int]], *, interrupted: str) -> int:
     """
     ctx = click.get_current_context(silent=True)
     choice = _choice(ctx) if ctx is not None else LogChoice()
-    with configured_logging(choice):
+    with _configured_logging(choice):
         try:
             return anyio.run(_supervise, work, interrupted, backend="asyncio")
         except KeyboardInterrupt:
@@ -190,29 +199,63 @@ def run(work: Callable[[], Awaitable[int]], *, interrupted: str) -> int:
             raise
 
 
+def runs(
+    interrupted: str | Callable[[Params], str],
+) -> Callable[[Callable[[Params], Awaitable[int]]], Callable[..., int]]:
+    """Make ``async def work(params)`` a command's callback: :func:`run` on the parsed
+    parameters (its docstring is the command's help). ``interrupted`` may depend on
+    the parameters."""
+
+    def decorate(work: Callable[[Params], Awaitable[int]]) -> Callable[..., int]:
+        @functools.wraps(work)
+        def command(**params: Any) -> int:
+            note = interrupted(params) if callable(interrupted) else interrupted
+            return run(lambda: work(params), interrupted=note)
+
+        return command
+
+    return decorate
+
+
 def _interrupted(signum: signal.Signals, note: str) -> int:
     say(f"vdistream: interrupted by {signum.name}; {note}", err=True)
     return 128 + int(signum)
 
 
-async def _supervise(work: Callable[[], Awaitable[int]], note: str) -> int:
-    caught: list[signal.Signals] = []
-    outcome: list[int] = []
+async def beside(
+    work: Callable[[], Awaitable[_T]], companion: Callable[..., Coroutine[Any, Any, Any]]
+) -> _T:
+    """``await work()`` while ``companion`` runs beside it: started first (it reports
+    through ``task_status``), cancelled when the work ends. The work's error is raised
+    as itself, not wrapped in an exception group."""
+    result: list[_T] = []
     failure: list[Exception] = []
-    work_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
-        await tg.start(_receive_signals, work_scope, caught)
-        with work_scope:
-            try:
-                outcome.append(await work())
-            except Exception as exc:  # re-raised below, outside the group
-                failure.append(exc)
-        tg.cancel_scope.cancel()
-    if caught and work_scope.cancelled_caught:
-        return _interrupted(caught[0], note)
+        await tg.start(companion)
+        try:
+            result.append(await work())
+        except Exception as exc:  # re-raised below, outside the group
+            failure.append(exc)
+        finally:
+            tg.cancel_scope.cancel()
     if failure:
         raise failure[0]
-    return outcome[0]
+    return result[0]
+
+
+async def _supervise(work: Callable[[], Awaitable[int]], note: str) -> int:
+    caught: list[signal.Signals] = []
+    work_scope = anyio.CancelScope()
+
+    async def scoped() -> int | None:
+        with work_scope:
+            return await work()
+        return None  # cancelled by a signal
+
+    code = await beside(scoped, functools.partial(_receive_signals, work_scope, caught))
+    if code is None:  # only the first signal cancels the work's scope
+        return _interrupted(caught[0], note)
+    return code
 
 
 async def _receive_signals(
@@ -222,9 +265,9 @@ async def _receive_signals(
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     # restored afterwards: main() may run inside a program with handlers of its own
-    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
     try:
-        receiver = anyio.open_signal_receiver(*SIGNALS)
+        receiver = anyio.open_signal_receiver(*_SIGNALS)
         signals = receiver.__enter__()
     except (ValueError, RuntimeError, NotImplementedError):
         # not the main thread (an embedding program's worker): no handlers, no harm

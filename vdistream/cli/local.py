@@ -6,16 +6,17 @@ checks and presents (the contract of stdout, stderr and exit codes is in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 from click.core import ParameterSource
 
-from vdistream.cli.framework import CommandError, logging_options, run, say
-from vdistream.cli.output import byte_counts, emit, manifest_bytes, with_progress
+from vdistream.cli.framework import CommandError, Params, logging_options, options, run, runs, say
+from vdistream.cli.output import byte_counts, emit, with_progress
 from vdistream.cli.params import (
     BLOCK_SIZE,
     BUFFER_COUNT,
@@ -28,10 +29,25 @@ from vdistream.cli.params import (
 )
 from vdistream.operations import KeySource
 
-__all__ = ("existing_destination", "register_local_commands")
+if TYPE_CHECKING:
+    from vdistream.catalog import Manifest
+    from vdistream.storage import Storage
 
+__all__ = (
+    "backup",
+    "backups_in",
+    "demo",
+    "destination",
+    "keygen",
+    "list_",
+    "restore",
+    "storage",
+    "verify",
+)
+
+_ABORTED_IN_DAEMON = "the job was aborted in the daemon"
 #: exit code of ``storage audit`` when it found debris and did not remove it
-AUDIT_DEBRIS = 3
+_AUDIT_DEBRIS = 3
 
 #: ``backup`` options the daemon takes from its settings, not from the command line
 _DAEMON_OWNS = (
@@ -47,32 +63,33 @@ _DAEMON_OWNS = (
     "encrypt_passphrase_env",
 )
 
-_JSON_HELP = "Print one JSON object on stdout at the end instead of text."
+_JSON = click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help="Print one JSON object on stdout at the end instead of text.",
+)
+_BACKUP = click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
+_DEST = click.argument("dest", help="A directory or a storage URL.")
 
 
-def key_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        f = click.option(
-            "--encrypt-passphrase-env",
-            metavar="VAR",
-            help=f"{what} a passphrase in this environment variable (stretched with scrypt).",
-        )(f)
-        f = click.option(
-            "--encrypt-key-env",
-            metavar="VAR",
-            help=f"{what} the key in this environment variable (hex or base64).",
-        )(f)
-        f = click.option(
-            "--encrypt-key-file",
-            metavar="PATH",
-            help=f"{what} the 32-byte key in this file (`vdistream keygen` makes one).",
-        )(f)
-        return f
-
-    return decorate
+_KEYS = (
+    ("--encrypt-key-file", "PATH", "the 32-byte key in this file (`vdistream keygen` makes one)."),
+    ("--encrypt-key-env", "VAR", "the key in this environment variable (hex or base64)."),
+    (
+        "--encrypt-passphrase-env",
+        "VAR",
+        "a passphrase in this environment variable (stretched with scrypt).",
+    ),
+)
 
 
-def _key_source(params: dict[str, Any]) -> KeySource | None:
+def _key_options(what: str) -> Callable[[Any], Any]:
+    """The three ways to give a key; ``what`` starts each option's help."""
+    return options(*(click.option(o, metavar=m, help=f"{what} {text}") for o, m, text in _KEYS))
+
+
+def _key_source(params: Params) -> KeySource | None:
     source = KeySource(
         key_file=params["encrypt_key_file"],
         env=params["encrypt_key_env"],
@@ -81,17 +98,33 @@ def _key_source(params: dict[str, Any]) -> KeySource | None:
     return source if source.given else None
 
 
-async def existing_destination(storage: Any, given: str) -> None:
-    """A directory destination that is missing or no directory is an error: a typo
-    must not read as "no backups" (object stores answer for themselves)."""
+@contextlib.asynccontextmanager
+async def destination(given: str) -> AsyncIterator[Storage]:
+    """The storage ``given`` names, open. A directory destination that is missing or no
+    directory is an error: a typo must not read as "no backups" (object stores answer
+    for themselves)."""
+    from vdistream.operations import opened_storage
     from vdistream.storage.file import FileStorage
 
-    if isinstance(storage, FileStorage):
-        path = anyio.Path(storage.path)
-        if not await path.exists():
-            raise CommandError(f"{given}: no such directory")
-        if not await path.is_dir():
-            raise CommandError(f"{given}: is not a directory")
+    async with opened_storage(given) as storage:
+        if isinstance(storage, FileStorage):
+            path = anyio.Path(storage.path)
+            if not await path.exists():
+                raise CommandError(f"{given}: no such directory")
+            if not await path.is_dir():
+                raise CommandError(f"{given}: is not a directory")
+        yield storage
+
+
+async def backups_in(storage: Storage) -> list[Manifest]:
+    """The complete backups in ``storage``, oldest first; a warning line on stderr for
+    each manifest that could not be read."""
+    from vdistream.catalog import list_manifests
+
+    manifests, problems = await list_manifests(storage)
+    for problem in problems:
+        say(f"vdistream: warning: {problem}", err=True)
+    return manifests
 
 
 # --- backup -----------------------------------------------------------------------------
@@ -161,8 +194,8 @@ async def existing_destination(storage: Any, given: str) -> None:
     show_default=True,
     help="none, zstd (level 3), zstd:1 .. zstd:19, or lz4.",
 )
-@key_options("Encrypt with")
-@click.option("--json", "json_output", is_flag=True, help=_JSON_HELP)
+@_key_options("Encrypt with")
+@_JSON
 @click.option(
     "--daemon",
     is_flag=True,
@@ -190,7 +223,7 @@ def backup(ctx: click.Context, /, **params: Any) -> int:
                 f"{', '.join(given)} cannot be used with --daemon: the daemon takes them "
                 "from its settings ([databases.NAME])"
             )
-        return run(lambda: _backup_by_daemon(params), interrupted=_DAEMON_INTERRUPTED)
+        return run(lambda: _backup_by_daemon(params), interrupted=_ABORTED_IN_DAEMON)
     if params["dest"] is None:
         raise click.UsageError("backup needs a destination (DEST)")
     if params["socket"] is not None or params["no_wait"]:
@@ -198,35 +231,27 @@ def backup(ctx: click.Context, /, **params: Any) -> int:
     return run(lambda: _backup(params), interrupted="the backup was aborted and nothing was kept")
 
 
-_DAEMON_INTERRUPTED = "the job was aborted in the daemon"
+async def _backup_by_daemon(params: Params) -> int:
+    from vdistream.cli.daemon import submit_backup_to_daemon
 
-
-async def _backup_by_daemon(params: dict[str, Any]) -> int:
-    from vdistream.service.client import submit_backup_to_daemon
-
-    name_only = params["dest"] is None
+    source, dest = params["source"], params["dest"]
     return await submit_backup_to_daemon(
         params["socket"],
-        params["source"] if name_only else None,
-        None if name_only else params["source"],
-        params["dest"],
+        source if dest is None else None,  # a database's name
+        None if dest is None else source,
+        dest,
         backup_id=params["backup_id"],
         wait=not params["no_wait"],
         json_output=params["json_output"],
     )
 
 
-async def _backup(params: dict[str, Any]) -> int:
+async def _backup(params: Params) -> int:
     from vdistream.operations import BackupSettings, run_backup
 
+    as_given = ("devices", "block_size", "max_transfer_size", "buffer_count", "stall_timeout")
     settings = BackupSettings(
-        devices=params["devices"],
-        block_size=params["block_size"],
-        max_transfer_size=params["max_transfer_size"],
-        buffer_count=params["buffer_count"],
-        stall_timeout=params["stall_timeout"],
-        mode=params["mode"],
-        backup_id=params["backup_id"],
+        **{name: params[name] for name in (*as_given, "mode", "backup_id")},
         compression=params["compress"],
         encryption=_key_source(params),
     )
@@ -235,24 +260,23 @@ async def _backup(params: dict[str, Any]) -> int:
         "backup", lambda hook: run_backup(source, dest, settings, on_job=hook)
     )
     result = outcome.result
-    summary = outcome.summary()
-    if outcome.ok and outcome.manifest is not None:
-        emit(params["json_output"], summary, result.backup_id)
-        logical, stored = manifest_bytes(outcome.manifest)
-        say(
-            f"backup {result.backup_id} complete: {byte_counts(logical, stored)} on "
-            f"{len(result.devices)} devices in {result.duration:.1f} s; "
-            f"manifest {outcome.manifest_url}",
-            err=True,
-        )
-        return 0
-    if params["json_output"]:
-        emit(True, summary, "")
-    say(f"vdistream: backup failed ({result.status.value}): {result.error}", err=True)
-    return 1
+    manifest = outcome.manifest
+    if not (outcome.ok and manifest is not None):
+        emit(params["json_output"], outcome.summary(), "")
+        say(f"vdistream: backup failed ({result.status.value}): {result.error}", err=True)
+        return 1
+    emit(params["json_output"], outcome.summary(), result.backup_id)
+    say(
+        f"backup {result.backup_id} complete: "
+        f"{byte_counts(manifest.stream_bytes, manifest.stored_bytes)} on "
+        f"{len(result.devices)} devices in {result.duration:.1f} s; "
+        f"manifest {outcome.manifest_url}",
+        err=True,
+    )
+    return 0
 
 
-# --- restore ----------------------------------------------------------------------------
+# --- restore, verify ----------------------------------------------------------------------
 
 
 @click.command(
@@ -262,7 +286,7 @@ async def _backup(params: dict[str, Any]) -> int:
     "cmd: consumer cannot be undone, so --verify-first reads and checks everything "
     "before feeding it.",
 )
-@click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
+@_BACKUP
 @click.argument(
     "target",
     help="SQLite: a database file; PostgreSQL basebackup: an empty data directory; dump: "
@@ -285,29 +309,20 @@ async def _backup(params: dict[str, Any]) -> int:
     help="Read and check every stream completely before the engine gets a byte "
     "(for cmd: consumers, which cannot be undone). Reads the backup twice.",
 )
-@key_options("The key of an encrypted backup:")
-@click.option("--json", "json_output", is_flag=True, help=_JSON_HELP)
+@_key_options("The key of an encrypted backup:")
+@_JSON
 @logging_options
-def restore(**params: Any) -> int:
+@runs("the restore was aborted")
+async def restore(params: Params) -> int:
     """Restore BACKUP into TARGET."""
-    return run(lambda: _restore(params), interrupted="the restore was aborted")
-
-
-async def _restore(params: dict[str, Any]) -> int:
     from vdistream.operations import run_restore
 
     backup_ref, target = params["backup"], params["target"]
+    flags = {name: params[name] for name in ("overwrite", "create", "owner", "verify_first")}
     result = await with_progress(
         "restore",
         lambda hook: run_restore(
-            backup_ref,
-            target,
-            overwrite=params["overwrite"],
-            create=params["create"],
-            owner=params["owner"],
-            keys=_key_source(params),
-            on_job=hook,
-            verify_first=params["verify_first"],
+            backup_ref, target, keys=_key_source(params), on_job=hook, **flags
         ),
     )
     summary = {
@@ -318,8 +333,7 @@ async def _restore(params: dict[str, Any]) -> int:
         "seconds": round(result.duration, 3),
         "error": None if result.ok else str(result.error),
     }
-    if params["json_output"]:
-        emit(True, summary, "")
+    emit(params["json_output"], summary, "")
     if result.ok:
         say(
             f"restored {result.backup_id} into {target}: logical {result.bytes:,} bytes "
@@ -331,26 +345,20 @@ async def _restore(params: dict[str, Any]) -> int:
     return 1
 
 
-# --- verify -----------------------------------------------------------------------------
-
-
 @click.command("verify", short_help="Re-read and check a backup.")
-@click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
+@_BACKUP
 @click.option(
     "--no-content",
     is_flag=True,
     help="Check the streams only; skip the test restore the database checks.",
 )
-@key_options("The key of an encrypted backup:")
-@click.option("--json", "json_output", is_flag=True, help=_JSON_HELP)
+@_key_options("The key of an encrypted backup:")
+@_JSON
 @logging_options
-def verify(**params: Any) -> int:
+@runs("the verification was stopped")
+async def verify(params: Params) -> int:
     """Re-read every stream of BACKUP and check it, then let the database check a test
     restore, without touching the source. Prints one line per check on stdout."""
-    return run(lambda: _verify(params), interrupted="the verification was stopped")
-
-
-async def _verify(params: dict[str, Any]) -> int:
     from vdistream.operations import run_verify
 
     report = await run_verify(
@@ -367,47 +375,31 @@ async def _verify(params: dict[str, Any]) -> int:
     return 1
 
 
-# --- list -------------------------------------------------------------------------------
+# --- list, storage audit ----------------------------------------------------------------
 
 
 @click.command("list", short_help="List the backups in a destination.")
-@click.argument("dest", help="A directory or a storage URL.")
+@_DEST
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON array on stdout instead.")
 @logging_options
-def list_(**params: Any) -> int:
+@runs("the listing was stopped")
+async def list_(params: Params) -> int:
     """List the complete backups in DEST (those with a committed manifest), oldest
     first. A missing DEST, or one that is not a directory, is an error."""
-    return run(lambda: _list(params), interrupted="the listing was stopped")
-
-
-async def _list(params: dict[str, Any]) -> int:
-    from vdistream.catalog import list_manifests
-    from vdistream.operations import opened_storage
-
     dest = params["dest"]
-    async with opened_storage(dest) as storage:
-        await existing_destination(storage, dest)
-        manifests, problems = await list_manifests(storage)
-    for problem in problems:
-        say(f"vdistream: warning: {problem}", err=True)
-    rows = []
-    lines = []
-    for manifest in manifests:
-        row = manifest.summary()
-        logical, stored = manifest_bytes(manifest)
-        rows.append(row)
-        kind = row["engine"] + ("/" + row["mode"] if row["mode"] else "")
-        lines.append(
-            f"{row['id']}  {kind}  {row['ended']}  {byte_counts(logical, stored)}  "
-            f"{row['devices']} devices  {row['source']}"
-        )
+    async with destination(dest) as storage:
+        manifests = await backups_in(storage)
+    rows = [manifest.summary() for manifest in manifests]
+    lines = [
+        f"{row['id']}  {row['engine']}{'/' + row['mode'] if row['mode'] else ''}  "
+        f"{row['ended']}  {byte_counts(m.stream_bytes, m.stored_bytes)}  "
+        f"{row['devices']} devices  {row['source']}"
+        for row, m in zip(rows, manifests, strict=True)
+    ]
     emit(params["json_output"], rows, "\n".join(lines))
     if not rows and not params["json_output"]:
         say(f"no backups in {dest}", err=True)
     return 0
-
-
-# --- storage audit ----------------------------------------------------------------------
 
 
 @click.group("storage", short_help="Look after a destination.")
@@ -422,7 +414,7 @@ def storage() -> None:
     epilog="Exit codes: 0 nothing to clean (or all of it removed); 3 debris found and "
     "not removed (run again with --clean); 1 the audit or a removal failed.",
 )
-@click.argument("dest", help="A directory or a storage URL.")
+@_DEST
 @click.option("--clean", is_flag=True, help="Remove the debris found.")
 @click.option(
     "--min-age",
@@ -432,22 +424,17 @@ def storage() -> None:
     help="Leave debris younger than this alone, it may be a running job's "
     "(30s, 90m, 14d; 0 for all).",
 )
-@click.option("--json", "json_output", is_flag=True, help=_JSON_HELP)
+@_JSON
 @logging_options
-def audit(**params: Any) -> int:
+@runs("the audit was stopped")
+async def _audit(params: Params) -> int:
     """List the objects, temporaries and multipart uploads under DEST that no committed
     manifest references: the debris of failed or killed jobs."""
-    return run(lambda: _audit(params), interrupted="the audit was stopped")
-
-
-async def _audit(params: dict[str, Any]) -> int:
     from vdistream.catalog.audit import audit as run_audit
-    from vdistream.operations import opened_storage
 
     dest = params["dest"]
     min_age: Duration = params["min_age"]
-    async with opened_storage(dest) as opened:
-        await existing_destination(opened, dest)
+    async with destination(dest) as opened:
         report = await run_audit(opened, clean=params["clean"], min_age=min_age.delta or None)
     lines = [f"{len(report.backups)} backups, {len(report.referenced)} objects referenced"]
     lines += [f"orphan object: {key}" for key in report.orphan_objects]
@@ -472,7 +459,7 @@ async def _audit(params: dict[str, Any]) -> int:
             f"`vdistream storage audit {dest} --clean` removes them",
             err=True,
         )
-        return AUDIT_DEBRIS
+        return _AUDIT_DEBRIS
     return 0
 
 
@@ -482,17 +469,14 @@ async def _audit(params: dict[str, Any]) -> int:
 @click.command("keygen", short_help="Write a new random encryption key file (mode 0600).")
 @click.argument("path", help="The new key file; an existing file is never overwritten.")
 @logging_options
-def keygen(path: str) -> int:
+@runs("no key was written")
+async def keygen(params: Params) -> int:
     """Write a new random 32-byte key to PATH (mode 0600) and print its fingerprint."""
+    from vdistream.pipeline.keys import generate_key_file
 
-    async def work() -> int:
-        from vdistream.pipeline.keys import generate_key_file
-
-        key = await anyio.to_thread.run_sync(generate_key_file, path)
-        say(f"wrote a new key to {path} (mode 0600), fingerprint {key.fingerprint}")
-        return 0
-
-    return run(work, interrupted="no key was written")
+    key = await anyio.to_thread.run_sync(generate_key_file, params["path"])
+    say(f"wrote a new key to {params['path']} (mode 0600), fingerprint {key.fingerprint}")
+    return 0
 
 
 @click.command("demo", short_help="Create a SQLite database, back it up, verify it, restore it.")
@@ -505,17 +489,9 @@ def keygen(path: str) -> int:
 )
 @click.option("--db", help="An existing SQLite database to use instead of a new one.")
 @logging_options
-def demo(directory: str, db: str | None) -> int:
+@runs("the demo was stopped; its backup was aborted")
+async def demo(params: Params) -> int:
     """A real backup, verify and restore of a SQLite database, each step printed."""
+    from vdistream.demo import run_demo
 
-    async def work() -> int:
-        from vdistream.demo import run_demo
-
-        return await run_demo(directory, db)
-
-    return run(work, interrupted="the demo was stopped; its backup was aborted")
-
-
-def register_local_commands(group: click.Group) -> None:
-    for command in (backup, restore, verify, list_, storage, keygen, demo):
-        group.add_command(command)
+    return await run_demo(params["directory"], params["db"])

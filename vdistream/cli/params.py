@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -118,80 +119,61 @@ class Duration:
         return self.text
 
 
-class _Type(click.ParamType[Any, Any]):
-    def fail_value(self, value: Any, reason: str) -> OptionValueError:
-        return OptionValueError(str(value), reason)
+class _Checked(click.ParamType[Any, Any]):
+    """A value type: ``check`` turns the text typed into the value, or raises
+    :class:`OptionValueError`."""
+
+    def __init__(self, name: str, check: Callable[[str], Any]) -> None:
+        self.name = name
+        self.check = check
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, Duration | CompressionSpec):
+            return value  # converted already
+        return self.check(str(value))
 
 
-class _Count(_Type):
+def _count(low: int, high: int) -> Callable[[str], int]:
     """A whole number in ``low..high``."""
 
-    def __init__(self, name: str, low: int, high: int) -> None:
-        self.name = name
-        self.low, self.high = low, high
+    def check(text: str) -> int:
+        if not re.fullmatch(r"[+-]?[0-9]+", text.strip()) or not low <= int(text) <= high:
+            raise OptionValueError(text, f"must be a whole number from {low} to {high}")
+        return int(text)
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        else:
-            text = str(value).strip()
-            if not re.fullmatch(r"[+-]?[0-9]+", text):
-                raise self.fail_value(
-                    value, f"must be a whole number from {self.low} to {self.high}"
-                )
-            number = int(text)
-        if not self.low <= number <= self.high:
-            raise self.fail_value(value, f"must be a whole number from {self.low} to {self.high}")
-        return number
+    return check
 
 
-class _Size(_Type):
-    """A size in bytes, checked by ``valid`` (the reason given when it is not)."""
+def _size(reason: str, valid: Callable[[int], bool]) -> Callable[[str], int]:
+    """A size in bytes, checked by ``valid`` (``reason``: what it takes)."""
 
-    def __init__(self, name: str, reason: str, valid: Any) -> None:
-        self.name = name
-        self.reason = reason
-        self.valid = valid
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            size: int | None = value
-        else:
-            size = parse_size(str(value))
-            if size is None:
-                raise self.fail_value(
-                    value, f"not a size; write bytes or a number with K, M or G ({self.reason})"
-                )
-        assert size is not None
-        if not self.valid(size):
-            raise self.fail_value(value, self.reason)
+    def check(text: str) -> int:
+        size = parse_size(text)
+        if size is None:
+            raise OptionValueError(
+                text, f"not a size; write bytes or a number with K, M or G ({reason})"
+            )
+        if not valid(size):
+            raise OptionValueError(text, reason)
         return size
 
+    return check
 
-class _Seconds(_Type):
+
+def _seconds(text: str) -> float:
     """A positive number of seconds, or a duration with a unit (``90s``, ``5m``)."""
-
-    name = "seconds"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-        else:
-            text = str(value).strip()
-            try:
-                seconds = float(text)
-            except ValueError:
-                duration = _parse_duration(text)
-                if duration is None:
-                    raise self.fail_value(
-                        value, "must be a number of seconds above 0, or a duration like 90s, 5m"
-                    ) from None
-                seconds = duration.total_seconds()
-        if not (math.isfinite(seconds) and seconds > 0):
-            raise self.fail_value(value, "must be a number of seconds above 0")
-        return seconds
+    try:
+        seconds = float(text)
+    except ValueError:
+        duration = _parse_duration(text.strip())
+        if duration is None:
+            raise OptionValueError(
+                text, "must be a number of seconds above 0, or a duration like 90s, 5m"
+            ) from None
+        seconds = duration.total_seconds()
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise OptionValueError(text, "must be a number of seconds above 0")
+    return seconds
 
 
 def _parse_duration(text: str) -> timedelta | None:
@@ -208,64 +190,49 @@ def _parse_duration(text: str) -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
-class _Duration(_Type):
+def _duration(*, zero_ok: bool = False) -> Callable[[str], Duration]:
     """A duration with its unit (``30s``, ``1h``, ``14d``, ``1d12h``); ``zero_ok``
     also takes ``0`` (no minimum)."""
 
-    def __init__(self, *, zero_ok: bool = False) -> None:
-        self.name = "duration"
-        self.zero_ok = zero_ok
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> Duration:
-        if isinstance(value, Duration):
-            return value
-        text = str(value).strip()
-        if self.zero_ok and re.fullmatch(r"0+(\.0*)?[smhdw]?", text, re.IGNORECASE):
-            return Duration(text, timedelta(0))
-        delta = _parse_duration(text)
-        example = "30s, 90m, 36h, 14d or 1d12h" + (" (0: no minimum)" if self.zero_ok else "")
+    def check(text: str) -> Duration:
+        written = text.strip()
+        if zero_ok and re.fullmatch(r"0+(\.0*)?[smhdw]?", written, re.IGNORECASE):
+            return Duration(written, timedelta(0))
+        delta = _parse_duration(written)
+        example = "30s, 90m, 36h, 14d or 1d12h" + (" (0: no minimum)" if zero_ok else "")
         if delta is None:
-            raise self.fail_value(value, f"not a duration; write a number and a unit: {example}")
-        if delta <= timedelta(0) and not self.zero_ok:
-            raise self.fail_value(value, "must be longer than 0")
-        return Duration(text, delta)
+            raise OptionValueError(text, f"not a duration; write a number and a unit: {example}")
+        if delta <= timedelta(0) and not zero_ok:
+            raise OptionValueError(text, "must be longer than 0")
+        return Duration(written, delta)
+
+    return check
 
 
-class _Compression(_Type):
-    name = "compression"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> CompressionSpec:
-        if isinstance(value, CompressionSpec):
-            return value
-        text = str(value)
-        try:
-            return parse_compression(text, setting="--compress")
-        except ConfigError as exc:
-            reason = str(exc)
-            prefix = f"--compress={text!r}: "
-            raise self.fail_value(value, reason.removeprefix(prefix)) from None
+def _compression(text: str) -> CompressionSpec:
+    try:
+        return parse_compression(text, setting="--compress")
+    except ConfigError as exc:
+        raise OptionValueError(text, str(exc).removeprefix(f"--compress={text!r}: ")) from None
 
 
-DEVICES = _Count("devices", 1, DEVICE_COUNT_MAX)
-BUFFER_COUNT = _Count("count", 1, BUFFER_COUNT_MAX)
-MAX_TRANSFER_SIZE = _Size(
+DEVICES = _Checked("devices", _count(1, DEVICE_COUNT_MAX))
+BUFFER_COUNT = _Checked("count", _count(1, BUFFER_COUNT_MAX))
+MAX_TRANSFER_SIZE = _Checked(
     "size",
-    f"must be a multiple of {format_size(TRANSFER_UNIT)} from {format_size(TRANSFER_UNIT)} "
-    f"to {format_size(TRANSFER_SIZE_MAX)}",
-    valid_max_transfer_size,
+    _size(
+        f"must be a multiple of {format_size(TRANSFER_UNIT)} from {format_size(TRANSFER_UNIT)} "
+        f"to {format_size(TRANSFER_SIZE_MAX)}",
+        valid_max_transfer_size,
+    ),
 )
-BLOCK_SIZE = _Size(
+BLOCK_SIZE = _Checked(
     "size",
-    f"must be a power of two from {BLOCK_SIZE_MIN} to {BLOCK_SIZE_MAX}",
-    valid_block_size,
+    _size(f"must be a power of two from {BLOCK_SIZE_MIN} to {BLOCK_SIZE_MAX}", valid_block_size),
 )
-SECONDS = _Seconds()
-DURATION = _Duration()
-MIN_AGE = _Duration(zero_ok=True)
-COMPRESSION = _Compression()
-KEEP_LAST = _Count("count", 1, 1_000_000)
-JOB_LIMIT = _Count("count", 1, 1000)
+SECONDS = _Checked("seconds", _seconds)
+DURATION = _Checked("duration", _duration())
+MIN_AGE = _Checked("duration", _duration(zero_ok=True))
+COMPRESSION = _Checked("compression", _compression)
+KEEP_LAST = _Checked("count", _count(1, 1_000_000))
+JOB_LIMIT = _Checked("count", _count(1, 1000))
