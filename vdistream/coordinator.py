@@ -20,60 +20,56 @@ watchdog, or the caller cancelling the job. Each ends in :meth:`Job._abort`, whi
    nothing partial stays visible, and deletes objects already committed,
 5. and only then ``close()``\\ s the set.
 
-A restore's target is published only after every stream passed every check: each pump
-checks its stream (stored size and SHA-256, and the logical ones behind decryption and
-decompression, whose authentication tags are checked while reading) the moment it reads
-the stream's end, *before* it tells the engine that the stream ended; a stream that
-fails completes that READ with a read fault, so the engine, which publishes only after
-every device reported its end, discards its target instead (``Pump(at_end=...)``).
+Each device's life (its stage chain, its commands, its commit or abort) belongs to its
+:class:`~vdistream.pump.Pump`, which reports a frozen ``DeviceOutcome``; the job folds
+the outcomes into its ``DeviceResult``\\ s. A restore's target is published only after
+every stream passed every check (see ``vdistream.pump``).
 
 A restore's errors are told in the user's terms: an engine's error names the device by
 its index and the stored stream it read (the storage's actual location, not the set's
 internal device names).
 
-Sinks are published only after every device finished: a device's COMPLETE or FLUSH
-makes its stream durable, but the commit (rename into place) waits until the whole
-set is known good, so a failure on one device never leaves another device's part of
-the backup visible. The job's result says what happened, who aborted it and why,
-and carries the exception that caused it (never an ExceptionGroup of internals).
+Sinks are published only after every device finished and the engine returned, so a
+failure on one device never leaves another device's part of the backup visible. The
+job's result says what happened, who aborted it and why, and carries the exception
+that caused it (never an ExceptionGroup of internals).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 
-from vdistream.engines import Engine
+from vdistream.engines import Engine, device_names
 from vdistream.engines.base import EngineError
 from vdistream.errors import (
     JobAbortedError,
     JobError,
     PipelineError,
     StorageError,
-    StorageIntegrityError,
     VDAbortError,
     VDIError,
     VDOpenError,
-    VDProtocolError,
     VDTimeoutError,
 )
 from vdistream.log import get_logger
-from vdistream.pipeline import HashingSource
-from vdistream.pipeline.chain import PipelineConfig, SinkChain, SourceChain
+from vdistream.pipeline.chain import PipelineConfig
 from vdistream.pipeline.encrypt import stream_context
-from vdistream.progress import DeviceProgress, JobProgress
-from vdistream.protocol import Features, VDConfig
-from vdistream.pump import Pump, PumpEnd
+from vdistream.progress import JobProgress
+from vdistream.protocol import ClientState, Features, SetAbortCause, VDConfig
+from vdistream.pump import DeviceOutcome, ExpectedStream, Pump, PumpEnd
 from vdistream.storage import OrphanUploadsError, Storage, open_storage
-from vdistream.vdi import ClientVirtualDevice, ClientVirtualDeviceSet, Registry
+from vdistream.vdi import ClientVirtualDeviceSet, Registry, SetStatistics
 
 __all__ = (
+    "Abort",
     "AbortCause",
     "DeviceResult",
     "ExpectedStream",
@@ -84,6 +80,7 @@ __all__ = (
     "JobStatus",
     "backup",
     "new_backup_id",
+    "opened_storage",
     "restore",
     "stream_key",
 )
@@ -142,6 +139,15 @@ _ABORTED_BY = frozenset(
 
 
 @dataclasses.dataclass(frozen=True)
+class Abort:
+    """Why a job aborted: the first cause, in words, and the exception behind it."""
+
+    cause: AbortCause
+    reason: str
+    error: BaseException | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class JobOptions:
     """How a job runs. Timeouts are seconds."""
 
@@ -154,8 +160,6 @@ class JobOptions:
     stall_timeout: float = 60.0
     #: VDConfig.server_timeout_ms: the set aborts itself when commands stay pending.
     server_timeout_ms: int = 0
-    #: How long one get_command waits before the pump checks again.
-    poll: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,15 +210,22 @@ class JobResult:
         return self
 
 
-@dataclasses.dataclass(frozen=True)
-class ExpectedStream:
-    """What a restore must read on one device: the stored stream, and the logical one
-    when stages transform it."""
-
-    stored_bytes: int
-    stored_sha256: str
-    logical_bytes: int | None = None
-    logical_sha256: str | None = None
+@contextlib.asynccontextmanager
+async def opened_storage(
+    destination: str | Storage, *, close_within: float = 10.0
+) -> AsyncIterator[Storage]:
+    """The storage a URL names, closed afterwards (an S3 client holds connections;
+    shielded, bounded by ``close_within`` seconds); a ``Storage`` given by the caller is
+    the caller's to close."""
+    if isinstance(destination, Storage):
+        yield destination
+        return
+    storage = open_storage(destination)
+    try:
+        yield storage
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(close_within):
+            await storage.aclose()
 
 
 def new_backup_id() -> str:
@@ -232,8 +243,9 @@ class Job:
 
     Create it, ``await job.run()`` for the :class:`JobResult`; ``job.abort()`` from
     another task on the same event loop aborts it; ``job.progress`` reports per-device
-    bytes and commands while it runs. Cancelling the task that runs it aborts the job
-    cleanly and then lets the cancellation propagate.
+    bytes and commands while it runs, ``job.statistics()`` the set's buffers and
+    commands. Cancelling the task that runs it aborts the job cleanly and then lets the
+    cancellation propagate.
     """
 
     def __init__(
@@ -268,7 +280,6 @@ class Job:
         self.pipeline = pipeline or PipelineConfig()
         if self.pipeline.any and self.options.disk_like:
             raise ValueError("compression and encryption need pipe-like (sequential) devices")
-        self._hashes: dict[int, tuple[str | None, int | None, str | None]] = {}
         self._hash_limiter = anyio.CapacityLimiter(max(2, count))
         self._storage_arg = storage
         self.storage: Storage | None = None
@@ -276,25 +287,20 @@ class Job:
         self.progress = JobProgress()
         self.log = get_logger(__name__, job=self.backup_id, kind=kind.value)
         self._vds = ClientVirtualDeviceSet(registry=self.registry)
-        self._cause: tuple[AbortCause, str, BaseException | None] | None = None
-        #: sinks whose abort failed: what they wrote may still be in the storage
-        self._left: list[StorageError] = []
+        self._abort_record: Abort | None = None
         self._scope: anyio.CancelScope | None = None
-        self._closed_devices = 0
-        self._ends: dict[int, PumpEnd] = {}
-        self._engine_done = False
+        self._pumps: list[Pump] = []
+        #: the engine and every device: the job decides once none is left running
+        self._running = count + 1
         self._engine_result: object = None
-        self._ready_to_commit = False
         self._decided_event: anyio.Event | None = None  # made in run(): it needs a loop
-        self._device_names: list[str] = []
-        self._committed: list[str] = []
         self._started = time.time()
 
     # --- lifecycle ---------------------------------------------------------------
 
     @property
     def _decided(self) -> anyio.Event:
-        """Set once the job is decided: commit allowed, or aborted."""
+        """Set once the job is decided: commit allowed (COMMITTING), or aborted."""
         assert self._decided_event is not None, "the job is not running"
         return self._decided_event
 
@@ -305,34 +311,70 @@ class Job:
 
     @property
     def aborted(self) -> bool:
-        return self._cause is not None
+        return self._abort_record is not None
+
+    def statistics(self) -> SetStatistics | None:
+        """The set's buffers in use and commands outstanding per device; ``None`` while
+        the job has no set (before it starts, after it ended)."""
+        return None if self._vds.state is ClientState.DNE else self._vds.statistics()
+
+    def outcomes(self) -> tuple[DeviceOutcome, ...]:
+        """What each device opened so far did, in device order."""
+        return tuple(pump.outcome() for pump in self._pumps)
 
     def abort(
         self, reason: str = "requested by the user", *, cause: AbortCause = AbortCause.USER
     ) -> None:
         """Abort the job (its set, its pumps, its sinks); idempotent. ``cause`` is what
         the result's ``aborted_by`` says: ``USER`` or ``SHUTDOWN`` (a daemon stopping)."""
-        self._abort(cause, reason, None)
+        self._abort(Abort(cause, reason))
 
-    def _abort(self, by: AbortCause, reason: str, error: BaseException | None) -> None:
-        if self._cause is None and _being_cancelled():
+    def _abort(self, why: Abort) -> None:
+        first = self._abort_record
+        if first is None and _being_cancelled():
             # Everything that fails while the caller's scope cancels us is a consequence.
-            by, reason, error = AbortCause.CANCELLED, "the job's caller cancelled it", None
-        if self._cause is None:
-            self._cause = (by, reason, error)
-            self.log.warning("abort_signalled", by=by.value, reason=reason)
-        elif error is not None and self._cause[2] is None and self._cause[0] is by:
-            self._cause = (by, self._cause[1], error)
-        if self._vds.state.name not in ("DNE", "ABORTED"):
-            try:
-                self._vds.signal_abort()
-            except VDProtocolError:
-                pass
+            why = Abort(AbortCause.CANCELLED, "the job's caller cancelled it")
+        if first is None:
+            self._abort_record = why
+            self.log.warning("abort_signalled", by=why.cause.value, reason=why.reason)
+        elif why.error is not None and first.error is None and first.cause is why.cause:
+            self._abort_record = dataclasses.replace(first, error=why.error)
+        if self._vds.state not in (ClientState.DNE, ClientState.ABORTED):
+            self._vds.signal_abort()
         if self._decided_event is not None:
             self._decided_event.set()
         if self._scope is not None:
             drain = anyio.current_time() + self.options.drain_timeout
             self._scope.deadline = min(self._scope.deadline, drain)
+
+    def _set_aborted(self) -> None:
+        """The set aborted under us: its own record says who and why."""
+        timeout = self._vds.aborted_by is SetAbortCause.SERVER_TIMEOUT
+        cause = AbortCause.SERVER_TIMEOUT if timeout else AbortCause.ENGINE
+        self._abort(Abort(cause, self._vds.abort_reason or "aborted"))
+
+    # --- what the pumps ask (vdistream.pump.DeviceJob) -----------------------------------
+
+    def device_failed(self, error: StorageError | PipelineError | None) -> None:
+        if error is None:
+            self._set_aborted()
+        else:
+            self._abort(Abort(AbortCause.SINK, str(error), error))
+
+    async def decision(self) -> bool:
+        await self._decided.wait()
+        return self.status is JobStatus.COMMITTING and not self.aborted
+
+    def device_ended(self) -> None:
+        """A device ended, or the engine returned: the last of them decides the job."""
+        self._running -= 1
+        if self._running or self.aborted:
+            return
+        if any(pump.end is PumpEnd.DISCARDED for pump in self._pumps):
+            self._abort(Abort(AbortCause.ENGINE, "the engine discarded the backup"))
+            return
+        self._move(JobStatus.COMMITTING)
+        self._decided.set()
 
     # --- running -------------------------------------------------------------------
 
@@ -340,17 +382,23 @@ class Job:
         if self.status is not JobStatus.PENDING:
             raise RuntimeError(f"job {self.backup_id} was already run")
         self._move(JobStatus.RUNNING)
+        if self.aborted:  # by an abort() made before run(): nothing started, nothing to undo
+            return self._finish()
         self._decided_event = anyio.Event()
         self.log.info("job_started", set=self.set_name, devices=self.options.devices)
         try:
-            self.storage = (
-                self._storage_arg
-                if isinstance(self._storage_arg, Storage)
-                else open_storage(self._storage_arg)
-            )
+            async with opened_storage(
+                self._storage_arg, close_within=self.options.drain_timeout
+            ) as storage:
+                self.storage = storage
+                return await self._run()
         except StorageError as exc:
-            self._abort(AbortCause.SINK, str(exc), exc)
+            if self.storage is not None:
+                raise  # not the opening's: a bug inside the job, for the caller to see
+            self._abort(Abort(AbortCause.SINK, str(exc), exc))
             return self._finish()
+
+    async def _run(self) -> JobResult:
         features = Features.LIKE_DISK if self.options.disk_like else Features.LIKE_PIPE
         if self.kind is JobKind.BACKUP and self.options.request_complete:
             features |= Features.REQUEST_COMPLETE
@@ -370,9 +418,9 @@ class Job:
                 await self._drive(tg)
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
-                self._abort(AbortCause.CANCELLED, "the job's caller cancelled it", None)
+                self._abort(Abort(AbortCause.CANCELLED, "the job's caller cancelled it"))
             else:  # a bug of ours: still clean up, then let it propagate
-                self._abort(AbortCause.ENGINE, f"internal error: {exc!r}", exc)
+                self._abort(Abort(AbortCause.ENGINE, f"internal error: {exc!r}", exc))
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
             self._finish()  # the record says aborted, even though the caller gets no result
@@ -386,50 +434,61 @@ class Job:
             config = await self._vds.get_configuration(self.options.configuration_timeout)
         except VDTimeoutError:
             self._abort(
-                AbortCause.ENGINE,
-                f"the engine did not configure the set within "
-                f"{self.options.configuration_timeout:g} s",
-                None,
+                Abort(
+                    AbortCause.ENGINE,
+                    f"the engine did not configure the set within "
+                    f"{self.options.configuration_timeout:g} s",
+                )
             )
             return
-        except VDAbortError as exc:
-            self._abort(self._cause_of_set_abort(), self._vds.abort_reason or str(exc), None)
+        except VDAbortError:
+            self._set_aborted()
             return
         wanted = Features.WRITE_MEDIA if self.kind is JobKind.BACKUP else Features.READ_MEDIA
         if not config.features & wanted:
             self._abort(
-                AbortCause.ENGINE,
-                f"the engine configured the set for the wrong direction "
-                f"(features 0x{config.features:x}, a {self.kind.value} needs {wanted.name})",
-                None,
+                Abort(
+                    AbortCause.ENGINE,
+                    f"the engine configured the set for the wrong direction "
+                    f"(features 0x{config.features:x}, a {self.kind.value} needs {wanted.name})",
+                )
             )
             return
-        names = [self.set_name] + [f"{self.set_name}{i}" for i in range(1, config.device_count)]
-        self._device_names = names
-        devices = [self._vds.open_device(name) for name in names]
-        for index, device in enumerate(devices):
+        assert self.storage is not None
+        for index, name in enumerate(device_names(self.set_name, config.device_count)):
+            device = self._vds.open_device(name)
             self.log.info("device_opened", device=device.name, index=index)
-            progress = self.progress.add_device(device.name)  # in device order
-            tg.start_soon(self._pump, index, device, progress)
-
-    def _cause_of_set_abort(self) -> AbortCause:
-        reason = self._vds.abort_reason or ""
-        return AbortCause.SERVER_TIMEOUT if "server timeout" in reason else AbortCause.ENGINE
+            pump = Pump(
+                device=device,
+                progress=self.progress.add_device(device.name),  # in device order
+                job=self,
+                index=index,
+                storage=self.storage,
+                key=self.keys[index],
+                backup=self.kind is JobKind.BACKUP,
+                pipeline=self.pipeline,
+                context=stream_context(self.backup_id, index, len(self.keys)),
+                limiter=self._hash_limiter,
+                log=self.log.bind(device=device.name, key=self.keys[index]),
+                disk_like=self.options.disk_like,
+                drain_timeout=self.options.drain_timeout,
+                expected=self.expected[index] if self.expected is not None else None,
+            )
+            self._pumps.append(pump)
+            tg.start_soon(pump.run)
 
     async def _run_engine(self) -> None:
         try:
             self._engine_result = await self.engine.run(self.set_name, registry=self.registry)
         except (VDIError, JobError, StorageError, OSError) as exc:
             self._in_user_terms(exc)
-            if self.aborted:
-                if self._cause is not None and self._cause[0] is AbortCause.ENGINE:
-                    self._abort(AbortCause.ENGINE, str(exc), exc)  # attach the engine's error
-                return
-            self._abort(AbortCause.ENGINE, f"the engine failed: {exc}", exc)
+            if self._abort_record is None:
+                self._abort(Abort(AbortCause.ENGINE, f"the engine failed: {exc}", exc))
+            elif self._abort_record.cause is AbortCause.ENGINE:
+                self._abort(Abort(AbortCause.ENGINE, str(exc), exc))  # attach the engine's error
             return
         self.log.info("engine_finished")
-        self._engine_done = True
-        self._maybe_commit()
+        self.device_ended()
 
     def _in_user_terms(self, exc: BaseException) -> None:
         """Restate an engine error's place (the set's and device's internal names) as
@@ -437,23 +496,15 @@ class Job:
         saw those names (the job's logs still carry them, bound to every event)."""
         if not isinstance(exc, EngineError):
             return
+        names = [pump.device.name for pump in self._pumps]
         where = None
         # longest first: device 1's name is the set's name followed by "1"
-        for index, name in sorted(enumerate(self._device_names), key=lambda p: -len(p[1])):
+        for index, name in sorted(enumerate(names), key=lambda p: -len(p[1])):
             exc.detail = exc.detail.replace(f"device {name!r}", f"device {index}")
-        if exc.device is not None and exc.device in self._device_names:
-            index = self._device_names.index(exc.device)
+        if exc.device is not None and exc.device in names:
+            index = names.index(exc.device)
             where = f"device {index}: {self._url(self.keys[index])}"
         exc.relocate(where)
-
-    def _maybe_commit(self) -> None:
-        if not self.aborted and self._engine_done and len(self._ends) == len(self.keys):
-            if any(end is PumpEnd.DISCARDED for end in self._ends.values()):
-                self._abort(AbortCause.ENGINE, "the engine discarded the backup", None)
-                return
-            self._ready_to_commit = True
-            self._move(JobStatus.COMMITTING)
-            self._decided.set()
 
     async def _watch_stall(self) -> None:
         timeout = self.options.stall_timeout
@@ -470,127 +521,26 @@ class Job:
                 last, since = moved, anyio.current_time()
             elif anyio.current_time() - since >= timeout and not self._decided.is_set():
                 self._abort(
-                    AbortCause.WATCHDOG,
-                    f"stalled: no device moved a byte or a command for {timeout:g} s",
-                    None,
-                )
-
-    async def _pump(
-        self, index: int, device: ClientVirtualDevice, progress: DeviceProgress
-    ) -> None:
-        assert self.storage is not None
-        key = self.keys[index]
-        log = self.log.bind(device=device.name, key=key)
-        sink: SinkChain | None = None
-        source: SourceChain | None = None
-        committed = False
-        context = stream_context(self.backup_id, index, len(self.keys))
-        try:
-            try:
-                if self.kind is JobKind.BACKUP:
-                    sink = SinkChain.build(
-                        await self.storage.open_sink(key, device=device.name),
-                        self.pipeline,
-                        context=context,
-                        limiter=self._hash_limiter,
+                    Abort(
+                        AbortCause.WATCHDOG,
+                        f"stalled: no device moved a byte or a command for {timeout:g} s",
                     )
-                else:
-                    source = SourceChain.build(
-                        await self.storage.open_source(key),
-                        self.pipeline,
-                        context=context,
-                        limiter=self._hash_limiter,
-                    )
-                read = source
-                pump = Pump(
-                    device,
-                    progress,
-                    sink=sink.outer if sink is not None else None,
-                    source=source.outer if source is not None else None,
-                    disk_like=self.options.disk_like,
-                    poll=self.options.poll,
-                    at_end=(lambda: self._check_read(index, read)) if read is not None else None,
-                )
-                end = await pump.run()
-                log.info("device_closed", end=end.value, bytes=progress.bytes)
-                if source is not None:
-                    self._check_read(index, source)
-                self._ends[index] = end
-                self._maybe_commit()
-                if sink is not None:
-                    await self._decided.wait()
-                    if self._ready_to_commit and not self.aborted:
-                        await sink.outer.commit()
-                        committed = True
-                        self._committed.append(key)
-                        self._hashes[index] = (
-                            sink.logical.sha256,
-                            sink.stored.size,
-                            sink.stored.sha256,
-                        )
-                        log.info("sink_committed", bytes=sink.stored.size)
-            except VDAbortError:
-                self._abort(self._cause_of_set_abort(), self._vds.abort_reason or "aborted", None)
-            except (StorageError, PipelineError) as exc:
-                if source is not None and not str(exc).startswith("device "):
-                    exc.args = (f"device {index}: {exc}",)  # which stream, in the user's terms
-                log.error("storage_failed", error=str(exc))
-                self._abort(AbortCause.SINK, str(exc), exc)
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.drain_timeout):
-                if sink is not None and not committed:
-                    try:
-                        await sink.outer.abort()
-                        log.info("sink_aborted")
-                    except StorageError as exc:
-                        # What the store kept is reported once, as the job's error, and
-                        # never escapes the task group as an exception group.
-                        log.error("sink_abort_failed", error=str(exc))
-                        self._abort(AbortCause.SINK, str(exc), exc)
-                        self._left.append(exc)
-                if source is not None:
-                    await source.outer.close()
-
-    def _check_read(self, index: int, source: SourceChain) -> None:
-        """Restore: the streams read must be the ones the manifest describes. Called at
-        the stream's end (before the engine hears of it) and again after the device
-        closed (an engine that stopped reading early); ``url`` is the storage's own."""
-        stored, logical = source.stored, source.logical
-        self._hashes[index] = (logical.sha256, stored.bytes_read, stored.sha256)
-        if self.expected is None:
-            return
-        want = self.expected[index]
-        checks: list[tuple[str, HashingSource, int | None, str]] = [
-            ("stored", stored, want.stored_bytes, want.stored_sha256)
-        ]
-        if want.logical_sha256 is not None:
-            checks.append(("logical", logical, want.logical_bytes, want.logical_sha256))
-        for what, hashed, size, sha256 in checks:
-            if hashed.bytes_read != size or hashed.sha256 not in (None, sha256):
-                raise StorageIntegrityError(
-                    f"the {what} stream does not match the manifest: read {hashed.bytes_read} "
-                    f"bytes with SHA-256 {hashed.sha256}, expected {size} bytes with "
-                    f"SHA-256 {sha256}",
-                    url=stored.url,
                 )
 
     async def _cleanup(self) -> None:
         """After every task ended: undo published parts of a failed job, close the set."""
-        if self.aborted and self._committed and self.storage is not None:
+        if self.aborted and self.storage is not None:
             with anyio.move_on_after(self.options.drain_timeout):
-                for key in list(self._committed):
-                    try:
-                        await self.storage.delete(key)
-                        self._committed.remove(key)
-                    except StorageError as exc:
-                        self.log.error("cleanup_failed", key=key, error=str(exc))
-        if self.storage is not None and self.storage is not self._storage_arg:
-            with anyio.move_on_after(self.options.drain_timeout):
-                await self.storage.aclose()  # we opened it from a URL: ours to close
-        if self._vds.state.name != "DNE":
-            if not self.aborted and self._vds.state.name != "NORMALLY_TERMINATED":
+                for pump in self._pumps:
+                    if pump.committed:
+                        try:
+                            await self.storage.delete(pump.key)
+                        except StorageError as exc:
+                            self.log.error("cleanup_failed", key=pump.key, error=str(exc))
+        if self._vds.state is not ClientState.DNE:
+            if not self.aborted and self._vds.state is not ClientState.NORMALLY_TERMINATED:
                 self._abort(
-                    AbortCause.ENGINE, "the engine ended without closing every device", None
+                    Abort(AbortCause.ENGINE, "the engine ended without closing every device")
                 )
             try:
                 self._vds.close()
@@ -598,52 +548,40 @@ class Job:
                 pass
 
     def _finish(self) -> JobResult:
-        assert self.storage is not None or self._cause is not None
         self.progress.finished = True
         devices = tuple(
             DeviceResult(
-                name=p.name,
-                key=self.keys[i],
-                url=self._url(self.keys[i]),
-                bytes=p.bytes,
-                commands=p.commands,
-                sha256=self._hashes.get(i, (None, None, None))[0],
-                stored_bytes=self._hashes.get(i, (None, None, None))[1],
-                stored_sha256=self._hashes.get(i, (None, None, None))[2],
+                name=pump.device.name,
+                key=pump.key,
+                url=self._url(pump.key),
+                bytes=outcome.bytes,
+                commands=outcome.commands,
+                sha256=outcome.sha256,
+                stored_bytes=outcome.stored_bytes,
+                stored_sha256=outcome.stored_sha256,
             )
-            for i, p in enumerate(self.progress.devices)
+            for pump, outcome in zip(self._pumps, self.outcomes(), strict=True)
         )
-        if self._cause is None:
-            self._move(JobStatus.SUCCEEDED)
-            result = JobResult(
-                self.kind,
-                self.status,
-                self.backup_id,
-                self.set_name,
-                devices,
-                self._started,
-                time.time(),
-                engine_result=self._engine_result,
-            )
-            self.log.info("job_finished", status="succeeded", bytes=result.bytes)
-            return result
-        by, reason, error = self._cause
-        if error is None:
-            error = JobAbortedError(
-                f"{self.kind.value} {self.backup_id} aborted: {reason}", by=by.value
-            )
-        orphans = [e for e in self._left if isinstance(e, OrphanUploadsError)]
-        if orphans:
-            # What is left matters more than why: one line naming it and its remedy.
-            left = OrphanUploadsError.merge(orphans)
-            if error not in orphans:
-                left.args = (f"{left}; the job failed first: {error}",)
-            left.__cause__ = error
-            error, reason = left, str(left)
-        status = JobStatus.ABORTED if by in _ABORTED_BY else JobStatus.FAILED
+        why = self._abort_record
+        status, reason, error = JobStatus.SUCCEEDED, None, None
+        if why is not None:
+            status = JobStatus.ABORTED if why.cause in _ABORTED_BY else JobStatus.FAILED
+            reason, error = why.reason, why.error
+            if error is None:
+                error = JobAbortedError(
+                    f"{self.kind.value} {self.backup_id} aborted: {reason}", by=why.cause.value
+                )
+            orphans = [o.left for o in self.outcomes() if isinstance(o.left, OrphanUploadsError)]
+            if orphans:
+                # What is left matters more than why: one line naming it and its remedy.
+                left = OrphanUploadsError.merge(orphans)
+                if error not in orphans:
+                    left.args = (f"{left}; the job failed first: {error}",)
+                left.__cause__ = error
+                error, reason = left, str(left)
+            self.log.warning("job_finished", status=status.value, by=why.cause.value, reason=reason)
         self._move(status)
-        self.log.warning("job_finished", status=status.value, by=by.value, reason=reason)
-        return JobResult(
+        result = JobResult(
             self.kind,
             status,
             self.backup_id,
@@ -651,11 +589,14 @@ class Job:
             devices,
             self._started,
             time.time(),
-            aborted_by=by,
+            aborted_by=why.cause if why is not None else None,
             reason=reason,
             error=error,
             engine_result=self._engine_result,
         )
+        if result.ok:
+            self.log.info("job_finished", status="succeeded", bytes=result.bytes)
+        return result
 
     def _url(self, key: str) -> str:
         base = self.storage.url if self.storage is not None else str(self._storage_arg)

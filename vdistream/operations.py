@@ -15,7 +15,7 @@ storage's in-progress marker (``Storage.in_progress``), so that a backup killed 
 leaves debris the next run can prove dead. A restore sweeps its destination too.
 
 A restore publishes its target only once every stream passed every check (the pumps
-check each stream at its end, before the engine hears of it: see the coordinator).
+check each stream at its end, before the engine hears of it: see ``vdistream.pump``).
 What a ``cmd:`` consumer did with the bytes before a failure cannot be undone:
 ``run_restore(verify_first=True)`` reads and checks every stream completely first and
 feeds the consumer only if all pass (at the price of reading everything twice).
@@ -25,12 +25,11 @@ says they were written.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import os
 import platform
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,7 @@ from vdistream.coordinator import (
     JobStatus,
     new_backup_id,
 )
+from vdistream.coordinator import opened_storage as opened_storage
 from vdistream.engines import StripingOptions
 from vdistream.engines.databases import (
     DatabaseSource,
@@ -81,7 +81,7 @@ from vdistream.pipeline.chain import PipelineConfig, SourceChain
 from vdistream.pipeline.encrypt import stream_context
 from vdistream.pipeline.keys import Key, ScryptParams, load_key
 from vdistream.pipeline.spec import CompressionSpec
-from vdistream.storage import Storage, open_storage
+from vdistream.storage import Storage
 
 __all__ = (
     "BackupOutcome",
@@ -199,33 +199,8 @@ class BackupOutcome:
         }
 
 
-@contextlib.asynccontextmanager
-async def opened_storage(destination: str | Storage) -> AsyncIterator[Storage]:
-    """The storage a URL names, closed afterwards (an S3 client holds connections);
-    a ``Storage`` given by the caller is the caller's to close."""
-    if isinstance(destination, Storage):
-        yield destination
-        return
-    storage = open_storage(destination)
-    try:
-        yield storage
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-            await storage.aclose()
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _failed(result: JobResult, error: BaseException) -> JobResult:
-    return dataclasses.replace(
-        result,
-        status=JobStatus.FAILED,
-        aborted_by=AbortCause.SINK,
-        reason=str(error),
-        error=error,
-    )
 
 
 async def run_backup(
@@ -239,28 +214,21 @@ async def run_backup(
     settings = settings or BackupSettings()
     source = resolve_source(source_url, mode=settings.mode)
     async with opened_storage(destination) as storage:
-        return await _backup(source, storage, settings, on_job)
-
-
-async def _backup(
-    source: DatabaseSource,
-    storage: Storage,
-    settings: BackupSettings,
-    on_job: JobHook | None,
-) -> BackupOutcome:
-    versions = {"vdistream": __version__, "python": platform.python_version()}
-    versions.update(await source.describe())
-    key = None
-    if settings.encryption is not None and settings.encryption.given:
-        key = await settings.encryption.load()
-    pipeline = PipelineConfig(compression=settings.compression, key=key)
-    # Decided here, not by the job: the preflight and the in-progress marker need it.
-    backup_id = settings.backup_id or new_backup_id()
-    await _preflight(storage)
-    async with storage.in_progress(backup_id):
-        # under the marker: no other backup with this id can start between check and use
-        await _check_id_free(storage, backup_id)
-        return await _backup_job(source, storage, settings, on_job, backup_id, pipeline, versions)
+        versions = {"vdistream": __version__, "python": platform.python_version()}
+        versions.update(await source.describe())
+        key = None
+        if settings.encryption is not None and settings.encryption.given:
+            key = await settings.encryption.load()
+        pipeline = PipelineConfig(compression=settings.compression, key=key)
+        # Decided here, not by the job: the preflight and the in-progress marker need it.
+        backup_id = settings.backup_id or new_backup_id()
+        await _preflight(storage)
+        async with storage.in_progress(backup_id):
+            # under the marker: no other backup with this id can start between check and use
+            await _check_id_free(storage, backup_id)
+            return await _backup_job(
+                source, storage, settings, on_job, backup_id, pipeline, versions
+            )
 
 
 async def _sweep(storage: Storage) -> None:
@@ -348,7 +316,7 @@ async def _backup_job(
                 "device_count": settings.devices,
                 "block_size": settings.block_size,
                 "max_transfer_size": settings.max_transfer_size,
-                "buffer_count": settings.buffer_count or 2 * settings.devices,
+                "buffer_count": settings.striping().buffers_for(settings.devices),
                 "features": getattr(engine_result, "features", 0),
             },
             devices=tuple(devices),
@@ -366,7 +334,8 @@ async def _backup_job(
                     await storage.delete(device.key)
                 except StorageError:
                     pass
-        return BackupOutcome(_failed(result, exc))
+        failed = dataclasses.replace(result, status=JobStatus.FAILED, aborted_by=AbortCause.SINK)
+        return BackupOutcome(dataclasses.replace(failed, reason=str(exc), error=exc))
     return BackupOutcome(result, manifest, url)
 
 

@@ -116,7 +116,8 @@ def test_unpack_of_the_wrong_length_raises(length: int) -> None:
 @pytest.mark.parametrize("value", [-1, U32_MAX + 1, 1 << 40])
 def test_pack_of_a_non_u32_field_raises(name: str, value: int) -> None:
     config = VDConfig(**{name: value})
-    with pytest.raises((struct.error, ValueError, OverflowError)):
+    # Ours, naming the field: not the struct.error Python raises by itself.
+    with pytest.raises(ValueError, match=rf"\b{name}={value} is not an unsigned 32-bit"):
         config.pack()
 
 
@@ -195,6 +196,8 @@ def test_block_size(value: int, ok: bool) -> None:
 def test_max_transfer_size(value: int, ok: bool) -> None:
     # spec §2.1: multiple of 64 KB, 65536..4194304
     _check(VDConfig(max_transfer_size=value), "max_transfer_size", ok)
+    if ok:  # its neighbour, not a multiple of 64 KB, is refused: the field is checked
+        _check(VDConfig(max_transfer_size=value + 512), "max_transfer_size", False)
 
 
 @pytest.mark.parametrize(
@@ -255,6 +258,11 @@ def test_supported_combination_is_accepted(features: int) -> None:
     config = VDConfig(features=features)
     assert config.problems() == []
     assert config.client_problems() == []
+    # Its neighbour with an unassigned bit is refused: the combination is checked.
+    neighbour = VDConfig(features=features | 0x4)
+    for problems in (neighbour.problems(), neighbour.client_problems()):
+        assert len(problems) == 1, problems
+        assert "features 0x" in problems[0]
 
 
 @pytest.mark.parametrize("features", SUPPORTED)

@@ -6,6 +6,7 @@ Nothing here imports anyio or does I/O; ``vdistream.vdi`` runs these tables live
 from vdistream.protocol.codes import INFINITE_MS as INFINITE_MS
 from vdistream.protocol.codes import CommandCode as CommandCode
 from vdistream.protocol.codes import Completion as Completion
+from vdistream.protocol.codes import Fault as Fault
 from vdistream.protocol.codes import Features as Features
 from vdistream.protocol.codes import HResult as HResult
 from vdistream.protocol.codes import Whence as Whence
@@ -18,6 +19,7 @@ from vdistream.protocol.states import DeviceState as DeviceState
 from vdistream.protocol.states import Outcome as Outcome
 from vdistream.protocol.states import ServerCall as ServerCall
 from vdistream.protocol.states import ServerState as ServerState
+from vdistream.protocol.states import SetAbortCause as SetAbortCause
 from vdistream.protocol.states import SetEvent as SetEvent
 from vdistream.protocol.states import client_event as client_event
 from vdistream.protocol.states import client_transition as client_transition
@@ -33,11 +35,13 @@ __all__ = (
     "CommandResult",
     "Completion",
     "DeviceState",
+    "Fault",
     "Features",
     "HResult",
     "Outcome",
     "ServerCall",
     "ServerState",
+    "SetAbortCause",
     "SetEvent",
     "VDConfig",
     "Whence",

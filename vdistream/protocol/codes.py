@@ -7,14 +7,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = (
-    "INFINITE_MS",
-    "CommandCode",
-    "Completion",
-    "Features",
-    "HResult",
-    "Whence",
-)
+__all__ = ("INFINITE_MS", "CommandCode", "Completion", "Fault", "Features", "HResult", "Whence")
 
 #: The spec's ``INFINITE`` timeout (milliseconds); Python callers pass ``None`` instead.
 INFINITE_MS = 0xFFFFFFFF
@@ -84,6 +77,14 @@ class Completion(enum.IntEnum):
     IO_DEVICE = 1117
     EOM_OVERFLOW = 1129
     NO_SYSTEM_RESOURCES = 1450
+
+
+class Fault(enum.IntEnum):
+    """Win32 codes a failed READ or WRITE completes with (spec §3.9); apart from
+    ``Completion`` because api.md pins that list exactly."""
+
+    WRITE_FAULT = 29
+    READ_FAULT = 30
 
 
 class Whence(enum.IntEnum):

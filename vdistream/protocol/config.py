@@ -99,7 +99,10 @@ class VDConfig:
     buffer_area_size: int = 0
 
     def pack(self) -> bytes:
-        """The 44-byte little-endian image; ``struct.error`` if a field is not a u32."""
+        """The 44-byte little-endian image; ``ValueError`` naming a field not a u32."""
+        problems = self._u32_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
         return _LAYOUT.pack(*dataclasses.astuple(self))
 
     @classmethod
@@ -111,13 +114,16 @@ class VDConfig:
     def replace(self, **changes: int) -> Self:
         return dataclasses.replace(self, **changes)
 
+    def _u32_problems(self) -> list[str]:
+        return [
+            f"{field.name}={value!r} is not an unsigned 32-bit integer"
+            for field in dataclasses.fields(self)
+            if not isinstance(value := getattr(self, field.name), int) or not 0 <= value <= _U32
+        ]
+
     def problems(self) -> list[str]:
         """Every rule of the module docstring this record breaks, in words."""
-        out: list[str] = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or not 0 <= value <= _U32:
-                out.append(f"{field.name}={value!r} is not an unsigned 32-bit integer")
+        out = self._u32_problems()
         if out:
             return out
         if not 1 <= self.device_count <= DEVICE_COUNT_MAX:

@@ -49,6 +49,7 @@ __all__ = (
     "Outcome",
     "ServerCall",
     "ServerState",
+    "SetAbortCause",
     "SetEvent",
     "client_event",
     "client_transition",
@@ -114,6 +115,15 @@ class SetEvent(enum.Enum):
     ACTIVATED = "activated"  # both sides opened every device
     TERMINATED = "terminated"  # every device closed (client: every close delivered)
     ABORTED = "aborted"  # either side aborted, or a watchdog did
+
+
+class SetAbortCause(enum.Enum):
+    """Why a set aborted; the set records it beside its human-readable reason."""
+
+    CLIENT = "client"  # the client signalled abort, or closed the set before it ended
+    SERVER = "server"  # the server signalled abort, or closed the set before it ended
+    SERVER_TIMEOUT = "server-timeout"  # the server-timeout watchdog (decision 10)
+    PROCESS_DEATH = "process-death"  # the other side's process died (out-of-process sets)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -206,14 +216,12 @@ SERVER_TABLE: Mapping[tuple[ServerCall, ServerState], tuple[HResult, ServerState
 
 def client_transition(state: ClientState, call: ClientCall) -> Outcome:
     """The client table's cell for ``call`` made in ``state``."""
-    result, new, waits = CLIENT_TABLE[call, state]
-    return Outcome(result, new, waits)
+    return Outcome(*CLIENT_TABLE[call, state])
 
 
 def server_transition(state: ServerState, call: ServerCall) -> Outcome:
     """The server table's cell for ``call`` made in ``state``."""
-    result, new, waits = SERVER_TABLE[call, state]
-    return Outcome(result, new, waits)
+    return Outcome(*SERVER_TABLE[call, state])
 
 
 _CLIENT_EVENTS: Mapping[tuple[SetEvent, ClientState], ClientState] = {
@@ -229,16 +237,8 @@ _SERVER_EVENTS: Mapping[tuple[SetEvent, ServerState], ServerState] = {
     (SetEvent.CONFIGURED, _S.CONFIGURABLE): _S.INITIALIZING,
     (SetEvent.ACTIVATED, _S.INITIALIZING): _S.ACTIVE,
     (SetEvent.TERMINATED, _S.ACTIVE): _S.NORMALLY_TERMINATED,
-    **{
-        (SetEvent.ABORTED, s): _S.ABORTED
-        for s in (
-            _S.CONNECTED,
-            _S.CONFIGURABLE,
-            _S.INITIALIZING,
-            _S.ACTIVE,
-            _S.NORMALLY_TERMINATED,
-        )
-    },
+    # every live state (all but DNE and ABORTED) aborts
+    **{(SetEvent.ABORTED, s): _S.ABORTED for s in _S if s not in (_S.DNE, _S.ABORTED)},
 }
 
 

@@ -3,6 +3,7 @@
 from vdistream.vdi.client import ClientVirtualDevice as ClientVirtualDevice
 from vdistream.vdi.client import ClientVirtualDeviceSet as ClientVirtualDeviceSet
 from vdistream.vdi.core import PendingCommand as PendingCommand
+from vdistream.vdi.core import SetStatistics as SetStatistics
 from vdistream.vdi.registry import Registry as Registry
 from vdistream.vdi.registry import default_registry as default_registry
 from vdistream.vdi.server import ServerVirtualDevice as ServerVirtualDevice
@@ -15,5 +16,6 @@ __all__ = (
     "Registry",
     "ServerVirtualDevice",
     "ServerVirtualDeviceSet",
+    "SetStatistics",
     "default_registry",
 )

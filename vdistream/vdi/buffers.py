@@ -66,6 +66,12 @@ class Slot:
         start = self.data_offset + offset
         return self.segment.view[start : start + size]
 
+    def release_views(self) -> None:
+        """Release the views of this slot handed out to the server."""
+        for view in self.views:
+            view.release()
+        self.views.clear()
+
     def prefix(self) -> memoryview:
         return self.segment.view[self.data_offset - self.prefix_size : self.data_offset]
 
@@ -190,9 +196,7 @@ class BufferArea:
         return None
 
     def give_back(self, slot: Slot) -> None:
-        for view in slot.views:
-            view.release()
-        slot.views.clear()
+        slot.release_views()
         slot.in_use = False
         self._free[slot.capacity, slot.alignment].append(slot)
 
@@ -219,16 +223,11 @@ class BufferArea:
             return None
         return slot, offset
 
-    def slot(self, handle: int) -> Slot:
-        return self._slots[handle]
-
     def in_use(self) -> list[Slot]:
         return [slot for slot in self._slots if slot.in_use]
 
     def close(self) -> None:
         for slot in self._slots:
-            for view in slot.views:
-                view.release()
-            slot.views.clear()
+            slot.release_views()
         for segment in self._segments:
             segment.close()

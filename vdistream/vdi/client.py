@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vdistream.errors import (
-    VDAbortError,
     VDClosedError,
-    VDIError,
     VDInstanceNameError,
     VDInvalidError,
     VDNotSupportedError,
@@ -26,7 +24,7 @@ from vdistream.protocol import (
     CommandResult,
     Completion,
     DeviceState,
-    HResult,
+    SetAbortCause,
     SetEvent,
     VDConfig,
     client_transition,
@@ -35,12 +33,14 @@ from vdistream.protocol.states import device_after_completion
 from vdistream.vdi.core import (
     CLOSE_MARKER,
     NOT_READY,
-    DeviceCore,
+    DeviceFacade,
     NotReady,
     PendingCommand,
     SetCore,
+    SetFacade,
+    SetStatistics,
 )
-from vdistream.vdi.registry import Registry, default_registry
+from vdistream.vdi.registry import Registry
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -48,11 +48,6 @@ if TYPE_CHECKING:
 __all__ = ("ClientVirtualDevice", "ClientVirtualDeviceSet")
 
 _U32 = 0xFFFFFFFF
-_ERRORS: dict[HResult, type[VDIError]] = {
-    HResult.PROTOCOL: VDProtocolError,
-    HResult.ABORT: VDAbortError,
-    HResult.OPEN: VDOpenError,
-}
 
 
 def _check_name(name: object, what: str) -> str:
@@ -61,7 +56,7 @@ def _check_name(name: object, what: str) -> str:
     return name
 
 
-class ClientVirtualDeviceSet:
+class ClientVirtualDeviceSet(SetFacade[ClientState, ClientCall]):
     """The client's handle on a set: create it, wait for configuration, open devices.
 
     One object serves one set at a time; after ``close()`` it can ``create`` again.
@@ -69,61 +64,24 @@ class ClientVirtualDeviceSet:
     and serves some of its devices.
     """
 
+    _DNE = ClientState.DNE
+    _view = staticmethod(lambda core: core.client_state)
+    _transition = staticmethod(client_transition)
+
     def __init__(self, *, registry: Registry | None = None) -> None:
-        self._registry = registry if registry is not None else default_registry
-        self._core: SetCore | None = None
+        super().__init__(registry=registry)
         self._primary = False
         self._devices: list[ClientVirtualDevice] = []
 
-    def __repr__(self) -> str:
-        name = self._core.name if self._core else None
-        return f"<ClientVirtualDeviceSet {name!r} {self.state.name}>"
-
-    # --- state -------------------------------------------------------------------
-
-    @property
-    def state(self) -> ClientState:
-        return self._core.client_state if self._core is not None else ClientState.DNE
-
-    @property
-    def name(self) -> str | None:
-        return self._core.name if self._core is not None else None
-
-    @property
-    def abort_reason(self) -> str | None:
-        return self._core.abort_reason if self._core is not None else None
-
-    def _enter(self, call: ClientCall, device: DeviceCore | None = None) -> SetCore:
-        """Check ``call`` against the table; the core when it may go on."""
-        core = self._core
-        if core is not None:
-            core.check_watchdog()
-        outcome = client_transition(self.state, call)
-        if not outcome.ok:
-            what = call.value
-            if core is None:
-                raise VDProtocolError(f"{what}: no set is open on this object", state="DNE")
-            if outcome.result is HResult.ABORT:
-                raise core.abort_error(what, device)
-            raise core.error(
-                _ERRORS[outcome.result],
-                f"{what} is not allowed now",
-                device=device,
-                state=core.client_state.name,
-            )
-        assert core is not None
-        return core
+    def statistics(self) -> SetStatistics:
+        """Buffers in use and commands outstanding per device, now."""
+        return self._require_open("statistics").statistics()
 
     # --- creation ------------------------------------------------------------------
 
     def create_ex(self, instance: str | None, name: str, config: VDConfig) -> None:
         """Create the set and publish it under ``name`` (spec CreateEx)."""
-        if self._core is not None:
-            raise VDProtocolError(
-                "create: a set is already open on this object",
-                set_name=self._core.name,
-                state=self.state.name,
-            )
+        self._require_none("create")
         if instance is not None and (not isinstance(instance, str) or "\\" in instance):
             raise VDInstanceNameError(
                 f"instance name {instance!r} is not valid (no machine prefix allowed)",
@@ -146,12 +104,7 @@ class ClientVirtualDeviceSet:
 
     def open_in_secondary_ex(self, instance: str | None, name: str) -> None:
         """Join a set another object created, to serve some of its devices."""
-        if self._core is not None:
-            raise VDProtocolError(
-                "open_in_secondary: a set is already open on this object",
-                set_name=self._core.name,
-                state=self.state.name,
-            )
+        self._require_none("open_in_secondary")
         _check_name(name, "the set name")
         core = self._registry.lookup(instance, name)
         if core is None or core.primary_closed:
@@ -181,42 +134,17 @@ class ClientVirtualDeviceSet:
         core = self._enter(ClientCall.GET_CONFIGURATION)
 
         def ready() -> VDConfig | NotReady:
-            if core.aborted:
-                raise core.abort_error("get_configuration")
-            if self._core is not core:
-                raise VDProtocolError("get_configuration: the set was closed", set_name=core.name)
+            self._check_live(core, "get_configuration")
             return NOT_READY if core.final_config is None else core.final_config
 
-        return await core.wait_for(
-            core.notifier, ready, timeout, lambda: core.timeout_error("get_configuration")
-        )
+        return await core.wait_for(core.notifier, ready, timeout, "get_configuration")
 
     def open_device(self, name: str) -> ClientVirtualDevice:
         core = self._enter(ClientCall.OPEN_DEVICE)
         _check_name(name, "the device name")
-        if all(d.client_owner is not None for d in core.devices):
-            raise core.error(
-                VDOpenError,
-                "open_device: every device is already open",
-                device=None,
-                state=core.client_state.name,
-            )
-        existing = core.device_named(name)
-        if existing is not None and existing.client_owner is not None:
-            raise core.error(
-                VDProtocolError,
-                "open_device: this device is already open",
-                device=existing,
-                state=core.client_state.name,
-            )
-        device = core.claim_device(name)
-        if device is None:
-            raise core.error(
-                VDInvalidError,
-                f"open_device: the set has no device {name!r}",
-                device=None,
-                state=core.client_state.name,
-            )
+        device = core.open_device(
+            name, lambda d: d.client_owner is not None, core.client_state.name
+        )
         device.client_owner = self
         facade = ClientVirtualDevice(self, device)
         self._devices.append(facade)
@@ -228,7 +156,7 @@ class ClientVirtualDeviceSet:
     def signal_abort(self) -> None:
         """Abort the whole set at once; idempotent, never blocks."""
         core = self._enter(ClientCall.SIGNAL_ABORT)
-        core.abort("the client signalled abort")
+        core.abort(SetAbortCause.CLIENT, "the client signalled abort")
 
     def close(self) -> None:
         """Release the set (decision 3 of api.md).
@@ -239,16 +167,13 @@ class ClientVirtualDeviceSet:
         """
         core = self._enter(ClientCall.CLOSE)
         open_devices = [d.core.label for d in self._devices if not d.core.close_delivered]
-        raise_open = (
-            not core.aborted
-            and core.client_state is not ClientState.NORMALLY_TERMINATED
-            and bool(open_devices)
-        )
         terminated = core.aborted or core.client_state is ClientState.NORMALLY_TERMINATED
+        raise_open = not terminated and bool(open_devices)
         if not terminated and (raise_open or self._primary):
             core.abort(
+                SetAbortCause.CLIENT,
                 "the client closed the set before it terminated"
-                + (f" (devices still open: {', '.join(open_devices)})" if open_devices else "")
+                + (f" (devices still open: {', '.join(open_devices)})" if open_devices else ""),
             )
         for facade in self._devices:
             for pending in facade.core.outstanding.values():
@@ -277,10 +202,8 @@ class ClientVirtualDeviceSet:
             for pending in device.outstanding.values():
                 if any(view is buffer for view in pending.client_views):
                     return pending.serial
-        raise VDInvalidError(
-            "get_buffer_handle: not the buffer of an outstanding READ or WRITE",
-            set_name=core.name,
-            state=core.client_state.name,
+        raise self._error(
+            VDInvalidError, "get_buffer_handle: not the buffer of an outstanding READ or WRITE"
         )
 
     def map_buffer_handle(self, handle: int) -> memoryview:
@@ -293,16 +216,10 @@ class ClientVirtualDeviceSet:
                     view = view.toreadonly()
                 pending.client_views.append(view)
                 return view
-        raise VDInvalidError(
+        raise self._error(
+            VDInvalidError,
             f"map_buffer_handle: {handle!r} is not a handle of an outstanding buffer",
-            set_name=core.name,
-            state=core.client_state.name,
         )
-
-    def _require_open(self, what: str) -> SetCore:
-        if self._core is None:
-            raise VDProtocolError(f"{what}: no set is open on this object", state="DNE")
-        return self._core
 
     # --- conveniences ----------------------------------------------------------------
 
@@ -322,28 +239,11 @@ class ClientVirtualDeviceSet:
         self.close()
 
 
-class ClientVirtualDevice:
+class ClientVirtualDevice(DeviceFacade[ClientVirtualDeviceSet]):
     """One device as the client sees it: get commands, complete them."""
 
-    def __init__(self, owner: ClientVirtualDeviceSet, device: DeviceCore) -> None:
-        self._owner = owner
-        self.core = device
-
-    def __repr__(self) -> str:
-        return f"<ClientVirtualDevice {self.name!r} of {self._owner!r}>"
-
-    @property
-    def name(self) -> str:
-        return self.core.label
-
     def _set(self, call: ClientCall) -> SetCore:
-        if self._owner._core is not self.core.core:
-            raise VDProtocolError(
-                f"{call.value}: this device's set was closed",
-                set_name=self.core.core.name,
-                device=self.name,
-                state="DNE",
-            )
+        self._own_set(call.value)
         return self._owner._enter(call, self.core)
 
     async def get_command(self, timeout: float | None = None) -> Command:
@@ -352,12 +252,7 @@ class ClientVirtualDevice:
         device = self.core
 
         def ready() -> Command | NotReady:
-            if core.aborted:
-                raise core.abort_error("get_command", device)
-            if self._owner._core is not core:
-                raise VDProtocolError(
-                    "get_command: the set was closed", set_name=core.name, device=device.label
-                )
+            self._owner._check_live(core, "get_command", device)
             if device.close_delivered:
                 raise self._closed_error(core)
             if not device.queue:
@@ -375,9 +270,7 @@ class ClientVirtualDevice:
             device.queue.popleft()
             return self._deliver(head)
 
-        return await core.wait_for(
-            device.notifier, ready, timeout, lambda: core.timeout_error("get_command", device)
-        )
+        return await core.wait_for(device.notifier, ready, timeout, "get_command", device)
 
     def _closed_error(self, core: SetCore) -> VDClosedError:
         return VDClosedError(
@@ -419,52 +312,37 @@ class ClientVirtualDevice:
     ) -> None:
         """Hand ``command`` back with its result; its buffer belongs to the server again."""
         device = self.core
-        if self._owner._core is not device.core:
-            raise VDProtocolError(
-                "complete_command: this device's set was closed",
-                set_name=device.core.name,
-                device=self.name,
-                state="DNE",
-            )
-        core = self._owner._core
+        core = self._own_set("complete_command")
         core.check_watchdog()
         if core.aborted:
             raise core.abort_error("complete_command", device)
         pending = device.outstanding.get(command.serial) if isinstance(command, Command) else None
         if pending is None or pending.command is not command:
             cls = VDInvalidError if core.client_state is ClientState.ACTIVE else VDProtocolError
-            raise core.error(
+            raise self._owner._error(
                 cls,
                 f"complete_command: {command!r} is not an outstanding command of this device",
-                device=device,
-                state=core.client_state.name,
+                device,
             )
         if not isinstance(completion, int) or not 0 <= completion <= _U32:
-            raise core.error(
+            raise self._owner._error(
                 VDInvalidError,
                 f"complete_command: completion code {completion!r} is not a Win32 code",
-                device=device,
-                state=core.client_state.name,
+                device,
             )
         limit = pending.size if pending.slot is not None else _U32
         if not isinstance(bytes_transferred, int) or not 0 <= bytes_transferred <= limit:
-            raise core.error(
+            raise self._owner._error(
                 VDInvalidError,
                 f"complete_command: bytes_transferred={bytes_transferred!r} is outside 0..{limit}",
-                device=device,
-                state=core.client_state.name,
+                device,
             )
         if not isinstance(position, int):
-            raise core.error(
-                VDInvalidError,
-                f"complete_command: position {position!r} is not an integer",
-                device=device,
-                state=core.client_state.name,
+            raise self._owner._error(
+                VDInvalidError, f"complete_command: position {position!r} is not an integer", device
             )
         del device.outstanding[pending.serial]
         pending.release_client_views()
-        device.commands_completed += 1
-        device.bytes_completed += bytes_transferred
         before = device.state
         device.state = device_after_completion(
             device.state, pending.code is CommandCode.CLEAR_ERROR, completion

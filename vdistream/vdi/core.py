@@ -24,23 +24,36 @@ Decisions this module makes where spec and api.md are silent:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio.lowlevel
 
-from vdistream.errors import VDAbortError, VDIError, VDTimeoutError
+from vdistream.errors import (
+    VDAbortError,
+    VDIError,
+    VDInvalidError,
+    VDOpenError,
+    VDProtocolError,
+    VDTimeoutError,
+)
 from vdistream.protocol import (
+    ClientCall,
     ClientState,
     Command,
     CommandCode,
     CommandResult,
     Completion,
     DeviceState,
+    HResult,
+    Outcome,
+    ServerCall,
     ServerState,
+    SetAbortCause,
     SetEvent,
     VDConfig,
     client_event,
@@ -53,11 +66,34 @@ if TYPE_CHECKING:
     from vdistream.vdi.buffers import BufferArea, Slot
     from vdistream.vdi.registry import Registry
 
-__all__ = ("MAX_QUEUED", "NOT_READY", "DeviceCore", "NotReady", "PendingCommand", "SetCore")
+__all__ = (
+    "MAX_QUEUED",
+    "NOT_READY",
+    "DeviceCore",
+    "DeviceFacade",
+    "NotReady",
+    "PendingCommand",
+    "SetCore",
+    "SetFacade",
+    "SetStatistics",
+)
 
 MAX_QUEUED = 1024
 
 T = TypeVar("T")
+S = TypeVar("S", ClientState, ServerState)
+C = TypeVar("C", ClientCall, ServerCall)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetStatistics:
+    """A snapshot of a set's load, as ``ClientVirtualDeviceSet.statistics()`` gives it
+    (modelled on anyio's ``MemoryObjectStream.statistics()``)."""
+
+    buffers_total: int  # buffers in the area
+    buffers_in_use: int  # allocated by the server and not freed
+    #: per device, in device order: commands sent and not yet completed (queued or held)
+    outstanding: tuple[int, ...]
 
 
 class NotReady:
@@ -67,6 +103,7 @@ class NotReady:
 NOT_READY = NotReady()
 
 
+@dataclasses.dataclass(slots=True, eq=False, repr=False)
 class PendingCommand:
     """A command the server sent; await it for its ``CommandResult``.
 
@@ -74,45 +111,21 @@ class PendingCommand:
     no task: awaiting it waits on the set (and runs the set's watchdog meanwhile).
     """
 
-    __slots__ = (
-        "_core",
-        "_notifier",
-        "_result",
-        "aborted_while_held",
-        "client_views",
-        "code",
-        "command",
-        "device",
-        "position",
-        "serial",
-        "size",
-        "slot",
-        "slot_offset",
-    )
+    _core: SetCore
+    device: DeviceCore | None
+    code: CommandCode
+    size: int
+    position: int
+    slot: Slot | None = None
+    slot_offset: int = 0
+    serial: int = dataclasses.field(default=0, init=False)
+    command: Command | None = dataclasses.field(default=None, init=False)  # once delivered
+    client_views: list[memoryview] = dataclasses.field(default_factory=list, init=False)
+    _notifier: Notifier = dataclasses.field(default_factory=Notifier, init=False)
+    _result: CommandResult | None = dataclasses.field(default=None, init=False)
 
-    def __init__(
-        self,
-        core: SetCore,
-        device: DeviceCore | None,
-        code: CommandCode,
-        size: int,
-        position: int,
-        slot: Slot | None = None,
-        slot_offset: int = 0,
-    ) -> None:
-        self._core = core
-        self._notifier = Notifier()
-        self._result: CommandResult | None = None
-        self.device = device
-        self.code = code
-        self.size = size
-        self.position = position
-        self.slot = slot
-        self.slot_offset = slot_offset
-        self.serial = next(core.serials)
-        self.command: Command | None = None  # set once delivered to the client
-        self.client_views: list[memoryview] = []
-        self.aborted_while_held = False
+    def __post_init__(self) -> None:
+        self.serial = next(self._core.serials)
 
     def __repr__(self) -> str:
         state = f"done {self._result}" if self._result else "pending"
@@ -134,9 +147,7 @@ class PendingCommand:
         def ready() -> CommandResult | NotReady:
             return NOT_READY if self._result is None else self._result
 
-        return await core.wait_for(
-            self._notifier, ready, timeout, lambda: core.timeout_error("command result")
-        )
+        return await core.wait_for(self._notifier, ready, timeout, "command result")
 
     def __await__(self) -> Generator[Any, None, CommandResult]:
         return self.wait().__await__()
@@ -173,14 +184,11 @@ class DeviceCore:
         self.name: str | None = None
         self.client_owner: object | None = None  # the client set object that opened it
         self.server_opened = False
-        self.state = DeviceState.ACTIVE
+        self.state = DeviceState.ACTIVE  # CLOSED once the server closed it
         self.queue: deque[PendingCommand | _CloseMarker] = deque()
         self.outstanding: dict[int, PendingCommand] = {}
-        self.server_closed = False
         self.close_delivered = False
         self.notifier = Notifier()
-        self.bytes_completed = 0
-        self.commands_completed = 0
 
     @property
     def label(self) -> str:
@@ -209,12 +217,12 @@ class SetCore:
         self.area: BufferArea = BufferArea(
             prefix_zone_size=config.prefix_zone_size, client_alignment=config.alignment
         )
-        self.server_attached = False
         self.primary_closed = False
-        self.server_closed = False
+        self.server_closed = False  # a server closed it: no server can open it again
         self.notifier = Notifier()  # configuration, activation, abort
         self.buffers_notifier = Notifier()  # a buffer was freed
         self.serials = itertools.count(1)
+        self.aborted_by: SetAbortCause | None = None
         self.abort_reason: str | None = None
         self.pending_count = 0
         self.watch_since = 0.0
@@ -229,7 +237,11 @@ class SetCore:
 
     @property
     def aborted(self) -> bool:
-        return self.abort_reason is not None
+        return self.aborted_by is not None
+
+    @property
+    def server_attached(self) -> bool:
+        return self.server_state is not ServerState.DNE
 
     def event(self, event: SetEvent) -> None:
         self.client_state = client_event(self.client_state, event)
@@ -237,14 +249,12 @@ class SetCore:
             self.server_state = server_event(self.server_state, event)
         self.notifier.notify_all()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, cause: SetAbortCause, reason: str) -> None:
         """Put the whole set in the abort state at once (spec §5.1)."""
         if self.aborted:
             return
-        self.abort_reason = reason
-        self.client_state = client_event(self.client_state, SetEvent.ABORTED)
-        if self.server_attached:
-            self.server_state = server_event(self.server_state, SetEvent.ABORTED)
+        self.aborted_by, self.abort_reason = cause, reason
+        self.event(SetEvent.ABORTED)  # the waiters it wakes run once this returns
         aborted = CommandResult(Completion.OPERATION_ABORTED)
         for device in self.devices:
             device.state = device_after_abort(device.state)
@@ -255,28 +265,18 @@ class SetCore:
             # Outstanding commands complete for the server now; the client keeps the
             # buffers (and its views) until it closes (rule 4 of §5.1).
             for pending in device.outstanding.values():
-                pending.aborted_while_held = True
                 pending.finish(aborted)
             device.notifier.notify_all()
         self.pending_count = 0
-        self.notifier.notify_all()
         self.buffers_notifier.notify_all()
 
-    def abort_error(self, what: str, device: DeviceCore | None = None) -> VDAbortError:
-        return VDAbortError(
-            f"{what}: the set was aborted ({self.abort_reason})",
-            set_name=self.name,
-            device=device.label if device else None,
-            state="ABORTED",
-        )
+    def abort_error(self, what: str, device: DeviceCore | None = None) -> VDIError:
+        message = f"{what}: the set was aborted ({self.abort_reason})"
+        return self.error(VDAbortError, message, device=device, state="ABORTED")
 
-    def timeout_error(self, what: str, device: DeviceCore | None = None) -> VDTimeoutError:
-        return VDTimeoutError(
-            f"{what}: timed out",
-            set_name=self.name,
-            device=device.label if device else None,
-            state=self.client_state.name,
-        )
+    def timeout_error(self, what: str, device: DeviceCore | None = None) -> VDIError:
+        state = self.client_state.name
+        return self.error(VDTimeoutError, f"{what}: timed out", device=device, state=state)
 
     def error(
         self, cls: type[VDIError], message: str, *, device: DeviceCore | None, state: object
@@ -287,22 +287,35 @@ class SetCore:
 
     # --- devices -------------------------------------------------------------------
 
-    def device_named(self, name: str) -> DeviceCore | None:
-        for device in self.devices:
-            if device.name == name:
-                return device
-        return None
-
-    def claim_device(self, name: str) -> DeviceCore | None:
-        """The device of this name, claiming the next free slot for a new name."""
-        device = self.device_named(name)
-        if device is not None:
-            return device
-        for device in self.devices:
-            if device.name is None:
-                device.name = name
-                return device
-        return None
+    def open_device(
+        self, name: str, opened: Callable[[DeviceCore], bool], state: object
+    ) -> DeviceCore:
+        """The device ``name`` (a new name claims the next free slot, decision 1) for the
+        side whose ``opened`` tells which devices it opened; the caller marks it opened."""
+        if all(opened(d) for d in self.devices):
+            raise self.error(
+                VDOpenError, "open_device: every device is already open", device=None, state=state
+            )
+        named = [d for d in self.devices if d.name == name] or [
+            d for d in self.devices if d.name is None
+        ]
+        if not named:
+            raise self.error(
+                VDInvalidError,
+                f"open_device: the set has no device {name!r}",
+                device=None,
+                state=state,
+            )
+        device = named[0]
+        if opened(device):
+            raise self.error(
+                VDProtocolError,
+                "open_device: this device is already open",
+                device=device,
+                state=state,
+            )
+        device.name = name
+        return device
 
     def check_active(self) -> None:
         if all(d.client_owner is not None and d.server_opened for d in self.devices):
@@ -320,8 +333,9 @@ class SetCore:
         deadline = self.watch_deadline()
         if deadline is not None and time.monotonic() >= deadline:
             self.abort(
+                SetAbortCause.SERVER_TIMEOUT,
                 f"server timeout: commands pending and none completed for 2 x "
-                f"{self.config.server_timeout_ms} ms"
+                f"{self.config.server_timeout_ms} ms",
             )
 
     def command_added(self) -> None:
@@ -340,7 +354,8 @@ class SetCore:
         notifier: Notifier,
         ready: Callable[[], T | NotReady],
         timeout: float | None,
-        on_timeout: Callable[[], VDIError],
+        what: str,
+        device: DeviceCore | None = None,
     ) -> T:
         """Wait until ``ready()`` returns something other than NOT_READY.
 
@@ -355,7 +370,7 @@ class SetCore:
             if not isinstance(value, NotReady):
                 return value
             if deadline is not None and time.monotonic() >= deadline:
-                raise on_timeout()
+                raise self.timeout_error(what, device)
             watch = self.watch_deadline()
             wake = (
                 deadline if watch is None else watch if deadline is None else min(deadline, watch)
@@ -367,3 +382,129 @@ class SetCore:
     def maybe_release_area(self) -> None:
         if self.primary_closed and not self.server_attached:
             self.area.close()
+
+    def statistics(self) -> SetStatistics:
+        return SetStatistics(
+            buffers_total=self.area.slot_count,
+            buffers_in_use=len(self.area.in_use()),
+            outstanding=tuple(device.held() for device in self.devices),
+        )
+
+
+_ERRORS: dict[HResult, type[VDIError]] = {
+    HResult.PROTOCOL: VDProtocolError,
+    HResult.ABORT: VDAbortError,
+    HResult.OPEN: VDOpenError,
+}
+
+
+class SetFacade(Generic[S, C]):
+    """What the client's and the server's set objects share: the core they serve,
+    their view of its state, and the check of every call against their state table."""
+
+    _DNE: S  # the state of an object with no set open
+    _view: Callable[[SetCore], S]  # this side's view of the set's state
+    _transition: Callable[[S, C], Outcome]  # this side's state table
+
+    def __init__(self, *, registry: Registry | None = None) -> None:
+        from vdistream.vdi.registry import default_registry
+
+        self._registry = registry if registry is not None else default_registry
+        self._core: SetCore | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.state.name}>"
+
+    @property
+    def state(self) -> S:
+        return self._view(self._core) if self._core is not None else self._DNE
+
+    @property
+    def name(self) -> str | None:
+        return self._core.name if self._core is not None else None
+
+    @property
+    def abort_reason(self) -> str | None:
+        """Why the set aborted, in words; ``None`` while it has not."""
+        return self._core.abort_reason if self._core is not None else None
+
+    @property
+    def aborted_by(self) -> SetAbortCause | None:
+        """Why the set aborted, as a ``SetAbortCause``; ``None`` while it has not."""
+        return self._core.aborted_by if self._core is not None else None
+
+    def _error(
+        self, cls: type[VDIError], message: str, device: DeviceCore | None = None
+    ) -> VDIError:
+        """``cls`` naming this object's set, ``device`` and state (a set is open)."""
+        assert self._core is not None
+        return self._core.error(cls, message, device=device, state=self.state.name)
+
+    def _require_none(self, what: str) -> None:
+        """Refuse to open or create a set while this object holds one."""
+        if self._core is not None:
+            raise VDProtocolError(
+                f"{what}: a set is already open on this object",
+                set_name=self._core.name,
+                state=self.state.name,
+            )
+
+    def _check_live(self, core: SetCore, what: str, device: DeviceCore | None = None) -> None:
+        """For a wait: end it once the set aborted or this object closed it."""
+        if core.aborted:
+            raise core.abort_error(what, device)
+        if self._core is not core:
+            raise VDProtocolError(
+                f"{what}: the set was closed",
+                set_name=core.name,
+                device=device.label if device is not None else None,
+            )
+
+    def _enter(self, call: C, device: DeviceCore | None = None) -> SetCore:
+        """Check ``call`` against this side's table; the core when it may go on."""
+        core = self._require_open(call.value)
+        core.check_watchdog()
+        outcome = self._transition(self.state, call)
+        if outcome.result is HResult.ABORT:
+            raise core.abort_error(call.value, device)
+        if not outcome.ok:
+            raise self._error(_ERRORS[outcome.result], f"{call.value} is not allowed now", device)
+        return core
+
+    def _require_open(self, what: str) -> SetCore:
+        if self._core is None:
+            raise VDProtocolError(f"{what}: no set is open on this object", state="DNE")
+        return self._core
+
+
+F = TypeVar("F", bound=SetFacade[Any, Any])
+
+
+class DeviceFacade(Generic[F]):
+    """What both sides' device objects share: the device, and the set object that
+    opened it (whose set it must still be)."""
+
+    def __init__(self, owner: F, device: DeviceCore) -> None:
+        self._owner = owner
+        self.core = device
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} of {self._owner!r}>"
+
+    @property
+    def name(self) -> str:
+        return self.core.label
+
+    def _invalid(self, message: str) -> VDInvalidError:
+        return VDInvalidError(message, set_name=self.core.core.name, device=self.name)
+
+    def _own_set(self, what: str) -> SetCore:
+        """The device's set, while the object that opened the device still holds it."""
+        if self._owner._core is not self.core.core:
+            raise VDProtocolError(
+                f"{what}: this device's set was closed",
+                set_name=self.core.core.name,
+                device=self.name,
+                state="DNE",
+            )
+        return self.core.core

@@ -24,24 +24,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vdistream.errors import (
-    VDAbortError,
-    VDClosedError,
-    VDIError,
-    VDInvalidError,
-    VDMemoryError,
-    VDOpenError,
-    VDProtocolError,
-)
+from vdistream.errors import VDClosedError, VDInvalidError, VDMemoryError, VDProtocolError
 from vdistream.protocol import (
     ClientState,
     CommandCode,
     CommandResult,
     Completion,
+    DeviceState,
     Features,
     HResult,
     ServerCall,
     ServerState,
+    SetAbortCause,
     SetEvent,
     VDConfig,
     server_transition,
@@ -60,12 +54,13 @@ from vdistream.vdi.core import (
     CLOSE_MARKER,
     MAX_QUEUED,
     NOT_READY,
-    DeviceCore,
+    DeviceFacade,
     NotReady,
     PendingCommand,
     SetCore,
+    SetFacade,
 )
-from vdistream.vdi.registry import Registry, default_registry
+from vdistream.vdi.registry import Registry
 
 if TYPE_CHECKING:
     from vdistream.vdi.buffers import Slot
@@ -74,70 +69,27 @@ __all__ = ("ServerVirtualDevice", "ServerVirtualDeviceSet")
 
 _MEDIA = Features.WRITE_MEDIA | Features.READ_MEDIA
 _I64 = 1 << 63
-_ERRORS: dict[HResult, type[VDIError]] = {
-    HResult.PROTOCOL: VDProtocolError,
-    HResult.ABORT: VDAbortError,
-    HResult.OPEN: VDOpenError,
-}
 
 
-class ServerVirtualDeviceSet:
+class ServerVirtualDeviceSet(SetFacade[ServerState, ServerCall]):
     """The engine's handle on a set created by a client."""
 
+    _DNE = ServerState.DNE
+    _view = staticmethod(lambda core: core.server_state)
+    _transition = staticmethod(server_transition)
+
     def __init__(self, *, registry: Registry | None = None) -> None:
-        self._registry = registry if registry is not None else default_registry
-        self._core: SetCore | None = None
-        self._devices: list[ServerVirtualDevice] = []
-
-    def __repr__(self) -> str:
-        name = self._core.name if self._core else None
-        return f"<ServerVirtualDeviceSet {name!r} {self.state.name}>"
-
-    @property
-    def state(self) -> ServerState:
-        return self._core.server_state if self._core is not None else ServerState.DNE
-
-    @property
-    def name(self) -> str | None:
-        return self._core.name if self._core is not None else None
-
-    @property
-    def abort_reason(self) -> str | None:
-        return self._core.abort_reason if self._core is not None else None
+        super().__init__(registry=registry)
 
     @property
     def configuration(self) -> VDConfig | None:
         """The final configuration once ``end_configuration`` ran."""
         return self._core.final_config if self._core is not None else None
 
-    def _enter(self, call: ServerCall, device: DeviceCore | None = None) -> SetCore:
-        core = self._core
-        if core is not None:
-            core.check_watchdog()
-        outcome = server_transition(self.state, call)
-        if not outcome.ok:
-            if core is None:
-                raise VDProtocolError(f"{call.value}: no set is open on this object", state="DNE")
-            if outcome.result is HResult.ABORT:
-                raise core.abort_error(call.value, device)
-            raise core.error(
-                _ERRORS[outcome.result],
-                f"{call.value} is not allowed now",
-                device=device,
-                state=core.server_state.name,
-            )
-        assert core is not None
-        return core
-
     # --- opening and configuring ---------------------------------------------------
 
     def open(self, instance: str | None, name: str) -> None:
-        if self._core is not None:
-            raise VDProtocolError(
-                "open: a set is already open on this object",
-                set_name=self._core.name,
-                state=self.state.name,
-            )
+        self._require_none("open")
         core = self._registry.lookup(instance, name) if isinstance(name, str) else None
         if core is None:
             raise VDInvalidError("open: no virtual device set of this name exists", set_name=name)
@@ -151,10 +103,8 @@ class ServerVirtualDeviceSet:
                 set_name=name,
                 state=core.client_state.name,
             )
-        core.server_attached = True
         core.server_state = ServerState.CONNECTED
         self._core = core
-        self._devices = []
 
     def get_configuration(self) -> VDConfig:
         """The client's configuration inputs."""
@@ -195,12 +145,7 @@ class ServerVirtualDeviceSet:
         if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
             problems.append(f"timeout={timeout!r} is not a number of seconds")
         if problems:
-            raise core.error(
-                VDInvalidError,
-                "begin_configuration: " + "; ".join(problems),
-                device=None,
-                state=core.server_state.name,
-            )
+            raise self._error(VDInvalidError, "begin_configuration: " + "; ".join(problems))
         core.media_features = features & _MEDIA
         core.block_size = block_size
         core.alignment = alignment
@@ -213,11 +158,9 @@ class ServerVirtualDeviceSet:
         core = self._enter(ServerCall.REQUEST_BUFFERS)
         alignment = self._check_alignment(core, "request_buffers", alignment)
         if not isinstance(size, int) or size <= 0 or not isinstance(count, int) or count <= 0:
-            raise core.error(
+            raise self._error(
                 VDInvalidError,
                 f"request_buffers: size={size!r} and count={count!r} must be positive",
-                device=None,
-                state=core.server_state.name,
             )
         if core.server_state is ServerState.CONFIGURABLE:
             core.area.declare(size, alignment, count)
@@ -256,11 +199,9 @@ class ServerVirtualDeviceSet:
             or not is_power_of_two(alignment)
             or (alignment > ALIGNMENT_MAX)
         ):
-            raise core.error(
+            raise self._error(
                 VDInvalidError,
                 f"{what}: alignment={alignment!r} is not a power of two up to 64 KiB",
-                device=None,
-                state=core.server_state.name,
             )
         return max(alignment, core.alignment)
 
@@ -270,53 +211,22 @@ class ServerVirtualDeviceSet:
         core = self._enter(ServerCall.OPEN_DEVICE)
         if not isinstance(name, str) or not name or "\\" in name:
             raise VDInvalidError(f"open_device: bad device name {name!r}", set_name=core.name)
-        if all(d.server_opened for d in core.devices):
-            raise core.error(
-                VDOpenError,
-                "open_device: every device is already open",
-                device=None,
-                state=core.server_state.name,
-            )
-        existing = core.device_named(name)
-        if existing is not None and existing.server_opened:
-            raise core.error(
-                VDProtocolError,
-                "open_device: this device is already open",
-                device=existing,
-                state=core.server_state.name,
-            )
-        device = core.claim_device(name)
-        if device is None:
-            raise core.error(
-                VDInvalidError,
-                f"open_device: the set has no device {name!r}",
-                device=None,
-                state=core.server_state.name,
-            )
+        device = core.open_device(name, lambda d: d.server_opened, core.server_state.name)
         device.server_opened = True
-        facade = ServerVirtualDevice(self, device)
-        self._devices.append(facade)
         core.check_active()
-        return facade
+        return ServerVirtualDevice(self, device)
 
     async def wait_active(self, timeout: float | None = None) -> None:
         """Return once both sides opened every device (a convenience beyond the spec)."""
-        if self._core is None:
-            raise VDProtocolError("wait_active: no set is open on this object", state="DNE")
-        core = self._core
+        core = self._require_open("wait_active")
 
         def ready() -> bool | NotReady:
-            if core.aborted:
-                raise core.abort_error("wait_active")
-            if self._core is not core:
-                raise VDProtocolError("wait_active: the set was closed", set_name=core.name)
+            self._check_live(core, "wait_active")
             if core.server_state in (ServerState.ACTIVE, ServerState.NORMALLY_TERMINATED):
                 return True
             return NOT_READY
 
-        await core.wait_for(
-            core.notifier, ready, timeout, lambda: core.timeout_error("wait_active")
-        )
+        await core.wait_for(core.notifier, ready, timeout, "wait_active")
 
     # --- buffers -------------------------------------------------------------------
 
@@ -325,26 +235,16 @@ class ServerVirtualDeviceSet:
         core = self._enter(ServerCall.ALLOCATE_BUFFER)
         alignment = self._check_alignment(core, "allocate_buffer", alignment)
         if not isinstance(size, int) or size <= 0:
-            raise core.error(
-                VDInvalidError,
-                f"allocate_buffer: size={size!r} must be positive",
-                device=None,
-                state=core.server_state.name,
-            )
+            raise self._error(VDInvalidError, f"allocate_buffer: size={size!r} must be positive")
         if not core.area.could_fit(size, alignment):
-            raise core.error(
+            raise self._error(
                 VDMemoryError,
                 f"allocate_buffer: no buffer of {size} bytes aligned to {alignment} was "
                 f"requested (the area has {core.area.slot_count} buffers)",
-                device=None,
-                state=core.server_state.name,
             )
 
         def ready() -> memoryview | NotReady:
-            if core.aborted:
-                raise core.abort_error("allocate_buffer")
-            if self._core is not core:
-                raise VDProtocolError("allocate_buffer: the set was closed", set_name=core.name)
+            self._check_live(core, "allocate_buffer")
             slot = core.area.take(size, alignment)
             if slot is None:
                 return NOT_READY
@@ -352,9 +252,7 @@ class ServerVirtualDeviceSet:
             slot.views.append(view)
             return view
 
-        return await core.wait_for(
-            core.buffers_notifier, ready, None, lambda: core.timeout_error("allocate_buffer")
-        )
+        return await core.wait_for(core.buffers_notifier, ready, None, "allocate_buffer")
 
     def free_buffer(self, buffer: memoryview) -> None:
         core = self._enter(ServerCall.FREE_BUFFER)
@@ -362,11 +260,8 @@ class ServerVirtualDeviceSet:
             return  # decision 5: nothing to do; close() releases everything
         slot = self._slot_of(core, buffer, "free_buffer")
         if slot.pending:
-            raise core.error(
-                VDInvalidError,
-                "free_buffer: an outstanding command still uses this buffer",
-                device=None,
-                state=core.server_state.name,
+            raise self._error(
+                VDInvalidError, "free_buffer: an outstanding command still uses this buffer"
             )
         core.area.give_back(slot)
         core.buffers_notifier.notify_all()
@@ -379,19 +274,14 @@ class ServerVirtualDeviceSet:
     def _slot_of(self, core: SetCore, buffer: object, what: str) -> Slot:
         found = core.area.locate(buffer) if isinstance(buffer, memoryview) else None
         if found is None or not found[0].in_use:
-            raise core.error(
-                VDInvalidError,
-                f"{what}: not a buffer allocated from this set",
-                device=None,
-                state=core.server_state.name,
-            )
+            raise self._error(VDInvalidError, f"{what}: not a buffer allocated from this set")
         return found[0]
 
     # --- abort and close -----------------------------------------------------------
 
     def signal_abort(self) -> None:
         core = self._enter(ServerCall.SIGNAL_ABORT)
-        core.abort("the server signalled abort")
+        core.abort(SetAbortCause.SERVER, "the server signalled abort")
 
     def close(self) -> None:
         """Release the set (decision 4 of api.md).
@@ -403,16 +293,14 @@ class ServerVirtualDeviceSet:
         core = self._enter(ServerCall.CLOSE)
         premature = not core.aborted and core.server_state is not ServerState.NORMALLY_TERMINATED
         if premature:
-            core.abort("the server closed the set before every device was closed")
+            core.abort(
+                SetAbortCause.SERVER, "the server closed the set before every device was closed"
+            )
         for slot in core.area.in_use():
-            for view in slot.views:
-                view.release()
-            slot.views.clear()
-        core.server_attached = False
+            slot.release_views()
         core.server_closed = True
         core.server_state = ServerState.DNE
         self._core = None
-        self._devices = []
         core.maybe_release_area()
         if premature:
             raise VDProtocolError(
@@ -422,19 +310,8 @@ class ServerVirtualDeviceSet:
             )
 
 
-class ServerVirtualDevice:
+class ServerVirtualDevice(DeviceFacade[ServerVirtualDeviceSet]):
     """One device as the engine sees it: send commands, close it at the end."""
-
-    def __init__(self, owner: ServerVirtualDeviceSet, device: DeviceCore) -> None:
-        self._owner = owner
-        self.core = device
-
-    def __repr__(self) -> str:
-        return f"<ServerVirtualDevice {self.name!r}>"
-
-    @property
-    def name(self) -> str:
-        return self.core.label
 
     def send_command(
         self,
@@ -449,38 +326,28 @@ class ServerVirtualDevice:
         try:
             code = CommandCode(code)
         except ValueError:
-            raise VDInvalidError(
-                f"send_command: unknown command code {code!r}",
-                set_name=core.name,
-                device=device.label,
-            ) from None
+            raise self._invalid(f"send_command: unknown command code {code!r}") from None
         if (
             not isinstance(size, int)
             or not isinstance(position, int)
             or not (-_I64 <= position < _I64 and -(1 << 31) <= size < (1 << 32))
         ):
-            raise VDInvalidError(
-                f"send_command: size={size!r} and position={position!r} out of range",
-                set_name=core.name,
-                device=device.label,
+            raise self._invalid(
+                f"send_command: size={size!r} and position={position!r} out of range"
             )
         slot: Slot | None = None
         offset = 0
         if code in BUFFER_COMMANDS:
             found = core.area.locate(buffer) if isinstance(buffer, memoryview) else None
             if found is None or not found[0].in_use:
-                raise VDInvalidError(
-                    f"send_command: {code.name} needs a buffer allocated from this set",
-                    set_name=core.name,
-                    device=device.label,
+                raise self._invalid(
+                    f"send_command: {code.name} needs a buffer allocated from this set"
                 )
             slot, offset = found
             assert buffer is not None
             if not 0 <= size <= buffer.nbytes:
-                raise VDInvalidError(
-                    f"send_command: size={size} exceeds the buffer's {buffer.nbytes} bytes",
-                    set_name=core.name,
-                    device=device.label,
+                raise self._invalid(
+                    f"send_command: size={size} exceeds the buffer's {buffer.nbytes} bytes"
                 )
         refusal = self._refusal(core, code)
         if refusal is not None:
@@ -515,27 +382,20 @@ class ServerVirtualDevice:
     def close_device(self) -> None:
         """End this device's stream: the client gets every earlier command, then a close."""
         device = self.core
-        if self._owner._core is not device.core:
-            raise VDProtocolError(
-                "close_device: this device's set was closed",
-                set_name=device.core.name,
-                device=self.name,
-                state="DNE",
-            )
+        self._own_set("close_device")
         core = self._owner._enter(ServerCall.CLOSE_DEVICE, device)
         if core.aborted:
             return  # decision 5
-        if device.server_closed:
+        if device.state is DeviceState.CLOSED:
             raise VDClosedError(
                 "close_device: the device is already closed",
                 set_name=core.name,
                 device=self.name,
                 state=core.server_state.name,
             )
-        device.server_closed = True
         device.state = device_after_close(device.state)
         device.queue.append(CLOSE_MARKER)
         device.notifier.notify_all()
-        if all(d.server_closed for d in core.devices):
+        if all(d.state is DeviceState.CLOSED for d in core.devices):
             core.server_state = ServerState.NORMALLY_TERMINATED
             core.notifier.notify_all()
