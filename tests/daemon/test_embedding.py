@@ -14,8 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.daemon.conftest import embedded_settings, wait_for
-from vdistream.service import JobRecord, JobState, JobStore, JobType, Service
+from vdistream.service import JobRecord, JobState, JobStore, JobType, Service, runners
 from vdistream.service.jobs import QueueFullError, ShuttingDownError, UnknownDatabaseError
+from vdistream.storage.s3 import S3Storage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,6 +98,41 @@ async def test_start_cleans_what_killed_restores_and_verifications_left(
     assert list(work.iterdir()) == []
 
 
+@pytest.mark.asyncio
+async def test_a_jobs_storage_retries_are_counted_through_the_s3_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job submitted by the host (its task starts in the host's context) still reports
+    its S3 retries to ``vdistream_retries_total``: 3 attempts, 2 retries."""
+
+    async def unreachable_backup(*args: object, **kwargs: object) -> object:
+        storage = S3Storage(
+            "bucket", endpoint_url="http://127.0.0.1:9", max_attempts=3, backoff_base=0.01
+        )
+        async with storage:
+            await storage.list()
+        raise AssertionError("the endpoint answered")
+
+    monkeypatch.setattr(runners, "run_backup", unreachable_backup)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    registry = CollectorRegistry()
+    async with Service(embedded_settings(tmp_path), registry=registry, api=False) as service:
+        record = await service.submit("backup", "app", verify=False)
+        ended = await service.wait(record.id)
+    assert ended.state is JobState.FAILED
+    assert "after 3 attempts" in (ended.error or "")
+    retries = [
+        sample
+        for metric in registry.collect()
+        if metric.name == "vdistream_retries"
+        for sample in metric.samples
+        if sample.name == "vdistream_retries_total"
+    ]
+    assert sum(sample.value for sample in retries) == 2
+
+
 async def _moved(service: Service, job_id: str) -> bool:
     return bool((await service.job(job_id))["progress"].get("bytes", 0))
 
@@ -142,7 +178,9 @@ def test_importing_the_daemon_modules_configures_nothing() -> None:
         before = set(prometheus_client.REGISTRY._names_to_collectors)
         import vdistream.service
         from vdistream.service import Service
-        from vdistream.service import api, client, commands, daemon, manager, metrics, serve
+        from vdistream.service import admission, api, daemon, manager, metrics, serve
+        from vdistream.service import progress, recovery, runners
+        from vdistream.cli import client, daemon as commands
         metrics.Metrics()
         assert {s: signal.getsignal(s) for s in handlers} == handlers
         assert logging.getLogger().handlers == []

@@ -11,7 +11,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,9 +54,7 @@ async def test_abort_through_the_api_mid_job_leaves_nothing(
         ):
             assert response.status == 202
             assert (await response.json())["id"] == job["id"]
-        started = time.monotonic()
-        done = await wait_job(client, job["id"], timeout=15)
-        assert time.monotonic() - started < 10
+        done = await wait_job(client, job["id"], timeout=10)  # bounded: within the drain
         assert done["state"] == "aborted"
         assert "test says so" in done["error"]
         assert done["result"]["aborted_by"] == "user"
@@ -86,10 +83,8 @@ async def test_sigterm_with_three_jobs_running_ends_within_the_grace_period(
         for job in jobs[:3]:
             await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
         assert (await client.job(jobs[3]["id"]))["state"] == "queued"
-    started = time.monotonic()
     daemon.send(signal.SIGTERM)
     assert daemon.wait(15) == 0
-    assert time.monotonic() - started < 10
     rows = daemon.jobs_in_state_db()
     assert [r["state"] for r in rows] == ["aborted"] * 4
     assert all("SIGTERM" in r["error"] for r in rows), [r["error"] for r in rows]
@@ -100,6 +95,8 @@ async def test_sigterm_with_three_jobs_running_ends_within_the_grace_period(
     names = [e["event"] for e in daemon.events()]
     assert "shutdown_started" in names
     assert "shutdown_complete" in names
+    # By the daemon's own clock: every job ended within the grace period.
+    assert not {"shutdown_grace_expired", "forced_exit"} & set(names)
     assert not daemon.socket.exists()
 
 
@@ -121,10 +118,15 @@ async def test_sigterm_keeps_the_grace_period_even_when_jobs_do_not_stop(
         jobs = [await client.submit({"kind": "backup", "database": "stubborn"}) for _ in range(2)]
         for job in jobs:
             await wait_job(client, job["id"], frozenset({"running"}), min_bytes=1)
-    started = time.monotonic()
     daemon.send(signal.SIGTERM)
     daemon.wait(10)
-    assert time.monotonic() - started < 2.8
+    # The grace period ended the shutdown, not the jobs (each takes its producer's 5 s
+    # terminate grace): the service's deadline or the exit timer fired, at 2 s.
+    ends = {e["event"]: e for e in daemon.events()}
+    assert (
+        ends.get("shutdown_grace_expired", {}).get("grace_period") == 2
+        or ends.get("forced_exit", {}).get("after_seconds") == 2
+    ), list(ends)
     await wait_for(lambda: not _stubborn_processes(), timeout=5, what="no orphan producer")
     daemon.start()
     async with daemon.client() as client:
@@ -199,10 +201,10 @@ async def test_a_second_signal_forces_the_exit(daemon_factory: Callable[..., Dae
     await anyio.sleep(0.5)
     assert daemon.proc is not None
     assert daemon.proc.poll() is None, "the first signal was expected to take longer"
-    started = time.monotonic()
     daemon.send(signal.SIGTERM)
+    # Forced (exit 1, "shutdown_forced"), not the first shutdown ending after the
+    # producer's 5 s terminate grace (exit 0).
     assert daemon.wait(10) == 1
-    assert time.monotonic() - started < 3
     assert any(e["event"] == "shutdown_forced" for e in daemon.events())
     await wait_for(lambda: not _stubborn_processes(), timeout=5, what="no orphan producer")
     daemon.start()

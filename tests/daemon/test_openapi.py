@@ -47,7 +47,7 @@ def test_every_route_is_documented_with_its_error_codes() -> None:
     used: set[str] = set()
     for path in (REPO / "vdistream" / "service").glob("*.py"):
         text = path.read_text()
-        used.update(re.findall(r'\bcode = "([a-z_]+)"', text))  # ServiceError subclasses
+        used.update(re.findall(r'\bcode ?= ?"([a-z_]+)"', text))  # ServiceError subclasses
         used.update(re.findall(r'_error\(\s*\d+,\s*"([a-z_]+)"', text))  # direct answers
         used.update(re.findall(r'^\s+\d{3}: "([a-z_]+)",$', text, re.MULTILINE))  # HTTP errors
     # aiohttp errors the API never provokes (no such route, header or method exists)

@@ -4,7 +4,6 @@ and which failures are refusals (no daemon needed)."""
 from __future__ import annotations
 
 import re
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 
 from vdistream.engines import TargetExistsError
 from vdistream.errors import JobError, KeyMissingError, StorageError, WrongKeyError
+from vdistream.service.admission import _same_url
 from vdistream.service.api import MAX_DEPTH, _json_depth, _parse_json
 from vdistream.service.backups import group_of
 from vdistream.service.jobs import (
@@ -20,7 +20,7 @@ from vdistream.service.jobs import (
     ServiceError,
     new_backup_id,
 )
-from vdistream.service.manager import _refusal, _same_url
+from vdistream.service.runners import refusal
 from vdistream.service.state import JobType
 
 
@@ -114,13 +114,12 @@ def test_json_depth_is_counted_without_recursion(raw: bytes, depth: int) -> None
     assert _json_depth(raw) == depth
 
 
+@pytest.mark.timeout(10)  # a bounded wait (a signal interrupts even a regex scan)
 def test_json_depth_is_linear_on_unterminated_strings() -> None:
     """64 KiB of ``"\\"`` pairs: a scan that restarted at every quote would take
     minutes (quadratic); this one takes milliseconds."""
-    started = time.monotonic()
     assert _json_depth(b'["' + b'\\"' * 30_000) == 1
     assert _json_depth(b'"\\' * 30_000) == 0
-    assert time.monotonic() - started < 2.0
 
 
 @pytest.mark.parametrize(
@@ -161,11 +160,11 @@ def test_plain_json_parses() -> None:
 
 def test_refusals_are_recognised_through_the_chain() -> None:
     exists = TargetExistsError("the restore target /x already exists")
-    assert _refusal(exists) == "target_exists"
+    assert refusal(exists) == "target_exists"
     wrapped = JobError("restore failed")
     wrapped.__cause__ = exists
-    assert _refusal(wrapped) == "target_exists"
-    assert _refusal(WrongKeyError("wrong key")) == "wrong_key"
-    assert _refusal(KeyMissingError("no key")) == "key_missing"
-    assert _refusal(StorageError("disk full")) is None
-    assert _refusal(None) is None
+    assert refusal(wrapped) == "target_exists"
+    assert refusal(WrongKeyError("wrong key")) == "wrong_key"
+    assert refusal(KeyMissingError("no key")) == "key_missing"
+    assert refusal(StorageError("disk full")) is None
+    assert refusal(None) is None

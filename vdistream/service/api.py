@@ -58,7 +58,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -97,25 +97,23 @@ _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
 #: Query numbers: ASCII decimals only.
 _INTEGER = re.compile(r"[0-9]{1,9}")
 _DECIMAL = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")
+_E = TypeVar("_E", JobState, JobType)
 
 
 class ApiStartError(VdistreamError):
     """The API cannot listen where the settings say."""
 
 
-class _MalformedJSONError(ServiceError):
-    status = 400
-    code = "malformed_json"
+class _MalformedJSONError(ServiceError, status=400, code="malformed_json"):
+    """The body is not UTF-8 JSON."""
 
 
-class _UnsupportedMediaTypeError(ServiceError):
-    status = 415
-    code = "unsupported_media_type"
+class _UnsupportedMediaTypeError(ServiceError, status=415, code="unsupported_media_type"):
+    """The body is not declared as JSON."""
 
 
-class _NotReadyError(ServiceError):
-    status = 503
-    code = "not_ready"
+class _NotReadyError(ServiceError, status=503, code="not_ready"):
+    """The service is starting or shutting down."""
 
 
 class ApiBackend(Protocol):
@@ -405,28 +403,21 @@ async def _submit(request: web.Request) -> web.Response:
     return web.json_response(view, status=202, headers={"Location": f"/v1/jobs/{record.id}"})
 
 
-def _states(text: str) -> list[JobState]:
-    states = []
-    for part in text.split(","):
-        try:
-            states.append(JobState(part.strip()))
-        except ValueError:
-            known = ", ".join(s.value for s in JobState)
-            raise InvalidRequestError(f"state {part!r} is not one of {known}") from None
-    return states
+def _choice(kind: type[_E], name: str, text: str) -> _E:
+    """The ``kind`` member whose value is ``text`` (a query parameter ``name``)."""
+    try:
+        return kind(text)
+    except ValueError:
+        known = ", ".join(member.value for member in kind)
+        raise InvalidRequestError(f"{name} {text!r} is not one of {known}") from None
 
 
 async def _list(request: web.Request) -> web.Response:
     query = _query(request, ("state", "database", "kind", "limit"))
-    states = _states(query["state"]) if "state" in query else None
-    kind = None
-    if "kind" in query:
-        try:
-            kind = JobType(query["kind"])
-        except ValueError:
-            raise InvalidRequestError(
-                f"kind {query['kind']!r} is not one of backup, restore, verify"
-            ) from None
+    states = None
+    if "state" in query:
+        states = [_choice(JobState, "state", part.strip()) for part in query["state"].split(",")]
+    kind = _choice(JobType, "kind", query["kind"]) if "kind" in query else None
     limit = _integer(query, "limit", 1, _LIST_LIMIT, 100)
     views = await request.app[_BACKEND].manager.views(
         state=states, database=query.get("database"), kind=kind, limit=limit
@@ -442,20 +433,17 @@ async def _job(request: web.Request) -> web.Response:
 
 async def _abort(request: web.Request) -> web.Response:
     body = await _json_body(request, required=False)
-    reason = "requested through the API"
-    if body is not None:
-        if not isinstance(body, dict):
-            raise InvalidRequestError('the body of an abort is an object: {"reason": "..."}')
-        for name in body:
-            if name != "reason":
-                raise InvalidRequestError(f"unknown field {name!r} (known: reason)")
-        if "reason" in body:
-            if not isinstance(body["reason"], str) or not body["reason"].strip():
-                raise InvalidRequestError("'reason' must be a non-empty string")
-            reason = body["reason"].strip()[:500]
+    if body is not None and not isinstance(body, dict):
+        raise InvalidRequestError('the body of an abort is an object: {"reason": "..."}')
+    for name in body or {}:
+        if name != "reason":
+            raise InvalidRequestError(f"unknown field {name!r} (known: reason)")
+    reason = (body or {}).get("reason", "requested through the API")
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidRequestError("'reason' must be a non-empty string")
     manager = request.app[_BACKEND].manager
     job_id = request.match_info["job_id"]
-    await manager.abort(job_id, reason)
+    await manager.abort(job_id, reason.strip()[:500])
     return web.json_response(await manager.view(job_id), status=202)
 
 
@@ -584,8 +572,7 @@ class ApiServer:
             sock, self._inode = await anyio.to_thread.run_sync(
                 _bind_unix, self.socket_path, self._settings.socket_mode
             )
-            unix_site = web.SockSite(runner, sock)
-            await unix_site.start()
+            await web.SockSite(runner, sock).start()
             self.addresses.append(f"unix:{self.socket_path}")
             if self._settings.listen is not None:
                 host, port = self._settings.listen
@@ -598,8 +585,7 @@ class ApiServer:
                     ) from exc
                 self.addresses.append(f"http://{host}:{port}")
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.stop()
+            await self.stop()  # shielded
             raise
         log.info("api_listening", addresses=self.addresses)
         return self.addresses

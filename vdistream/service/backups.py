@@ -40,6 +40,7 @@ from vdistream.service.retention import BackupInfo, RetentionPlan, RetentionPoli
 from vdistream.service.state import JobStore
 from vdistream.storage import Storage
 from vdistream.storage.file import FileStorage
+from vdistream.storage.s3 import S3Storage
 
 __all__ = (
     "DeletedBackup",
@@ -240,17 +241,12 @@ async def remove_partial_backup(
         # committed backup (refused at its commit) may have been killed before that.
         with anyio.CancelScope(shield=True):
             await _remove_temporaries(storage, backup_id, started, before, removed, failures)
+        outcome = {"committed": True, "kept": keys, "removed": removed, "failures": failures}
         try:
             await read_manifest(storage, backup_id)
         except CatalogError as exc:
-            return {
-                "committed": False,
-                "kept": keys,
-                "problem": str(exc),
-                "removed": removed,
-                "failures": failures,
-            }
-        return {"committed": True, "kept": keys, "removed": removed, "failures": failures}
+            outcome.update(committed=False, problem=str(exc))
+        return outcome
     with anyio.CancelScope(shield=True):
         for key in keys:
             try:
@@ -261,12 +257,10 @@ async def remove_partial_backup(
                 failures.append(str(exc))
                 continue
             removed.append(key)
-        list_uploads = getattr(storage, "list_uploads", None)
-        abort_upload = getattr(storage, "abort_upload", None)
-        if list_uploads is not None and abort_upload is not None:
+        if isinstance(storage, S3Storage):  # the only storage with multipart uploads
             try:
-                for upload in await list_uploads(prefix):
-                    await abort_upload(upload.key, upload.upload_id)
+                for upload in await storage.list_uploads(prefix):
+                    await storage.abort_upload(upload.key, upload.upload_id)
                     removed.append(f"upload {upload.key} ({upload.upload_id})")
             except StorageError as exc:
                 failures.append(str(exc))

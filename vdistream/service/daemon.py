@@ -75,13 +75,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import logging
+import functools
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import anyio
@@ -93,13 +92,12 @@ from vdistream.engines.ledger import LEDGER_DIR, ChildLedger
 from vdistream.engines.process import observe_children, reset_child_observer
 from vdistream.log import get_logger
 from vdistream.service.api import ApiServer
-from vdistream.service.jobs import JobRequest, ServiceError, UnknownJobError
+from vdistream.service.jobs import JobRequest, ServiceError
 from vdistream.service.manager import JobManager
-from vdistream.service.metrics import Metrics, RetryCounter
+from vdistream.service.metrics import Metrics
 from vdistream.service.schedule import Scheduler
 from vdistream.service.settings import Settings, settings_summary
 from vdistream.service.state import (
-    JobNotFoundError,
     JobRecord,
     JobState,
     JobStore,
@@ -145,16 +143,13 @@ class Service:
         self._store: JobStore | None = None
         self._manager: JobManager | None = None
         self._api: ApiServer | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
         self._scheduler_scope: anyio.CancelScope | None = None
         self._scheduler: Scheduler | None = None
         self._bg_scope: anyio.CancelScope | None = None
         self._bg_tg: anyio.abc.TaskGroup | None = None
         self._shutting_down = False
         self._forced = False
-        self._stopped: anyio.Event | None = None
         self._shutdown_complete: anyio.Event | None = None
-        self._retry_counter = RetryCounter(self.metrics)
 
     # --- what the API and the host see ----------------------------------------------
 
@@ -232,15 +227,10 @@ class Service:
         return await self.manager.abort(job_id, reason)
 
     async def wait(self, job_id: str, *, poll: float = 0.2) -> JobRecord:
-        """Wait until the job ended; its final record."""
-        while True:
-            try:
-                record = await self.store.get(job_id)
-            except JobNotFoundError:
-                raise UnknownJobError(f"no job {job_id!r}") from None
-            if record.state.terminal and job_id not in self.manager.live_jobs():
-                return record
-            await anyio.sleep(poll)
+        """Wait until the job ended (``UnknownJobError``); its final record."""
+        async for _ in self.manager.watch(job_id, poll):
+            pass  # the last view is the job's final form, once its end is recorded
+        return await self.store.get(job_id)
 
     async def metrics_text(self) -> bytes:
         """The Prometheus exposition, with the last-verified gauges computed now."""
@@ -255,74 +245,55 @@ class Service:
     async def __aenter__(self) -> Self:
         if self._stack is not None:
             raise RuntimeError("this Service is already running")
-        self._stopped = anyio.Event()
         self._shutdown_complete = anyio.Event()
-        stack = contextlib.AsyncExitStack()
-        self._stack = stack
-        try:
-            service = self._settings.service
-            lock = await anyio.to_thread.run_sync(_lock, service.state_dir / LOCK_NAME)
-            stack.callback(_unlock, lock)
-            # The lock proves the previous run gone: what its children left is debris.
-            ledger = ChildLedger(service.state_dir / LEDGER_DIR)
-            await anyio.to_thread.run_sync(ledger.end_survivors)
-            stack.callback(reset_child_observer, observe_children(ledger))
-            self._store = await JobStore.open(service.state_db)
-            stack.push_async_callback(self._close_store)
-            self._manager = JobManager(self._store, self._settings, self.metrics, tick=self._tick)
-            await self._manager.recover()
-            storage_logger = logging.getLogger("vdistream.storage")
-            storage_logger.addHandler(self._retry_counter)
-            stack.callback(storage_logger.removeHandler, self._retry_counter)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._close_stack()
-            raise
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        try:
-            await tg.start(self._background, name="vdistream service")
-            self._start_scheduler()
-            if self._use_api:
-                # Requests in flight (progress streams) get a share of the grace period.
-                self._api = ApiServer(
-                    self, service, shutdown_timeout=min(3.0, max(0.2, service.grace_period / 8))
-                )
-                await self._api.start()
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                if self._api is not None:
-                    await self._api.stop()
-            if self._bg_scope is not None:
-                self._bg_scope.cancel()
-            try:
-                await tg.__aexit__(type(exc), exc, exc.__traceback__)
-            finally:
-                self._tg = None
-                with anyio.CancelScope(shield=True):
-                    await self._close_stack()
-            raise
-        log.info("service_started", **_started_fields(self._settings, self.addresses))
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self._running())
+            self._stack = stack.pop_all()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        """Start (module doc), yield while the host runs, then shut down and release
+        everything in reverse order."""
+        service = self._settings.service
         try:
-            with anyio.CancelScope(shield=True):
-                await self.shutdown("the service is leaving its `async with` block")
+            async with contextlib.AsyncExitStack() as stack:
+                lock = await anyio.to_thread.run_sync(_lock, service.state_dir / LOCK_NAME)
+                stack.callback(_unlock, lock)
+                # The lock proves the previous run gone: what its children left is debris.
+                ledger = ChildLedger(service.state_dir / LEDGER_DIR)
+                await anyio.to_thread.run_sync(ledger.end_survivors)
+                stack.callback(reset_child_observer, observe_children(ledger))
+                self._store = await stack.enter_async_context(await JobStore.open(service.state_db))
+                self._manager = JobManager(
+                    self._store, self._settings, self.metrics, tick=self._tick
+                )
+                await self._manager.recover()
+                async with anyio.create_task_group() as tg:
+                    try:
+                        await tg.start(self._background, name="vdistream service")
+                        self._start_scheduler()
+                        if self._use_api:
+                            # Requests in flight (progress streams) get a share of the grace.
+                            timeout = min(3.0, max(0.2, service.grace_period / 8))
+                            self._api = ApiServer(self, service, shutdown_timeout=timeout)
+                            await self._api.start()
+                    except BaseException:
+                        await self._stop_background()
+                        raise
+                    log.info("service_started", **_started_fields(self._settings, self.addresses))
+                    try:
+                        yield
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await self.shutdown("the service is leaving its `async with` block")
         finally:
-            tg, self._tg = self._tg, None
-            try:
-                if tg is not None:
-                    await tg.__aexit__(exc_type, exc, tb)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self._close_stack()
+            self._store = self._manager = None
 
     async def _background(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -339,18 +310,12 @@ class Service:
                 task_status.started()
         self._bg_tg = None
 
-    async def _close_stack(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
-        self._manager = None
-        if self._stopped is not None:
-            self._stopped.set()
-
-    async def _close_store(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            await store.close()
+    async def _stop_background(self) -> None:
+        """Stop the API (shielded) and end the service's own tasks; idempotent."""
+        if self._api is not None:
+            await self._api.stop()
+        if self._bg_scope is not None:
+            self._bg_scope.cancel()
 
     async def wait_shutdown(self) -> None:
         """Return once ``shutdown()`` has finished (then leave the ``async with``)."""
@@ -375,13 +340,7 @@ class Service:
         # Every step is measured against one deadline; the margin keeps room for the
         # steps after it (cancelled jobs recording their end, the API stopping).
         margin = min(1.0, grace / 4)
-        log.info(
-            "shutdown_started",
-            reason=reason,
-            grace_period=grace,
-            running=manager.counts["running"],
-            queued=manager.counts["queued"],
-        )
+        log.info("shutdown_started", reason=reason, grace_period=grace, **manager.counts)
         manager.close_intake()
         self._stop_scheduler()
         await manager.abort_all(reason)
@@ -393,10 +352,7 @@ class Service:
             wait = deadline - margin if not self._forced else anyio.current_time() + _FORCED_WAIT
             with anyio.move_on_at(wait):
                 await manager.wait_idle()
-        if self._api is not None:
-            await self._api.stop()
-        if self._bg_scope is not None:
-            self._bg_scope.cancel()
+        await self._stop_background()
         log.info("shutdown_complete", forced=self._forced, stuck=manager.live_jobs())
         self._shutdown_complete.set()
 
@@ -410,22 +366,14 @@ class Service:
     async def reload(self, settings: Settings) -> list[str]:
         """Apply new settings (module doc); returns the changes that need a restart."""
         old = self._settings.service
-        new = settings.service
-        fixed = [
-            name
-            for name in ("state_dir", "socket", "socket_mode", "listen")
-            if getattr(old, name) != getattr(new, name)
-        ]
+        kept = {
+            name: getattr(old, name) for name in ("state_dir", "socket", "socket_mode", "listen")
+        }
+        fixed = [name for name, value in kept.items() if getattr(settings.service, name) != value]
         if fixed:
             log.warning("reload_needs_restart", keys=[f"service.{n}" for n in fixed])
-            new = dataclasses.replace(
-                new,
-                state_dir=old.state_dir,
-                socket=old.socket,
-                socket_mode=old.socket_mode,
-                listen=old.listen,
-            )
-        self._settings = dataclasses.replace(settings, service=new)
+        service = dataclasses.replace(settings.service, **kept)
+        self._settings = dataclasses.replace(settings, service=service)
         if self._manager is not None:
             self._manager.update_settings(self._settings)
         if not self._shutting_down:
@@ -494,11 +442,7 @@ def _clock_and_sleep(
     speedup: float | None,
 ) -> tuple[Callable[[], datetime], Callable[[float], Awaitable[None]]]:
     if speedup is None or speedup == 1:
-
-        def now() -> datetime:
-            return datetime.now(UTC)
-
-        return now, anyio.sleep
+        return functools.partial(datetime.now, UTC), anyio.sleep
     origin_wall, origin = datetime.now(UTC), time.monotonic()
 
     def clock() -> datetime:

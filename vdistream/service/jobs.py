@@ -53,52 +53,42 @@ BACKUP_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 class ServiceError(VdistreamError):
     """A request the daemon refuses; ``status`` is the HTTP status, ``code`` the stable
-    machine-readable name the API answers with."""
+    machine-readable name the API answers with (a subclass gives both as class
+    arguments: ``class QueueFullError(ServiceError, status=429, code="queue_full")``)."""
 
     status = 400
     code = "bad_request"
 
+    def __init_subclass__(
+        cls, *, status: int | None = None, code: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.status = cls.status if status is None else status
+        cls.code = cls.code if code is None else code
 
-class InvalidRequestError(ServiceError):
+
+class InvalidRequestError(ServiceError, status=400, code="invalid_request"):
     """The request is malformed: an unknown field, a wrong type, a missing field."""
 
-    status = 400
-    code = "invalid_request"
 
-
-class UnknownDatabaseError(ServiceError):
+class UnknownDatabaseError(ServiceError, status=422, code="unknown_database"):
     """The request names a database the settings do not define."""
 
-    status = 422
-    code = "unknown_database"
 
-
-class UnknownJobError(ServiceError, LookupError):
+class UnknownJobError(ServiceError, LookupError, status=404, code="job_not_found"):
     """No job has this id."""
 
-    status = 404
-    code = "job_not_found"
 
-
-class JobFinishedError(ServiceError):
+class JobFinishedError(ServiceError, status=409, code="job_finished"):
     """The job already ended; it cannot be aborted."""
 
-    status = 409
-    code = "job_finished"
 
-
-class QueueFullError(ServiceError):
+class QueueFullError(ServiceError, status=429, code="queue_full"):
     """Every job slot is busy and the queue holds ``service.max_queued`` jobs."""
 
-    status = 429
-    code = "queue_full"
 
-
-class ShuttingDownError(ServiceError):
+class ShuttingDownError(ServiceError, status=503, code="shutting_down"):
     """The daemon stopped accepting jobs (it is shutting down)."""
-
-    status = 503
-    code = "shutting_down"
 
 
 def new_backup_id(database: str, now: datetime | None = None) -> str:
@@ -112,26 +102,14 @@ def backup_prefix(database: str) -> str:
     return f"{database}."
 
 
-_FIELDS: Mapping[JobType, Mapping[str, type | tuple[type, ...]]] = {
-    JobType.BACKUP: {
-        "kind": str,
-        "database": str,
-        "source": str,
-        "destination": str,
-        "backup_id": str,
-        "verify": bool,
-    },
-    JobType.RESTORE: {
-        "kind": str,
-        "database": str,
-        "backup_id": str,
-        "target": str,
-        "overwrite": bool,
-        "create": bool,
-        "owner": str,
-    },
-    JobType.VERIFY: {"kind": str, "database": str, "backup_id": str, "content": bool},
+#: The fields of a request body, by kind; those in ``_FLAGS`` are booleans, the others
+#: strings.
+_FIELDS: Mapping[JobType, frozenset[str]] = {
+    JobType.BACKUP: frozenset({"source", "destination", "backup_id", "verify"}),
+    JobType.RESTORE: frozenset({"backup_id", "target", "overwrite", "create", "owner"}),
+    JobType.VERIFY: frozenset({"backup_id", "content"}),
 }
+_FLAGS = frozenset({"verify", "overwrite", "create", "content"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,42 +149,32 @@ class JobRequest:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", JobType(self.kind))
+        backup_id, prefix = self.backup_id, backup_prefix(self.database)
         if self.kind is JobType.RESTORE and not self.target:
             raise InvalidRequestError("a restore needs a 'target' (where to restore to)")
-        if (
-            self.backup_id is not None
-            and self.backup_id != LATEST
-            and (not BACKUP_ID_PATTERN.fullmatch(self.backup_id) or ".." in self.backup_id)
-        ):
+        if backup_id is None or backup_id == LATEST:
+            if self.kind is JobType.BACKUP and backup_id == LATEST:
+                raise InvalidRequestError("'latest' names an existing backup, not a new one")
+            return
+        if not BACKUP_ID_PATTERN.fullmatch(backup_id) or ".." in backup_id:
             raise InvalidRequestError(
-                f"backup_id {self.backup_id!r} is not a backup id (letters, digits, "
+                f"backup_id {backup_id!r} is not a backup id (letters, digits, "
                 "'.', '_' and '-', at most 128 characters)"
             )
-        if (
-            self.kind is not JobType.BACKUP
-            and self.database
-            and self.backup_id not in (None, LATEST)
-            and "." in self.backup_id
-            and not self.backup_id.startswith(backup_prefix(self.database))
-        ):
+        if not self.database or backup_id.startswith(prefix):
+            return
+        if self.kind is JobType.BACKUP:
+            raise InvalidRequestError(
+                f"backup_id {backup_id!r}: the backups of database {self.database!r} are "
+                f"named {prefix}..., so that retention can tell the databases of a "
+                "destination apart"
+            )
+        if "." in backup_id:
             # Another database's backup: verifying it would mark this one as verified.
             raise InvalidRequestError(
-                f"backup_id {self.backup_id!r} belongs to database "
-                f"{self.backup_id.partition('.')[0]!r}, not to {self.database!r}"
+                f"backup_id {backup_id!r} belongs to database "
+                f"{backup_id.partition('.')[0]!r}, not to {self.database!r}"
             )
-        if self.kind is JobType.BACKUP:
-            if self.backup_id == LATEST:
-                raise InvalidRequestError("'latest' names an existing backup, not a new one")
-            if (
-                self.database
-                and self.backup_id is not None
-                and not self.backup_id.startswith(backup_prefix(self.database))
-            ):
-                raise InvalidRequestError(
-                    f"backup_id {self.backup_id!r}: the backups of database "
-                    f"{self.database!r} are named {backup_prefix(self.database)}..., so that "
-                    "retention can tell the databases of a destination apart"
-                )
 
     @classmethod
     def from_json(cls, body: object, *, trigger: str = "api") -> JobRequest:
@@ -221,15 +189,15 @@ class JobRequest:
                 f"'kind' must be one of backup, restore, verify (got {kind_text!r})"
             )
         kind = JobType(kind_text)
-        allowed = _FIELDS[kind]
+        allowed = _FIELDS[kind] | {"kind", "database"}
         for name, value in body.items():
             if name not in allowed:
                 raise InvalidRequestError(
                     f"unknown field {name!r} for a {kind.value} job "
                     f"(known: {', '.join(sorted(allowed))})"
                 )
-            wanted = allowed[name]
-            if not isinstance(value, wanted) or (wanted is not bool and isinstance(value, bool)):
+            wanted = bool if name in _FLAGS else str
+            if not isinstance(value, wanted):
                 if value is None and name not in ("kind", "database", "target"):
                     continue  # null: the default
                 expected = "true or false" if wanted is bool else "a string"

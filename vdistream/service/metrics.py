@@ -41,13 +41,12 @@ metric                                                      type       labels
   verified backup yet. It is the gauge to alert on (``> 86400 * 1.5`` for a daily
   schedule).
 * ``vdistream_retries_total`` counts storage requests retried after a transient
-  failure (the ``s3_request_retry`` events of ``vdistream.storage``), counted by a
-  logging handler that writes nothing (``RetryCounter``).
+  failure, told by the S3 storage's hook (``vdistream.storage.s3.observe_retries``,
+  set around each job's run) to ``count_retry``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -58,25 +57,12 @@ from prometheus_client.process_collector import ProcessCollector
 
 from vdistream.service.state import VerifiedBackup
 
-__all__ = ("CONTENT_TYPE", "Metrics", "RetryCounter")
+__all__ = ("CONTENT_TYPE", "Metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, math.inf)
-_LAG_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    math.inf,
-)
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, math.inf)
 
 
 class Metrics:
@@ -85,80 +71,78 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        db = ("database",)
         self.device_bytes = Counter(
             "vdistream_device_bytes",
             "Bytes moved through a virtual device (backup: written, restore/verify: read)",
-            ["database", "device"],
+            (*db, "device"),
             registry=r,
         )
         self.device_commands = Counter(
             "vdistream_device_commands",
             "VDI commands completed on a virtual device",
-            ["database", "device"],
+            (*db, "device"),
             registry=r,
         )
         self.throughput = Gauge(
             "vdistream_throughput_bytes_per_second",
             "Current rate of the running jobs of a database (all devices)",
-            ["database"],
+            db,
             registry=r,
         )
         self.buffers_in_use = Gauge(
             "vdistream_buffers_in_use",
             "Buffers of the running jobs' buffer areas held by devices right now",
-            ["database"],
+            db,
             registry=r,
         )
         self.jobs = Counter(
             "vdistream_jobs",
             "Jobs that ended, by kind and outcome (succeeded, failed, aborted)",
-            ["kind", "outcome"],
+            ("kind", "outcome"),
             registry=r,
         )
         self.job_duration = Histogram(
             "vdistream_job_duration_seconds",
             "How long jobs ran (from start to end, queueing excluded)",
-            ["kind"],
+            ("kind",),
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
         self.jobs_current = Gauge(
-            "vdistream_jobs_current", "Jobs queued or running now", ["state"], registry=r
+            "vdistream_jobs_current", "Jobs queued or running now", ("state",), registry=r
         )
         self.aborts = Counter(
             "vdistream_aborts",
             "Jobs aborted or failed, by the cause of the abort (AbortCause)",
-            ["kind", "cause"],
+            ("kind", "cause"),
             registry=r,
         )
         self.refused = Counter(
             "vdistream_refused_jobs",
             "Jobs refused before they changed anything (not aborts), by reason",
-            ["kind", "reason"],
+            ("kind", "reason"),
             registry=r,
         )
         self.retries = Counter(
             "vdistream_retries",
             "Storage requests retried after a transient failure",
-            ["operation"],
+            ("operation",),
             registry=r,
         )
         self.retention_deleted = Counter(
-            "vdistream_retention_deleted_backups",
-            "Backups deleted by retention",
-            ["database"],
-            registry=r,
+            "vdistream_retention_deleted_backups", "Backups deleted by retention", db, registry=r
         )
         self.since_verified = Gauge(
             "vdistream_seconds_since_last_verified_backup",
             "Age of the newest verified backup of a database (+Inf: none yet)",
-            ["database"],
+            db,
             registry=r,
         )
         self.last_verified = Gauge(
             "vdistream_last_verified_backup_timestamp_seconds",
             "End time (Unix seconds) of the newest verified backup of a database",
-            ["database"],
+            db,
             registry=r,
         )
         self.loop_lag = Histogram(
@@ -178,6 +162,23 @@ class Metrics:
         self._lag_max = 0.0
         self._verified_labels: set[str] = set()
         self._verified_timestamps: set[str] = set()
+
+    def job_ended(
+        self, kind: str, state: str, seconds: float | None, refused: str | None, cause: str | None
+    ) -> None:
+        """Count a job's end: its outcome, its duration (``None``: it never started),
+        and its refusal or else, unless it succeeded, its abort cause (module doc)."""
+        self.jobs.labels(kind, state).inc()
+        if seconds is not None:
+            self.job_duration.labels(kind).observe(seconds)
+        if refused is not None:
+            self.refused.labels(kind, refused).inc()
+        elif state != "succeeded" and cause is not None:
+            self.aborts.labels(kind, cause).inc()
+
+    def count_retry(self, operation: str) -> None:
+        """One storage request retried (the ``observe_retries`` callback)."""
+        self.retries.labels(operation or "unknown").inc()
 
     def observe_lag(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)
@@ -209,17 +210,3 @@ class Metrics:
         self.loop_lag_max.set(self._lag_max)
         self._lag_max = 0.0
         return generate_latest(self.registry)
-
-
-class RetryCounter(logging.Handler):
-    """Counts ``s3_request_retry`` log events into ``vdistream_retries_total``; writes
-    nothing. Attached to the ``vdistream.storage`` logger while a service runs."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__(logging.DEBUG)
-        self._metrics = metrics
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "s3_request_retry":
-            operation = getattr(record, "operation", None)
-            self._metrics.retries.labels(str(operation or "unknown")).inc()

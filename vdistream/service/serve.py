@@ -147,9 +147,10 @@ async def _serve(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_handle_signals, signals, service, path, tg, timers)
                 if trim is not None:
-                    tg.start_soon(_trim_memory, trim)
+                    tg.start_soon(_every, TRIM_EVERY, trim, False)
                 if tracemalloc.is_tracing():
-                    tg.start_soon(_dump_snapshots, Path(os.environ[TRACEMALLOC_ENV]))
+                    dump = functools.partial(_dump_snapshot, Path(os.environ[TRACEMALLOC_ENV]))
+                    tg.start_soon(_every, TRACEMALLOC_EVERY, dump, True)
                 await service.wait_shutdown()
                 tg.cancel_scope.cancel()
         for timer in timers:
@@ -188,20 +189,23 @@ async def _handle_signals(
             timers.append(_start_exit_timer(FORCE_EXIT_AFTER))
 
 
-async def _dump_snapshots(directory: Path) -> None:
-    """Debug knob: a ``tracemalloc`` snapshot every ``TRACEMALLOC_EVERY`` seconds."""
+def _dump_snapshot(directory: Path) -> None:
+    """Debug knob: a ``tracemalloc`` snapshot (every ``TRACEMALLOC_EVERY`` seconds)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        (tracemalloc.Filter(False, tracemalloc.__file__),)
+    )
+    target = directory / f"snapshot-{int(time.time() * 1000)}.pickle"
+    with target.open("wb") as f:
+        pickle.dump(snapshot, f, pickle.HIGHEST_PROTOCOL)
 
-    def dump() -> None:
-        snapshot = tracemalloc.take_snapshot().filter_traces(
-            (tracemalloc.Filter(False, tracemalloc.__file__),)
-        )
-        target = directory / f"snapshot-{int(time.time() * 1000)}.pickle"
-        with target.open("wb") as f:
-            pickle.dump(snapshot, f, pickle.HIGHEST_PROTOCOL)
 
+async def _every(seconds: float, work: Callable[[], object], first: bool) -> None:
+    """Run ``work`` in a worker thread every ``seconds`` (``first``: at once, too)."""
+    if not first:
+        await anyio.sleep(seconds)
     while True:
-        await anyio.to_thread.run_sync(dump)
-        await anyio.sleep(TRACEMALLOC_EVERY)
+        await anyio.to_thread.run_sync(work)
+        await anyio.sleep(seconds)
 
 
 async def _reload(service: Service, path: Path) -> None:
@@ -304,9 +308,3 @@ def tune_malloc() -> Callable[[], object] | None:
         mallopt(M_ARENA_MAX, ARENA_MAX)
     trim: Callable[[], object] = functools.partial(malloc_trim, 0)
     return trim
-
-
-async def _trim_memory(trim: Callable[[], object]) -> None:
-    while True:
-        await anyio.sleep(TRIM_EVERY)
-        await anyio.to_thread.run_sync(trim)

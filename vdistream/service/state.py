@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import enum
 import json
 import secrets
 import sqlite3
@@ -57,8 +56,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 import anyio
 import anyio.to_thread
@@ -70,6 +68,8 @@ __all__ = (
     "INTERRUPTED_QUEUED_REASON",
     "INTERRUPTED_REASON",
     "SCHEMA_VERSION",
+    "WRITE_TIMEOUT",
+    "JobChanges",
     "JobNotFoundError",
     "JobRecord",
     "JobState",
@@ -85,6 +85,8 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x56445354
 INTERRUPTED_REASON = "the daemon stopped while the job was running"
 INTERRUPTED_QUEUED_REASON = "the daemon stopped while the job was queued"
+#: How long the daemon waits for one write of a job's progress or end (seconds).
+WRITE_TIMEOUT = 30.0
 
 _T = TypeVar("_T")
 
@@ -194,11 +196,19 @@ class VerifiedBackup:
     job_id: str | None = None
 
 
-class _Unset(enum.Enum):
-    UNSET = enum.auto()
+class JobChanges(TypedDict, total=False):
+    """The fields ``JobStore.update`` may change; a field not given is left as it is."""
 
+    started: datetime | None
+    ended: datetime | None
+    progress: Mapping[str, Any]
+    result: Mapping[str, Any] | None
+    error: str | None
+    storage_url: str | None
+    storage_keys: Sequence[str]
+    add_storage_keys: Iterable[str]
+    backup_id: str | None
 
-UNSET = _Unset.UNSET
 
 _SCHEMA = """
 CREATE TABLE jobs (
@@ -251,44 +261,46 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
 
 
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else _json(dict(value))
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+#: How each ``JobRecord`` field is written to its column (``_same`` if not listed).
+_ENCODE: Mapping[str, Callable[[Any], Any]] = {
+    "kind": lambda kind: JobType(kind).value,
+    "state": lambda state: JobState(state).value,
+    "created": _time,
+    "started": _opt_time,
+    "ended": _opt_time,
+    "progress": lambda progress: _json(dict(progress)),
+    "result": _json_or_none,
+    "storage_keys": lambda keys: _json(list(keys)),
+    "params": lambda params: _json(dict(params)),
+}
+#: How each column is read back into its ``JobRecord`` field.
+_DECODE: Mapping[str, Callable[[Any], Any]] = {
+    "kind": JobType,
+    "state": JobState,
+    "created": _parse_time,
+    "started": _parse_time,
+    "ended": _parse_time,
+    "progress": json.loads,
+    "result": lambda text: None if text is None else json.loads(text),
+    "storage_keys": lambda text: tuple(json.loads(text)),
+    "params": json.loads,
+}
+
+
 def _row_values(job: JobRecord) -> tuple[Any, ...]:
-    return (
-        job.id,
-        JobType(job.kind).value,
-        job.database,
-        JobState(job.state).value,
-        _time(job.created),
-        _opt_time(job.started),
-        _opt_time(job.ended),
-        _json(dict(job.progress)),
-        None if job.result is None else _json(dict(job.result)),
-        job.error,
-        job.storage_url,
-        _json(list(job.storage_keys)),
-        job.backup_id,
-        _json(dict(job.params)),
-    )
+    return tuple(_ENCODE.get(name, _same)(getattr(job, name)) for name in _COLUMNS)
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
-    created = _parse_time(row["created"])
-    assert created is not None
-    return JobRecord(
-        id=row["id"],
-        kind=JobType(row["kind"]),
-        database=row["database"],
-        state=JobState(row["state"]),
-        created=created,
-        started=_parse_time(row["started"]),
-        ended=_parse_time(row["ended"]),
-        progress=json.loads(row["progress"]),
-        result=None if row["result"] is None else json.loads(row["result"]),
-        error=row["error"],
-        storage_url=row["storage_url"],
-        storage_keys=tuple(json.loads(row["storage_keys"])),
-        backup_id=row["backup_id"],
-        params=json.loads(row["params"]),
-    )
+    return JobRecord(**{name: _DECODE.get(name, _same)(row[name]) for name in _COLUMNS})
 
 
 def _verified(row: sqlite3.Row) -> VerifiedBackup:
@@ -322,8 +334,10 @@ class JobStore:
         return cls(target, connection, clock)
 
     async def close(self) -> None:
-        """Close the connection (after the call in progress, if any). Idempotent."""
-        await self._call(self._close, closing=True)
+        """Close the connection (after the call in progress, if any). Idempotent;
+        shielded, so that a cancelled owner still closes it."""
+        with anyio.CancelScope(shield=True):
+            await self._call(self._close, closing=True)
 
     def _close(self) -> None:
         if self._db is not None:
@@ -333,12 +347,7 @@ class JobStore:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def _call(self, fn: Callable[..., _T], *args: Any, closing: bool = False) -> _T:
@@ -349,6 +358,21 @@ class JobStore:
                 return fn(*args)
 
         return await anyio.to_thread.run_sync(locked, limiter=self._limiter)
+
+    async def _select(
+        self, convert: Callable[[sqlite3.Row], _T], sql: str, *args: Any
+    ) -> builtins.list[_T]:
+        """``convert`` (in the worker thread) of every row that ``sql`` selects."""
+        return await self._call(lambda: [convert(r) for r in self._conn().execute(sql, args)])
+
+    async def _change(self, sql: str, *args: Any) -> int:
+        """One writing statement, in a transaction of its own; how many rows it changed."""
+
+        def run() -> int:
+            with self._conn() as db:
+                return db.execute(sql, args).rowcount
+
+        return await self._call(run)
 
     def _conn(self) -> sqlite3.Connection:
         assert self._db is not None
@@ -390,19 +414,7 @@ class JobStore:
         return _record(row)
 
     async def update(
-        self,
-        job_id: str,
-        *,
-        state: JobState | str | None = None,
-        started: datetime | _Unset | None = UNSET,
-        ended: datetime | _Unset | None = UNSET,
-        progress: Mapping[str, Any] | _Unset = UNSET,
-        result: Mapping[str, Any] | _Unset | None = UNSET,
-        error: str | _Unset | None = UNSET,
-        storage_url: str | _Unset | None = UNSET,
-        storage_keys: Sequence[str] | _Unset = UNSET,
-        add_storage_keys: Iterable[str] = (),
-        backup_id: str | _Unset | None = UNSET,
+        self, job_id: str, *, state: JobState | str | None = None, **fields: Unpack[JobChanges]
     ) -> JobRecord:
         """Change the given fields atomically and return the job as stored.
 
@@ -410,26 +422,13 @@ class JobStore:
         ``storage_keys`` replaces the list, ``add_storage_keys`` appends the keys not
         yet in it (safe from concurrent tasks). ``JobNotFoundError`` if no such job.
         """
-        changes: dict[str, Any] = {}
-        if started is not UNSET:
-            changes["started"] = _opt_time(started)
-        if ended is not UNSET:
-            changes["ended"] = _opt_time(ended)
-        if progress is not UNSET:
-            changes["progress"] = _json(dict(progress))
-        if result is not UNSET:
-            changes["result"] = None if result is None else _json(dict(result))
-        if error is not UNSET:
-            changes["error"] = error
-        if storage_url is not UNSET:
-            changes["storage_url"] = storage_url
-        if backup_id is not UNSET:
-            changes["backup_id"] = backup_id
-        replace_keys = None if storage_keys is UNSET else list(storage_keys)
+        given: dict[str, Any] = dict(fields)
+        keys = given.pop("storage_keys", None)
+        replace_keys = None if keys is None else list(keys)
+        add_keys = list(given.pop("add_storage_keys", ()))
+        changes = {name: _ENCODE.get(name, _same)(value) for name, value in given.items()}
         new_state = None if state is None else JobState(state)
-        return await self._call(
-            self._update, job_id, new_state, changes, replace_keys, list(add_storage_keys)
-        )
+        return await self._call(self._update, job_id, new_state, changes, replace_keys, add_keys)
 
     def _update(
         self,
@@ -498,10 +497,7 @@ class JobStore:
                 raise ValueError("limit must be >= 0 or None")
             sql += " LIMIT ?"
             args.append(limit)
-        return await self._call(self._select, sql, args)
-
-    def _select(self, sql: str, args: Sequence[Any]) -> builtins.list[JobRecord]:
-        return [_record(row) for row in self._conn().execute(sql, args)]
+        return await self._select(_record, sql, *args)
 
     async def mark_interrupted(self) -> builtins.list[JobRecord]:
         """Mark every queued or running job failed (module doc) and return them, oldest
@@ -532,24 +528,20 @@ class JobStore:
         whether its latest one succeeded. Reads only those backups' rows (an index on
         ``backup_id``), never the whole history, however long the history grows."""
         wanted = sorted(set(backup_ids))
-
-        def run() -> dict[str, bool]:
-            outcomes: dict[str, bool] = {}
-            db = self._conn()
-            for start in range(0, len(wanted), 500):  # well under SQLite's variable limit
-                chunk = wanted[start : start + 500]
-                marks = ", ".join("?" for _ in chunk)
-                rows = db.execute(
-                    "SELECT backup_id, state FROM jobs WHERE kind = 'verify' AND database = ? "
-                    "AND state IN ('succeeded', 'failed') "
-                    f"AND backup_id IN ({marks}) ORDER BY created DESC, id DESC",
-                    (database, *chunk),
-                ).fetchall()
-                for row in rows:  # newest first: the first outcome per backup is its latest
-                    outcomes.setdefault(row["backup_id"], row["state"] == "succeeded")
-            return outcomes
-
-        return await self._call(run)
+        outcomes: dict[str, bool] = {}
+        for start in range(0, len(wanted), 500):  # well under SQLite's variable limit
+            chunk = wanted[start : start + 500]
+            rows = await self._select(
+                lambda row: (row["backup_id"], row["state"] == "succeeded"),
+                "SELECT backup_id, state FROM jobs WHERE kind = 'verify' AND database = ? "
+                "AND state IN ('succeeded', 'failed') "
+                f"AND backup_id IN ({', '.join('?' * len(chunk))}) ORDER BY created DESC, id DESC",
+                database,
+                *chunk,
+            )
+            for backup_id, ok in rows:  # newest first: the first outcome is the latest
+                outcomes.setdefault(backup_id, ok)
+        return outcomes
 
     async def delete_finished(self, before: datetime) -> int:
         """Forget terminal jobs that ended before ``before``; returns how many.
@@ -557,26 +549,18 @@ class JobStore:
         The latest finished verification of each backup is kept whatever its age:
         retention asks it whether a backup was verified (``verify_outcomes``), and a
         verified backup forgotten as unverified could be deleted too early."""
-        limit = _time(before)
-
-        def run() -> int:
-            db = self._conn()
-            with db:
-                cursor = db.execute(
-                    "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'aborted') "
-                    "AND ended IS NOT NULL AND ended < ? AND id NOT IN ("
-                    "  SELECT id FROM ("
-                    "    SELECT id, row_number() OVER ("
-                    "      PARTITION BY database, backup_id ORDER BY created DESC, id DESC"
-                    "    ) AS n FROM jobs WHERE kind = 'verify' AND backup_id IS NOT NULL"
-                    "    AND state IN ('succeeded', 'failed')"
-                    "  ) WHERE n = 1"
-                    ")",
-                    (limit,),
-                )
-            return cursor.rowcount
-
-        return await self._call(run)
+        return await self._change(
+            "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'aborted') "
+            "AND ended IS NOT NULL AND ended < ? AND id NOT IN ("
+            "  SELECT id FROM ("
+            "    SELECT id, row_number() OVER ("
+            "      PARTITION BY database, backup_id ORDER BY created DESC, id DESC"
+            "    ) AS n FROM jobs WHERE kind = 'verify' AND backup_id IS NOT NULL"
+            "    AND state IN ('succeeded', 'failed')"
+            "  ) WHERE n = 1"
+            ")",
+            _time(before),
+        )
 
     # --- last verified backup per database --------------------------------------------
 
@@ -618,39 +602,18 @@ class JobStore:
 
     async def last_verified(self, database: str) -> VerifiedBackup | None:
         """The newest verified backup recorded for ``database``, if any."""
-
-        def run() -> VerifiedBackup | None:
-            row = (
-                self._conn()
-                .execute("SELECT * FROM last_verified WHERE database = ?", (database,))
-                .fetchone()
-            )
-            return None if row is None else _verified(row)
-
-        return await self._call(run)
+        sql = "SELECT * FROM last_verified WHERE database = ?"
+        return next(iter(await self._select(_verified, sql, database)), None)
 
     async def all_verified(self) -> dict[str, VerifiedBackup]:
         """Every database's record, by database name."""
-
-        def run() -> dict[str, VerifiedBackup]:
-            rows = self._conn().execute("SELECT * FROM last_verified ORDER BY database")
-            return {row["database"]: _verified(row) for row in rows}
-
-        return await self._call(run)
+        records = await self._select(_verified, "SELECT * FROM last_verified ORDER BY database")
+        return {record.database: record for record in records}
 
     async def forget_verified(self, database: str, backup_id: str) -> bool:
         """Drop the record if it names ``backup_id`` (the backup was deleted)."""
-
-        def run() -> bool:
-            db = self._conn()
-            with db:
-                cursor = db.execute(
-                    "DELETE FROM last_verified WHERE database = ? AND backup_id = ?",
-                    (database, backup_id),
-                )
-            return cursor.rowcount > 0
-
-        return await self._call(run)
+        sql = "DELETE FROM last_verified WHERE database = ? AND backup_id = ?"
+        return await self._change(sql, database, backup_id) > 0
 
 
 # --- opening ----------------------------------------------------------------------------
