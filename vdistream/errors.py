@@ -3,40 +3,79 @@
 ::
 
     Exception
-     └── VdistreamError                 base of everything below
-          ├── VDIError                  a VDI call failed; .hresult is the VD_E_* value
-          │    ├── VDNotOpenError       0x80770002  device or set not open
-          │    ├── VDTimeoutError       0x80770003  the wait's timeout passed (set unaffected)
-          │    ├── VDAbortError         0x80770004  the set was aborted
-          │    ├── VDSecurityError      0x80770005
-          │    ├── VDInvalidError       0x80770006  bad argument, unknown name, foreign buffer
-          │    ├── VDInstanceNameError  0x80770007
-          │    ├── VDNotSupportedError  0x80770009  configuration refused by create
-          │    ├── VDMemoryError        0x8077000A  the buffer area can never satisfy it
-          │    ├── VDUnexpectedError    0x8077000B
-          │    ├── VDProtocolError      0x8077000C  call not allowed in this state
-          │    ├── VDOpenError          0x8077000D  devices still open / all already open
-          │    ├── VDClosedError        0x8077000E  the server closed this device (normal end)
-          │    └── VDBusyError          0x8077000F  (VD_E_QUEUE_FULL is the same value)
-          ├── StorageError              a sink or source failed; .url names where
-          │    ├── StorageURLError      the URL is malformed or its scheme unknown
-          │    ├── StorageNotFoundError what should be read is not there
-          │    ├── StorageExistsError   a committed object would be overwritten
-          │    ├── StorageFullError     no space left (ENOSPC, EFBIG, quota)
-          │    ├── StorageIntegrityError  sizes or checksums do not match
-          │    ├── BackupInProgressError  a live process is writing this backup id  (*)
-          │    ├── StorageProbeError    the destination is unreachable or unwritable  (*)
-          │    └── OrphanUploadsError   the store refused to remove a job's writes  (*)
-          ├── PipelineError             a pipeline stage (compression, encryption) failed
-          │    ├── CorruptStreamError   stored bytes fail authentication or decoding
-          │    ├── WrongKeyError        the key given is not the key the backup was made with
-          │    ├── KeyMissingError      the backup is encrypted and no key was given
-          │    └── KeyNotNeededError    a key was given for a backup that is not encrypted
-          ├── ConfigError               a setting is invalid; names the key and where
-          └── JobError                  a backup or restore job did not complete
-               └── JobAbortedError      it was aborted; .cause says why
+     ├── VdistreamError                 base of everything vdistream raises on purpose
+     │    ├── VDIError                  a VDI call failed; .hresult is the VD_E_* value
+     │    │    ├── VDNotOpenError       0x80770002  device or set not open
+     │    │    ├── VDTimeoutError       0x80770003  the wait's timeout passed (set unaffected)
+     │    │    ├── VDAbortError         0x80770004  the set was aborted
+     │    │    ├── VDSecurityError      0x80770005
+     │    │    ├── VDInvalidError       0x80770006  bad argument, unknown name, foreign buffer
+     │    │    ├── VDInstanceNameError  0x80770007
+     │    │    ├── VDNotSupportedError  0x80770009  configuration refused by create
+     │    │    ├── VDMemoryError        0x8077000A  the buffer area can never satisfy it
+     │    │    ├── VDUnexpectedError    0x8077000B
+     │    │    ├── VDProtocolError      0x8077000C  call not allowed in this state
+     │    │    ├── VDOpenError          0x8077000D  devices still open / all already open
+     │    │    ├── VDClosedError        0x8077000E  the server closed this device (normal end)
+     │    │    └── VDBusyError          0x8077000F  (VD_E_QUEUE_FULL is the same value)
+     │    ├── StorageError              a sink or source failed; .url names where
+     │    │    ├── StorageURLError      the URL is malformed or its scheme unknown
+     │    │    ├── StorageNotFoundError what should be read is not there
+     │    │    ├── StorageExistsError   a committed object would be overwritten
+     │    │    ├── StorageFullError     no space left (ENOSPC, EFBIG, quota)
+     │    │    ├── StorageIntegrityError  sizes or checksums do not match
+     │    │    │    └── ChangedError    [storage.s3.errors] the object's ETag changed mid-read
+     │    │    ├── BackupInProgressError  [storage.base] a live process is writing this backup id
+     │    │    ├── StorageProbeError    [storage.base] the destination is unreachable or unwritable
+     │    │    └── OrphanUploadsError   [storage.base] the store refused to remove a job's writes
+     │    ├── PipelineError             a pipeline stage (compression, encryption) failed
+     │    │    ├── CorruptStreamError   stored bytes fail authentication or decoding
+     │    │    ├── WrongKeyError        the key given is not the key the backup was made with
+     │    │    ├── KeyMissingError      the backup is encrypted and no key was given
+     │    │    └── KeyNotNeededError    a key was given for a backup that is not encrypted
+     │    ├── ConfigError               a setting is invalid; names the key and where
+     │    │    ├── SettingsError        [service.settings] the daemon's file or environment
+     │    │    └── CronError            [service.schedule] malformed, or never fires
+     │    ├── JobError                  a backup or restore job did not complete
+     │    │    ├── JobAbortedError      it was aborted; .cause says why
+     │    │    └── EngineError          [engines.base] the engine's side failed; the set was aborted
+     │    │         ├── EngineAbortedError   [engines.base] the set was aborted under the engine
+     │    │         ├── CommandFailedError   [engines.base] the client failed a command
+     │    │         ├── StreamFormatError    [engines.base] a restore stream is not what was written
+     │    │         ├── InjectedFaultError   [engines.faults] a FailPoint's failure
+     │    │         └── EndpointError        [engines.scoped] the producer or consumer failed
+     │    │              ├── TargetExistsError   [engines.scoped] the restore target exists
+     │    │              ├── PostgresError       [engines.postgres]
+     │    │              ├── SQLiteError         [engines.sqlite]
+     │    │              └── ProcessFailedError  [engines.process] a child process failed
+     │    │                   ├── ProducerFailedError  the backup's producer
+     │    │                   ├── ConsumerFailedError  the restore's consumer
+     │    │                   └── ToolFailedError      a helper tool (run_tool)
+     │    ├── CatalogError              [catalog.manifest] a manifest missing, malformed or altered
+     │    ├── ServiceError              [service.jobs] a request the daemon refuses; .status, .code
+     │    │    ├── InvalidRequestError       unknown field, wrong type, missing field
+     │    │    ├── UnknownDatabaseError      a database the settings do not define
+     │    │    ├── UnknownJobError           no job has this id (also a LookupError)
+     │    │    ├── JobFinishedError          the job ended; it cannot be aborted
+     │    │    ├── QueueFullError            every slot busy, the queue full
+     │    │    ├── ShuttingDownError         intake closed
+     │    │    ├── _MalformedJSONError       [service.api] the body is not UTF-8 JSON
+     │    │    ├── _UnsupportedMediaTypeError  [service.api] the body is not declared JSON
+     │    │    └── _NotReadyError            [service.api] starting or shutting down
+     │    ├── ApiStartError             [service.api] the API cannot listen where configured
+     │    ├── StateError                [service.state] the state database is unusable
+     │    │    └── JobNotFoundError     no job has this id (also a LookupError)
+     │    └── DaemonError               [cli.client] the daemon refused a request
+     │         └── DaemonUnreachableError  nothing answers at the socket or URL
+     ├── CommandError                   [cli.framework] a command's own one-line failure
+     └── ShortBody                      [storage.s3.errors] a short ranged GET; retried, internal
 
-(*) defined in ``vdistream.storage.base`` (storage's own), exported by ``vdistream.storage``.
+    click.BadParameter
+     └── OptionValueError               [cli.params] a value an option does not accept
+
+A ``[module]`` names where a class lives when it is not here: each layer keeps its own
+errors, and this drawing keeps them all in one place (``tests/test_architecture.py``
+checks that every exception class vdistream defines is drawn, under its real parent).
 
 Errors cross each seam translated: an ``OSError`` from a file becomes a
 ``StorageError`` naming the URL (raised ``from`` the original), a VDI refusal inside a
