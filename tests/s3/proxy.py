@@ -24,6 +24,8 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+import anyio
+
 
 @dataclass
 class Fault:
@@ -100,14 +102,15 @@ class FaultProxy:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         self._writers.add(up_writer)
         state = _Connection()
-        relay = asyncio.create_task(self._relay(up_reader, writer, state))
         try:
-            await self._requests(reader, writer, up_writer, state)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
-            pass
+            async with anyio.create_task_group() as relays:
+                relays.start_soon(self._relay, up_reader, writer, state)
+                try:
+                    await self._requests(reader, writer, up_writer, state)
+                except (ConnectionError, asyncio.IncompleteReadError, OSError):
+                    pass
+                relays.cancel_scope.cancel()
         finally:
-            relay.cancel()
-            await asyncio.gather(relay, return_exceptions=True)
             up_writer.transport.abort()
             writer.transport.abort()
             self._handlers.discard(task)

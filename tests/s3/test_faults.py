@@ -4,9 +4,9 @@ object, no open multipart upload)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 
+import anyio
 import pytest
 
 from tests.s3.conftest import TEST_PART_SIZE, MotoServer, StorageFactory
@@ -115,12 +115,13 @@ async def test_bounded_parts_in_flight_under_latency(
         async def sample() -> None:
             while True:
                 seen.append(sink.parts_in_flight)
-                await asyncio.sleep(0.005)
+                await anyio.sleep(0.005)
 
-        sampler = asyncio.create_task(sample())
-        await sink.write(memoryview(data))  # one call, eight parts
-        await sink.commit()
-        sampler.cancel()
+        async with anyio.create_task_group() as sampler:
+            sampler.start_soon(sample)
+            await sink.write(memoryview(data))  # one call, eight parts
+            await sink.commit()
+            sampler.cancel_scope.cancel()
     assert max(seen) == 2
     assert moto_server.get(bucket, "backups/bounded") == data
 

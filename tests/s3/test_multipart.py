@@ -38,16 +38,17 @@ async def test_stream_of_several_parts(
 ) -> None:
     storage = make_storage()
     data = os.urandom(5 * P + 12_345)
-    sink = await storage.open_sink("db/dev0", device="dev0")
-    most = await write_uneven(sink, data, (1, 100_000, 7, P, 30_000))
-    assert 1 <= most <= 2  # bounded: at most max_parts_in_flight uploading
-    assert sink.upload_id is not None
-    assert moto_server.uploads(bucket) == [("backups/db/dev0", sink.upload_id)]
-    assert await storage.list() == []  # an open upload is no object
-    await sink.flush()
-    assert sink.parts_in_flight == 0
-    assert [part.size for part in sink.parts] == [P] * 5  # the sixth part is still filling
-    await sink.commit()
+    # Inside ``async with`` the sink's task group outlives each write: parts overlap.
+    async with await storage.open_sink("db/dev0", device="dev0") as sink:
+        most = await write_uneven(sink, data, (1, 100_000, 7, P, 30_000))
+        assert 1 <= most <= 2  # bounded: at most max_parts_in_flight uploading
+        assert sink.upload_id is not None
+        assert moto_server.uploads(bucket) == [("backups/db/dev0", sink.upload_id)]
+        assert await storage.list() == []  # an open upload is no object
+        await sink.flush()
+        assert sink.parts_in_flight == 0
+        assert [part.size for part in sink.parts] == [P] * 5  # the sixth is still filling
+        await sink.commit()
     sizes = [part.size for part in sink.parts]
     assert sizes == part_sizes(len(data), initial=P) == [P] * 5 + [12_345]
     offsets = list(itertools.accumulate(sizes, initial=0))

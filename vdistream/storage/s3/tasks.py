@@ -1,0 +1,129 @@
+"""The task group an S3 sink or source owns for its parallel calls (part uploads,
+read-ahead ranges): it lives as long as the owner's ``async with`` block (entered and
+left by the owner's ``__aenter__``/``__aexit__``, so it nests in the caller's scopes),
+so calls started by one ``write`` keep going while the caller prepares the next.
+Without ``async with``, each call opens a group and returns when all it started ended.
+Each call runs shielded (a started request runs to its end, bounded by its retries) in
+a scope only its owner cancels, and never raises into the group: the owner collects
+its outcome, so no exception group comes out of this package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from typing import Generic, Self, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from vdistream.errors import StorageError
+
+__all__ = ("Call", "TaskOwner")
+
+_T = TypeVar("_T")
+
+
+class Call(Generic[_T]):
+    """One background call: shielded, cancellable by its owner, its outcome kept."""
+
+    def __init__(self, make: Callable[[], Awaitable[_T]], what: str, settled: Callable[[], None]):
+        self.what, self._make, self._settled = what, make, settled
+        self._scope = anyio.CancelScope(shield=True)
+        self._done = anyio.Event()
+        self._value: tuple[_T] | None = None
+        self._error: Exception | None = None
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                try:
+                    self._value = (await self._make(),)
+                except Exception as exc:  # for the owner; never raised into the group
+                    self._error = exc
+        finally:
+            self._done.set()
+            self._settled()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def result(self, *, url: str, device: str | None = None) -> _T:
+        """The call's value; re-raises its error; a cancelled call is a ``StorageError``."""
+        if self._error is not None:
+            raise self._error
+        if self._value is None:
+            raise StorageError(f"{self.what} was cancelled", url=url, device=device)
+        return self._value[0]
+
+
+class TaskOwner:
+    """Mixin: the owner's task group (see the module docstring); ``_finish`` is what
+    leaving ``async with`` does first (abort, close)."""
+
+    _group: TaskGroup | None = None
+    _lifetime: contextlib.AsyncExitStack | None = None
+    _settled: anyio.Event | None = None
+
+    async def __aenter__(self) -> Self:
+        self._lifetime = contextlib.AsyncExitStack()
+        self._group = await self._lifetime.enter_async_context(anyio.create_task_group())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self._finish()  # every call ends here
+        finally:
+            stack, self._lifetime, self._group = self._lifetime, None, None
+            if stack is not None:
+                await stack.aclose()
+
+    async def _finish(self) -> None:
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def _tasks(self) -> AsyncIterator[TaskGroup]:
+        """The owner's group, or one for this call that waits for what it started; an
+        error of the call itself comes out after that, unwrapped."""
+        if self._group is not None:
+            yield self._group
+            return
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+            try:
+                yield group
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
+
+    def _start(self, group: TaskGroup, make: Callable[[], Awaitable[_T]], what: str) -> Call[_T]:
+        call = Call(make, what, self._notify)
+        group.start_soon(call.run, name=what)
+        return call
+
+    def _notify(self) -> None:
+        if self._settled is not None:
+            self._settled.set()
+
+    async def _wait_any(self, calls: Collection[Call[_T]]) -> None:
+        """Until one of ``calls`` is done (each is bounded by its retries)."""
+        while calls and not any(call.done for call in calls):
+            self._settled = anyio.Event()
+            await self._settled.wait()
+
+    @staticmethod
+    async def _cancel(calls: Iterable[Call[_T]]) -> None:
+        """Cancel ``calls`` and wait until each has ended."""
+        calls = list(calls)
+        for call in calls:
+            call.cancel()
+        for call in calls:
+            await call.wait()
