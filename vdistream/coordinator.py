@@ -216,13 +216,16 @@ async def opened_storage(
 ) -> AsyncIterator[Storage]:
     """The storage a URL names, closed afterwards (an S3 client holds connections;
     shielded, bounded by ``close_within`` seconds); a ``Storage`` given by the caller is
-    the caller's to close."""
+    the caller's to close. Inside ``storage.background()`` either way: the devices'
+    sinks and sources keep their parallel calls (S3 parts) in the storage's group."""
     if isinstance(destination, Storage):
-        yield destination
+        async with destination.background():
+            yield destination
         return
     storage = open_storage(destination)
     try:
-        yield storage
+        async with storage.background():
+            yield storage
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(close_within):
             await storage.aclose()

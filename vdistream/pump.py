@@ -79,7 +79,9 @@ class ClientDevice(Protocol):
       server again. Raises ``VDAbortError`` after an abort (the set is gone).
 
     Neither call may block the event loop; a command's ``buffer`` stays valid until it
-    is completed or the set is closed.
+    is completed or the set is closed. ``get_command(None)`` must end promptly when the
+    pump is cancelled (the drain deadline relies on it: the pump does not poll), and
+    must raise ``VDAbortError`` when the set's own server-timeout watchdog fires.
     """
 
     @property

@@ -1,6 +1,7 @@
 """The S3 package's structure: retries reach an observer through ``observe_retries``;
 part uploads and read-ahead live in a task group the sink or source owns (its
-``async with`` block, else each call), and nothing in the package starts a bare task."""
+``async with`` block), else the storage's (``background()``, how a job runs), else each
+call's; and nothing in the package starts a bare task."""
 
 from __future__ import annotations
 
@@ -74,6 +75,37 @@ async def test_without_async_with_each_write_waits_for_its_parts(
     await sink.commit()
     assert [part.size for part in sink.parts] == [P] * 4 + [9]
     assert moto_server.get(bucket, "backups/per-call") == data
+
+
+@pytest.mark.asyncio
+async def test_in_the_storage_background_parts_overlap_the_next_write(
+    faulty: StorageFactory, proxy: FaultProxy, moto_server: MotoServer, bucket: str
+) -> None:
+    """How a job's devices write (``coordinator.opened_storage``): no ``async with`` on
+    the sink, yet its uploads outlive each ``write``, in the storage's group."""
+    proxy.add("delay", PART, seconds=0.3, count=10)
+    storage = faulty()
+    data = os.urandom(4 * P + 9)
+    async with storage.background():
+        assert storage.background_group is not None
+        sink = await storage.open_sink("overlap")
+        await sink.write(memoryview(data)[: 2 * P + 1])
+        assert sink.parts_in_flight == 2  # still uploading after write returned
+        await sink.write(memoryview(data)[2 * P + 1 :])
+        await sink.commit()
+        assert sink.parts_in_flight == 0
+    assert storage.background_group is None
+    assert moto_server.get(bucket, "backups/overlap") == data
+
+
+@pytest.mark.asyncio
+async def test_an_error_in_the_storage_background_comes_out_as_itself(
+    make_storage: StorageFactory,
+) -> None:
+    storage = make_storage()
+    with pytest.raises(ValueError, match=r"^the body's own$"):
+        async with storage.background():
+            raise ValueError("the body's own")
 
 
 @pytest.mark.asyncio

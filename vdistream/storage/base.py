@@ -531,6 +531,16 @@ class Storage(abc.ABC):
         """
         return None
 
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Where the storage's sinks and sources may keep work going between their calls
+        (S3: part uploads, read-ahead), for as long as the block lasts; the default keeps
+        none. A job enters it for its whole life (``coordinator.opened_storage``), so that
+        this work belongs to a task group that outlives every device; a sink or source
+        opened outside it waits, in each call, for everything that call started.
+        """
+        yield
+
     async def aclose(self) -> None:
         """Release connections or clients the storage holds; the default holds none.
 

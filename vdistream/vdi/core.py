@@ -341,6 +341,13 @@ class SetCore:
     def command_added(self) -> None:
         if self.pending_count == 0:
             self.watch_since = time.monotonic()
+            if self.config.server_timeout_ms > 0:
+                # The clock starts: waits begun before it (a pump idle on another
+                # device) must re-read their deadline, or no one runs the watchdog.
+                for device in self.devices:
+                    device.notifier.notify_all()
+                self.notifier.notify_all()
+                self.buffers_notifier.notify_all()
         self.pending_count += 1
 
     def command_finished(self) -> None:

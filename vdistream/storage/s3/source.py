@@ -33,6 +33,7 @@ class S3Source(TaskOwner, SourceBase):
         super().__init__(storage._url(full_key), size)
         self.key = full_key
         self._storage = storage
+        self._shared = storage.background_group
         self._etag = etag
         self._chunk_size = storage.read_chunk_size
         self._chunks: dict[int, Call[bytes]] = {}
@@ -63,7 +64,7 @@ class S3Source(TaskOwner, SourceBase):
         """Chunk ``index``; keeps the next ``read_ahead`` in flight when sequential
         (without a group of its own: only those this read ends in, before ``end``)."""
         last = (self._size - 1) // self._chunk_size
-        if self._group is None:
+        if self._background is None:
             last = min(last, (end - 1) // self._chunk_size)
         high = min(index + (self._storage.read_ahead if sequential else 0), last)
         stale = [i for i in self._chunks if i < index or i > high]

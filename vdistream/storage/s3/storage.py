@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+from anyio.abc import TaskGroup
 
 from vdistream.errors import (
     StorageError,
@@ -97,7 +98,28 @@ class S3Storage(S3Connection, Storage):
     the query. Sinks are append-only (``random_access`` is False).
     """
 
+    #: the task group of ``background()`` while it lasts (``tasks`` module docstring)
+    background_group: TaskGroup | None = None
+
     # --- the Storage contract ---
+
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Part uploads and read-ahead of the sinks and sources opened in this block
+        run in one task group of the storage's, so they overlap the next calls. Each
+        sink or source still ends its own calls (commit, abort, close) before the block
+        does; an error of the block comes out as itself, not as an exception group."""
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+            self.background_group = group
+            try:
+                yield
+            except Exception as exc:
+                failure = exc
+            finally:
+                self.background_group = None
+        if failure is not None:
+            raise failure
 
     async def open_sink(
         self, key: str, *, device: str | None = None, expected_size: int | None = None

@@ -1,8 +1,9 @@
-"""The task group an S3 sink or source owns for its parallel calls (part uploads,
-read-ahead ranges): it lives as long as the owner's ``async with`` block (entered and
-left by the owner's ``__aenter__``/``__aexit__``, so it nests in the caller's scopes),
-so calls started by one ``write`` keep going while the caller prepares the next.
-Without ``async with``, each call opens a group and returns when all it started ended.
+"""The task group an S3 sink or source runs its parallel calls in (part uploads,
+read-ahead ranges): its own while inside its ``async with`` block (entered and left by
+the owner's ``__aenter__``/``__aexit__``, so it nests in the caller's scopes), else the
+storage's while inside ``storage.background()`` (how a job runs its devices), so calls
+started by one ``write`` keep going while the caller prepares the next. Outside both,
+each call opens a group and returns when all it started ended.
 Each call runs shielded (a started request runs to its end, bounded by its retries) in
 a scope only its owner cancels, and never raises into the group: the owner collects
 its outcome, so no exception group comes out of this package.
@@ -69,6 +70,8 @@ class TaskOwner:
     leaving ``async with`` does first (abort, close)."""
 
     _group: TaskGroup | None = None
+    #: the storage's group (``S3Storage.background``) when the owner was opened in it
+    _shared: TaskGroup | None = None
     _lifetime: contextlib.AsyncExitStack | None = None
     _settled: anyio.Event | None = None
 
@@ -92,8 +95,8 @@ class TaskOwner:
     async def _tasks(self) -> AsyncIterator[TaskGroup]:
         """The owner's group, or one for this call that waits for what it started; an
         error of the call itself comes out after that, unwrapped."""
-        if self._group is not None:
-            yield self._group
+        if self._background is not None:
+            yield self._background
             return
         failure: Exception | None = None
         async with anyio.create_task_group() as group:
@@ -103,6 +106,11 @@ class TaskOwner:
                 failure = exc
         if failure is not None:
             raise failure
+
+    @property
+    def _background(self) -> TaskGroup | None:
+        """The group calls may outlive their caller in: the owner's, else the storage's."""
+        return self._group or self._shared
 
     def _start(self, group: TaskGroup, make: Callable[[], Awaitable[_T]], what: str) -> Call[_T]:
         call = Call(make, what, self._notify)

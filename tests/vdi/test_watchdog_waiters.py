@@ -1,0 +1,88 @@
+"""The server-timeout watchdog reaches waits that began before its clock started.
+
+A pump idle in ``get_command`` on one device while a command waits on another is the
+only waiter of the set; the watchdog must still fire for it (``SetCore.command_added``
+wakes every waiter when the clock starts), with no poll to help.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.coordinator.faults import Faults, FaultyStorage
+from tests.vdi.conftest import active
+from vdistream.coordinator import AbortCause, Job, JobKind, JobOptions, JobStatus
+from vdistream.engines import Direction, Engine, EngineResult, device_names
+from vdistream.errors import VDAbortError
+from vdistream.protocol import CommandCode, Features
+from vdistream.storage import FileStorage
+from vdistream.vdi import Registry, ServerVirtualDeviceSet
+
+pytestmark = pytest.mark.asyncio
+BLOCK = 65536
+
+
+async def test_a_client_waiting_before_the_clock_starts_runs_the_watchdog() -> None:
+    pair = await active(Registry(), devices=2, server_timeout_ms=30)
+    got: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await pair.cdevs[1].get_command(None)
+        except VDAbortError as exc:
+            got.append(exc)
+
+    with anyio.fail_after(5, reason="the waiting client never ran the watchdog"):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.sleep(0.05)  # the client waits on device 1 by now
+            pair.sdevs[0].send_command(CommandCode.FLUSH)  # never taken on device 0
+    assert "server timeout" in str(got[0])
+
+
+class _BusyEngine(Engine):
+    """Sends one WRITE on device 0 of 2, then is busy elsewhere: it waits on nothing of
+    the set, so only the pumps can run the watchdog."""
+
+    direction = Direction.BACKUP
+
+    async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
+        sds = ServerVirtualDeviceSet(registry=registry)
+        sds.open(None, set_name)
+        count = sds.get_configuration().device_count
+        sds.begin_configuration(Features.WRITE_MEDIA, 4096, 0, BLOCK)
+        sds.request_buffers(BLOCK, 0, count)
+        sds.end_configuration()
+        devices = [sds.open_device(name) for name in device_names(set_name, count)]
+        await sds.wait_active(5)
+        await anyio.sleep(0.2)  # the pumps wait for commands now
+        buffer = await sds.allocate_buffer(BLOCK)
+        devices[0].send_command(CommandCode.WRITE, BLOCK, 0, buffer)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            sds.signal_abort()
+            sds.close()
+        raise AssertionError("unreachable")
+
+
+async def test_the_server_timeout_ends_a_job_whose_stall_watchdog_is_off(tmp_path: Path) -> None:
+    faults = Faults(hang_write_after_bytes=0)
+    job = Job(
+        JobKind.BACKUP,
+        _BusyEngine(),
+        FaultyStorage(FileStorage(tmp_path), faults),
+        backup_id="busy",
+        registry=Registry(),
+        options=JobOptions(devices=2, server_timeout_ms=100, stall_timeout=0, drain_timeout=0.5),
+    )
+    with anyio.fail_after(15, reason="nothing ended the job: the server timeout never fired"):
+        result = await job.run()
+    assert result.status is JobStatus.FAILED
+    assert result.aborted_by is AbortCause.SERVER_TIMEOUT
+    assert faults.commits_started == 0
+    assert os.listdir(tmp_path) == []
