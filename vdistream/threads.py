@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
+import contextvars
 import os
 import threading
 from collections.abc import Callable
 from typing import Final, TypeVar
 
 import anyio
-import anyio.lowlevel
 
 __all__ = ("MAX_WORKERS", "executor", "run_sync")
 
@@ -38,6 +37,7 @@ MAX_WORKERS: Final = min(32, (os.cpu_count() or 1) + 4)
 _T = TypeVar("_T")
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_limiter: anyio.CapacityLimiter | None = None
 
 
 def executor() -> concurrent.futures.ThreadPoolExecutor:
@@ -54,20 +54,35 @@ def executor() -> concurrent.futures.ThreadPoolExecutor:
 async def run_sync(
     func: Callable[..., _T], *args: object, limiter: anyio.CapacityLimiter | None = None
 ) -> _T:
-    """``func(*args)`` in the pool, holding a token of ``limiter`` (a per-job bound) if
-    one is given.
+    """``func(*args)`` in the pool, in a copy of the caller's context (its log fields),
+    holding a token of ``limiter`` (a per-job bound) if one is given.
 
-    Cancellation: delivered only before the call starts (it raises and nothing ran).
-    Once started, the call is waited for even in a cancelled scope (shielded), because
-    the thread may still be reading or writing a buffer the caller is about to hand
-    back; the cancellation then arrives at the caller's next checkpoint.
+    Cancellation: delivered while the call waits for a token (``limiter``'s, then one of
+    the pool's ``MAX_WORKERS``: nothing waits inside the pool's own queue, where it
+    could not be cancelled), and then nothing ran. Once submitted, the call is waited
+    for even in a cancelled scope (shielded), because the thread may still be reading or
+    writing a buffer the caller is about to hand back; the cancellation then arrives at
+    the caller's next checkpoint. ``aiofiles`` calls use the same threads without these
+    tokens: they are short file calls, so a token holder waits at most for one of them.
     """
     if limiter is not None:
         async with limiter:
             return await run_sync(func, *args)
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    # asyncio only, like aiofiles: the event loop waits on the pool's future
-    future = executor().submit(functools.partial(func, *args))
-    with anyio.CancelScope(shield=True):
-        result = await asyncio.wrap_future(future)
+    tokens, borrower = _tokens(), object()
+    await tokens.acquire_on_behalf_of(borrower)
+    try:
+        # asyncio only, like aiofiles: the event loop waits on the pool's future
+        future = executor().submit(contextvars.copy_context().run, func, *args)
+        with anyio.CancelScope(shield=True):
+            result = await asyncio.wrap_future(future)
+    finally:
+        tokens.release_on_behalf_of(borrower)
     return result
+
+
+def _tokens() -> anyio.CapacityLimiter:
+    """One token a pool thread, created in the first caller's event loop."""
+    global _limiter
+    if _limiter is None:
+        _limiter = anyio.CapacityLimiter(MAX_WORKERS)
+    return _limiter

@@ -118,3 +118,35 @@ async def test_file_writes_fsync_and_hashing_share_the_pool(
     assert sink.sha256 == hashlib.sha256(data).hexdigest()
     assert {entry.split()[0] for entry in seen} == {"fsync", "hash"}
     assert all(entry.split()[1].startswith("vdistream-io") for entry in seen), seen
+
+
+@pytest.mark.asyncio
+async def test_a_call_waiting_for_a_thread_can_be_cancelled_and_never_runs() -> None:
+    """With every thread busy, a call waits for a token, not in the pool's queue: a
+    cancellation ends that wait at once, and the call never runs later."""
+    release = threading.Event()
+    ran: list[bool] = []
+
+    async def busy() -> None:
+        await threads.run_sync(release.wait, 10)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(threads.MAX_WORKERS):
+            group.start_soon(busy)
+        await anyio.sleep(0.1)  # every token is held now
+        with anyio.move_on_after(0.2) as scope:
+            await threads.run_sync(lambda: ran.append(True))
+        assert scope.cancelled_caught
+        release.set()
+    await threads.run_sync(lambda: None)  # the pool is free again
+    assert ran == []
+
+
+@pytest.mark.asyncio
+async def test_calls_see_the_callers_context() -> None:
+    """Log fields bound per job (structlog's contextvars) reach calls in the pool."""
+    import contextvars
+
+    job = contextvars.ContextVar[str]("job")
+    job.set("job-42")
+    assert await threads.run_sync(job.get) == "job-42"
