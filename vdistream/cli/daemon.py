@@ -75,10 +75,13 @@ def serve(config: str | None, check: bool) -> int:
 
 
 async def _with_client(
-    client: ApiClient, work: Callable[[ApiClient], Awaitable[int]], err: TextIO | None = None
+    client: ApiClient,
+    work: Callable[[ApiClient], Awaitable[int]],
+    err: TextIO | None = None,
+    invalid: tuple[int, ...] = _INVALID,
 ) -> int:
     """``work(client)`` with the client open; a refusal is one line on stderr (or
-    ``err``) and exit 2 for an invalid request, 1 otherwise."""
+    ``err``) and exit 2 for an invalid request (a status in ``invalid``), 1 otherwise."""
     from vdistream.cli.client import DaemonError
 
     try:
@@ -86,7 +89,7 @@ async def _with_client(
             return await work(client)
     except DaemonError as exc:
         say(f"vdistream: {exc}", err=True, to=err)
-        return 2 if exc.status in _INVALID else 1
+        return 2 if exc.status in invalid else 1
 
 
 def _client(params: Params) -> ApiClient:
@@ -393,7 +396,10 @@ async def submit_backup_to_daemon(
         )
         return 0
 
-    return await _with_client(ApiClient(socket_path or default_socket_path()), work, err)
+    # `backup --daemon`: a 409 can only answer the abort sent when the command was
+    # interrupted as the job ended; the command itself was valid (exit 1, not 2).
+    client = ApiClient(socket_path or default_socket_path())
+    return await _with_client(client, work, err, invalid=(400, 404, 422))
 
 
 def _absolute_source(source: str) -> str:

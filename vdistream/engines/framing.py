@@ -131,6 +131,7 @@ class _Block:
     """A header or trailer block: the dataclass fields (``backup_id`` first) after the
     magic, the version and the size, then a CRC-32 of all that (module docstring)."""
 
+    __slots__ = ()  # the blocks are slotted dataclasses
     _LAYOUT: ClassVar[struct.Struct]
     _MAGIC: ClassVar[bytes]
     _NAME: ClassVar[str]

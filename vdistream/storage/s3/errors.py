@@ -25,7 +25,14 @@ from vdistream.errors import (
     StorageNotFoundError,
 )
 
-__all__ = ("is_ambiguous", "is_transient", "translate_s3_error")
+__all__ = (
+    "ChangedError",
+    "ShortBody",
+    "is_ambiguous",
+    "is_transient",
+    "probe_reason",
+    "translate_s3_error",
+)
 
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset(
