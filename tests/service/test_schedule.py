@@ -233,6 +233,20 @@ def test_naive_after_is_refused() -> None:
         next_fire("* * * * *", datetime(2024, 1, 1), UTC)
 
 
+@pytest.mark.parametrize(
+    ("expr", "after"),
+    [
+        ("0 0 1 1 *", datetime(9999, 6, 1, tzinfo=UTC)),
+        ("* * * * *", datetime(9999, 12, 31, 23, 59, tzinfo=UTC)),
+        ("0 0 31 12 *", datetime(9999, 12, 31, 23, 59, tzinfo=UTC)),
+    ],
+)
+def test_no_fire_before_year_10000_is_a_cron_error(expr: str, after: datetime) -> None:
+    with pytest.raises(CronError) as caught:
+        next_fire(expr, after, UTC)
+    assert str(caught.value) == f"{expr!r} does not fire after {after.isoformat()}"
+
+
 def test_default_zone_is_local(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "Asia/Kolkata")
     assert str(local_timezone()) == "Asia/Kolkata"

@@ -654,20 +654,167 @@ def test_bad_files_name_key_file_and_line(
     assert (caught.value.key, caught.value.source, caught.value.line) == (key, str(path), line)
 
 
-def test_every_problem_is_one_line_in_the_order_of_the_file(tmp_path: Path) -> None:
+def test_every_problem_is_one_line_the_first_as_the_checks_meet_them(tmp_path: Path) -> None:
+    # [service]'s unknown keys are checked before its values, whatever their lines
     text = "[service]\nlog_level = 'loud'\nmax_job = 4\n" + MINIMAL + "devices = 0\n"
     path = write(tmp_path, text)
     with pytest.raises(SettingsError) as caught:
         load_settings(path, env={})
     assert str(caught.value).splitlines() == [
-        f"{path}, line 2: service.log_level: expected one of debug, info, warning, error, "
-        "got 'loud'",
         f"{path}, line 3: service.max_job: unknown key in [service]; did you mean 'max_jobs'? "
         "(known: state_dir, socket, socket_mode, listen, token_file, max_jobs, max_queued, "
         "grace_period, job_history, log_format, log_level, timezone)",
+        f"{path}, line 2: service.log_level: expected one of debug, info, warning, error, "
+        "got 'loud'",
         f"{path}, line 10: databases.app.devices: expected an integer from 1 to 64, got 0",
     ]
-    assert (caught.value.key, caught.value.line) == ("service.log_level", 2)
+    assert (caught.value.key, caught.value.line) == ("service.max_job", 3)
+
+
+POSTGRES = MINIMAL.replace("sqlite:///srv/app.db", "postgresql://db.example/app")
+
+#: (file text, key, line, the first line's problem): the first problem is the one the
+#: checks meet first (sections, names, types and unknown keys, then each table's values
+#: in a fixed order), also when pydantic refuses other keys, and also when it is found
+#: after pydantic (URL, mode, destination).
+FIRST_PROBLEMS = [
+    (
+        "foo = 1\n",
+        "foo",
+        1,
+        "unknown key at the top level (known: service, databases, destinations)",
+    ),
+    ("service = 5\n", "service", 1, "expected a table, got an integer"),
+    ("destinations = []\n", "destinations", 1, "expected a table, got an array"),
+    (
+        "[databases]\napp = 'x'\n",
+        "databases.app",
+        2,
+        "expected a table [databases.app], got a string",
+    ),
+    (
+        MINIMAL + "mode = 'foo'\n",
+        "databases.app.mode",
+        7,
+        "only PostgreSQL databases have a mode; this one is sqlite",
+    ),
+    (
+        MINIMAL + "mode = 5\n",
+        "databases.app.mode",
+        7,
+        "only PostgreSQL databases have a mode; this one is sqlite",
+    ),
+    (
+        POSTGRES + "mode = 'foo'\n",
+        "databases.app.mode",
+        7,
+        "expected one of basebackup, dump, got 'foo'",
+    ),
+    (POSTGRES + "mode = 5\n", "databases.app.mode", 7, "expected a string, got an integer 5"),
+    (
+        MINIMAL + "\n[databases.b]\nurl = 'mysql://x'\ndestination = 'local'\ndevices = 0\n",
+        "databases.b.url",
+        9,
+        "unknown database URL scheme 'mysql' (known: sqlite:, postgresql: (postgres:), cmd:)",
+    ),
+    (
+        MINIMAL + "[databases.b]\nurl = 'x'\ndevices = 0\n",
+        "databases.b.url",
+        8,
+        "'x' is not a database URL (known schemes: sqlite:, postgresql: (postgres:), cmd:)",
+    ),
+    (
+        MINIMAL + "\n[databases.b]\nurl = 'sqlite:///b'\ndestination = 'local'\nmode = 'dump'\n"
+        "devices = 0\n",
+        "databases.b.mode",
+        11,
+        "only PostgreSQL databases have a mode; this one is sqlite",
+    ),
+    (
+        "[databases.app]\ndevices = 'x'\nmode = 'y'\nurl = 'sqlite:///a'\ndestination = 'z'\n",
+        "databases.app.mode",
+        3,
+        "only PostgreSQL databases have a mode; this one is sqlite",
+    ),
+    (
+        MINIMAL + "retention = { keep_last = 0, keep_within = 'x' }\n",
+        "databases.app.retention.keep_within",
+        7,
+        "'x' is not a duration: write a number and a unit (s, m, h, d, w), e.g. '14d', '36h', "
+        "'90m', '1d12h'",
+    ),
+    (
+        "[destinations.local]\nurl = '/b'\n[databases.app]\nurl = 'sqlite:///a'\n"
+        "destination = 'nope'\ndevices = 0\n",
+        "databases.app.destination",
+        5,
+        "no [destinations.nope] table (defined: local)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "line", "problem"), FIRST_PROBLEMS)
+def test_the_first_problem_is_the_one_the_checks_meet_first(
+    tmp_path: Path, text: str, key: str, line: int, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, env={})
+    assert str(caught.value).splitlines()[0] == f"{path}, line {line}: {key}: {problem}"
+    assert (caught.value.key, caught.value.source, caught.value.line) == (key, str(path), line)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("SERVICE__LISTEN", "8470", "expected 'HOST:PORT', got an integer"),
+        (
+            "SERVICE__JOB_HISTORY",
+            "90",
+            'expected a duration like "90d", or "forever", got an integer',
+        ),
+        ("DATABASES__APP__SCHEDULE", "5", "a cron expression is a string, not int"),
+        ("DATABASES__APP__SCHEDULE", "2024-01-01", "a cron expression is a string, not date"),
+        ("DATABASES__APP__COMPRESS", "3", 'expected a string like "zstd:3", got an integer'),
+        (
+            "DATABASES__APP__RETENTION__KEEP_WITHIN",
+            "14",
+            'expected a duration string like "14d", got an integer 14',
+        ),
+    ],
+)
+def test_env_values_of_keys_that_parse_text_are_toml(
+    tmp_path: Path, variable: str, value: str, problem: str
+) -> None:
+    """Only keys that are plain strings take a variable's raw text; these parse it as TOML."""
+    path = write(tmp_path, MINIMAL)
+    name = f"VDISTREAM_{variable}"
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, env={name: value})
+    key = variable.lower().replace("__", ".")
+    assert str(caught.value) == f"environment variable {name}: {key}: {problem}"
+    assert (caught.value.key, caught.value.source, caught.value.line) == (key, name, None)
+
+
+def test_env_blank_values_of_those_keys_mean_not_set(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "[service]\nlisten = '127.0.0.1:1'\n" + MINIMAL + "schedule = '@daily'\n"
+    )
+    env = {f"VDISTREAM_{v}": "" for v in ("SERVICE__LISTEN", "DATABASES__APP__SCHEDULE")}
+    settings = load_settings(path, env=env)
+    assert settings.service.listen is None
+    assert settings.databases["app"].schedule is None
+
+
+def test_a_url_from_the_environment_is_checked_before_a_missing_destination() -> None:
+    name = "VDISTREAM_DATABASES__APP__URL"
+    with pytest.raises(SettingsError) as caught:
+        load_settings(None, env={name: "5"})
+    assert str(caught.value).splitlines()[0] == (
+        f"environment variable {name}: databases.app.url: '5' is not a database URL "
+        "(known schemes: sqlite:, postgresql: (postgres:), cmd:)"
+    )
+    assert (caught.value.key, caught.value.source) == ("databases.app.url", name)
 
 
 def test_only_loading_imports_pydantic() -> None:

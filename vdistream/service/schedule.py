@@ -312,10 +312,11 @@ def next_fire(expr: str | CronExpr, after: datetime, tz: tzinfo | None = None) -
     # Instants never decrease as wall times increase (first occurrence, end of the
     # gap), and the wall time of "after" fires no later than "after": so the answer is
     # the first matching wall time after it whose instant is later (module doc: DST).
-    for wall in CronSim(cron.fields, _wall(limit, zone)):
-        instant = _instant(wall, zone)
-        if instant > limit:
-            return instant.astimezone(zone)
+    with contextlib.suppress(OverflowError):  # cronsim stepping past year 9999: no fire
+        for wall in CronSim(cron.fields, _wall(limit, zone)):
+            instant = _instant(wall, zone)
+            if instant > limit:
+                return instant.astimezone(zone)
     raise CronError(f"{cron.text!r} does not fire after {after.isoformat()}")
 
 

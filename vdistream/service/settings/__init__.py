@@ -18,8 +18,11 @@ Decisions
 
 * **Unknown keys are errors**, everywhere (with a "did you mean" when one is close),
   so a typo never passes silently. Wrong types are errors (pydantic's strict mode):
-  ``true`` is not an integer, ``"8"`` is not a number. Every problem pydantic finds is
-  one line of the message; the first one gives ``key``, ``source`` and ``line``.
+  ``true`` is not an integer, ``"8"`` is not a number. Every problem found is one line
+  of the message, in a fixed order: unknown top-level keys, the sections' types,
+  ``[service]``, every destination's then every database's name, type and unknown keys,
+  then each one's values in a fixed key order. The first line gives ``key``,
+  ``source`` and ``line``.
 * **Lines.** ``tomllib`` gives no positions, so the file's text is scanned for table
   headers (``[databases.app]``), ``key =`` lines, dotted keys and inline tables
   (``retention = { keep_last = 7 }``). The message says "line N" for the key, or for
@@ -34,8 +37,10 @@ Decisions
   case-insensitively (``-`` in a name is ``_`` in the variable), or creates a new
   one named in lowercase. The value is parsed as a TOML value (``8``, ``true``,
   ``0.5``, ``"text"``, ``{ keep_last = 3 }``); text that is not valid TOML is taken as a
-  plain string (``0 3 * * *``, ``/var/backups``), and for a key that wants a string
-  the variable's raw text is used whatever it parses as. An **empty value removes**
+  plain string (``0 3 * * *``, ``/var/backups``), and for a key that is plain text (a
+  path, URL, name, time zone, ``mode``, ``log_*``) the variable's raw text is used
+  whatever it parses as (``listen``, ``schedule``, ``compress`` and durations are not:
+  ``VDISTREAM_SERVICE__LISTEN=8470`` is an integer, an error). An **empty value removes**
   the key (back to its default). Variables are applied in sorted order, after the
   file. ``VDISTREAM_`` variables without ``__`` are not overrides (``VDISTREAM_CONFIG``,
   ``VDISTREAM_API_TOKEN``, test knobs) except that ``VDISTREAM_SERVICE_MAX_JOBS``-like

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
@@ -50,6 +51,7 @@ from vdistream.service.settings._schema import (
 __all__ = ("load",)
 
 _T = TypeVar("_T")
+_M = TypeVar("_M", bound=BaseModel)
 _PREFIX = "VDISTREAM_"
 _SECTIONS = tuple(FileIn.model_fields)
 _SUN_PATH_MAX = 107  # bytes, not counting the terminating NUL
@@ -81,7 +83,7 @@ def load(file: Path | None, env: Mapping[str, str]) -> Settings:
     try:
         parsed = FileIn.model_validate(raw)
     except ValidationError as exc:
-        raise where.all(exc.errors()) from None
+        raise _all_problems(raw, exc.errors(), where, env) from None
     service = _service(parsed.service, where, env)
     destinations = {n: _destination(n, d, where) for n, d in parsed.destinations.items()}
     databases = {n: _database(n, d, where, destinations) for n, d in parsed.databases.items()}
@@ -146,13 +148,127 @@ class _Where:
         except (ValueError, TypeError, VdistreamError) as exc:
             raise self.error(path, str(exc)) from None
 
-    def all(self, errors: list[ErrorDetails]) -> SettingsError:
-        """One line per problem pydantic found; the first names the key and the line."""
-        found = [self.error(path, _problem(path, e)) for e in errors for path in [_path(e)]]
-        found.sort(key=lambda e: e.line or 0)  # in the file's order, the environment's first
-        first = found[0]
-        text = "\n".join(dict.fromkeys(str(e) for e in found))
-        return SettingsError(text, key=first.key, source=first.source, line=first.line)
+
+def _all_problems(
+    raw: dict[str, Any], errors: list[ErrorDetails], where: _Where, env: Mapping[str, str]
+) -> SettingsError:
+    """One line per problem: pydantic's, then the builders' on what pydantic accepted
+    (``_later_checks``), in the order the checks met them before pydantic (``_rank``), so
+    that the first, which gives ``key``, ``source`` and ``line``, is the one they gave."""
+    found = [
+        (_rank(raw, p, "[key]" in e["loc"]), where.error(p, _problem(p, e)))
+        for e in errors
+        for p in [_path(e)]
+    ]
+    refused = {_path(e) for e in errors}
+    for error in _later_checks(raw, refused, where, env):
+        path = tuple(error.key.split("."))  # a valid name has no dot
+        if path not in refused:  # a refused key's stand-in: its problem is known
+            found.append((_rank(raw, path, False), error))
+    found.sort(key=lambda f: f[0])
+    first = found[0][1]
+    text = "\n".join(dict.fromkeys(str(e) for _, e in found))
+    return SettingsError(text, key=first.key, source=first.source, line=first.line)
+
+
+#: The order the checks before pydantic read each table's keys in (``token``: the token
+#: file's or the variable's token, after ``token_file``).
+_ORDER = {
+    "service": (
+        *("state_dir", "socket", "socket_mode", "listen", "token_file", "token"),
+        *("grace_period", "job_history", "timezone", "max_jobs", "max_queued"),
+        *("log_format", "log_level"),
+    ),
+    "destinations": ("url",),
+    "databases": (
+        *("url", "mode", "destination", "compress", "encrypt_key_file", "schedule"),
+        *("retention", "devices", "max_jobs", "verify_after_backup"),
+    ),
+    "retention": ("keep_within", "keep_last"),
+}
+
+
+def _rank(raw: dict[str, Any], path: KeyPath, name: bool) -> tuple[int, ...]:
+    """When the checks before pydantic met a problem at ``path`` (``name``: the table's
+    name is wrong): the top level's unknown keys, each section's type, [service]'s
+    unknown keys then values; every destination's name, type and unknown keys, then
+    each one's values; the same for databases. Values in ``_ORDER``'s order."""
+
+    def at(table: Any, key: str, order: tuple[str, ...]) -> tuple[int, int]:
+        if key in order:
+            return 1, order.index(key)
+        return 0, list(table).index(key) if isinstance(table, dict) and key in table else 0
+
+    section = path[0]
+    if section not in _SECTIONS:
+        return 0, *at(raw, section, ())
+    if len(path) == 1:
+        return 1, _SECTIONS.index(section)
+    tables = raw.get(section)
+    if section == "service":
+        return 2, *at(tables, path[1], _ORDER[section])
+    group = 3 if section == "destinations" else 4
+    names = list(tables) if isinstance(tables, dict) else []
+    i = names.index(path[1]) if path[1] in names else 0
+    if len(path) == 2:
+        return group, 0, i, int(not name)
+    table = tables[path[1]] if isinstance(tables, dict) else None
+    known, slot = at(table, path[2], _ORDER[section])
+    if not known:  # checked with the table's name and type, before any table's values
+        return group, 0, i, 2, slot
+    if len(path) == 3:
+        return group, 1, i, slot
+    inner = table.get(path[2]) if isinstance(table, dict) else None  # retention's keys
+    return group, 1, i, slot, *at(inner, path[3], _ORDER["retention"])
+
+
+def _later_checks(
+    raw: dict[str, Any], refused: set[KeyPath], where: _Where, env: Mapping[str, str]
+) -> list[SettingsError]:
+    """The builders' checks (URLs, the destination named, files, the token) on each
+    table pydantic accepted, but for its refused keys: one that takes any text (a path, a
+    URL, a name) is replaced by a stand-in (its name), any other left out. A builder
+    stops at its first problem."""
+    found: list[SettingsError] = []
+
+    def accepted(path: KeyPath, model: type[_M]) -> _M | None:
+        table: Any = raw
+        for part in path:
+            table = table.get(part, {}) if isinstance(table, dict) else None
+        if not isinstance(table, dict) or any(path[: len(p)] == p for p in refused):
+            return None
+        bad = {p[len(path)] for p in refused if len(p) > len(path) and p[: len(path)] == path}
+        data = {k: v for k, v in table.items() if k not in bad}
+        fields = model.model_fields
+        plain = {
+            k
+            for k, f in fields.items()
+            if f.annotation in (str, str | None) and f.metadata == [TEXT]
+        }
+        data |= {k: k for k in bad & plain}
+        try:
+            return model.model_validate(data)
+        except ValidationError:
+            return None
+
+    def run(check: Callable[[], object]) -> None:
+        try:
+            check()
+        except SettingsError as exc:
+            found.append(exc)
+
+    if (service := accepted(("service",), ServiceIn)) is not None:
+        run(lambda: _service(service, where, env))
+    destinations, databases = (raw.get(s) for s in ("destinations", "databases"))
+    destinations = destinations if isinstance(destinations, dict) else {}
+    for name in destinations:
+        if (d := accepted(("destinations", name), DestinationIn)) is not None:
+            run(functools.partial(_destination, name, d, where))
+    targets = [n for n, t in destinations.items() if isinstance(t, dict)]
+    for name in databases if isinstance(databases, dict) else {}:
+        if (db := accepted(("databases", name), DatabaseIn)) is not None:
+            run(functools.partial(_database, name, db, where, targets))
+    return found
 
 
 def _path(error: ErrorDetails) -> KeyPath:
@@ -173,6 +289,10 @@ def _problem(path: KeyPath, error: ErrorDetails) -> str:
     if kind == "missing" and field is not None:
         return f"missing: {field.description}"
     if kind in ("model_type", "dict_type"):
+        if len(path) == 1:  # a section
+            return f"expected a table, got {type_name(value)}"
+        if len(path) == 2:  # a named table
+            return f"expected a table [{'.'.join(path)}], got {type_name(value)}"
         return f"expected a table, got {type_name(value)} {show(value)}"
     if kind == "string_type" or (kind == "literal_error" and not isinstance(value, str)):
         return f"expected a string, got {type_name(value)} {show(value)}"
@@ -344,7 +464,7 @@ def _destination(name: str, d: DestinationIn, where: _Where) -> DestinationSetti
 
 
 def _database(
-    name: str, d: DatabaseIn, where: _Where, destinations: Mapping[str, DestinationSettings]
+    name: str, d: DatabaseIn, where: _Where, destinations: Collection[str]
 ) -> DatabaseSettings:
     def at(key: str) -> KeyPath:
         return ("databases", name, key)
@@ -352,7 +472,11 @@ def _database(
     fields = given(d)
     kind, url = where.check(at("url"), lambda: database_url(d.url, where.base_dir(at("url"))))
     if kind == "postgresql":
-        fields.setdefault("mode", "basebackup")
+        mode = fields.setdefault("mode", "basebackup")
+        if not isinstance(mode, str):
+            raise where.error(at("mode"), f"expected a string, got {type_name(mode)} {show(mode)}")
+        if mode not in ("basebackup", "dump"):
+            raise where.error(at("mode"), f"expected one of basebackup, dump, got {mode!r}")
     elif d.mode is not None:
         raise where.error(at("mode"), f"only PostgreSQL databases have a mode; this one is {kind}")
     if d.destination not in destinations:

@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
@@ -26,6 +26,7 @@ from vdistream.service.schedule import CronExpr, resolve_timezone
 from vdistream.service.settings import DatabaseKind, LogFormat, LogLevel, parse_duration
 
 __all__ = (
+    "BLANK",
     "TABLES",
     "TEXT",
     "DatabaseIn",
@@ -46,6 +47,9 @@ _T = TypeVar("_T")
 #: In a field's metadata: the key wants a string, so ``""`` means "not set" (the key's
 #: default) and an environment variable's raw text is the value, whatever it parses as.
 TEXT = "text"
+#: In a field's metadata: ``""`` means "not set", but the variable's value is parsed as
+#: TOML like any other (``listen = 8470`` from the environment is an integer: an error).
+BLANK = "blank"
 
 
 def type_name(value: object) -> str:
@@ -268,8 +272,8 @@ class _Table(BaseModel):
     def _empty_is_unset(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        text = {name for name, f in cls.model_fields.items() if TEXT in f.metadata}
-        return {k: v for k, v in data.items() if not (v == "" and k in text)}
+        blank = {n for n, f in cls.model_fields.items() if {TEXT, BLANK} & set(f.metadata)}
+        return {k: v for k, v in data.items() if not (v == "" and k in blank)}
 
 
 # A key left out is not set (``model_fields_set``): its default is the one of the
@@ -280,12 +284,12 @@ class ServiceIn(_Table):
     state_dir: Annotated[str | None, TEXT] = None
     socket: Annotated[str | None, TEXT] = None
     socket_mode: Annotated[int | None, PlainValidator(_socket_mode)] = None
-    listen: Annotated[tuple[str, int] | None, TEXT, PlainValidator(_listen)] = None
+    listen: Annotated[tuple[str, int] | None, BLANK, PlainValidator(_listen)] = None
     token_file: Annotated[str | None, TEXT] = None
     max_jobs: Annotated[int | None, Field(ge=1, le=1024)] = None
     max_queued: Annotated[int | None, Field(ge=0, le=100_000)] = None
     grace_period: Annotated[float | None, PlainValidator(_seconds)] = None
-    job_history: Annotated[timedelta | None, TEXT, PlainValidator(_history)] = None
+    job_history: Annotated[timedelta | None, BLANK, PlainValidator(_history)] = None
     log_format: Annotated[LogFormat | None, TEXT] = None
     log_level: Annotated[LogLevel | None, TEXT] = None
     timezone: Annotated[str | None, TEXT, AfterValidator(_rule(_timezone))] = None
@@ -299,22 +303,23 @@ class DestinationIn(_Table):
 
 class RetentionIn(_Table):
     keep_last: Annotated[int | None, Field(ge=1, le=100_000)] = None
-    keep_within: Annotated[timedelta | None, TEXT, PlainValidator(_positive_duration)] = None
+    keep_within: Annotated[timedelta | None, BLANK, PlainValidator(_positive_duration)] = None
 
 
 class DatabaseIn(_Table):
     url: Annotated[str, TEXT] = Field(
         description='the database to back up, e.g. url = "sqlite:///srv/app/app.db"'
     )
-    mode: Annotated[Literal["basebackup", "dump"] | None, TEXT] = None
+    #: any value: only PostgreSQL has a mode, and the URL tells (``_load`` checks it)
+    mode: Annotated[Any, TEXT] = None
     devices: Annotated[int | None, Field(ge=1, le=64)] = None
-    compress: Annotated[CompressionSpec | None, TEXT, PlainValidator(_rule(_compression))] = None
+    compress: Annotated[CompressionSpec | None, BLANK, PlainValidator(_rule(_compression))] = None
     encrypt_key_file: Annotated[str | None, TEXT] = None
     max_jobs: Annotated[int | None, Field(ge=1, le=64)] = None
     destination: Annotated[str, TEXT] = Field(
         description='the name of a [destinations.NAME] table, e.g. destination = "local"'
     )
-    schedule: Annotated[CronExpr | None, TEXT, PlainValidator(_rule(CronExpr.parse))] = None
+    schedule: Annotated[CronExpr | None, BLANK, PlainValidator(_rule(CronExpr.parse))] = None
     retention: RetentionIn | None = None
     verify_after_backup: bool | None = None
 
@@ -323,11 +328,11 @@ _Name = Annotated[str, AfterValidator(_name)]
 
 
 class FileIn(_Table):
-    """The whole file. Destinations come before databases, which name them."""
+    """The whole file, its tables in the order error messages list them."""
 
     service: ServiceIn | None = None
-    destinations: dict[_Name, DestinationIn] = {}
     databases: dict[_Name, DatabaseIn] = {}
+    destinations: dict[_Name, DestinationIn] = {}
 
 
 #: Each table's model by its path; ``*`` stands for a table's name.
