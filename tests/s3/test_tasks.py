@@ -166,3 +166,47 @@ def test_observe_retries_loads_no_aws_library() -> None:
         "assert 'aiobotocore' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.asyncio
+async def test_jobs_sharing_one_storage_each_keep_their_own_background(
+    make_storage: StorageFactory, moto_server: MotoServer, bucket: str
+) -> None:
+    """Job B's block ends while job A, on the same storage, still writes: A's parts run
+    in A's block, never in B's ended one."""
+    storage = make_storage()
+    b_in, a_opened, b_out = anyio.Event(), anyio.Event(), anyio.Event()
+    data = os.urandom(3 * P)
+
+    async def job_a() -> None:
+        async with storage.background():
+            mine = storage.background_group
+            await b_in.wait()
+            sink = await storage.open_sink("a")
+            assert storage.background_group is mine  # not B's, entered later
+            a_opened.set()
+            await b_out.wait()
+            await sink.write(memoryview(data))
+            await sink.commit()
+
+    async def job_b() -> None:
+        async with storage.background():
+            b_in.set()
+            await a_opened.wait()
+        b_out.set()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(job_a)
+            group.start_soon(job_b)
+    assert moto_server.get(bucket, "backups/a") == data
+
+
+@pytest.mark.asyncio
+async def test_a_nested_background_gives_the_outer_one_back(make_storage: StorageFactory) -> None:
+    storage = make_storage()
+    async with storage.background():
+        outer = storage.background_group
+        async with storage.background():
+            assert storage.background_group not in (None, outer)
+        assert storage.background_group is outer

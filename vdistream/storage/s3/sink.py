@@ -99,7 +99,7 @@ class S3Sink(TaskOwner, SinkBase):
         super().__init__(storage._url(full_key), device)
         self.key = full_key
         self._storage = storage
-        self._shared = storage.background_group
+        self._shared = storage.current_background()
         self._initial = initial_part_size
         self._buffer = bytearray()
         self._capacity = self._part_size(1)

@@ -33,7 +33,7 @@ class S3Source(TaskOwner, SourceBase):
         super().__init__(storage._url(full_key), size)
         self.key = full_key
         self._storage = storage
-        self._shared = storage.background_group
+        self._shared = storage.current_background()
         self._etag = etag
         self._chunk_size = storage.read_chunk_size
         self._chunks: dict[int, Call[bytes]] = {}

@@ -61,6 +61,7 @@ from vdistream.storage.s3.errors import is_ambiguous, probe_reason
 from vdistream.storage.s3.parts import digest, initial_part_size, md5
 from vdistream.storage.s3.sink import S3Sink
 from vdistream.storage.s3.source import S3Source
+from vdistream.storage.s3.tasks import BACKGROUNDS, Background
 
 __all__ = ("MARK_NAME", "S3Object", "S3Storage", "S3Upload")
 
@@ -98,9 +99,6 @@ class S3Storage(S3Connection, Storage):
     the query. Sinks are append-only (``random_access`` is False).
     """
 
-    #: the task group of ``background()`` while it lasts (``tasks`` module docstring)
-    background_group: TaskGroup | None = None
-
     # --- the Storage contract ---
 
     @contextlib.asynccontextmanager
@@ -108,18 +106,30 @@ class S3Storage(S3Connection, Storage):
         """Part uploads and read-ahead of the sinks and sources opened in this block
         run in one task group of the storage's, so they overlap the next calls. Each
         sink or source still ends its own calls (commit, abort, close) before the block
-        does; an error of the block comes out as itself, not as an exception group."""
+        does; an error of the block comes out as itself, not as an exception group.
+        Blocks may nest, and jobs may share a storage: each sees its own block."""
         failure: Exception | None = None
         async with anyio.create_task_group() as group:
-            self.background_group = group
+            block = Background(self, group)
+            token = BACKGROUNDS.set((block, *BACKGROUNDS.get()))
             try:
                 yield
             except Exception as exc:
                 failure = exc
             finally:
-                self.background_group = None
+                block.open = False
+                BACKGROUNDS.reset(token)
         if failure is not None:
             raise failure
+
+    def current_background(self) -> Background | None:
+        """The innermost ``background()`` block of this storage the caller runs in."""
+        return next((b for b in BACKGROUNDS.get() if b.storage is self and b.open), None)
+
+    @property
+    def background_group(self) -> TaskGroup | None:
+        block = self.current_background()
+        return block.group if block is not None else None
 
     async def open_sink(
         self, key: str, *, device: str | None = None, expected_size: int | None = None

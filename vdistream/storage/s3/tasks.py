@@ -12,6 +12,7 @@ its outcome, so no exception group comes out of this package.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Generic, Self, TypeVar
 
@@ -20,7 +21,7 @@ from anyio.abc import TaskGroup
 
 from vdistream.errors import StorageError
 
-__all__ = ("Call", "TaskOwner")
+__all__ = ("BACKGROUNDS", "Background", "Call", "TaskOwner")
 
 _T = TypeVar("_T")
 
@@ -65,13 +66,28 @@ class Call(Generic[_T]):
         return self._value[0]
 
 
+class Background:
+    """One ``S3Storage.background()`` block: its task group, open while the block lasts."""
+
+    def __init__(self, storage: object, group: TaskGroup) -> None:
+        self.storage, self.group, self.open = storage, group, True
+
+
+#: The background blocks the current task runs inside, innermost first. A context
+#: variable, not an attribute of the storage: two jobs sharing one storage, or nested
+#: blocks, each see their own block (tasks inherit it from the job that started them).
+BACKGROUNDS: contextvars.ContextVar[tuple[Background, ...]] = contextvars.ContextVar(
+    "vdistream_s3_backgrounds", default=()
+)
+
+
 class TaskOwner:
     """Mixin: the owner's task group (see the module docstring); ``_finish`` is what
     leaving ``async with`` does first (abort, close)."""
 
     _group: TaskGroup | None = None
-    #: the storage's group (``S3Storage.background``) when the owner was opened in it
-    _shared: TaskGroup | None = None
+    #: the storage's block (``S3Storage.background``) the owner was opened in, if any
+    _shared: Background | None = None
     _lifetime: contextlib.AsyncExitStack | None = None
     _settled: anyio.Event | None = None
 
@@ -110,7 +126,10 @@ class TaskOwner:
     @property
     def _background(self) -> TaskGroup | None:
         """The group calls may outlive their caller in: the owner's, else the storage's."""
-        return self._group or self._shared
+        if self._group is not None:
+            return self._group
+        shared = self._shared  # once its block ended, each call has a group of its own
+        return shared.group if shared is not None and shared.open else None
 
     def _start(self, group: TaskGroup, make: Callable[[], Awaitable[_T]], what: str) -> Call[_T]:
         call = Call(make, what, self._notify)
