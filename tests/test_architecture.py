@@ -120,7 +120,8 @@ def test_no_task_outside_a_task_group(path: Path) -> None:
     hits = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         code = line.split("#", 1)[0]
-        if UNSTRUCTURED.search(code) and "``" not in code:
+        # An object that owns an exit stack hands its own __aexit__ on to the stack.
+        if UNSTRUCTURED.search(code) and "``" not in code and "stack.__aexit__(" not in code:
             hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not hits, "\n".join(hits)
 

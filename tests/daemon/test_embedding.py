@@ -3,6 +3,8 @@ down cleanly, and it touches nothing global (logging, signals, prometheus' regis
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -207,3 +209,44 @@ def test_the_command_line_does_not_load_the_daemon_for_other_commands() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.asyncio
+async def test_a_hosts_error_comes_out_through_the_services_task_group(tmp_path: Path) -> None:
+    """As ever: the host's own error leaves ``async with Service`` in an ExceptionGroup,
+    after the shutdown (the state database closed: a new Service starts at once)."""
+    settings = embedded_settings(tmp_path)
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="^host error$")):
+        async with Service(settings, registry=CollectorRegistry(), api=False):
+            raise ValueError("host error")
+    async with Service(settings, registry=CollectorRegistry(), api=False) as service:
+        assert service.manager.accepting
+
+
+@pytest.mark.asyncio
+async def test_jobs_queued_when_the_start_fails_are_recorded_aborted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that fails after jobs were queued: they end aborted, none stays queued."""
+    from vdistream.service import api
+    from vdistream.service.jobs import JobRequest
+
+    services: list[Service] = []
+
+    async def failing_start(self: object) -> None:
+        manager = services[0].manager
+        for _ in range(2):
+            await manager.submit(JobRequest(JobType.BACKUP, "slow"))
+        await anyio.sleep(0.2)
+        raise api.ApiStartError("cannot listen (test)")
+
+    monkeypatch.setattr(api.ApiServer, "start", failing_start)
+    settings = embedded_settings(tmp_path)
+    services.append(Service(settings, registry=CollectorRegistry()))
+    with pytest.raises(BaseException) as caught:
+        async with services[0]:
+            pass
+    assert caught.group_contains(api.ApiStartError) or isinstance(caught.value, api.ApiStartError)
+    with contextlib.closing(sqlite3.connect(settings.service.state_db)) as db:
+        states = [row[0] for row in db.execute("SELECT state FROM jobs")]
+    assert states == ["aborted", "aborted"]

@@ -40,7 +40,6 @@ from vdistream.service.retention import BackupInfo, RetentionPlan, RetentionPoli
 from vdistream.service.state import JobStore
 from vdistream.storage import Storage
 from vdistream.storage.file import FileStorage
-from vdistream.storage.s3 import S3Storage
 
 __all__ = (
     "DeletedBackup",
@@ -257,10 +256,14 @@ async def remove_partial_backup(
                 failures.append(str(exc))
                 continue
             removed.append(key)
-        if isinstance(storage, S3Storage):  # the only storage with multipart uploads
+        # Only S3 has multipart uploads; asked by capability, so that a daemon with no
+        # S3 destination never loads the AWS libraries.
+        list_uploads = getattr(storage, "list_uploads", None)
+        abort_upload = getattr(storage, "abort_upload", None)
+        if list_uploads is not None and abort_upload is not None:
             try:
-                for upload in await storage.list_uploads(prefix):
-                    await storage.abort_upload(upload.key, upload.upload_id)
+                for upload in await list_uploads(prefix):
+                    await abort_upload(upload.key, upload.upload_id)
                     removed.append(f"upload {upload.key} ({upload.upload_id})")
             except StorageError as exc:
                 failures.append(str(exc))

@@ -251,10 +251,11 @@ class Service:
             self._stack = stack.pop_all()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, *exc_info: Any) -> bool:
         stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
+        # The host's exception goes through the task group, as it always has: a host
+        # error comes out as an ExceptionGroup, a cancellation as itself.
+        return stack is not None and bool(await stack.__aexit__(*exc_info))
 
     @contextlib.asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:

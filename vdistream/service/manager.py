@@ -91,6 +91,9 @@ class JobManager:
         self._ticker = ProgressTicker(store, metrics, tick, persist_every, abort_fallback)
         self._tg: anyio.abc.TaskGroup | None = None
         self._intake_open = False
+        #: set by close_intake only: queued jobs then stay queued. A manager cancelled
+        #: without it (a failed start) still starts them, to record them aborted.
+        self._closing = False
         self._change = anyio.Event()
         self._started_at = datetime.now(UTC)
 
@@ -148,6 +151,7 @@ class JobManager:
     def close_intake(self) -> None:
         """Refuse new jobs from now on (``ShuttingDownError``); idempotent."""
         self._intake_open = False
+        self._closing = True
         self._metrics.ready.set(0)
 
     async def abort_all(self, reason: str, *, cause: AbortCause = AbortCause.SHUTDOWN) -> None:
@@ -207,7 +211,7 @@ class JobManager:
         return job.record
 
     def _start_ready(self) -> None:
-        if self._tg is None or not self._intake_open:
+        if self._tg is None or self._closing:
             return  # not running yet, or shutting down: queued jobs stay queued
         for job in self._jobs.startable(self._settings):
             self._tg.start_soon(self._run_job, job, name=f"vdistream job {job.id}")

@@ -423,6 +423,9 @@ class JobStore:
         yet in it (safe from concurrent tasks). ``JobNotFoundError`` if no such job.
         """
         given: dict[str, Any] = dict(fields)
+        unknown = given.keys() - JobChanges.__annotations__.keys()
+        if unknown:
+            raise TypeError(f"update() got unknown fields {sorted(unknown)}")
         keys = given.pop("storage_keys", None)
         replace_keys = None if keys is None else list(keys)
         add_keys = list(given.pop("add_storage_keys", ()))
