@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from vdistream.coordinator import Job, JobKind, JobOptions
+from vdistream.coordinator import ExpectedStream, Job, JobKind, JobOptions, backup
 from vdistream.engines import Direction, Engine, EngineResult, device_names
 from vdistream.protocol import CommandCode, Completion, Features, Whence
 from vdistream.storage import FileStorage
@@ -92,10 +92,15 @@ class _Positioning(Engine):
             result = await devices[0].send_command(code, size, position)
             self.sent[0] += 1
             self.results.append((Completion(result.completion), result.position))
+            assert result.bytes_transferred == 0  # none of them moves data
             if not result.succeeded:  # the device holds the error until it is cleared
                 cleared = await devices[0].send_command(CommandCode.CLEAR_ERROR)
                 self.sent[0] += 1
-                assert cleared.completion == Completion.SUCCESS
+                assert (cleared.completion, cleared.bytes_transferred, cleared.position) == (
+                    Completion.SUCCESS,
+                    0,
+                    0,
+                )
         for device in devices:
             device.close_device()
         sds.close()
@@ -137,7 +142,7 @@ async def test_a_pipe_like_device_supports_no_position_command(tmp_path: Path) -
         [(CommandCode.GET_POSITION, 0, 0), (CommandCode.SET_POSITION, Whence.BEGINNING, 0)]
     )
     await _run(tmp_path, engine, disk_like=False)
-    assert [completion for completion, _ in engine.results] == [Completion.NOT_SUPPORTED] * 2
+    assert engine.results == [(Completion.NOT_SUPPORTED, 0)] * 2
 
 
 async def test_a_device_left_idle_is_still_served(tmp_path: Path) -> None:
@@ -145,3 +150,66 @@ async def test_a_device_left_idle_is_still_served(tmp_path: Path) -> None:
     engine = _Positioning([(CommandCode.FLUSH, 0, 0)], pause=1.5)
     await _run(tmp_path, engine, disk_like=False)
     assert engine.results == [(Completion.SUCCESS, 0)]
+
+
+class _Seeking(Engine):
+    """Restores one disk-like device: reads its second block, then its first, then
+    moves relative to the end; records (completion, bytes, position, data read)."""
+
+    direction = Direction.RESTORE
+
+    def __init__(self) -> None:
+        self.results: list[tuple[Completion, int, int, bytes]] = []
+
+    async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
+        sds = ServerVirtualDeviceSet(registry=registry)
+        sds.open(None, set_name)
+        sds.begin_configuration(Features.READ_MEDIA, 4096, 0, BLOCK)
+        sds.request_buffers(BLOCK, 0, 1)
+        sds.end_configuration()
+        (device,) = [sds.open_device(name) for name in device_names(set_name, 1)]
+        await sds.wait_active(5)
+        buffer = await sds.allocate_buffer(BLOCK)
+        for code, size, position in [
+            (CommandCode.READ, BLOCK, BLOCK),
+            (CommandCode.READ, BLOCK, 0),
+            (CommandCode.GET_POSITION, 0, 0),
+            (CommandCode.SET_POSITION, Whence.END, -100),
+            (CommandCode.GET_POSITION, 0, 0),
+        ]:
+            data = buffer if code is CommandCode.READ else None
+            result = await device.send_command(code, size, position, data)
+            read = bytes(buffer[: result.bytes_transferred]) if data is not None else b""
+            self.results.append(
+                (Completion(result.completion), result.bytes_transferred, result.position, read)
+            )
+        sds.free_buffer(buffer)
+        device.close_device()
+        sds.close()
+        return EngineResult(Direction.RESTORE, set_name, (), 2 * BLOCK)
+
+
+async def test_a_disk_like_restore_reads_and_moves_where_its_engine_says(
+    tmp_path: Path,
+) -> None:
+    written = _Positioning([], backwards=False)
+    options = JobOptions(devices=1, disk_like=True)
+    with anyio.fail_after(30, reason="the backup did not end"):
+        stored = await backup(written, str(tmp_path), backup_id="p", options=options)
+    assert stored.ok, stored.error
+    (device,) = stored.devices
+    assert device.stored_bytes == 2 * BLOCK
+    engine = _Seeking()
+    expected = [ExpectedStream(2 * BLOCK, device.stored_sha256 or "")]
+    job = Job(
+        JobKind.RESTORE, engine, str(tmp_path), backup_id="p", options=options, expected=expected
+    )
+    with anyio.fail_after(30, reason="the restore did not end"):
+        await job.run()  # it reads out of order: its checksum is not the point
+    assert engine.results == [
+        (Completion.SUCCESS, BLOCK, 0, B),  # the READ at BLOCK got the second block
+        (Completion.SUCCESS, BLOCK, 0, A),
+        (Completion.SUCCESS, 0, BLOCK, b""),  # just after the first block
+        (Completion.SUCCESS, 0, 2 * BLOCK - 100, b""),
+        (Completion.SUCCESS, 0, 2 * BLOCK - 100, b""),
+    ]

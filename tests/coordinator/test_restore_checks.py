@@ -65,5 +65,6 @@ async def test_a_stream_unlike_its_manifest_is_never_published(
     assert restored.status is JobStatus.FAILED
     assert isinstance(restored.error, StorageIntegrityError), restored.error
     assert "does not match the manifest" in str(restored.error)
+    assert str(restored.error).startswith("device 1: ")  # the stream, in the user's terms
     assert not target.finished  # the engine heard of a read fault, never of an end
     assert target.discarded
