@@ -1,4 +1,4 @@
-"""What the command line (and later the daemon) does: backup, restore, verify, list.
+"""What the command line and the daemon do: backup, restore, verify, list, prune.
 
 Each operation resolves URLs, runs a :class:`~vdistream.coordinator.Job` and deals with
 the catalog: a backup's manifest is written LAST, after every device stream committed,
