@@ -18,7 +18,7 @@ from tests.vdi.conftest import active
 from vdistream.coordinator import AbortCause, Job, JobKind, JobOptions, JobStatus
 from vdistream.engines import Direction, Engine, EngineResult, device_names
 from vdistream.errors import VDAbortError
-from vdistream.protocol import CommandCode, Features
+from vdistream.protocol import ClientState, CommandCode, Features
 from vdistream.storage import FileStorage
 from vdistream.vdi import Registry, ServerVirtualDeviceSet
 
@@ -86,3 +86,32 @@ async def test_the_server_timeout_ends_a_job_whose_stall_watchdog_is_off(tmp_pat
     assert result.aborted_by is AbortCause.SERVER_TIMEOUT
     assert faults.commits_started == 0
     assert os.listdir(tmp_path) == []
+
+
+async def test_the_clock_stops_once_every_pending_command_completed() -> None:
+    """Two commands pending on two devices, both completed: nothing is pending, so a
+    long idle spell (many intervals) is no server timeout. The clock starts again with
+    the next command, and fires when that one is never completed."""
+    pair = await active(Registry(), devices=2, server_timeout_ms=20)
+    first = [pair.sdevs[i].send_command(CommandCode.FLUSH) for i in (0, 1)]
+    for i in (0, 1):
+        pair.cdevs[i].complete_command(await pair.cdevs[i].get_command(0), 0)
+    for pending in first:
+        assert (await pending).completion == 0
+    await anyio.sleep(0.2)  # 10 intervals with nothing pending
+    with pytest.raises(TimeoutError), anyio.fail_after(0.05):
+        await pair.cdevs[0].get_command(None)
+    assert pair.client.state is ClientState.ACTIVE
+    pair.sdevs[1].send_command(CommandCode.FLUSH)  # never taken
+    with anyio.fail_after(5), pytest.raises(VDAbortError, match="server timeout"):
+        await pair.cdevs[0].get_command(None)
+
+
+async def test_the_clock_runs_while_any_command_is_pending() -> None:
+    """Two commands pending; one completes, the other never does: still a timeout."""
+    pair = await active(Registry(), devices=2, server_timeout_ms=20)
+    pair.sdevs[0].send_command(CommandCode.FLUSH)
+    pair.sdevs[1].send_command(CommandCode.FLUSH)  # never completed
+    pair.cdevs[0].complete_command(await pair.cdevs[0].get_command(0), 0)
+    with anyio.fail_after(5), pytest.raises(VDAbortError, match="server timeout"):
+        await pair.cdevs[0].get_command(None)
