@@ -17,7 +17,7 @@ from tests.coordinator.faults import Faults, FaultyStorage
 from tests.vdi.conftest import active
 from vdistream.coordinator import AbortCause, Job, JobKind, JobOptions, JobStatus
 from vdistream.engines import Direction, Engine, EngineResult, device_names
-from vdistream.errors import VDAbortError
+from vdistream.errors import VDAbortError, VDTimeoutError
 from vdistream.protocol import ClientState, CommandCode, Features
 from vdistream.storage import FileStorage
 from vdistream.vdi import Registry, ServerVirtualDeviceSet
@@ -115,3 +115,13 @@ async def test_the_clock_runs_while_any_command_is_pending() -> None:
     pair.cdevs[0].complete_command(await pair.cdevs[0].get_command(0), 0)
     with anyio.fail_after(5), pytest.raises(VDAbortError, match="server timeout"):
         await pair.cdevs[0].get_command(None)
+
+
+async def test_a_pending_commands_wait_keeps_its_own_timeout() -> None:
+    """``PendingCommand.wait(timeout)``: a command never completed is a VDTimeoutError
+    naming what timed out, and the set goes on (no watchdog here)."""
+    pair = await active(Registry(), server_timeout_ms=0)
+    pending = pair.sdevs[0].send_command(CommandCode.FLUSH)
+    with anyio.fail_after(5), pytest.raises(VDTimeoutError, match="command result: timed out"):
+        await pending.wait(0.05)
+    assert pair.client.state is ClientState.ACTIVE
