@@ -7,6 +7,7 @@ wakes every waiter when the clock starts), with no poll to help.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tests.coordinator.faults import Faults, FaultyStorage
 from tests.vdi.conftest import active
 from vdistream.coordinator import AbortCause, Job, JobKind, JobOptions, JobStatus
 from vdistream.engines import Direction, Engine, EngineResult, device_names
-from vdistream.errors import VDAbortError, VDTimeoutError
+from vdistream.errors import VDAbortError, VDIError, VDTimeoutError
 from vdistream.protocol import ClientState, CommandCode, Features
 from vdistream.storage import FileStorage
 from vdistream.vdi import Registry, ServerVirtualDeviceSet
@@ -125,3 +126,15 @@ async def test_a_pending_commands_wait_keeps_its_own_timeout() -> None:
     with anyio.fail_after(5), pytest.raises(VDTimeoutError, match="command result: timed out"):
         await pending.wait(0.05)
     assert pair.client.state is ClientState.ACTIVE
+
+
+async def test_the_server_keeps_its_buffers_until_it_closes_too() -> None:
+    """The buffer area is released only when both sides are gone: a client that
+    closes first (an abort) leaves the server's buffers readable and writable, since
+    its threads may still be copying into them."""
+    pair = await active(Registry(), server_timeout_ms=0)
+    buffer = await pair.server.allocate_buffer(4096)
+    with contextlib.suppress(VDIError):
+        pair.client.close()
+    buffer[:4] = b"vdi!"
+    assert bytes(buffer[:4]) == b"vdi!"
