@@ -1,8 +1,11 @@
-"""The server-timeout watchdog reaches waits that began before its clock started.
+"""The server-timeout watchdog and the waits around it, and the buffer area's release.
 
 A pump idle in ``get_command`` on one device while a command waits on another is the
 only waiter of the set; the watchdog must still fire for it (``SetCore.command_added``
-wakes every waiter when the clock starts), with no poll to help.
+wakes every waiter when the clock starts), with no poll to help. The clock runs while
+any command is pending and only then; a pending command's own wait keeps its timeout;
+the area outlives a client that closes first. (The later tests kill mutation survivors
+of ``vdistream/vdi/core.py``: ``scripts/mutation``.)
 """
 
 from __future__ import annotations
