@@ -34,21 +34,29 @@ HEAP_MAX = 64 << 20
 
 
 def arena_heaps(pid: int) -> int:
-    """The heaps of glibc's non-main arenas in ``pid``: 64 MiB reservations aligned on
-    64 MiB, an anonymous read-write part followed by the ``---p`` rest (unless full)."""
+    """The non-main arenas of glibc in ``pid``, counted by their first heap: 64 MiB
+    reservations aligned on 64 MiB (an anonymous read-write part, then the ``---p``
+    rest unless full) whose ``heap_info.ar_ptr`` (its first word) points into the heap
+    itself. An arena that outgrew 64 MiB has further heaps; theirs point back to the
+    first one, so an arena counts once however large it grew (reads /proc/PID/mem)."""
     maps: list[tuple[int, int, str, bool]] = []
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         fields = line.split()
         start, end = (int(x, 16) for x in fields[0].split("-"))
         maps.append((start, end, fields[1], len(fields) == 5))
     count = 0
-    for i, (start, end, perms, anonymous) in enumerate(maps):
-        if not (anonymous and perms.startswith("rw") and start % HEAP_MAX == 0):
-            continue
-        span = end - start
-        if i + 1 < len(maps) and maps[i + 1][0] == end and maps[i + 1][2] == "---p":
-            span += maps[i + 1][1] - maps[i + 1][0]
-        count += span == HEAP_MAX
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+        for i, (start, end, perms, anonymous) in enumerate(maps):
+            if not (anonymous and perms.startswith("rw") and start % HEAP_MAX == 0):
+                continue
+            span = end - start
+            if i + 1 < len(maps) and maps[i + 1][0] == end and maps[i + 1][2] == "---p":
+                span += maps[i + 1][1] - maps[i + 1][0]
+            if span != HEAP_MAX:
+                continue
+            memory.seek(start)
+            arena = int.from_bytes(memory.read(8), sys.byteorder)
+            count += start <= arena < start + HEAP_MAX
     return count
 
 
