@@ -66,7 +66,7 @@ from vdistream.progress import JobProgress
 from vdistream.protocol import ClientState, Features, SetAbortCause, VDConfig
 from vdistream.pump import DeviceOutcome, ExpectedStream, Pump, PumpEnd
 from vdistream.storage import OrphanUploadsError, Storage, open_storage
-from vdistream.vdi import ClientVirtualDeviceSet, Registry, SetStatistics
+from vdistream.vdi import Registry, SetStatistics
 
 __all__ = (
     "Abort",
@@ -289,7 +289,7 @@ class Job:
         self.status = JobStatus.PENDING
         self.progress = JobProgress()
         self.log = get_logger(__name__, job=self.backup_id, kind=kind.value)
-        self._vds = ClientVirtualDeviceSet(registry=self.registry)
+        self._vds = engine.client_set(self.registry)
         self._abort_record: Abort | None = None
         self._scope: anyio.CancelScope | None = None
         self._pumps: list[Pump] = []

@@ -59,39 +59,9 @@ from vdistream.pipeline.chain import PipelineConfig, SinkChain, SourceChain
 from vdistream.progress import DeviceProgress
 from vdistream.protocol import Command, CommandCode, CommandResult, Completion, Fault, Whence
 from vdistream.storage import Storage
+from vdistream.vdi.contract import ClientDevice
 
 __all__ = ("ClientDevice", "DeviceJob", "DeviceOutcome", "ExpectedStream", "Pump", "PumpEnd")
-
-
-class ClientDevice(Protocol):
-    """The client calls of one virtual device: all a pump needs of it.
-
-    ``vdistream.vdi.ClientVirtualDevice`` offers them; so can SQL Server's VDI client
-    devices (through ctypes) and devices served from another process. The contract is
-    api.md's:
-
-    * ``name``: the device's name, for logs.
-    * ``await get_command(timeout)``: the next command in stream order, ``None`` waiting
-      as long as the set lives. Raises ``VDClosedError`` once the server closed the
-      device (the normal end) and ``VDAbortError`` once the set is aborted.
-    * ``complete_command(command, completion, bytes_transferred, position)``: hand the
-      same command object back with a Win32 completion code; its buffer belongs to the
-      server again. Raises ``VDAbortError`` after an abort (the set is gone).
-
-    Neither call may block the event loop; a command's ``buffer`` stays valid until it
-    is completed or the set is closed. ``get_command(None)`` must end promptly when the
-    pump is cancelled (the drain deadline relies on it: the pump does not poll), and
-    must raise ``VDAbortError`` when the set's own server-timeout watchdog fires.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    async def get_command(self, timeout: float | None = None) -> Command: ...
-
-    def complete_command(
-        self, command: Command, completion: int, bytes_transferred: int = 0, position: int = 0
-    ) -> None: ...
 
 
 class DeviceJob(Protocol):

@@ -32,6 +32,9 @@ Contract of ``Engine.run(set_name, *, registry=None) -> EngineResult``:
   only once the whole stream passed every check (stored size and SHA-256,
   authentication tags, the logical SHA-256), so a damaged stream fails the restore
   before anything is published.
+* ``client_set(registry)`` is the client side the job must create for it: our own
+  set by default; an engine whose server side is outside vdistream (SQL Server) gives
+  the client set that meets it (``libsqlvdi.so``'s).
 * ``direction`` says whether the job is a backup (the engine WRITEs) or a restore (the
   engine READs); it is fixed when the engine is built.
 """
@@ -46,7 +49,7 @@ from types import MappingProxyType
 
 from vdistream.errors import JobError
 from vdistream.protocol import CommandCode, Completion
-from vdistream.vdi import Registry
+from vdistream.vdi import ClientSet, ClientVirtualDeviceSet, Registry
 
 __all__ = (
     "CommandFailedError",
@@ -236,6 +239,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def direction(self) -> Direction:
         """``Direction.BACKUP`` or ``Direction.RESTORE``; fixed at construction."""
+
+    def client_set(self, registry: Registry | None = None) -> ClientSet:
+        """The client set a job serving this engine creates: our own, met through
+        ``registry``; SQL Server's engine gives ``libsqlvdi.so``'s instead."""
+        return ClientVirtualDeviceSet(registry=registry)
 
     @abc.abstractmethod
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
