@@ -311,3 +311,135 @@ def test_invariants(backups: list[BackupInfo], policy: RetentionPolicy) -> None:
     # applying the plan again deletes nothing more (idempotent)
     again = plan_retention(list(plan.keep), policy, NOW)
     assert again.delete == ()
+
+
+# --- rule 7: what a kept backup needs is kept -------------------------------------------------
+
+
+def needing(name: str, days_ago: float, *needs: str, verified: bool = True) -> BackupInfo:
+    return BackupInfo(name, NOW - timedelta(days=days_ago), verified, frozenset(needs))
+
+
+def test_a_kept_log_keeps_its_full_and_the_logs_between() -> None:
+    # full F (day 10), logs L1..L3 after it; diff D (day 8) needed by nothing
+    backups = [
+        needing("F", 10),
+        needing("L1", 9, "F"),
+        needing("D", 8, "F"),
+        needing("L2", 7, "F", "L1"),
+        needing("L3", 6, "F", "L1", "L2"),
+        needing("old", 20),
+    ]
+    plan = plan_retention(backups, RetentionPolicy(keep_last=1), NOW)
+    check_partition(plan, backups)
+    assert ids(plan.keep) == ["L3", "L2", "L1", "F"]  # newest first
+    assert ids(plan.delete) == ["D", "old"]
+    assert plan.reasons["L3"] == (Reason.NEWEST_VERIFIED, Reason.KEEP_LAST)
+    for name in ("F", "L1", "L2"):
+        assert plan.reasons[name] == (Reason.NEEDED,)
+    assert Reason.NEEDED.value == "needed by a kept backup (its chain)"
+
+
+def test_needs_are_followed_transitively() -> None:
+    # each log names only its predecessor: the closure still reaches the full
+    backups = [
+        needing("F", 10),
+        needing("L1", 9, "F"),
+        needing("L2", 8, "L1"),
+        needing("L3", 7, "L2"),
+    ]
+    plan = plan_retention(backups, RetentionPolicy(keep_last=1), NOW)
+    assert plan.delete == ()
+    assert [plan.reasons[n] for n in ("F", "L1", "L2")] == [(Reason.NEEDED,)] * 3
+
+
+def test_a_deleted_full_whose_differentials_are_all_deleted_stays_deleted() -> None:
+    backups = [
+        needing("F2", 1),  # the anchor: a newer full
+        needing("F1", 10),
+        needing("D1", 9, "F1"),
+        needing("D2", 8, "F1"),
+    ]
+    plan = plan_retention(backups, RetentionPolicy(keep_last=1), NOW)
+    check_partition(plan, backups)
+    assert ids(plan.keep) == ["F2"]
+    assert ids(plan.delete) == ["D2", "D1", "F1"]
+
+
+def test_a_kept_differential_keeps_its_full_but_not_its_siblings() -> None:
+    backups = [
+        needing("D2", 2, "F1"),
+        needing("D1", 5, "F1"),
+        needing("F1", 10),
+    ]
+    plan = plan_retention(backups, RetentionPolicy(keep_within=timedelta(days=3)), NOW)
+    assert ids(plan.keep) == ["D2", "F1"]
+    assert plan.reasons["F1"] == (Reason.NEEDED,)
+    assert ids(plan.delete) == ["D1"]
+
+
+def test_needs_of_a_future_or_unverified_newer_backup_are_kept_too() -> None:
+    backups = [
+        needing("future", -3, "F"),  # clock skew: kept, and so is what it needs
+        needing("u", 1, "G", verified=False),  # newer than the anchor: kept
+        needing("anchor", 2),
+        needing("F", 9),
+        needing("G", 8),
+        needing("H", 7),
+    ]
+    plan = plan_retention(backups, RetentionPolicy(keep_last=1), NOW)
+    check_partition(plan, backups)
+    assert ids(plan.delete) == ["H"]
+    assert plan.reasons["F"] == plan.reasons["G"] == (Reason.NEEDED,)
+
+
+def test_needs_naming_absent_backups_are_ignored() -> None:
+    backups = [needing("L9", 1, "gone", "other-database.x"), needing("old", 5)]
+    plan = plan_retention(backups, RetentionPolicy(keep_last=1), NOW)
+    assert ids(plan.keep) == ["L9"]
+    assert ids(plan.delete) == ["old"]
+
+
+def test_backups_kept_by_a_rule_do_not_get_needed_added() -> None:
+    # reasons say what decided: a backup already kept keeps its own reasons
+    backups = [needing("L", 1, "F"), needing("F", 2)]
+    plan = plan_retention(backups, RetentionPolicy(keep_last=2), NOW)
+    assert plan.reasons["F"] == (Reason.KEEP_LAST,)
+
+
+NEEDY = st.lists(
+    st.tuples(st.integers(-5, 60), st.booleans(), st.sets(st.integers(0, 24), max_size=3)),
+    max_size=25,
+).map(
+    lambda items: [
+        BackupInfo(
+            f"id{i:02d}",
+            NOW - timedelta(days=d),
+            v,
+            frozenset(f"id{n:02d}" for n in needs if n != i),
+        )
+        for i, (d, v, needs) in enumerate(items)
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(backups=NEEDY, policy=POLICIES)
+def test_invariants_with_needs(backups: list[BackupInfo], policy: RetentionPolicy) -> None:
+    plan = plan_retention(backups, policy, NOW)
+    check_partition(plan, backups)
+    kept = {x.id for x in plan.keep}
+    present = {x.id for x in backups}
+    for x in plan.keep:
+        assert (x.needs & present) <= kept  # nothing a kept backup needs is deleted
+    # needs only ever add: without them, the rules keep a subset of what is kept now
+    bare = [BackupInfo(x.id, x.ended, x.verified) for x in backups]
+    plain = plan_retention(bare, policy, NOW)
+    assert {x.id for x in plain.keep} <= kept
+    for x in plan.keep:
+        if plan.reasons[x.id] == (Reason.NEEDED,):
+            assert x.id in {y.id for y in plain.delete}
+        else:
+            assert plan.reasons[x.id] == plain.reasons[x.id]
+    # idempotent: applying the plan again deletes nothing more
+    assert plan_retention(list(plan.keep), policy, NOW).delete == ()

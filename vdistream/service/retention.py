@@ -33,6 +33,14 @@ ties (ids are time + random, so they sort by creation). Duplicate ids are a
    * ``keep_within = D`` keeps every backup, verified or not, whose age ``now - ended``
      is at most D (``KEEP_WITHIN``; the boundary is inclusive).
 
+7. **What a kept backup needs is kept** (``NEEDED``). Last, every backup that a kept
+   backup (kept by any rule above, or by this one) lists in ``needs`` is kept too, in
+   place of ``EXPIRED``: a SQL Server log backup needs its full and the log backups
+   between them, a differential its full (``catalog.chain.dependencies``), so retention
+   never deletes a full or a log that a kept backup needs to be restored. Ids in
+   ``needs`` that are not among the backups given are ignored (already deleted, or
+   another database's).
+
 ``reasons`` maps every backup id to the reasons that decided it (several when both
 rules keep a backup, ``(EXPIRED,)`` for a deleted one). ``keep`` and ``delete`` are
 newest first; every input backup is in exactly one of them.
@@ -76,12 +84,14 @@ class RetentionPolicy:
 
 @dataclass(frozen=True)
 class BackupInfo:
-    """One backup as retention sees it: its id, when it ended (aware), and whether a
-    verification (read back and checked) succeeded."""
+    """One backup as retention sees it: its id, when it ended (aware), whether a
+    verification (read back and checked) succeeded, and the ids of the backups it needs
+    to be restored (its chain; empty for backups that stand alone)."""
 
     id: str
     ended: datetime
     verified: bool
+    needs: frozenset[str] = frozenset()
 
 
 class Reason(StrEnum):
@@ -96,6 +106,7 @@ class Reason(StrEnum):
     KEEP_LAST = "among the keep_last newest verified backups"
     KEEP_WITHIN = "younger than keep_within"
     EXPIRED = "older than the newest verified backup and kept by no rule"
+    NEEDED = "needed by a kept backup (its chain)"
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,7 @@ def plan_retention(
         if not why:
             why.append(Reason.EXPIRED)
 
+    _keep_needed(ordered, reasons)
     keep = tuple(b for b in ordered if reasons[b.id] != [Reason.EXPIRED])
     delete = tuple(b for b in ordered if reasons[b.id] == [Reason.EXPIRED])
     return RetentionPlan(
@@ -162,3 +174,14 @@ def plan_retention(
         delete=delete,
         reasons=MappingProxyType({k: tuple(v) for k, v in reasons.items()}),
     )
+
+
+def _keep_needed(backups: Sequence[BackupInfo], reasons: dict[str, list[Reason]]) -> None:
+    """Rule 7: what a kept backup needs, transitively, is kept (``NEEDED``)."""
+    by_id = {b.id: b for b in backups}
+    pending = [b for b in backups if reasons[b.id] != [Reason.EXPIRED]]
+    while pending:
+        for need in sorted(pending.pop().needs):
+            if need in by_id and reasons[need] == [Reason.EXPIRED]:
+                reasons[need] = [Reason.NEEDED]
+                pending.append(by_id[need])
