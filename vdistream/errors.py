@@ -35,7 +35,10 @@
      │    │    └── KeyNotNeededError    a key was given for a backup that is not encrypted
      │    ├── ConfigError               a setting is invalid; names the key and where
      │    │    ├── SettingsError        [service.settings] the daemon's file or environment
-     │    │    └── CronError            [service.schedule] malformed, or never fires
+     │    │    ├── CronError            [service.schedule] malformed, or never fires
+     │    │    ├── StatementError       [sqlserver.tsql] a T-SQL option or name SQL Server refuses
+     │    │    ├── MssqlURLError        [sqlserver.url] a bad mssql:// URL, or no password
+     │    │    └── SqlcmdNotFoundError  [sqlserver.trigger] no sqlcmd on PATH or in VDISTREAM_SQLCMD
      │    ├── JobError                  a backup or restore job did not complete
      │    │    ├── JobAbortedError      it was aborted; .cause says why
      │    │    └── EngineError          [engines.base] the engine's side failed; the set was aborted
@@ -43,6 +46,7 @@
      │    │         ├── CommandFailedError   [engines.base] the client failed a command
      │    │         ├── StreamFormatError    [engines.base] a restore stream is not what was written
      │    │         ├── InjectedFaultError   [engines.faults] a FailPoint's failure
+     │    │         ├── SqlServerStatementError  [sqlserver.engine] SQL Server failed the statement
      │    │         └── EndpointError        [engines.scoped] the producer or consumer failed
      │    │              ├── TargetExistsError   [engines.scoped] the restore target exists
      │    │              ├── PostgresError       [engines.postgres]
@@ -52,6 +56,10 @@
      │    │                   ├── ConsumerFailedError  the restore's consumer
      │    │                   └── ToolFailedError      a helper tool (run_tool)
      │    ├── CatalogError              [catalog.manifest] a manifest missing, malformed or altered
+     │    │    └── ChainGapError        [catalog.chain] a SQL Server chain misses a backup
+     │    ├── SqlVdiLibraryError        [sqlserver.library] libsqlvdi.so absent or unusable
+     │    ├── SqlServerError            [sqlserver.trigger] SQL Server refused or failed a statement
+     │    │    └── SqlServerConnectionError  could not connect or log in (18456)
      │    ├── ServiceError              [service.jobs] a request the daemon refuses; .status, .code
      │    │    ├── InvalidRequestError       unknown field, wrong type, missing field
      │    │    ├── UnknownDatabaseError      a database the settings do not define

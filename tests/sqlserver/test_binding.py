@@ -384,7 +384,7 @@ def test_missing_library_names_the_path_and_the_variable(tmp_path: Path) -> None
     assert str(missing) in text
     assert "VDISTREAM_SQLVDI" in text
     assert "'sqlvdi' setting" in text
-    assert isinstance(caught.value, ConfigError)
+    assert not isinstance(caught.value, ConfigError)  # not a usage error: exit 1, not 2
     with pytest.raises(lib.SqlVdiLibraryError, match="nowhere"):
         SqlVdiDeviceSet(lib.load(missing))
 

@@ -70,6 +70,11 @@ class Manifest:
     #: the source file's permission bits (SQLite), which a restore follows within its
     #: umask; None: not recorded (backups before it, or no file)
     file_mode: int | None = None
+    #: SQL Server backups (engine "mssql"): the database, the backup type ("D" full, "I"
+    #: differential, "L" log), copy-only, the LSNs from msdb.dbo.backupset as decimal
+    #: strings, start and finish (UTC), the server and its version; what chains and
+    #: retention read (``vdistream.catalog.chain``). None for the other engines.
+    sqlserver: dict[str, Any] | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -119,6 +124,7 @@ class Manifest:
             "logical_bytes": self.stream_bytes,
             "compression": (self.pipeline or {}).get("compression"),
             "encrypted": bool((self.pipeline or {}).get("encryption")),
+            "sqlserver": self.sqlserver,
         }
 
     @classmethod
@@ -155,6 +161,7 @@ class Manifest:
                 logical_bytes=body.get("logical_bytes"),
                 pipeline=body.get("pipeline"),
                 file_mode=body.get("file_mode"),
+                sqlserver=body.get("sqlserver"),
             )
         except (KeyError, TypeError) as exc:
             raise CatalogError(f"manifest {where} is incomplete: {exc!r}") from exc

@@ -15,6 +15,8 @@ import anyio
 import click
 from click.core import ParameterSource
 
+from vdistream.catalog import CatalogError
+from vdistream.catalog.chain import chain_labels
 from vdistream.cli.framework import CommandError, Params, logging_options, options, run, runs, say
 from vdistream.cli.output import byte_counts, emit, with_progress
 from vdistream.cli.params import (
@@ -24,10 +26,16 @@ from vdistream.cli.params import (
     DEVICES,
     MAX_TRANSFER_SIZE,
     MIN_AGE,
+    MOVE,
+    POINT_IN_TIME,
     SECONDS,
+    TIME_OR_LATEST,
     Duration,
 )
-from vdistream.operations import KeySource
+from vdistream.operations import KeySource, SqlRestoreOptions
+from vdistream.sqlserver.engine import BACKUP_MODES
+from vdistream.sqlserver.source import is_sqlserver_url
+from vdistream.sqlserver.url import MssqlURL
 
 if TYPE_CHECKING:
     from vdistream.catalog import Manifest
@@ -43,6 +51,7 @@ __all__ = (
     "restore",
     "storage",
     "verify",
+    "with_trigger",
 )
 
 _ABORTED_IN_DAEMON = "the job was aborted in the daemon"
@@ -69,6 +78,27 @@ _JSON = click.option(
     is_flag=True,
     help="Print one JSON object on stdout at the end instead of text.",
 )
+_TRIGGER = click.option(
+    "--trigger",
+    type=click.Choice(["tds", "sqlcmd"]),
+    help="SQL Server: run the statement over TDS (python-tds, the default) or with "
+    "sqlcmd (the one on PATH or VDISTREAM_SQLCMD); the URL's ?trigger= says the same.",
+)
+_SQLVDI = click.option(
+    "--sqlvdi",
+    metavar="PATH",
+    help="SQL Server: Microsoft's libsqlvdi.so. [default: VDISTREAM_SQLVDI, else "
+    "/opt/mssql/lib/libsqlvdi.so]",
+)
+
+
+def with_trigger(url: str, trigger: str | None) -> str:
+    """``url`` with ``?trigger=`` set when the user chose one on the command line."""
+    if trigger is None or not is_sqlserver_url(url):
+        return url
+    return f"{url}{'&' if '?' in url else '?'}trigger={trigger}"
+
+
 _BACKUP = click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
 _DEST = click.argument("dest", help="A directory or a storage URL.")
 
@@ -138,8 +168,9 @@ async def backups_in(storage: Storage) -> list[Manifest]:
 )
 @click.argument(
     "source",
-    help="What to back up: sqlite:///path/app.db, postgresql://..., cmd:COMMAND; with "
-    "--daemon also the name of a configured database.",
+    help="What to back up: sqlite:///path/app.db, postgresql://..., "
+    "mssql://user@host:port/db (SQL Server), cmd:COMMAND; with --daemon also the name of "
+    "a configured database.",
 )
 @click.argument(
     "dest",
@@ -149,9 +180,12 @@ async def backups_in(storage: Storage) -> list[Manifest]:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["basebackup", "dump"]),
-    help="PostgreSQL: physical (basebackup, the default) or logical (dump).",
+    type=click.Choice(["basebackup", "dump", *BACKUP_MODES]),
+    help="PostgreSQL: physical (basebackup, the default) or logical (dump). SQL Server: "
+    "full (the default), diff, log or copy-only.",
 )
+@_TRIGGER
+@_SQLVDI
 @click.option(
     "--devices",
     type=DEVICES,
@@ -251,11 +285,11 @@ async def _backup(params: Params) -> int:
 
     as_given = ("devices", "block_size", "max_transfer_size", "buffer_count", "stall_timeout")
     settings = BackupSettings(
-        **{name: params[name] for name in (*as_given, "mode", "backup_id")},
+        **{name: params[name] for name in (*as_given, "mode", "backup_id", "sqlvdi")},
         compression=params["compress"],
         encryption=_key_source(params),
     )
-    source, dest = params["source"], params["dest"]
+    source, dest = with_trigger(params["source"], params["trigger"]), params["dest"]
     outcome = await with_progress(
         "backup", lambda hook: run_backup(source, dest, settings, on_job=hook)
     )
@@ -290,8 +324,43 @@ async def _backup(params: Params) -> int:
 @click.argument(
     "target",
     help="SQLite: a database file; PostgreSQL basebackup: an empty data directory; dump: "
-    "a database URL or a file; cmd:COMMAND: a command reading the stream on stdin.",
+    "a database URL or a file; SQL Server: mssql://user@host:port/db; cmd:COMMAND: a "
+    "command reading the stream on stdin.",
 )
+@click.option(
+    "--to",
+    "to",
+    type=TIME_OR_LATEST,
+    help="SQL Server: BACKUP is a destination (DEST), and the database is restored from "
+    "its chain (full, latest differential, logs) as it was at this UTC time, or latest.",
+)
+@click.option(
+    "--database",
+    "chain_database",
+    metavar="NAME",
+    help="SQL Server with --to: whose backups to restore. [default: the target's name]",
+)
+@click.option("--replace", is_flag=True, help="SQL Server: restore over an existing database.")
+@click.option(
+    "--norecovery",
+    is_flag=True,
+    help="SQL Server: leave the database restoring, for more backups to follow.",
+)
+@click.option(
+    "--move",
+    "moves",
+    type=MOVE,
+    multiple=True,
+    help="SQL Server: LOGICAL=PATH, where a file of the backup goes (repeatable). "
+    "[default: beside the original, named after the target database]",
+)
+@click.option(
+    "--stopat",
+    type=POINT_IN_TIME,
+    help="SQL Server log backup: stop at this UTC time (STOPAT).",
+)
+@_TRIGGER
+@_SQLVDI
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -317,12 +386,21 @@ async def restore(params: Params) -> int:
     """Restore BACKUP into TARGET."""
     from vdistream.operations import run_restore
 
-    backup_ref, target = params["backup"], params["target"]
+    backup_ref, target = params["backup"], with_trigger(params["target"], params["trigger"])
+    if params["to"] is not None or params["chain_database"] is not None:
+        return await _restore_chain(params, backup_ref, target)
     flags = {name: params[name] for name in ("overwrite", "create", "owner", "verify_first")}
+    sqlserver = SqlRestoreOptions(
+        replace=params["replace"],
+        recovery=not params["norecovery"],
+        moves=tuple(params["moves"]),
+        stopat=params["stopat"],
+        sqlvdi=params["sqlvdi"],
+    )
     result = await with_progress(
         "restore",
         lambda hook: run_restore(
-            backup_ref, target, keys=_key_source(params), on_job=hook, **flags
+            backup_ref, target, keys=_key_source(params), on_job=hook, sqlserver=sqlserver, **flags
         ),
     )
     summary = {
@@ -345,6 +423,58 @@ async def restore(params: Params) -> int:
     return 1
 
 
+async def _restore_chain(params: Params, dest: str, target: str) -> int:
+    """``restore DEST mssql://... --to TIME|latest``: a SQL Server chain."""
+    from vdistream.operations import run_chain_restore
+
+    if not is_sqlserver_url(target):
+        raise click.UsageError("--to restores a SQL Server chain: TARGET must be mssql://...")
+    outcome = await with_progress(
+        "restore",
+        lambda hook: run_chain_restore(
+            dest,
+            target,
+            to=None if params["to"] == "latest" else params["to"],
+            database=params["chain_database"],
+            replace=params["replace"],
+            moves=tuple(params["moves"]),
+            sqlvdi=params["sqlvdi"],
+            keys=_key_source(params),
+            on_job=hook,
+        ),
+    )
+    steps = [
+        {
+            "id": result.backup_id,
+            "kind": step.kind,
+            "recovery": step.recovery,
+            "stopat": step.stopat.isoformat() if step.stopat else None,
+            "status": result.status.value,
+            "bytes": result.bytes,
+        }
+        for step, result in outcome.steps
+    ]
+    summary = {
+        "target": MssqlURL.parse(target).display,
+        "status": "succeeded" if outcome.ok else "failed",
+        "steps": steps,
+        "bytes": outcome.bytes,
+        "error": None if outcome.ok else str(outcome.error),
+    }
+    emit(params["json_output"], summary, "")
+    for step, result in outcome.steps:
+        say(
+            f"{step.kind} {result.backup_id}: {result.status.value}"
+            + (f" (STOPAT {step.stopat.isoformat()})" if step.stopat else ""),
+            err=True,
+        )
+    if outcome.ok:
+        say(f"restored {summary['target']} from {len(steps)} backups", err=True)
+        return 0
+    say(f"vdistream: restore failed: {outcome.error}", err=True)
+    return 1
+
+
 @click.command("verify", short_help="Re-read and check a backup.")
 @_BACKUP
 @click.option(
@@ -352,6 +482,19 @@ async def restore(params: Params) -> int:
     is_flag=True,
     help="Check the streams only; skip the test restore the database checks.",
 )
+@click.option(
+    "--engine",
+    is_flag=True,
+    help="SQL Server: after vdistream's own checks, have SQL Server check the backup "
+    "(RESTORE VERIFYONLY through the devices).",
+)
+@click.option(
+    "--server",
+    metavar="URL",
+    help="SQL Server with --engine: the server that checks it. [default: the backup's own]",
+)
+@_TRIGGER
+@_SQLVDI
 @_key_options("The key of an encrypted backup:")
 @_JSON
 @logging_options
@@ -362,7 +505,12 @@ async def verify(params: Params) -> int:
     from vdistream.operations import run_verify
 
     report = await run_verify(
-        params["backup"], content=not params["no_content"], keys=_key_source(params)
+        params["backup"],
+        content=not params["no_content"],
+        keys=_key_source(params),
+        engine=params["engine"],
+        server=with_trigger(params["server"], params["trigger"]) if params["server"] else None,
+        sqlvdi=params["sqlvdi"],
     )
     lines = [f"{'ok ' if c.ok else 'BAD'} {c.name}: {c.detail}" for c in report.checks]
     lines.append(f"backup {report.backup_id}: {'verified' if report.ok else 'FAILED'}")
@@ -390,10 +538,19 @@ async def list_(params: Params) -> int:
     async with destination(dest) as storage:
         manifests = await backups_in(storage)
     rows = [manifest.summary() for manifest in manifests]
+    try:
+        labels = chain_labels(manifests)
+    except CatalogError as exc:  # a damaged SQL Server record: list anyway, say why
+        say(f"vdistream: warning: chains not shown: {exc}", err=True)
+        labels = {}
+    for row in rows:
+        if labels.get(row["id"]):
+            row["chain"] = labels[row["id"]]
     lines = [
         f"{row['id']}  {row['engine']}{'/' + row['mode'] if row['mode'] else ''}  "
         f"{row['ended']}  {byte_counts(m.stream_bytes, m.stored_bytes)}  "
         f"{row['devices']} devices  {row['source']}"
+        + (f"  [{row['chain']}]" if row.get("chain") else "")
         for row, m in zip(rows, manifests, strict=True)
     ]
     emit(params["json_output"], rows, "\n".join(lines))

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -49,7 +49,10 @@ __all__ = (
     "KEEP_LAST",
     "MAX_TRANSFER_SIZE",
     "MIN_AGE",
+    "MOVE",
+    "POINT_IN_TIME",
     "SECONDS",
+    "TIME_OR_LATEST",
     "Duration",
     "OptionValueError",
     "format_duration",
@@ -128,7 +131,7 @@ class _Checked(click.ParamType[Any, Any]):
         self.check = check
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, Duration | CompressionSpec):
+        if isinstance(value, Duration | CompressionSpec | datetime | tuple):
             return value  # converted already
         return self.check(str(value))
 
@@ -236,3 +239,36 @@ MIN_AGE = _Checked("duration", _duration(zero_ok=True))
 COMPRESSION = _Checked("compression", _compression)
 KEEP_LAST = _Checked("count", _count(1, 1_000_000))
 JOB_LIMIT = _Checked("count", _count(1, 1000))
+
+
+def _point_in_time(*, latest: bool) -> Callable[[str], datetime | str]:
+    """An ISO 8601 time (``2026-12-06T10:00:00``, ``2026-12-06 10:00``, with ``Z`` or an
+    offset; without one it is UTC, as vdistream records times); ``latest`` also takes
+    ``latest`` (returned as the string ``"latest"``)."""
+
+    def check(text: str) -> datetime | str:
+        written = text.strip()
+        if latest and written.lower() == "latest":
+            return "latest"
+        try:
+            when = datetime.fromisoformat(written.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            other = " or latest" if latest else ""
+            raise OptionValueError(
+                text, f"not a time; write ISO 8601 such as 2026-12-06T10:00:00 (UTC){other}"
+            ) from None
+        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+    return check
+
+
+def _move(text: str) -> tuple[str, str]:
+    logical, eq, path = text.partition("=")
+    if not eq or not logical.strip() or not path.strip():
+        raise OptionValueError(text, "write LOGICAL=PATH (a file's logical name and its new path)")
+    return logical.strip(), path.strip()
+
+
+POINT_IN_TIME = _Checked("time", _point_in_time(latest=False))
+TIME_OR_LATEST = _Checked("time|latest", _point_in_time(latest=True))
+MOVE = _Checked("logical=path", _move)

@@ -60,15 +60,17 @@ from vdistream.coordinator import (
     new_backup_id,
 )
 from vdistream.coordinator import opened_storage as opened_storage
-from vdistream.engines import StripingOptions
+from vdistream.engines import Engine, StripingOptions
 from vdistream.engines.databases import (
     DatabaseSource,
     content_check,
     resolve_source,
     restore_engine,
 )
+from vdistream.engines.scoped import TargetExistsError
 from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
 from vdistream.errors import (
+    ConfigError,
     KeyMissingError,
     KeyNotNeededError,
     PipelineError,
@@ -76,20 +78,35 @@ from vdistream.errors import (
     VdistreamError,
 )
 from vdistream.log import get_logger
+from vdistream.operations.sqlserver import (
+    SqlRestoreOptions,
+    database_exists,
+    drop_database,
+    restore_job_options,
+    sqlserver_restore_engine,
+    sqlserver_verify_engine,
+)
 from vdistream.ownership import OwnerLock
 from vdistream.pipeline.chain import PipelineConfig, SourceChain
 from vdistream.pipeline.encrypt import stream_context
 from vdistream.pipeline.keys import Key, ScryptParams, load_key
 from vdistream.pipeline.spec import CompressionSpec
+from vdistream.sqlserver.engine import Transfer
+from vdistream.sqlserver.source import SqlServerSource, is_sqlserver_url
+from vdistream.sqlserver.url import MssqlURL
 from vdistream.storage import Storage
 
 __all__ = (
+    "VERIFY_WORKDIR_PREFIX",
     "BackupOutcome",
     "BackupSettings",
     "Check",
+    "JobHook",
     "KeySource",
     "VerifyReport",
     "list_backups",
+    "opened_storage",
+    "restore_sqlserver",
     "run_backup",
     "run_restore",
     "run_verify",
@@ -161,6 +178,8 @@ class BackupSettings:
     encryption: KeySource | None = None
     #: where staged data goes (SQLite's snapshot); None: the system's temporary directory
     workdir: Path | None = None
+    #: SQL Server: the path of libsqlvdi.so (None: VDISTREAM_SQLVDI, then the default)
+    sqlvdi: str | None = None
 
     def striping(self) -> StripingOptions:
         return StripingOptions(
@@ -212,7 +231,11 @@ async def run_backup(
 ) -> BackupOutcome:
     """Back up ``source_url`` into ``destination``; the manifest is written last."""
     settings = settings or BackupSettings()
-    source = resolve_source(source_url, mode=settings.mode)
+    source: DatabaseSource | SqlServerSource
+    if is_sqlserver_url(source_url):
+        source = SqlServerSource.resolve(source_url, mode=settings.mode, library=settings.sqlvdi)
+    else:
+        source = resolve_source(source_url, mode=settings.mode)
     async with opened_storage(destination) as storage:
         versions = {"vdistream": __version__, "python": platform.python_version()}
         versions.update(await source.describe())
@@ -263,7 +286,7 @@ async def _check_id_free(storage: Storage, backup_id: str) -> None:
 
 
 async def _backup_job(
-    source: DatabaseSource,
+    source: DatabaseSource | SqlServerSource,
     storage: Storage,
     settings: BackupSettings,
     on_job: JobHook | None,
@@ -273,12 +296,21 @@ async def _backup_job(
 ) -> BackupOutcome:
     started = _now()
     file_mode = await source.file_mode()  # as the job starts: what its snapshot reads
+    engine: Engine
+    options = settings.job()
+    if isinstance(source, SqlServerSource):
+        transfer = Transfer(settings.block_size, settings.max_transfer_size, settings.buffer_count)
+        engine = source.backup_engine(settings.devices, transfer, backup_id=backup_id)
+        # SQL Server may take a while to start a backup on a busy server (a checkpoint)
+        options = dataclasses.replace(options, configuration_timeout=120.0)
+    else:
+        engine = source.backup_engine(settings.striping(), tempdir=settings.workdir)
     job = Job(
         JobKind.BACKUP,
-        source.backup_engine(settings.striping(), tempdir=settings.workdir),
+        engine,
         storage,
         backup_id=backup_id,
-        options=settings.job(),
+        options=options,
         pipeline=pipeline,
     )
     if on_job is not None:
@@ -305,6 +337,7 @@ async def _backup_job(
                 )
             )
         engine_result = result.engine_result
+        sqlserver = getattr(engine_result, "sqlserver", None)
         manifest = Manifest(
             backup_id=result.backup_id,
             engine=source.kind,
@@ -321,9 +354,13 @@ async def _backup_job(
             },
             devices=tuple(devices),
             versions=versions,
-            logical_bytes=getattr(engine_result, "logical_bytes", None),
+            # SQL Server's image is the stream it wrote: it says no other size
+            logical_bytes=result.bytes
+            if sqlserver
+            else getattr(engine_result, "logical_bytes", None),
             pipeline=pipeline.describe() if pipeline.any else None,
             file_mode=file_mode,
+            sqlserver=sqlserver,
         )
         url = await write_manifest(storage, manifest)
     except (CatalogError, StorageError) as exc:
@@ -371,7 +408,11 @@ async def _restore_job(
     owner: str | None = None,
     keys: KeySource | None = None,
     verify_first: bool = False,
+    engine: Engine | None = None,
+    job_options: JobOptions | None = None,
 ) -> JobResult:
+    """One restore job of ``manifest`` into ``target``; ``engine`` (SQL Server's) stands
+    in for the one ``restore_engine`` would build from the target."""
     await check_streams(storage, manifest)
     pipeline = await _pipeline_for(manifest, keys)
     if verify_first:
@@ -382,26 +423,27 @@ async def _restore_job(
                 f"backup {manifest.backup_id} failed its check before the restore, so "
                 f"nothing was restored: " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
             )
-    options = StripingOptions(
-        block_size=manifest.vdi["block_size"],
-        max_transfer_size=manifest.vdi["max_transfer_size"],
-    )
-    engine = restore_engine(
-        manifest.engine,
-        manifest.mode,
-        target,
-        options,
-        overwrite=overwrite,
-        create=create,
-        owner=owner,
-        file_mode=manifest.file_mode,
-    )
+    if engine is None:
+        options = StripingOptions(
+            block_size=manifest.vdi["block_size"],
+            max_transfer_size=manifest.vdi["max_transfer_size"],
+        )
+        engine = restore_engine(
+            manifest.engine,
+            manifest.mode,
+            target,
+            options,
+            overwrite=overwrite,
+            create=create,
+            owner=owner,
+            file_mode=manifest.file_mode,
+        )
     job = Job(
         JobKind.RESTORE,
         engine,
         storage,
         backup_id=manifest.backup_id,
-        options=JobOptions(devices=len(manifest.devices)),
+        options=job_options or JobOptions(devices=len(manifest.devices)),
         keys=[d.key for d in manifest.devices],
         expected=[
             ExpectedStream(d.bytes, d.sha256, d.logical_bytes, d.logical_sha256)
@@ -424,6 +466,7 @@ async def run_restore(
     keys: KeySource | None = None,
     on_job: JobHook | None = None,
     verify_first: bool = False,
+    sqlserver: SqlRestoreOptions | None = None,
 ) -> JobResult:
     """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``.
 
@@ -438,11 +481,25 @@ async def run_restore(
     failure and cannot be undone: ``verify_first`` reads and checks every stream
     completely first (raising ``CatalogError`` naming what failed, before the engine
     starts) and only then runs the restore, reading everything twice.
+
+    A SQL Server backup goes into the database ``target`` names
+    (``mssql://user@host:port/db``) with ``sqlserver``'s options (REPLACE, NORECOVERY,
+    MOVE, STOPAT): see ``vdistream.operations.sqlserver``.
     """
     dest, backup_id = parse_backup_ref(backup)
     async with opened_storage(dest) as storage:
         await _sweep(storage)
         manifest = (await read_manifest(storage, backup_id)).relocated(storage.url)
+        if manifest.engine == "mssql":
+            return await restore_sqlserver(
+                storage,
+                manifest,
+                target,
+                sqlserver or SqlRestoreOptions(),
+                keys=keys,
+                on_job=on_job,
+                verify_first=verify_first,
+            )
         return await _restore_job(
             storage,
             manifest,
@@ -454,6 +511,49 @@ async def run_restore(
             keys=keys,
             verify_first=verify_first,
         )
+
+
+async def restore_sqlserver(
+    storage: Storage,
+    manifest: Manifest,
+    target: str,
+    options: SqlRestoreOptions,
+    *,
+    keys: KeySource | None = None,
+    on_job: JobHook | None = None,
+    verify_first: bool = False,
+    existed: bool | None = None,
+) -> JobResult:
+    """One SQL Server restore job (``vdistream.operations.sqlserver``'s rules): a target
+    that exists needs ``replace``; one that did not (``existed`` False, asked of the
+    server when ``None``) is dropped again when the restore fails."""
+    url = MssqlURL.parse(target)
+    if existed is None:
+        existed = await database_exists(url)
+        if existed and not options.replace:
+            raise TargetExistsError(
+                f"database {url.database!r} already exists on {url.host},{url.port}: "
+                "give --replace to restore over it (its current content is lost)"
+            )
+    result = None
+    try:
+        result = await _restore_job(
+            storage,
+            manifest,
+            target,
+            overwrite=False,
+            on_job=on_job,
+            keys=keys,
+            verify_first=verify_first,
+            engine=sqlserver_restore_engine(manifest, target, options),
+            job_options=restore_job_options(manifest),
+        )
+        return result
+    finally:
+        # failed, or interrupted (Ctrl-C, SIGTERM): a database it made goes again
+        if (result is None or not result.ok) and not existed:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                await drop_database(url)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,8 +586,16 @@ async def run_verify(
     content: bool = True,
     keys: KeySource | None = None,
     workdir: Path | None = None,
+    engine: bool = False,
+    server: str | None = None,
+    sqlvdi: str | None = None,
 ) -> VerifyReport:
     """Re-read every stream and check it; then, where the engine allows, the content.
+
+    A SQL Server backup's content is checked by SQL Server itself, and only with
+    ``engine``: ``RESTORE VERIFYONLY`` reads every stream back through the devices, on
+    ``server`` (a ``mssql://`` URL; default: the server the backup came from, as its
+    manifest names it, the password from the environment).
 
     Writes nothing but a temporary restore target (in a new directory under
     ``workdir``, default the system's temporary directory), removed afterwards; never
@@ -495,7 +603,16 @@ async def run_verify(
     """
     dest, backup_id = parse_backup_ref(backup)
     async with opened_storage(dest) as storage:
-        return await _verify(storage, backup_id, content=content, keys=keys, workdir=workdir)
+        return await _verify(
+            storage,
+            backup_id,
+            content=content,
+            keys=keys,
+            workdir=workdir,
+            engine=engine,
+            server=server,
+            sqlvdi=sqlvdi,
+        )
 
 
 async def _verify(
@@ -505,6 +622,9 @@ async def _verify(
     content: bool,
     keys: KeySource | None,
     workdir: Path | None = None,
+    engine: bool = False,
+    server: str | None = None,
+    sqlvdi: str | None = None,
 ) -> VerifyReport:
     checks: list[Check] = []
     try:
@@ -528,6 +648,10 @@ async def _verify(
         checks.append(Check("key", True, "matches the backup's key fingerprint"))
     checks.extend(await _reread_all(storage, manifest, pipeline))
     if not content or not all(c.ok for c in checks):
+        return VerifyReport(backup_id, tuple(checks))
+    if manifest.engine == "mssql":
+        if engine:
+            checks.append(await _verifyonly(storage, manifest, server, keys, sqlvdi))
         return VerifyReport(backup_id, tuple(checks))
 
     # A killed verify's directory is removed by the next one (its owner lock is free).
@@ -560,6 +684,39 @@ async def _verify(
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(release_workdir, scratch, lock)
     return VerifyReport(backup_id, tuple(checks))
+
+
+async def _verifyonly(
+    storage: Storage,
+    manifest: Manifest,
+    server: str | None,
+    keys: KeySource | None,
+    sqlvdi: str | None,
+) -> Check:
+    """SQL Server's own check: ``RESTORE VERIFYONLY`` through the devices."""
+    url = server or manifest.source
+    try:
+        verify_engine = sqlserver_verify_engine(manifest, url, sqlvdi=sqlvdi)
+    except ConfigError as exc:
+        return Check("sqlserver", False, str(exc))
+    result = await _restore_job(
+        storage,
+        manifest,
+        url,
+        overwrite=False,
+        on_job=None,
+        keys=keys,
+        engine=verify_engine,
+        job_options=restore_job_options(manifest),
+    )
+    if not result.ok:
+        return Check("sqlserver", False, str(result.error))
+    return Check(
+        "sqlserver",
+        True,
+        f"RESTORE VERIFYONLY on {verify_engine.url.host},{verify_engine.url.port}: "
+        f"the backup set is valid ({result.bytes} bytes read back)",
+    )
 
 
 async def _reread_all(

@@ -1,0 +1,99 @@
+"""Restore a SQL Server database to a point in time from a chain of backups.
+
+``run_chain_restore(dest, target, to=...)`` reads every manifest in ``dest``, lets
+``vdistream.catalog.chain.plan_restore`` choose the full backup, the latest usable
+differential and the log backups in LSN order (refusing with ``ChainGapError`` when
+the chain has a gap), and restores them one job after the other: ``NORECOVERY`` until
+the last, which gets ``RECOVERY`` (and ``STOPAT`` when the point lies inside it). The
+first failing step ends the chain; a database that did not exist before is dropped
+again, so a failed restore leaves no target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import anyio
+
+from vdistream.catalog import list_manifests
+from vdistream.catalog.chain import RestorePlan, RestoreStep, plan_restore
+from vdistream.coordinator import JobResult
+from vdistream.engines.scoped import TargetExistsError
+from vdistream.operations.core import JobHook, KeySource, opened_storage, restore_sqlserver
+from vdistream.operations.sqlserver import SqlRestoreOptions, database_exists, drop_database
+from vdistream.sqlserver.url import MssqlURL
+
+__all__ = ("ChainOutcome", "run_chain_restore")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainOutcome:
+    """The plan and each step's job result, in order (up to the first failure)."""
+
+    plan: RestorePlan
+    steps: tuple[tuple[RestoreStep, JobResult], ...]
+
+    @property
+    def ok(self) -> bool:
+        return len(self.steps) == len(self.plan.steps) and all(r.ok for _, r in self.steps)
+
+    @property
+    def error(self) -> BaseException | None:
+        return next((r.error for _, r in self.steps if not r.ok), None)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for _, r in self.steps)
+
+
+async def run_chain_restore(
+    dest: str,
+    target: str,
+    *,
+    to: datetime.datetime | None,
+    database: str | None = None,
+    replace: bool = False,
+    moves: tuple[tuple[str, str], ...] = (),
+    sqlvdi: str | None = None,
+    keys: KeySource | None = None,
+    on_job: JobHook | None = None,
+) -> ChainOutcome:
+    """Restore ``database`` (default: the target's name) as it was at ``to`` (aware;
+    ``None``: the latest the backups in ``dest`` reach) into ``target``."""
+    url = MssqlURL.parse(target)
+    async with opened_storage(dest) as storage:
+        manifests, _problems = await list_manifests(storage)
+        plan = plan_restore(manifests, database or url.database, to)
+        existed = await database_exists(url)
+        if existed and not replace:
+            raise TargetExistsError(
+                f"database {url.database!r} already exists on {url.host},{url.port}: "
+                "give --replace to restore over it (its current content is lost)"
+            )
+        by_id = {m.backup_id: m for m in manifests}
+        done: list[tuple[RestoreStep, JobResult]] = []
+        outcome = None
+        try:
+            for index, step in enumerate(plan.steps):
+                options = SqlRestoreOptions(
+                    replace=replace and index == 0,
+                    recovery=step.recovery,
+                    moves=moves if index == 0 else (),
+                    stopat=step.stopat,
+                    sqlvdi=sqlvdi,
+                )
+                manifest = by_id[step.manifest_id].relocated(storage.url)
+                result = await restore_sqlserver(
+                    storage, manifest, target, options, keys=keys, on_job=on_job, existed=True
+                )
+                done.append((step, result))
+                if not result.ok:
+                    break
+            outcome = ChainOutcome(plan, tuple(done))
+            return outcome
+        finally:
+            # failed, or interrupted (Ctrl-C, SIGTERM): what the chain made goes again
+            if (outcome is None or not outcome.ok) and not existed:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                    await drop_database(url)

@@ -1,0 +1,85 @@
+"""A SQL Server database as a backup source: ``mssql://user@host:port/database``.
+
+It offers what ``operations`` asks of any source (``kind``, ``mode``, ``display``,
+``describe()``, ``file_mode()``) and builds the job's engine. ``mode`` is the backup's
+kind: ``full`` (the default), ``diff``, ``log`` or ``copy-only`` (a full backup that
+leaves the differential base and the log chain alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vdistream.errors import ConfigError
+from vdistream.sqlserver.engine import BACKUP_MODES, SqlServerBackup, Transfer
+from vdistream.sqlserver.trigger import Trigger, trigger_for
+from vdistream.sqlserver.tsql import version_query
+from vdistream.sqlserver.url import MssqlURL
+
+__all__ = ("SCHEMES", "SqlServerSource", "is_sqlserver_url")
+
+#: URL schemes that name a SQL Server database
+SCHEMES = ("mssql", "sqlserver")
+
+
+def is_sqlserver_url(url: str) -> bool:
+    return url.partition(":")[0].lower() in SCHEMES and "://" in url
+
+
+@dataclasses.dataclass(frozen=True)
+class SqlServerSource:
+    """What to back up; its fields may be shown and stored (no password in them)."""
+
+    kind: str
+    mode: str
+    display: str
+    url: MssqlURL = dataclasses.field(repr=False, compare=False)
+    library: str | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def resolve(
+        cls, url: str, *, mode: str | None = None, library: str | None = None
+    ) -> SqlServerSource:
+        parsed = MssqlURL.parse(url)
+        chosen = mode or "full"
+        if chosen not in BACKUP_MODES:
+            raise ConfigError(
+                f"mode {chosen!r} for {parsed.display!r}: a SQL Server backup is "
+                f"{', '.join(BACKUP_MODES)}"
+            )
+        return cls("mssql", chosen, parsed.display, parsed, library)
+
+    def trigger(self) -> Trigger:
+        return trigger_for(self.url)
+
+    def backup_engine(
+        self, devices: int, transfer: Transfer, *, backup_id: str, checksum: bool = True
+    ) -> SqlServerBackup:
+        return SqlServerBackup(
+            self.url,
+            devices,
+            transfer,
+            mode=self.mode,
+            backup_id=backup_id,
+            checksum=checksum,
+            library=self.library,
+        )
+
+    async def file_mode(self) -> int | None:
+        return None
+
+    async def describe(self) -> dict[str, str]:
+        """SQL Server's version; a wrong password or an unreachable server fails here,
+        before any set is created."""
+        from vdistream.sqlserver.engine import SqlServerStatementError
+        from vdistream.sqlserver.trigger import SqlServerError
+
+        try:
+            rows = (await self.trigger().run(version_query(), query=True)).rows
+        except SqlServerError as exc:
+            raise SqlServerStatementError(
+                f"SQL Server at {self.url.host},{self.url.port}: {self.url.redact(str(exc))}",
+                numbers=exc.numbers,
+            ) from exc
+        version = rows[0][0] if rows and rows[0] and rows[0][0] else "unknown"
+        return {"kind": "mssql", "source": self.display, "sqlserver": version}
