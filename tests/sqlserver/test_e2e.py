@@ -135,7 +135,16 @@ def test_diff_log_and_copy_only_are_recorded_as_sql_server_says(
     assert copy["sqlserver"]["type"] == "D"
     assert copy["sqlserver"]["copy_only"] is True
     # a diff is smaller than the full it is based on
-    assert diff["logical_bytes"] < manifest(dest, _ids(dest)[0])["logical_bytes"]
+    full_id = _ids(dest)[0]
+    assert diff["logical_bytes"] < manifest(dest, full_id)["logical_bytes"]
+    # list shows where each backup sits in its chain
+    listing = run_cli(env, "list", str(dest)).stdout.splitlines()
+    labels = {line.split()[0]: line.rsplit("[", 1)[-1].rstrip("]") for line in listing}
+    assert labels[full_id] == "full"
+    assert labels[diff["backup_id"]] == f"diff of {full_id}"
+    assert labels[log["backup_id"]].startswith("log 1/1 of ")
+    assert labels[copy["backup_id"]] == "full (copy-only)"
+    assert "mssql/log" in next(line for line in listing if line.startswith(log["backup_id"]))
 
 
 def _ids(dest: Path) -> list[str]:

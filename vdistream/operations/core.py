@@ -92,6 +92,7 @@ from vdistream.pipeline.encrypt import stream_context
 from vdistream.pipeline.keys import Key, ScryptParams, load_key
 from vdistream.pipeline.spec import CompressionSpec
 from vdistream.sqlserver.engine import Transfer
+from vdistream.sqlserver.library import library_path, load
 from vdistream.sqlserver.source import SqlServerSource, is_sqlserver_url
 from vdistream.sqlserver.url import MssqlURL
 from vdistream.storage import Storage
@@ -234,6 +235,7 @@ async def run_backup(
     source: DatabaseSource | SqlServerSource
     if is_sqlserver_url(source_url):
         source = SqlServerSource.resolve(source_url, mode=settings.mode, library=settings.sqlvdi)
+        source.preflight()
     else:
         source = resolve_source(source_url, mode=settings.mode)
     async with opened_storage(destination) as storage:
@@ -528,6 +530,7 @@ async def restore_sqlserver(
     that exists needs ``replace``; one that did not (``existed`` False, asked of the
     server when ``None``) is dropped again when the restore fails."""
     url = MssqlURL.parse(target)
+    load(library_path(options.sqlvdi))  # a missing library is said before anything runs
     if existed is None:
         existed = await database_exists(url)
         if existed and not options.replace:

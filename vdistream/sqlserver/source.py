@@ -11,12 +11,17 @@ from __future__ import annotations
 import dataclasses
 
 from vdistream.errors import ConfigError
+from vdistream.log import get_logger
+from vdistream.sqlserver import permissions
 from vdistream.sqlserver.engine import BACKUP_MODES, SqlServerBackup, Transfer
+from vdistream.sqlserver.library import library_path, load
 from vdistream.sqlserver.trigger import Trigger, trigger_for
 from vdistream.sqlserver.tsql import version_query
 from vdistream.sqlserver.url import MssqlURL
 
 __all__ = ("SCHEMES", "SqlServerSource", "is_sqlserver_url")
+
+_log = get_logger(__name__)
 
 #: URL schemes that name a SQL Server database
 SCHEMES = ("mssql", "sqlserver")
@@ -64,6 +69,16 @@ class SqlServerSource:
             checksum=checksum,
             library=self.library,
         )
+
+    def preflight(self) -> None:
+        """Before anything else: the library must load (``SqlVdiLibraryError`` naming the
+        path and what is missing), and what would keep SQL Server from opening the set's
+        shared memory (user and groups, the umask) is logged as a warning; when it does
+        fail, the job's error says what to fix."""
+        path = library_path(self.library)
+        load(path)
+        for problem in permissions.check(path):
+            _log.warning("sqlserver_permissions", problem=problem)
 
     async def file_mode(self) -> int | None:
         return None
