@@ -518,7 +518,9 @@ class Job:
             with anyio.move_on_after(min(1.0, timeout / 4)):
                 await self._decided.wait()
             moved = self.progress.moved()
-            if self.engine.busy:  # silent work the engine vouches for (a snapshot, ...)
+            if self.engine.busy or self._only_engine_left():
+                # silent work the engine vouches for (a snapshot, ...), or its end after
+                # every device closed (SQL Server's history, a restore's recovery)
                 since = anyio.current_time()
             if moved != last:
                 last, since = moved, anyio.current_time()
@@ -529,6 +531,13 @@ class Job:
                         f"stalled: no device moved a byte or a command for {timeout:g} s",
                     )
                 )
+
+    def _only_engine_left(self) -> bool:
+        """Every device ended and the engine still runs: nothing more moves on a device,
+        so no byte counts as progress; the engine's own bounds apply."""
+        return len(self._pumps) == self.options.devices and all(
+            pump.end is not None for pump in self._pumps
+        )
 
     async def _cleanup(self) -> None:
         """After every task ended: undo published parts of a failed job, close the set."""
