@@ -779,6 +779,7 @@ async def test_close_during_a_call_aborts_instead(
             vds.close()
         assert vds.state is ClientState.ABORTED
     assert vds.calls_in_progress == 0
+    assert (await server.acall("wait", 0, 2000))[0] == ABORT  # the library's SignalAbort ran
     vds.close()
     with pytest.raises(VDProtocolError, match="closed"):
         await device.get_command(0)
@@ -966,3 +967,236 @@ async def test_the_pump_backs_up_and_restores_through_the_binding(
     assert bytes(got) == stream
     assert await server.acall("close") == 0
     assert _segments(restore_name) == []
+
+
+# --- review fixes: the end of a set, released views, device counts, OpenDevice's abort ----
+
+
+class _PausedClose:
+    """The library, with a worker thread that saw ``VD_E_CLOSE`` held before it returns,
+    so the test can act between the library's answer and the task's resumption."""
+
+    def __init__(self, library: lib.SqlVdi) -> None:
+        self.library = copy.copy(library)
+        self.entered, self.closed, self.go_on = (threading.Event() for _ in range(3))
+        real = library.get_command
+        close = signed(HResult.CLOSE)
+
+        def get_command(*args: Any) -> int:
+            worker = threading.current_thread() is not threading.main_thread()
+            if worker:
+                self.entered.set()
+            hr = int(real(*args))
+            if hr == close and worker:
+                self.closed.set()
+                self.go_on.wait(5)
+            return hr
+
+        self.library.get_command = get_command
+
+
+@aio
+async def test_a_close_seen_after_an_abort_leaves_the_set_aborted(
+    vds: SqlVdiDeviceSet, server: Server, set_name: str
+) -> None:
+    """The last device's VD_E_CLOSE returns in a worker thread; before its task resumes,
+    the job aborts the set. The set stays ABORTED and the device reports the abort, which
+    the pump turns into the job's abort (no RuntimeError from an illegal transition)."""
+    spy = _PausedClose(vds.library)
+    vds._library = spy.library
+    _, (device,) = await _started(vds, server, set_name)
+    caught: list[BaseException] = []
+
+    async def pump() -> None:
+        try:
+            await device.get_command(None)
+        except Exception as exc:  # the test asserts on its type below
+            caught.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            assert await anyio.to_thread.run_sync(spy.entered.wait, 5)
+            assert await server.acall("close_device", 0) == 0
+            assert await anyio.to_thread.run_sync(spy.closed.wait, 5)
+            vds.signal_abort()  # e.g. Job.abort() from the user, or the stall watchdog
+            spy.go_on.set()
+    assert len(caught) == 1
+    assert type(caught[0]) is VDAbortError, repr(caught[0])
+    assert vds.state is ClientState.ABORTED
+    assert vds.aborted_by is SetAbortCause.CLIENT
+    with pytest.raises(VDAbortError):
+        await device.get_command(0)  # an aborted set answers every call with its abort
+    vds.close()
+    assert vds.state is ClientState.DNE
+
+
+@aio
+async def test_the_set_terminates_only_when_its_last_device_closed(
+    vds: SqlVdiDeviceSet, server: Server, set_name: str
+) -> None:
+    _, devices = await _started(vds, server, set_name, 2)
+    assert await server.acall("close_device", 0) == 0
+    with pytest.raises(VDClosedError):
+        await devices[0].get_command(5)
+    assert vds.state is ClientState.ACTIVE  # device 1 still serves
+    with pytest.raises(VDClosedError):
+        await devices[0].get_command(0)  # a closed device stays closed
+    assert vds.state is ClientState.ACTIVE
+    assert await server.acall("close_device", 1) == 0
+    with pytest.raises(VDClosedError):
+        await devices[1].get_command(5)
+    assert vds.state is ClientState.NORMALLY_TERMINATED
+    vds.close()
+
+
+@aio
+async def test_close_releases_the_views_of_commands_still_held(
+    vds: SqlVdiDeviceSet, server: Server, set_name: str
+) -> None:
+    _, (device,) = await _started(vds, server, set_name)
+    await server.acall("put", 0, b"\x5a" * 512)
+    await server.acall("send", 0, 2, 512, 0, 0)
+    command = await device.get_command(10)
+    assert command.buffer is not None
+    assert command.buffer[0] == 0x5A
+    with pytest.raises(VDOpenError, match="devices were still open"):
+        vds.close()  # the memory is unmapped: the view must be dead, not dangling
+    with pytest.raises(ValueError, match="released"):
+        command.buffer[0]
+
+
+@aio
+async def test_a_view_still_exported_at_completion_aborts_the_set(
+    vds: SqlVdiDeviceSet, server: Server, set_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A buffer something still reads (an export of the view, here a PickleBuffer) cannot
+    go back to SQL Server for reuse: the set is aborted, and completing fails as after any
+    abort."""
+    import logging
+    import pickle
+
+    caplog.set_level(logging.WARNING, logger="vdistream.sqlserver.device_set")
+    _, (device,) = await _started(vds, server, set_name)
+    await server.acall("send", 0, 1, 512, 0, 0)
+    command = await device.get_command(10)
+    assert command.buffer is not None
+    exported = pickle.PickleBuffer(command.buffer)
+    with pytest.raises(VDAbortError):
+        device.complete_command(command, Completion.SUCCESS, 512)
+    assert vds.state is ClientState.ABORTED
+    assert vds.aborted_by is SetAbortCause.CLIENT
+    assert "still exported" in (vds.abort_reason or "")
+    assert (await server.acall("wait", 0, 2000))[0] == ABORT  # SQL Server was told
+    assert [r.msg for r in caplog.records if r.name == "vdistream.sqlserver.device_set"] == [
+        "buffer_still_exported"
+    ]
+    exported.release()
+    vds.close()
+
+
+@aio
+async def test_the_final_configurations_device_count_governs_the_set(
+    vds: SqlVdiDeviceSet, server: Server, set_name: str
+) -> None:
+    """The client asked for 2 devices, SQL Server configured 1 (what the job opens): the
+    set is ACTIVE once that one is open and terminates when it closes."""
+    vds.create(set_name, VDConfig(device_count=2, features=Features.LIKE_PIPE))
+
+    async def attach() -> None:
+        assert await server.acall("open", set_name, 10_000) == 0
+        asked = VDConfig.unpack(await server.acall("client_config"))
+        assert await server.acall("open_device", set_name) == (0, 0)
+        final = asked.replace(
+            device_count=1,
+            features=asked.features | Features.WRITE_MEDIA,
+            block_size=512,
+            max_io_depth=4,
+            max_transfer_size=CHUNK,
+            buffer_area_size=CHUNK * 4,
+        )
+        assert await server.acall("configure", final.pack(), final.buffer_area_size) == 0
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(attach)
+        config = await vds.get_configuration(10)
+    assert config.device_count == 1
+    device = vds.open_device(set_name)
+    assert vds.state is ClientState.ACTIVE
+    assert vds.statistics().outstanding == (0,)
+    assert await server.acall("close_device", 0) == 0
+    with pytest.raises(VDClosedError):
+        await device.get_command(5)
+    assert vds.state is ClientState.NORMALLY_TERMINATED
+    vds.close()
+
+
+@aio
+async def test_sql_server_aborting_at_open_device_is_not_blamed_on_permissions(
+    vds: SqlVdiDeviceSet, server: Server, set_name: str
+) -> None:
+    """SQL Server aborts the set between configuring it and our OpenDevice when its
+    statement failed: the message says so, and gives the permissions fix only as a
+    condition on SQL Server's own error (this machine's accounts show no problem)."""
+    vds.create(set_name, VDConfig())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.attach, set_name, [set_name], Features.WRITE_MEDIA)
+        await vds.get_configuration(10)
+    assert await server.acall("signal_abort") == 0
+    with pytest.raises(VDAbortError) as caught:
+        vds.open_device(set_name)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert "SQL Server aborted the set as it was being opened" in text
+    assert "if SQL Server's error says it could not open the shared memory" in text
+    assert "could not open each other's shared memory" not in text
+    assert "usermod -aG" in text
+    assert vds.aborted_by is SetAbortCause.SERVER
+    vds.close()
+
+
+@aio
+async def test_open_device_abort_names_the_permission_problem_found(
+    vds: SqlVdiDeviceSet, server: Server, set_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vdistream.sqlserver import permissions
+
+    who = permissions.Accounts(
+        "backup",
+        1001,
+        "backup",
+        frozenset({"backup"}),
+        permissions.MssqlAccount(999, "mssql", frozenset({"mssql", "backup"})),
+    )
+    monkeypatch.setattr(permissions.Accounts, "current", classmethod(lambda cls: who))
+    vds.create(set_name, VDConfig())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.attach, set_name, [set_name], Features.WRITE_MEDIA)
+        await vds.get_configuration(10)
+    (SHM / f"sqlvdi-standin.{set_name}.buffers").unlink()  # as if mssql's mode denied it
+    with pytest.raises(VDAbortError) as caught:
+        vds.open_device(set_name)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert "SQL Server aborted the set as it was being opened" in text
+    assert "user backup is not in group mssql" in text
+    assert "sudo usermod -aG mssql backup" in text
+    assert "if SQL Server's error says" not in text  # the cause is known, not conditional
+    vds.close()
+
+
+def test_the_set_object_has_room_beyond_one_pointer() -> None:
+    """The real class may hold more than its one documented pointer: the binding gives
+    the constructor 64 zeroed bytes."""
+    assert ctypes.sizeof(lib.SetObject) == 64
+    assert bytes(lib.SetObject()) == bytes(64)
+
+
+def test_a_relative_path_loads_that_file_not_the_loaders_search(
+    sqlvdi_libs: Libraries, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "libsqlvdi.so").symlink_to(sqlvdi_libs.client)
+    monkeypatch.chdir(tmp_path)
+    library = lib.load("libsqlvdi.so")  # a bare name would make dlopen search its path
+    assert Path(library.cdll._name).is_absolute()
+    assert Path(library.cdll._name) == tmp_path / "libsqlvdi.so"

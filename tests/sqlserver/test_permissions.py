@@ -163,3 +163,50 @@ def test_open_failure_when_running_as_mssql() -> None:
 )
 def test_which_failures_are_open_failures(call: str, error: Exception, expected: bool) -> None:
     assert permissions.is_open_failure(call, error) is expected
+
+
+def test_open_abort_names_a_problem_found_as_the_cause() -> None:
+    error = VDAbortError("open_device failed", set_name="s1", device="s1")
+    who = accounts(mssql=MssqlAccount(999, "mssql", frozenset({"mssql", "backup"})))
+    text = permissions.explain_open_abort(error, umask=0o007, accounts=who)
+    assert "\n" not in text
+    assert text == (
+        "SQL Server aborted the set as it was being opened (VD_E_ABORT), and its shared "
+        "memory cannot be shared: user backup is not in group mssql, so it cannot open SQL "
+        "Server's shared memory: sudo usermod -aG mssql backup, then log in again"
+    )
+
+
+def test_open_abort_without_a_problem_gives_the_fix_as_a_condition() -> None:
+    error = VDAbortError("open_device failed", set_name="s1", device="s1")
+    shared = Accounts(
+        "backup",
+        1001,
+        "backup",
+        frozenset({"backup", "mssql"}),
+        MssqlAccount(999, "mssql", frozenset({"mssql", "backup"})),
+    )
+    text = permissions.explain_open_abort(error, umask=0o007, accounts=shared)
+    assert "\n" not in text
+    assert text.startswith(
+        "SQL Server aborted the set as it was being opened (VD_E_ABORT): its statement failed "
+        "(see SQL Server's error), or the shared memory could not be opened; if SQL Server's "
+        "error says it could not open the shared memory, or this process's stderr shows "
+        "'Open(hBufferMemory): error <errno>': SQL Server's objects belong to mssql:mssql"
+    )
+    # the same accounts with a umask that strips the group: now a known cause
+    text = permissions.explain_open_abort(error, umask=0o022, accounts=shared)
+    assert "umask 0022 removes group read/write" in text
+    assert "if SQL Server's error" not in text
+    who = accounts(user="mssql", uid=999, group="mssql", groups=frozenset({"mssql"}))
+    text = permissions.explain_open_abort(error, accounts=who)
+    assert "if SQL Server's error says" in text
+    assert "KB5008996" in text
+
+
+def test_account_problems_leave_the_library_alone() -> None:
+    who = accounts(mssql=MssqlAccount(999, "mssql", frozenset({"mssql", "backup"})))
+    assert permissions.account_problems(accounts=who) == [
+        "user backup is not in group mssql, so it cannot open SQL Server's shared memory: "
+        "sudo usermod -aG mssql backup, then log in again"
+    ]

@@ -21,13 +21,19 @@ the thread uses): the set is aborted instead, so the threads return within a sli
 Buffers: a command's ``buffer`` is a zero-copy ``memoryview`` of SQL Server's shared
 memory, valid until ``complete_command``, which releases every view it handed out for
 that command *before* the buffer goes back (a view used afterwards raises
-``ValueError``). A slice taken of such a view (``view[a:b]``) shares its memory but not
-its release: it must not be kept past the completion either.
+``ValueError``). A slice taken of such a view (``view[a:b]``, ``memoryview(view)``) shares
+its memory but not its release: it must not be kept past the completion either. A view
+still exported at the completion (``view.release()`` raises ``BufferError``: something
+such as a ``PickleBuffer`` still reads it) aborts the set instead of handing the memory
+back for SQL Server to reuse (event ``buffer_still_exported``; ``VDAbortError``).
 
 State (``ClientState``, spec §1.6) moves only along ``_TRANSITIONS``: DNE -> CONFIGURABLE
 (create) -> INITIALIZING (get_configuration) -> ACTIVE (every device opened) ->
 NORMALLY_TERMINATED (every device delivered VD_E_CLOSE); ABORTED from any live state;
-DNE again on close.
+DNE again on close. "Every device" counts the final configuration's ``device_count`` (the
+devices SQL Server opened, which the job opens), not the count the client asked for. A
+``VD_E_CLOSE`` observed once the set aborted leaves it ABORTED and raises
+``VDAbortError``, as every call on an aborted set does.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from vdistream.errors import (
     VDProtocolError,
     VDTimeoutError,
 )
+from vdistream.log import get_logger
 from vdistream.protocol import (
     ClientState,
     Command,
@@ -65,7 +72,7 @@ from vdistream.protocol import (
     VDConfig,
 )
 from vdistream.sqlserver import library as lib
-from vdistream.sqlserver.permissions import explain_open_failure
+from vdistream.sqlserver.permissions import explain_open_abort
 from vdistream.vdi.core import SetStatistics
 
 if TYPE_CHECKING:
@@ -76,6 +83,8 @@ if TYPE_CHECKING:
 __all__ = ("SqlVdiDevice", "SqlVdiDeviceSet")
 
 T = TypeVar("T")
+
+_log = get_logger(__name__)
 
 _U32 = 0xFFFFFFFF
 _DATA = frozenset({CommandCode.READ, CommandCode.WRITE})
@@ -109,8 +118,14 @@ class _Live:
         self.obj = obj
         self.this = ctypes.pointer(obj)
         self.name = name
-        self.device_count = device_count
+        self.device_count = device_count  # the client's; the final configuration's once known
         self.limiter = anyio.CapacityLimiter(device_count + 2)
+
+    def configured(self, final: VDConfig) -> None:
+        """SQL Server's count governs from here: the devices it opened are the set's."""
+        if final.device_count > 0:
+            self.device_count = final.device_count
+            self.limiter.total_tokens = final.device_count + 2
 
 
 @dataclasses.dataclass(eq=False)
@@ -122,14 +137,18 @@ class _Delivered:
     address: int  # of its buffer; 0 when it has none
     views: list[memoryview] = dataclasses.field(default_factory=list)
 
-    def release(self) -> None:
+    def release(self) -> bool:
+        """Release the views; ``False`` when one is still exported (``BufferError``:
+        something holds a buffer of it, and may still read the memory)."""
+        released = True
         # the views derived from a base first, the base last
         for view in reversed(self.views):
             try:
                 view.release()
             except BufferError:
-                pass  # exported (e.g. to a ctypes object): nothing more can be done here
+                released = False
         self.views.clear()
+        return released
 
 
 def _views(address: int, size: int, writable: bool) -> list[memoryview]:
@@ -232,6 +251,10 @@ class SqlVdiDeviceSet:
         if to not in _TRANSITIONS[self._state]:
             raise RuntimeError(f"SQL Server VDI set {self.name!r}: {self._state.name} -> {to.name}")
         self._state = to
+
+    def _aborted(self) -> bool:
+        """Read afresh after an ``await`` (mypy keeps ``_state`` narrowed across it)."""
+        return self._state is ClientState.ABORTED
 
     def _require(self, call: str) -> _Live:
         if self._live is None:
@@ -346,6 +369,7 @@ class SqlVdiDeviceSet:
             if hr == 0:
                 if self._final is None and self._state is ClientState.CONFIGURABLE:
                     self._final = struct.to_config()
+                    live.configured(self._final)
                     self._move(ClientState.INITIALIZING)
                 continue
             if hr != _TIMEOUT:
@@ -374,9 +398,11 @@ class SqlVdiDeviceSet:
         )
         if hr == _ABORT and self._aborted_by is None:
             # At OpenDevice this is how a client that cannot map SQL Server's buffer memory
-            # fails (research note, "Pitfalls"): say what to fix.
+            # fails (research note, "Pitfalls"), but also how a statement that failed after
+            # configuring the set ends it: name a permissions problem only when one is found.
             failed = lib.error(hr, "open_device", set_name=live.name, device=name)
-            self._record_abort(SetAbortCause.SERVER, explain_open_failure(live.name, failed))
+            reason = explain_open_abort(failed, umask=self._umask)
+            self._record_abort(SetAbortCause.SERVER, reason)
         if hr != 0:
             raise self._failure(hr, "open_device", name)
         device = SqlVdiDevice(self, live, name, out)
@@ -389,11 +415,14 @@ class SqlVdiDeviceSet:
 
     def signal_abort(self) -> None:
         """Abort the whole set: every call blocked in it returns ``VD_E_ABORT``; idempotent."""
+        self._signal_abort("the client signalled abort")
+
+    def _signal_abort(self, reason: str) -> None:
         live = self._require("signal_abort")
         if self._state is ClientState.ABORTED:
             return
         ended = self._state is ClientState.NORMALLY_TERMINATED
-        self._record_abort(SetAbortCause.CLIENT, "the client signalled abort")
+        self._record_abort(SetAbortCause.CLIENT, reason)
         hr = self._guarded(live, "signal_abort", self.library.signal_abort, live.this)
         if hr not in (0, _ABORT) and not ended:  # after the end a refusal changes nothing
             raise self._failure(hr, "signal_abort")
@@ -430,7 +459,8 @@ class SqlVdiDeviceSet:
             self.library.signal_abort(live.this)
         for device in self._devices:
             for delivered in device._delivered.values():
-                delivered.release()  # the mapping goes away with Close
+                if not delivered.release():  # the mapping goes away with Close
+                    device._exported(delivered, "close")
             device._delivered.clear()
         try:
             hr = self.library.close(live.this)
@@ -569,10 +599,10 @@ class SqlVdiDevice:
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         poll = True
         while True:
+            if owner._state is ClientState.ABORTED:  # as every call on an aborted set
+                raise owner._abort_error("get_command", self._name)
             if self._closed:
                 raise self._closed_error()
-            if owner._state is ClientState.ABORTED:
-                raise owner._abort_error("get_command", self._name)
             if poll:  # a command already queued is taken at once, without a thread hop
                 poll = False
                 hr, out = owner._guarded(self._live, "get_command", self._get_slice, 0)
@@ -587,8 +617,14 @@ class SqlVdiDevice:
                 continue
             if hr == _CLOSE:
                 self._closed = True
-                if len(owner._devices) == self._live.device_count and all(
-                    d._closed for d in owner._devices
+                if owner._aborted():
+                    # aborted while the slice returned (the job's abort, the watchdog): the
+                    # set stays aborted, and the pump ends the job ABORTED on VDAbortError
+                    raise owner._abort_error("get_command", self._name)
+                if (
+                    owner._state is ClientState.ACTIVE
+                    and len(owner._devices) == self._live.device_count
+                    and all(d._closed for d in owner._devices)
                 ):
                     owner._move(ClientState.NORMALLY_TERMINATED)
                 raise self._closed_error()
@@ -596,6 +632,15 @@ class SqlVdiDevice:
                 raise owner._failure(hr, "get_command", self._name)
             if deadline is not None and time.monotonic() >= deadline:
                 raise owner._error(VDTimeoutError, "get_command: timed out", self._name)
+
+    def _exported(self, entry: _Delivered, call: str) -> None:
+        _log.warning(
+            "buffer_still_exported",
+            set=self._live.name,
+            device=self._name,
+            command=entry.command.code.name,
+            call=call,
+        )
 
     def _closed_error(self) -> VDIError:
         return self._owner._error(
@@ -663,7 +708,15 @@ class SqlVdiDevice:
                 self._name,
             )
         del self._delivered[command.serial]
-        entry.release()  # before the buffer goes back: a view used later raises ValueError
+        # before the buffer goes back: a view used later raises ValueError
+        if not entry.release():
+            # Something still reads the buffer: SQL Server must not reuse that memory.
+            self._exported(entry, "complete_command")
+            owner._signal_abort(
+                f"a buffer of device {self._name!r} was still exported at its completion "
+                "(something still held a view of it)"
+            )
+            raise owner._abort_error("complete_command", self._name)
         hr = owner._guarded(
             self._live,
             "complete_command",

@@ -4,8 +4,9 @@ exported member functions (research note ``sqlvdi-linux.md``; spec §8).
 The Linux ``vdi.h`` has no flat C API: ``ClientVirtualDeviceSet`` and
 ``ClientVirtualDevice`` each hold one opaque pointer (8 bytes), and their members are
 exported under Itanium-mangled names (``SYMBOLS``). A member is called as a function
-whose first argument is ``this``; the constructor (C1) fills an 8-byte object we
-allocate, the destructor (D1) empties it. The names were produced by compiling the
+whose first argument is ``this``; the constructor (C1) fills a set object we allocate
+(``SetObject``: 64 zeroed bytes, not 8, in case the class of the binary is larger than
+its header says), the destructor (D1) empties it. The names were produced by compiling the
 header's declarations with g++ and could not be checked against Microsoft's binary
 here, so a missing one is an error that names it.
 
@@ -96,13 +97,20 @@ class VDCCommand(ctypes.Structure):
 
 
 class SetObject(ctypes.Structure):
-    """A ``ClientVirtualDeviceSet`` object: its one opaque pointer (``CVDS* cvds``)."""
+    """A ``ClientVirtualDeviceSet`` object, which we allocate (ctypes zeroes it).
 
-    _fields_ = [("cvds", ctypes.c_void_p)]
+    The header declares one opaque pointer (``CVDS* cvds``), but the header's layout could
+    not be checked against Microsoft's binary: a constructor of a class with more members
+    (a mutex, a name) than the header shows would write past an 8-byte object into our
+    heap. 64 bytes leaves room for that at no cost; only ``cvds`` is ever read.
+    """
+
+    _fields_ = [("cvds", ctypes.c_void_p), ("_reserved", ctypes.c_ubyte * 56)]
 
 
 class DeviceObject(ctypes.Structure):
-    """A ``ClientVirtualDevice`` object, allocated by the library (``CVD* cvd``)."""
+    """A ``ClientVirtualDevice`` object (``CVD* cvd``): the library allocates it in
+    ``OpenDevice``; we only pass the pointer back, never read or size it."""
 
     _fields_ = [("cvd", ctypes.c_void_p)]
 
@@ -111,7 +119,7 @@ assert ctypes.sizeof(VDConfigStruct) == 44
 assert ctypes.sizeof(VDCCommand) == 24
 assert VDCCommand.position.offset == 8
 assert VDCCommand.buffer.offset == 16
-assert ctypes.sizeof(SetObject) == 8
+assert ctypes.sizeof(SetObject) == 64
 assert ctypes.sizeof(DeviceObject) == 8
 
 _U8P = ctypes.POINTER(ctypes.c_uint8)
@@ -219,7 +227,8 @@ class SqlVdi:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.cdll = ctypes.CDLL(str(path))
+            # absolute: a name without "/" would make dlopen search its own path instead
+            self.cdll = ctypes.CDLL(os.path.abspath(path))
         except OSError as exc:  # the loader's own reason: wrong ELF class, a missing dependency
             raise SqlVdiLibraryError(
                 f"cannot load the SQL Server VDI library {path}: {exc}"

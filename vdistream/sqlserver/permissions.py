@@ -27,7 +27,9 @@ __all__ = (
     "MSSQL",
     "Accounts",
     "MssqlAccount",
+    "account_problems",
     "check",
+    "explain_open_abort",
     "explain_open_failure",
     "is_open_failure",
     "process_umask",
@@ -127,6 +129,14 @@ def check(
             lib.load(path)
         except lib.SqlVdiLibraryError as exc:
             problems.append(str(exc))
+    return problems + account_problems(umask=umask, accounts=who)
+
+
+def account_problems(*, umask: int | None = 0o007, accounts: Accounts | None = None) -> list[str]:
+    """What keeps this user and ``mssql`` from opening each other's shared memory, one
+    line each (groups both ways, the umask sets are created with); empty when all is well."""
+    problems: list[str] = []
+    who = accounts if accounts is not None else Accounts.current()
     mssql = who.mssql
     if mssql is None or who.is_mssql:
         return problems  # no SQL Server account here to share with, or we are it
@@ -173,6 +183,22 @@ def _what(error: BaseException) -> str:
     return type(error).__name__
 
 
+def _remedy(who: Accounts) -> str:
+    """What makes the shared memory openable both ways, for this user."""
+    if who.is_mssql:
+        return (
+            "run vdistream where SQL Server runs (same host or container, same /dev/shm); in "
+            "Docker, SQL Server 2019 needs CU15 or later (KB5008996)"
+        )
+    group = who.mssql.group if who.mssql is not None else MSSQL
+    return (
+        f"SQL Server's objects belong to {MSSQL}:{group}; add user {who.user} to group "
+        f"{group} (sudo usermod -aG {group} {who.user}) and {MSSQL} to group {who.group} "
+        f"(sudo usermod -aG {who.group} {MSSQL}), restart SQL Server ({_RESTART}), and create "
+        f"the set with a group-writable umask such as 007; or run vdistream as {MSSQL}"
+    )
+
+
 def explain_open_failure(
     set_name: str, error: BaseException, *, accounts: Accounts | None = None
 ) -> str:
@@ -183,15 +209,28 @@ def explain_open_failure(
         f"device set {set_name!r} ({_what(error)})"
     )
     if who.is_mssql:
-        return (
-            f"{head} although vdistream runs as {MSSQL}: run it where SQL Server runs (same "
-            "host or container, same /dev/shm); in Docker, SQL Server 2019 needs CU15 or "
-            "later (KB5008996)"
-        )
-    group = who.mssql.group if who.mssql is not None else MSSQL
+        return f"{head} although vdistream runs as {MSSQL}: {_remedy(who)}"
+    return f"{head}: {_remedy(who)}"
+
+
+def explain_open_abort(
+    error: BaseException, *, umask: int | None = 0o007, accounts: Accounts | None = None
+) -> str:
+    """One line for ``VD_E_ABORT`` from ``OpenDevice``.
+
+    SQL Server aborts the set there both when the client cannot map its buffer memory
+    (the library then logs ``Open(hBufferMemory): error <errno>`` on stderr, which we
+    cannot read) and when its statement failed after configuring the set. A problem
+    :func:`account_problems` finds is named as the cause; otherwise the permissions fix
+    is given only on the condition that SQL Server's error points at the shared memory.
+    """
+    who = accounts if accounts is not None else Accounts.current()
+    head = f"SQL Server aborted the set as it was being opened ({_what(error)})"
+    problems = account_problems(umask=umask, accounts=who)
+    if problems:
+        return f"{head}, and its shared memory cannot be shared: {'; '.join(problems)}"
     return (
-        f"{head}: SQL Server's objects belong to {MSSQL}:{group}; add user {who.user} to group "
-        f"{group} (sudo usermod -aG {group} {who.user}) and {MSSQL} to group {who.group} "
-        f"(sudo usermod -aG {who.group} {MSSQL}), restart SQL Server ({_RESTART}), and create "
-        f"the set with a group-writable umask such as 007; or run vdistream as {MSSQL}"
+        f"{head}: its statement failed (see SQL Server's error), or the shared memory could "
+        f"not be opened; if SQL Server's error says it could not open the shared memory, or "
+        f"this process's stderr shows 'Open(hBufferMemory): error <errno>': {_remedy(who)}"
     )
