@@ -56,6 +56,9 @@ def _backupset(store: Store) -> list[Row]:
         row["backup_start_date"] = as_datetime(r["backup_start_date"])
         row["backup_finish_date"] = as_datetime(r["backup_finish_date"])
         row["backup_set_uuid"] = r["backup_set_guid"]
+        # msdb's offset of the server's local time from UTC, in 15-minute steps: the
+        # stand-in's clock is UTC
+        row["time_zone"] = r.get("time_zone", 0)
         rows.append(row)
     return rows
 
@@ -81,6 +84,7 @@ _BACKUPSET_COLUMNS = (
     "family_guid",
     "recovery_model",
     "position",
+    "time_zone",
 )
 
 

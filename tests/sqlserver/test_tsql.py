@@ -272,7 +272,8 @@ def test_queries() -> None:
         "SET NOCOUNT ON; SELECT TOP (1) type, is_copy_only, first_lsn, last_lsn, "
         "checkpoint_lsn, database_backup_lsn, differential_base_lsn, "
         "CONVERT(varchar(33), backup_start_date, 126), "
-        "CONVERT(varchar(33), backup_finish_date, 126), database_name "
+        "CONVERT(varchar(33), backup_finish_date, 126), database_name, time_zone, "
+        "server_name "
         "FROM msdb.dbo.backupset WHERE database_name = N'it''s' AND name = N'b''1' "
         "ORDER BY backup_set_id DESC"
     )

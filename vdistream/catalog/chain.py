@@ -106,11 +106,16 @@ class SqlBackup:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> SqlBackup | None:
-        """The SQL Server facts of ``manifest``; None for the other engines. A SQL Server
+        """The SQL Server facts of ``manifest``; None for the other engines and for a
+        backup whose LSNs msdb did not give (``lsn_error``). A SQL Server
         manifest without them, or with malformed ones, is a ``CatalogError``."""
         if manifest.engine != ENGINE:
             return None
         record = manifest.sqlserver
+        if record is not None and record.get("lsn_error"):
+            # SQL Server kept it but msdb could not be read: it restores on its own and
+            # belongs to no chain (a chain through it shows as a gap)
+            return None
         if record is None:
             raise CatalogError(
                 f"SQL Server backup {manifest.backup_id} records no backup type or LSNs "

@@ -60,7 +60,6 @@ _AUDIT_DEBRIS = 3
 
 #: ``backup`` options the daemon takes from its settings, not from the command line
 _DAEMON_OWNS = (
-    "mode",
     "devices",
     "max_transfer_size",
     "buffer_count",
@@ -93,10 +92,24 @@ _SQLVDI = click.option(
 
 
 def with_trigger(url: str, trigger: str | None) -> str:
-    """``url`` with ``?trigger=`` set when the user chose one on the command line."""
+    """``url`` with ``?trigger=`` set when the user chose one on the command line (the
+    option wins over the URL's own)."""
     if trigger is None or not is_sqlserver_url(url):
         return url
-    return f"{url}{'&' if '?' in url else '?'}trigger={trigger}"
+    head, _, query = url.partition("?")
+    kept = [p for p in query.split("&") if p and not p.startswith("trigger=")]
+    return f"{head}?{'&'.join([*kept, f'trigger={trigger}'])}"
+
+
+def shown(target: str) -> str:
+    """A restore target as it may be printed: a SQL Server URL without its password."""
+    return MssqlURL.parse(target).display if is_sqlserver_url(target) else target
+
+
+#: restore options of the other engines, refused for a SQL Server target
+_NOT_FOR_SQLSERVER = ("overwrite", "create", "owner")
+#: SQL Server restore options that need a SQL Server target
+_SQLSERVER_ONLY = ("replace", "norecovery", "moves", "stopat", "to", "chain_database")
 
 
 _BACKUP = click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
@@ -275,6 +288,7 @@ async def _backup_by_daemon(params: Params) -> int:
         None if dest is None else source,
         dest,
         backup_id=params["backup_id"],
+        mode=params["mode"],
         wait=not params["no_wait"],
         json_output=params["json_output"],
     )
@@ -387,6 +401,7 @@ async def restore(params: Params) -> int:
     from vdistream.operations import run_restore
 
     backup_ref, target = params["backup"], with_trigger(params["target"], params["trigger"])
+    _check_restore_options(params, target)
     if params["to"] is not None or params["chain_database"] is not None:
         return await _restore_chain(params, backup_ref, target)
     flags = {name: params[name] for name in ("overwrite", "create", "owner", "verify_first")}
@@ -406,7 +421,7 @@ async def restore(params: Params) -> int:
     summary = {
         "id": result.backup_id,
         "status": result.status.value,
-        "target": target,
+        "target": shown(target),
         "bytes": result.bytes,
         "seconds": round(result.duration, 3),
         "error": None if result.ok else str(result.error),
@@ -414,7 +429,7 @@ async def restore(params: Params) -> int:
     emit(params["json_output"], summary, "")
     if result.ok:
         say(
-            f"restored {result.backup_id} into {target}: logical {result.bytes:,} bytes "
+            f"restored {result.backup_id} into {shown(target)}: logical {result.bytes:,} bytes "
             f"in {result.duration:.1f} s",
             err=True,
         )
@@ -423,12 +438,48 @@ async def restore(params: Params) -> int:
     return 1
 
 
+def _check_restore_options(params: Params, target: str) -> None:
+    """Refuse options that would be silently ignored (usage errors, exit 2)."""
+
+    def given(name: str) -> bool:
+        return params[name] not in (None, False, ())
+
+    def flag(name: str) -> str:
+        return {"moves": "--move", "chain_database": "--database"}.get(
+            name, "--" + name.replace("_", "-")
+        )
+
+    if is_sqlserver_url(target):
+        wrong = [flag(n) for n in _NOT_FOR_SQLSERVER if given(n)]
+        if wrong:
+            raise click.UsageError(
+                f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to a "
+                "SQL Server restore "
+                "(--replace restores over an existing database)"
+            )
+        if given("to") or given("chain_database"):
+            if not given("to"):
+                raise click.UsageError("--database goes with --to (a chain restore)")
+            clash = [flag(n) for n in ("stopat", "verify_first") if given(n)]
+            if clash:
+                raise click.UsageError(
+                    f"{', '.join(clash)} cannot be used with --to (--to TIME is the point "
+                    "the chain stops at)"
+                )
+        return
+    wrong = [flag(n) for n in _SQLSERVER_ONLY if given(n)]
+    if wrong or params["trigger"] is not None or params["sqlvdi"] is not None:
+        wrong += [f for f, n in (("--trigger", "trigger"), ("--sqlvdi", "sqlvdi")) if given(n)]
+        raise click.UsageError(
+            f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} only to a "
+            "SQL Server target (mssql://...)"
+        )
+
+
 async def _restore_chain(params: Params, dest: str, target: str) -> int:
     """``restore DEST mssql://... --to TIME|latest``: a SQL Server chain."""
     from vdistream.operations import run_chain_restore
 
-    if not is_sqlserver_url(target):
-        raise click.UsageError("--to restores a SQL Server chain: TARGET must be mssql://...")
     outcome = await with_progress(
         "restore",
         lambda hook: run_chain_restore(
@@ -437,6 +488,7 @@ async def _restore_chain(params: Params, dest: str, target: str) -> int:
             to=None if params["to"] == "latest" else params["to"],
             database=params["chain_database"],
             replace=params["replace"],
+            norecovery=params["norecovery"],
             moves=tuple(params["moves"]),
             sqlvdi=params["sqlvdi"],
             keys=_key_source(params),
@@ -504,6 +556,10 @@ async def verify(params: Params) -> int:
     restore, without touching the source. Prints one line per check on stdout."""
     from vdistream.operations import run_verify
 
+    if params["engine"] and params["no_content"]:
+        raise click.UsageError("--engine is SQL Server's content check: leave out --no-content")
+    if not params["engine"] and (params["server"] or params["trigger"] or params["sqlvdi"]):
+        raise click.UsageError("--server, --trigger and --sqlvdi go with --engine")
     report = await run_verify(
         params["backup"],
         content=not params["no_content"],
@@ -511,6 +567,7 @@ async def verify(params: Params) -> int:
         engine=params["engine"],
         server=with_trigger(params["server"], params["trigger"]) if params["server"] else None,
         sqlvdi=params["sqlvdi"],
+        trigger=params["trigger"],
     )
     lines = [f"{'ok ' if c.ok else 'BAD'} {c.name}: {c.detail}" for c in report.checks]
     lines.append(f"backup {report.backup_id}: {'verified' if report.ok else 'FAILED'}")

@@ -19,9 +19,13 @@ import anyio
 from vdistream.catalog import list_manifests
 from vdistream.catalog.chain import RestorePlan, RestoreStep, plan_restore
 from vdistream.coordinator import JobResult
-from vdistream.engines.scoped import TargetExistsError
 from vdistream.operations.core import JobHook, KeySource, opened_storage, restore_sqlserver
-from vdistream.operations.sqlserver import SqlRestoreOptions, database_exists, drop_database
+from vdistream.operations.sqlserver import (
+    SqlRestoreOptions,
+    check_target,
+    database_state,
+    drop_database,
+)
 from vdistream.sqlserver.url import MssqlURL
 
 __all__ = ("ChainOutcome", "run_chain_restore")
@@ -54,31 +58,30 @@ async def run_chain_restore(
     to: datetime.datetime | None,
     database: str | None = None,
     replace: bool = False,
+    norecovery: bool = False,
     moves: tuple[tuple[str, str], ...] = (),
     sqlvdi: str | None = None,
     keys: KeySource | None = None,
     on_job: JobHook | None = None,
 ) -> ChainOutcome:
     """Restore ``database`` (default: the target's name) as it was at ``to`` (aware;
-    ``None``: the latest the backups in ``dest`` reach) into ``target``."""
+    ``None``: the latest the backups in ``dest`` reach) into ``target``; with
+    ``norecovery`` the last step too leaves it RESTORING, for more logs to follow."""
     url = MssqlURL.parse(target)
     async with opened_storage(dest) as storage:
         manifests, _problems = await list_manifests(storage)
         plan = plan_restore(manifests, database or url.database, to)
-        existed = await database_exists(url)
-        if existed and not replace:
-            raise TargetExistsError(
-                f"database {url.database!r} already exists on {url.host},{url.port}: "
-                "give --replace to restore over it (its current content is lost)"
-            )
         by_id = {m.backup_id: m for m in manifests}
+        state = await database_state(url)
+        check_target(by_id[plan.steps[0].manifest_id], url, state, replace)
+        existed = state is not None
         done: list[tuple[RestoreStep, JobResult]] = []
         outcome = None
         try:
             for index, step in enumerate(plan.steps):
                 options = SqlRestoreOptions(
                     replace=replace and index == 0,
-                    recovery=step.recovery,
+                    recovery=step.recovery and not norecovery,
                     moves=moves if index == 0 else (),
                     stopat=step.stopat,
                     sqlvdi=sqlvdi,

@@ -67,7 +67,6 @@ from vdistream.engines.databases import (
     resolve_source,
     restore_engine,
 )
-from vdistream.engines.scoped import TargetExistsError
 from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
 from vdistream.errors import (
     ConfigError,
@@ -80,7 +79,8 @@ from vdistream.errors import (
 from vdistream.log import get_logger
 from vdistream.operations.sqlserver import (
     SqlRestoreOptions,
-    database_exists,
+    check_target,
+    database_state,
     drop_database,
     restore_job_options,
     sqlserver_restore_engine,
@@ -91,8 +91,8 @@ from vdistream.pipeline.chain import PipelineConfig, SourceChain
 from vdistream.pipeline.encrypt import stream_context
 from vdistream.pipeline.keys import Key, ScryptParams, load_key
 from vdistream.pipeline.spec import CompressionSpec
-from vdistream.sqlserver.engine import Transfer
-from vdistream.sqlserver.library import library_path, load
+from vdistream.sqlserver.engine import SqlServerStatementError, Transfer
+from vdistream.sqlserver.library import SqlVdiLibraryError, library_path, load
 from vdistream.sqlserver.source import SqlServerSource, is_sqlserver_url
 from vdistream.sqlserver.url import MssqlURL
 from vdistream.storage import Storage
@@ -531,13 +531,12 @@ async def restore_sqlserver(
     server when ``None``) is dropped again when the restore fails."""
     url = MssqlURL.parse(target)
     load(library_path(options.sqlvdi))  # a missing library is said before anything runs
+    engine = sqlserver_restore_engine(manifest, target, options)
+    engine.check()
     if existed is None:
-        existed = await database_exists(url)
-        if existed and not options.replace:
-            raise TargetExistsError(
-                f"database {url.database!r} already exists on {url.host},{url.port}: "
-                "give --replace to restore over it (its current content is lost)"
-            )
+        state = await database_state(url)
+        check_target(manifest, url, state, options.replace)
+        existed = state is not None
     result = None
     try:
         result = await _restore_job(
@@ -548,15 +547,26 @@ async def restore_sqlserver(
             on_job=on_job,
             keys=keys,
             verify_first=verify_first,
-            engine=sqlserver_restore_engine(manifest, target, options),
+            engine=engine,
             job_options=restore_job_options(manifest),
         )
-        return result
     finally:
         # failed, or interrupted (Ctrl-C, SIGTERM): a database it made goes again
+        left = None
         if (result is None or not result.ok) and not existed:
+            left = "the restore was interrupted; the database could not be dropped in time"
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                await drop_database(url)
+                left = await drop_database(url)
+    if not result.ok and left is not None:
+        return _with_leftover(result, f"database {url.database!r} was left behind: {left}")
+    return result
+
+
+def _with_leftover(result: JobResult, what: str) -> JobResult:
+    """``result`` whose error line also says what a failed cleanup left."""
+    error = SqlServerStatementError(f"{result.error}; {what}")
+    error.__cause__ = result.error
+    return dataclasses.replace(result, reason=f"{result.reason}; {what}", error=error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -592,6 +602,7 @@ async def run_verify(
     engine: bool = False,
     server: str | None = None,
     sqlvdi: str | None = None,
+    trigger: str | None = None,
 ) -> VerifyReport:
     """Re-read every stream and check it; then, where the engine allows, the content.
 
@@ -615,6 +626,7 @@ async def run_verify(
             engine=engine,
             server=server,
             sqlvdi=sqlvdi,
+            trigger=trigger,
         )
 
 
@@ -628,6 +640,7 @@ async def _verify(
     engine: bool = False,
     server: str | None = None,
     sqlvdi: str | None = None,
+    trigger: str | None = None,
 ) -> VerifyReport:
     checks: list[Check] = []
     try:
@@ -654,7 +667,7 @@ async def _verify(
         return VerifyReport(backup_id, tuple(checks))
     if manifest.engine == "mssql":
         if engine:
-            checks.append(await _verifyonly(storage, manifest, server, keys, sqlvdi))
+            checks.append(await _verifyonly(storage, manifest, server, keys, sqlvdi, trigger))
         return VerifyReport(backup_id, tuple(checks))
 
     # A killed verify's directory is removed by the next one (its owner lock is free).
@@ -695,12 +708,17 @@ async def _verifyonly(
     server: str | None,
     keys: KeySource | None,
     sqlvdi: str | None,
+    trigger: str | None = None,
 ) -> Check:
     """SQL Server's own check: ``RESTORE VERIFYONLY`` through the devices."""
     url = server or manifest.source
+    if trigger is not None:
+        parsed = MssqlURL.parse(url)
+        url = parsed.display if parsed.trigger == trigger else f"{parsed.display}?trigger={trigger}"
     try:
+        load(library_path(sqlvdi))
         verify_engine = sqlserver_verify_engine(manifest, url, sqlvdi=sqlvdi)
-    except ConfigError as exc:
+    except (ConfigError, SqlVdiLibraryError) as exc:
         return Check("sqlserver", False, str(exc))
     result = await _restore_job(
         storage,

@@ -4,9 +4,11 @@ A SQL Server backup is restored by a ``RESTORE DATABASE|LOG`` that reads the sto
 streams back through ``libsqlvdi.so``'s devices, and verified by ``RESTORE VERIFYONLY``
 the same way. Decisions:
 
-* The target is a database URL (``mssql://user@host:port/newdb``). A database that
-  exists is refused before anything is read unless ``replace`` is given, with a line
-  that says so; SQL Server would refuse it too (3154), later and less clearly.
+* The target is a database URL (``mssql://user@host:port/newdb``). A full backup
+  into a database that exists is refused before anything is read unless ``replace``
+  is given, with a line that says so; SQL Server would refuse it too (3154), later and
+  less clearly. A differential or log backup applies only to a database left
+  RESTORING (``--norecovery``), and is refused at once otherwise.
 * Restoring under another name moves the files: without ``moves``, each of the
   backup's files (recorded in the manifest from ``sys.master_files``) goes to the
   directory it was in, renamed after the new database (``newdb.mdf``,
@@ -25,6 +27,7 @@ import posixpath
 
 from vdistream.catalog import Manifest
 from vdistream.coordinator import JobOptions
+from vdistream.engines.scoped import TargetExistsError
 from vdistream.errors import ConfigError
 from vdistream.log import get_logger
 from vdistream.sqlserver.engine import (
@@ -39,7 +42,9 @@ from vdistream.sqlserver.url import MssqlURL
 
 __all__ = (
     "SqlRestoreOptions",
+    "check_target",
     "database_exists",
+    "database_state",
     "drop_database",
     "restore_job_options",
     "sqlserver_restore_engine",
@@ -83,15 +88,20 @@ def target_moves(manifest: Manifest, database: str) -> tuple[tuple[str, str], ..
     if database == info.get("database"):
         return ()
     moves: list[tuple[str, str]] = []
+    logs = 0
     for file in info.get("files") or []:
         logical, physical, kind = file["logical"], file["physical"], file.get("type")
         folder = posixpath.dirname(physical.replace("\\", "/"))
         if kind == "LOG":
-            name = f"{database}_log.ldf"
+            # the first log file takes the usual name; more get their logical names
+            name = f"{database}_log.ldf" if not logs else f"{database}_{logical}.ldf"
+            logs += 1
         elif not moves:  # the primary data file comes first (file_id order)
             name = f"{database}.mdf"
-        else:
+        elif kind == "ROWS":
             name = f"{database}_{logical}.ndf"
+        else:  # FILESTREAM, full-text: a directory of its own
+            name = f"{database}_{logical}"
         moves.append((logical, posixpath.join(folder, name) if folder else name))
     return tuple(moves)
 
@@ -103,6 +113,12 @@ def sqlserver_restore_engine(
         raise ConfigError(f"backup {manifest.backup_id} has no SQL Server record")
     url = MssqlURL.parse(target)
     kind = manifest.sqlserver.get("type")
+    if options.moves and kind != "D":
+        raise ConfigError(
+            f"--move applies to the restore of a full backup; {manifest.backup_id} is a "
+            f"{'log' if kind == 'L' else 'differential'} backup, restored onto the files "
+            "its full backup laid down"
+        )
     # files are laid down by the full restore only; later steps apply to them
     moves = options.moves or target_moves(manifest, url.database) if kind == "D" else ()
     return SqlServerRestore(
@@ -110,7 +126,8 @@ def sqlserver_restore_engine(
         len(manifest.devices),
         _transfer(manifest),
         log=kind == "L",
-        replace=options.replace,
+        replace=options.replace and kind == "D",
+        time_zone_minutes=int(manifest.sqlserver.get("time_zone_minutes") or 0),
         recovery=options.recovery,
         moves=moves,
         stopat=options.stopat,
@@ -126,15 +143,44 @@ def sqlserver_verify_engine(
     )
 
 
-async def database_exists(url: MssqlURL) -> bool:
-    """Whether ``url.database`` exists on its server (``sys.databases``)."""
+async def database_state(url: MssqlURL) -> str | None:
+    """``url.database``'s state (``ONLINE``, ``RESTORING``, ...; ``sys.databases``),
+    ``None`` when it does not exist."""
     try:
         rows = (await trigger_for(url).run(database_query(url.database), query=True)).rows
     except SqlServerError as exc:
-        raise SqlServerStatementError(
-            f"SQL Server at {url.host},{url.port}: {url.redact(str(exc))}", numbers=exc.numbers
-        ) from exc
-    return bool(rows)
+        raise SqlServerStatementError(url.redact(str(exc)), numbers=exc.numbers) from exc
+    return (rows[0][1] or "UNKNOWN") if rows and len(rows[0]) > 1 else None
+
+
+async def database_exists(url: MssqlURL) -> bool:
+    """Whether ``url.database`` exists on its server."""
+    return await database_state(url) is not None
+
+
+def check_target(manifest: Manifest, url: MssqlURL, state: str | None, replace: bool) -> None:
+    """Refuse a restore its target's state does not allow (module docstring)."""
+    kind = (manifest.sqlserver or {}).get("type")
+    where = f"{url.host},{url.port}"
+    if kind == "D":
+        if state is not None and not replace:
+            raise TargetExistsError(
+                f"database {url.database!r} already exists on {where}: give --replace to "
+                "restore over it (its current content is lost)"
+            )
+        return
+    what = "log" if kind == "L" else "differential"
+    if state is None:
+        raise TargetExistsError(
+            f"database {url.database!r} does not exist on {where}: a {what} backup applies "
+            "to a database restored from its full backup with --norecovery; restore that "
+            "first, or use --to to restore the whole chain"
+        )
+    if state != "RESTORING":
+        raise TargetExistsError(
+            f"database {url.database!r} on {where} is {state}, not RESTORING: a {what} "
+            "backup applies only to a database left restoring (--norecovery)"
+        )
 
 
 async def drop_database(url: MssqlURL) -> str | None:

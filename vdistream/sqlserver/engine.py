@@ -14,9 +14,19 @@ is ``sqlservr``, reached through Microsoft's ``libsqlvdi.so``. The job therefore
   statement (an attention, or killing ``sqlcmd``) and waits for it to end, shielded
   and bounded. The job closes the set only after ``run`` returned, so SQL Server never
   writes into a closed set.
-* Success is SQL Server's word (3014), given only after every device was closed; a
-  backup then reads its own row of ``msdb.dbo.backupset`` (its type and LSNs, for
-  chains) and the database's files (for ``MOVE`` on a restore elsewhere).
+* Success is SQL Server's word, given only after every device was closed: 3014
+  ("successfully processed"), 3262 for VERIFYONLY; a statement that ends without an
+  error but without that word is not taken for a success.
+* A backup then reads its own row of ``msdb.dbo.backupset`` (type, LSNs, times, the
+  server's name and time zone, for chains) and the database's files (for ``MOVE`` on a
+  restore elsewhere). SQL Server has recorded the backup by then (and a log backup has
+  truncated the log): failing the job now would leave a gap in the chain. So the
+  queries are retried, and if they still fail (or msdb keeps no history) the backup is
+  kept with what is known (``lsn_error`` says why the LSNs are missing): it restores
+  on its own, though no chain can be planned through it.
+* Times: msdb and ``STOPAT`` speak the server's local time; the manifest keeps UTC
+  (converted with msdb's ``time_zone``), and a ``STOPAT`` is converted back with the
+  offset recorded by the backup it applies to.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import dataclasses
 import datetime
 from collections.abc import Sequence
 from typing import Any
+
+import anyio
 
 from vdistream.engines.base import (
     Direction,
@@ -39,6 +51,7 @@ from vdistream.sqlserver.library import library_path, load
 from vdistream.sqlserver.trigger import SqlServerError, StatementResult, Trigger, trigger_for
 from vdistream.sqlserver.tsql import (
     BackupKind,
+    StatementError,
     backup_statement,
     backupset_query,
     files_query,
@@ -134,14 +147,28 @@ class SqlServerEngine(Engine):
         meets the set by name in its shared memory)."""
         return SqlVdiDeviceSet(load(library_path(self._library)), umask=self._umask)
 
+    #: the message SQL Server ends a successful statement of this engine with
+    success = 3014
+
     def statement(self, devices: list[str]) -> str:
         """The T-SQL that makes SQL Server open the set whose devices are ``devices``."""
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse now what the statement would refuse once the job runs (a name or an
+        option SQL Server cannot take): ``StatementError``, before any set exists."""
+        self.statement(device_names("vdistream-check", self.devices))
 
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
         statement = self.statement(device_names(set_name, self.devices))
         _log.info("sqlserver_statement", statement=self.url.redact(statement))
         result = await self.execute(statement)
+        if not result.has(self.success):
+            raise SqlServerStatementError(
+                f"SQL Server ended the statement without reporting success (message "
+                f"{self.success}); nothing is kept",
+                numbers=[m.number for m in result.messages],
+            )
         return SqlServerResult(
             direction=self.direction,
             set_name=set_name,
@@ -155,9 +182,9 @@ class SqlServerEngine(Engine):
         try:
             return await self.trigger.run(statement, query=query)
         except SqlServerError as exc:
-            raise SqlServerStatementError(
-                f"SQL Server: {self.url.redact(str(exc))}", numbers=exc.numbers
-            ) from exc
+            raise SqlServerStatementError(self.url.redact(str(exc)), numbers=exc.numbers) from exc
+        except StatementError as exc:  # refused before it was sent (sqlcmd's $(...))
+            raise SqlServerStatementError(self.url.redact(str(exc))) from exc
 
     async def after(self, result: StatementResult) -> dict[str, Any] | None:
         """What to record once the statement succeeded (backups: msdb's row)."""
@@ -202,32 +229,37 @@ class SqlServerBackup(SqlServerEngine):
             name=self.backup_id,
         )
 
+    #: how often msdb is asked after a success, and the pause before each retry
+    history_attempts = 3
+    history_pause = 1.0
+
     async def after(self, result: StatementResult) -> dict[str, Any] | None:
+        """What msdb and ``sys.master_files`` say of the backup just taken; what is
+        known from the statement when they cannot be read (module docstring)."""
         database = self.url.database
-        rows = (await self.execute(backupset_query(database, self.backup_id), query=True)).rows
-        if not rows:
-            raise SqlServerStatementError(
-                f"SQL Server reported the backup of {database!r} complete but msdb has no "
-                f"row named {self.backup_id!r} (msdb.dbo.backupset)"
-            )
-        row = rows[0]
-        files = (await self.execute(files_query(database), query=True)).rows
-        return {
+        known: dict[str, Any] = {
             "database": database,
-            "type": row[0],
-            "copy_only": row[1] in ("1", "True", "true"),
-            "first_lsn": row[2],
-            "last_lsn": row[3],
-            "checkpoint_lsn": row[4],
-            "database_backup_lsn": row[5],
-            "differential_base_lsn": row[6],
-            "started": _utc(row[7]),
-            "finished": _utc(row[8]),
+            "type": {BackupKind.DIFF: "I", BackupKind.LOG: "L"}.get(self.kind, "D"),
+            "copy_only": self.copy_only,
             "server": f"{self.url.host},{self.url.port}",
-            "files": [
-                {"logical": f[0], "physical": f[1], "type": f[2]} for f in files if len(f) >= 3
-            ],
         }
+        problem = ""
+        for attempt in range(self.history_attempts):
+            if attempt:
+                await anyio.sleep(self.history_pause * attempt)
+            try:
+                query = backupset_query(database, self.backup_id)
+                rows = (await self.execute(query, query=True)).rows
+                files = (await self.execute(files_query(database), query=True)).rows
+            except SqlServerStatementError as exc:
+                problem = str(exc)
+                continue
+            if not rows or len(rows[0]) < 10:
+                problem = f"msdb.dbo.backupset has no row named {self.backup_id!r}"
+                continue
+            return {**known, **_history(rows[0]), "files": _files(files)}
+        _log.error("sqlserver_history_unread", database=database, error=problem)
+        return {**known, "lsn_error": problem}
 
 
 class SqlServerRestore(SqlServerEngine):
@@ -245,9 +277,11 @@ class SqlServerRestore(SqlServerEngine):
         moves: Sequence[tuple[str, str]] = (),
         stopat: datetime.datetime | None = None,
         checksum: bool = True,
+        time_zone_minutes: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(url, Direction.RESTORE, devices, transfer, **kwargs)
+        self.time_zone_minutes = time_zone_minutes
         self.log = log
         self.replace = replace
         self.recovery = recovery
@@ -263,7 +297,9 @@ class SqlServerRestore(SqlServerEngine):
             replace=self.replace,
             recovery=self.recovery,
             moves=self.moves,
-            stopat=self.stopat,
+            stopat=None
+            if self.stopat is None
+            else server_time(self.stopat, self.time_zone_minutes),
             checksum=self.checksum,
             block_size=self.transfer.block_size,
             buffer_count=self.transfer.buffers(self.devices),
@@ -273,6 +309,8 @@ class SqlServerRestore(SqlServerEngine):
 
 class SqlServerVerify(SqlServerEngine):
     """``RESTORE VERIFYONLY``: SQL Server's own check of a backup, streamed back."""
+
+    success = 3262  # "The backup set on file 1 is valid."
 
     def __init__(
         self, url: MssqlURL, devices: int, transfer: Transfer, *, checksum: bool = True, **kw: Any
@@ -290,11 +328,50 @@ class SqlServerVerify(SqlServerEngine):
         )
 
 
-def _utc(text: str | None) -> str | None:
-    """msdb's date (ISO 8601, UTC by our convention) as an aware ISO string."""
+def _history(row: Sequence[str | None]) -> dict[str, Any]:
+    """One row of ``backupset_query`` as the manifest records it."""
+    offset = _offset(row[10] if len(row) > 10 else None)
+    record: dict[str, Any] = {
+        "type": row[0],
+        "copy_only": row[1] in ("1", "True", "true"),
+        "first_lsn": row[2],
+        "last_lsn": row[3],
+        "checkpoint_lsn": row[4],
+        "database_backup_lsn": row[5],
+        "differential_base_lsn": row[6],
+        "started": _utc(row[7], offset),
+        "finished": _utc(row[8], offset),
+        "time_zone_minutes": int(offset.total_seconds() // 60),
+    }
+    if len(row) > 11 and row[11]:
+        record["server"] = row[11]  # @@SERVERNAME: the same server whatever the URL says
+    return record
+
+
+def _files(rows: Sequence[Sequence[str | None]]) -> list[dict[str, str | None]]:
+    return [{"logical": f[0], "physical": f[1], "type": f[2]} for f in rows if len(f) >= 3]
+
+
+def _offset(time_zone: str | None) -> datetime.timedelta:
+    """msdb's ``time_zone`` (15-minute steps; 127 or NULL: unknown, taken as UTC)."""
+    try:
+        steps = int(time_zone) if time_zone is not None else 0
+    except ValueError:
+        steps = 0
+    return datetime.timedelta(minutes=15 * steps) if abs(steps) <= 56 else datetime.timedelta()
+
+
+def _utc(text: str | None, offset: datetime.timedelta) -> str | None:
+    """msdb's local date (ISO 8601, no zone) as an aware UTC ISO string."""
     if not text:
         return None
     when = datetime.datetime.fromisoformat(text)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return when.isoformat()
+        when = (when - offset).replace(tzinfo=datetime.UTC)
+    return when.astimezone(datetime.UTC).isoformat()
+
+
+def server_time(when: datetime.datetime, offset_minutes: int) -> datetime.datetime:
+    """An aware time as the server's local clock reads it (what ``STOPAT`` takes)."""
+    utc = when.astimezone(datetime.UTC).replace(tzinfo=None)
+    return utc + datetime.timedelta(minutes=offset_minutes)

@@ -317,14 +317,17 @@ def filelistonly_statement(
 def backupset_query(database: str, name: str) -> str:
     """The ``msdb.dbo.backupset`` row of the backup named ``name`` of ``database``:
     type ('D', 'I', 'L'), is_copy_only, first/last/checkpoint/database_backup/
-    differential_base LSN, start and finish (UTC ISO 8601), database_name."""
+    differential_base LSN, start and finish (the server's local time, ISO 8601),
+    database_name, time_zone (the server's offset from UTC then, in 15-minute steps)
+    and server_name (``@@SERVERNAME``: the server's identity, whatever the URL calls it)."""
     if not database:
         raise StatementError("the database name is empty")
     return (
         "SET NOCOUNT ON; SELECT TOP (1) type, is_copy_only, first_lsn, last_lsn, "
         "checkpoint_lsn, database_backup_lsn, differential_base_lsn, "
         "CONVERT(varchar(33), backup_start_date, 126), "
-        "CONVERT(varchar(33), backup_finish_date, 126), database_name "
+        "CONVERT(varchar(33), backup_finish_date, 126), database_name, time_zone, "
+        "server_name "
         f"FROM msdb.dbo.backupset WHERE database_name = {quote_string(database)} "
         f"AND name = {quote_string(name)} ORDER BY backup_set_id DESC"
     )
