@@ -73,7 +73,7 @@ def default_socket_path(
     path = Path(config) if config else Path(env.get("VDISTREAM_CONFIG") or DEFAULT_SETTINGS_PATH)
     if path.is_file():
         try:
-            return str(load_settings(path, env).service.socket_path)
+            return str(load_settings(path, env, check_passwords=False).service.socket_path)
         except (SettingsError, OSError):
             pass
     return DEFAULT_SOCKET

@@ -52,6 +52,8 @@ __all__ = (
 #: HTTP statuses of an invalid request (exit 2): bad body, unknown job or database,
 #: a job already finished, a value the API does not take
 _INVALID = (400, 404, 409, 422)
+#: ``vdistream.service.jobs.SQLSERVER_MODES``, not imported: the client stays light
+_SQLSERVER_MODES = ("full", "diff", "log", "copy-only")
 _GOES_ON = "the job goes on in the daemon"
 _ABORTED = "the job was aborted in the daemon"
 
@@ -169,11 +171,24 @@ async def status(client: ApiClient, params: Params) -> int:
         )
         return 1
     jobs = ready["jobs"]
+    # The next scheduled backups, by database and kind (full, diff, log)
+    upcoming = {
+        d["name"]: d["next_backups"] for d in await client.databases() if d.get("next_backups")
+    }
+    lines = [
+        f"  next backups of {name}: " + ", ".join(f"{kind} {when}" for kind, when in fires.items())
+        for name, fires in upcoming.items()
+    ]
     emit(
         params["json_output"],
-        {"health": health, "ready": True, "jobs": jobs},
-        f"vdistream daemon {health['version']} at {client.where}: ready, "
-        f"{jobs['running']} running, {jobs['queued']} queued",
+        {"health": health, "ready": True, "jobs": jobs, "next_backups": upcoming},
+        "\n".join(
+            [
+                f"vdistream daemon {health['version']} at {client.where}: ready, "
+                f"{jobs['running']} running, {jobs['queued']} queued",
+                *lines,
+            ]
+        ),
     )
     return 0
 
@@ -268,6 +283,11 @@ _BACKUP = click.option(
 @_DATABASE
 @click.option("--id", "backup_id", help="The new backup's id (DATABASE.something).")
 @click.option(
+    "--mode",
+    type=click.Choice(_SQLSERVER_MODES),
+    help="SQL Server databases only: full (the default), diff, log or copy-only.",
+)
+@click.option(
     "--no-verify",
     "verify",
     flag_value=False,
@@ -339,6 +359,7 @@ async def submit_backup_to_daemon(
     *,
     backup_id: str | None = None,
     verify: bool | None = None,
+    mode: str | None = None,
     wait: bool = True,
     json_output: bool = False,
     stdout: TextIO | None = None,
@@ -354,6 +375,8 @@ async def submit_backup_to_daemon(
     daemon; on success ``stdout`` gets the bare backup id and ``stderr`` the summary
     (logical and stored bytes). Without ``wait`` ``stdout`` gets the job's id and the
     command returns at once. ``json_output``: the job as one JSON object on ``stdout``.
+    ``mode``: a SQL Server database's kind of backup (``full``, the default, ``diff``,
+    ``log``, ``copy-only``); the daemon refuses it for the other engines (exit 2).
 
     Exit code: 0 when the backup succeeded (or, without ``wait``, was accepted); 1 when
     it failed or was aborted, the queue is full, the daemon is shutting down or cannot
@@ -372,7 +395,7 @@ async def submit_backup_to_daemon(
     else:
         body["source"] = _absolute_source(source)
         body["destination"] = _absolute_dest(dest)
-    body |= {"backup_id": backup_id or None, "verify": verify}
+    body |= {"backup_id": backup_id or None, "verify": verify, "mode": mode}
     body = {name: value for name, value in body.items() if value is not None}
 
     async def work(client: ApiClient) -> int:

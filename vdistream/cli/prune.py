@@ -55,7 +55,7 @@ async def prune(params: Params) -> int:
     path = config_path(params["config"])
     if params["config"] or path.is_file():
         try:
-            settings = load_settings(path)
+            settings = load_settings(path, check_passwords=False)
         except SettingsError as exc:
             say(f"vdistream: {exc}", err=True)
             return 2

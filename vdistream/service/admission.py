@@ -10,17 +10,28 @@
   itself queues after each backup (``internal``): it is never refused, so at most
   ``max_jobs`` more jobs can wait than ``max_queued`` says.
 * A request names a configured database, or (a backup) the source and destination of
-  exactly one configured database (``UnknownDatabaseError`` otherwise).
+  exactly one configured database (``UnknownDatabaseError`` otherwise). A SQL Server
+  URL matches the configured one with the same user, host, port and database (its
+  password and trigger aside).
+* A backup's ``mode`` is SQL Server's (``full``, ``diff``, ``log``, ``copy-only``):
+  refused for the other engines (``InvalidRequestError``), ``full`` when a SQL Server
+  request names none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from vdistream.service.jobs import JobRequest, QueueFullError, UnknownDatabaseError
+from vdistream.service.jobs import (
+    InvalidRequestError,
+    JobRequest,
+    QueueFullError,
+    UnknownDatabaseError,
+)
 from vdistream.service.runners import LiveJob
 from vdistream.service.settings import DatabaseSettings, Settings
-from vdistream.service.state import JobRecord
+from vdistream.service.state import JobRecord, JobType
+from vdistream.sqlserver.url import PASSWORD_VARIABLES, MssqlURL, MssqlURLError
 
 __all__ = ("Admission",)
 
@@ -68,16 +79,26 @@ class Admission:
     def resolve(
         self, settings: Settings, request: JobRequest
     ) -> tuple[JobRequest, DatabaseSettings]:
-        """The request with its database named, and that database's settings."""
+        """The request with its database named (and a SQL Server backup's mode), and
+        that database's settings."""
         databases = settings.databases
         if not request.database:
-            match = _match_source(settings, request)
-            return dataclasses.replace(request, database=match.name), match
-        database = databases.get(request.database)
-        if database is None:
-            known = ", ".join(sorted(databases)) or "none"
-            raise UnknownDatabaseError(
-                f"no database {request.database!r} in the settings (configured: {known})"
+            database = _match_source(settings, request)
+            request = dataclasses.replace(request, database=database.name)
+        else:
+            found = databases.get(request.database)
+            if found is None:
+                known = ", ".join(sorted(databases)) or "none"
+                raise UnknownDatabaseError(
+                    f"no database {request.database!r} in the settings (configured: {known})"
+                )
+            database = found
+        if request.kind is JobType.BACKUP and database.kind == "mssql" and request.mode is None:
+            request = dataclasses.replace(request, mode="full")
+        elif request.mode is not None and database.kind != "mssql":
+            raise InvalidRequestError(
+                f"'mode' {request.mode!r} is for SQL Server databases; database "
+                f"{database.name!r} is {database.kind}, its backups are as its settings say"
             )
         return request, database
 
@@ -170,6 +191,8 @@ def _match_source(settings: Settings, request: JobRequest) -> DatabaseSettings:
 
 def _same_url(configured: str, given: str) -> bool:
     """Whether a client's URL or path names the same thing as a configured one."""
+    if _sqlserver(configured) is not None:
+        return _sqlserver(configured) == _sqlserver(given)
 
     def normal(text: str) -> str:
         text = text.strip()
@@ -180,3 +203,13 @@ def _same_url(configured: str, given: str) -> bool:
         return text.rstrip("/") or "/"
 
     return normal(configured) == normal(given)
+
+
+def _sqlserver(url: str) -> tuple[str, str, int, str] | None:
+    """The user, host, port and database of a SQL Server URL (``None``: not one, or
+    malformed). The password plays no part: a stand-in keeps the parse from looking."""
+    try:
+        parsed = MssqlURL.parse(url.strip(), password_env={PASSWORD_VARIABLES[0]: "-"})
+    except MssqlURLError:
+        return None
+    return parsed.user, parsed.host.lower(), parsed.port, parsed.database

@@ -56,6 +56,7 @@ import re
 import socket
 import stat
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -129,6 +130,8 @@ class ApiBackend(Protocol):
     def ready(self) -> bool: ...
 
     async def metrics_text(self) -> bytes: ...
+
+    def next_fires(self) -> dict[str, dict[str, datetime]]: ...
 
 
 _BACKEND: web.AppKey[ApiBackend] = web.AppKey("backend", ApiBackend)
@@ -370,7 +373,9 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 async def _databases(request: web.Request) -> web.Response:
-    settings = request.app[_BACKEND].settings
+    backend = request.app[_BACKEND]
+    settings = backend.settings
+    fires = backend.next_fires()
     rows = []
     for name, database in sorted(settings.databases.items()):
         destination = settings.destinations[database.destination]
@@ -385,6 +390,13 @@ async def _databases(request: web.Request) -> web.Response:
                 "devices": database.devices,
                 "max_jobs": database.max_jobs,
                 "schedule": None if database.schedule is None else database.schedule.text,
+                "schedule_diff": _text(database.schedule_diff),
+                "schedule_log": _text(database.schedule_log),
+                # by kind (full, diff, log), when the schedules run
+                "next_backups": {
+                    kind: when.astimezone(UTC).isoformat(timespec="seconds")
+                    for kind, when in fires.get(name, {}).items()
+                },
                 "keep_last": database.retention.keep_last,
                 "keep_within": None
                 if database.retention.keep_within is None
@@ -393,6 +405,10 @@ async def _databases(request: web.Request) -> web.Response:
             }
         )
     return web.json_response({"databases": rows})
+
+
+def _text(value: object | None) -> str | None:
+    return None if value is None else str(value)
 
 
 async def _submit(request: web.Request) -> web.Response:

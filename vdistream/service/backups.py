@@ -14,6 +14,12 @@ deleting one, applying retention, and removing what a killed job left behind.
   looks complete and is not.
 * ``apply_retention(...)``: ``plan_retention`` over one database's backups, then the
   deletions (unless ``dry_run``); backups that a running or queued job uses are kept.
+  Each backup's ``needs`` is what ``catalog.chain.dependencies`` says it needs to be
+  restored (a SQL Server log: its full and the logs between; a differential: its
+  full; the other engines' backups: nothing), so retention keeps those of every kept
+  backup (``Reason.NEEDED``). When the chain cannot be read (a SQL Server manifest
+  without its type or LSNs) nothing of the database is deleted and ``problem`` says
+  why: deleting without knowing what a kept log needs could break its chain.
 * ``remove_partial_backup(storage, backup_id, ...)``: after a crash, a backup job's
   objects under ``<backup_id>/`` when no readable manifest commits them, its S3
   multipart uploads, and the temporary files of its file sinks (see the function).
@@ -34,6 +40,7 @@ import anyio
 import anyio.to_thread
 
 from vdistream.catalog import CatalogError, Manifest, manifest_key, read_manifest
+from vdistream.catalog.chain import dependencies
 from vdistream.errors import StorageError, StorageNotFoundError
 from vdistream.log import get_logger
 from vdistream.service.retention import BackupInfo, RetentionPlan, RetentionPolicy, plan_retention
@@ -134,6 +141,8 @@ class RetentionOutcome:
     #: backups the plan would delete but a job still uses: kept this time
     in_use: tuple[str, ...] = ()
     dry_run: bool = False
+    #: why nothing was deleted although the plan says so (the chains cannot be read)
+    problem: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -162,6 +171,7 @@ class RetentionOutcome:
             "in_use": list(self.in_use),
             "deleted": [d.backup_id for d in self.deleted if d.error is None],
             "errors": {d.backup_id: d.error for d in self.deleted if d.error is not None},
+            "problem": self.problem,
         }
 
 
@@ -177,13 +187,29 @@ async def apply_retention(
     dry_run: bool = False,
 ) -> RetentionOutcome:
     """Plan retention over the manifests of ``database`` (``group_of``) and delete
-    what the plan says, except backups in ``in_use``. Deletion order: oldest first."""
+    what the plan says, except backups in ``in_use`` and what a kept backup needs
+    (module doc). Deletion order: oldest first."""
     mine = [m for m in manifests if group_of(m.backup_id) == database]
-    infos = [BackupInfo(m.backup_id, backup_ended(m), m.backup_id in verified) for m in mine]
+    problem = None
+    try:
+        needs = dependencies(mine)
+    except CatalogError as exc:
+        problem = f"nothing deleted: the backup chains cannot be read: {exc}"
+        log.error("retention_chains_unreadable", database=database, error=str(exc))
+        needs = {}
+    infos = [
+        BackupInfo(
+            m.backup_id,
+            backup_ended(m),
+            m.backup_id in verified,
+            needs.get(m.backup_id, frozenset()),
+        )
+        for m in mine
+    ]
     plan = plan_retention(infos, policy, now or datetime.now(UTC))
     busy = tuple(b.id for b in plan.delete if b.id in in_use)
     deleted: list[DeletedBackup] = []
-    if not dry_run:
+    if not dry_run and problem is None:
         for backup in reversed(plan.delete):
             if backup.id in busy:
                 continue
@@ -195,7 +221,7 @@ async def apply_retention(
                 log.error(
                     "backup_delete_failed", database=database, backup_id=backup.id, error=done.error
                 )
-    return RetentionOutcome(database, policy, plan, tuple(deleted), busy, dry_run)
+    return RetentionOutcome(database, policy, plan, tuple(deleted), busy, dry_run, problem)
 
 
 async def remove_partial_backup(

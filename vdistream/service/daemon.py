@@ -25,8 +25,24 @@ Starting
    ``async with`` that starts the service, i.e. every job's);
 2. open the state database, mark the jobs a previous run left unfinished as failed
    and remove their partial backups (``JobManager.recover``);
-3. start the manager, the schedules (``Scheduler``, one per database with a
-   ``schedule``), the event-loop lag probe and the API (``ApiServer``).
+3. start the manager, the schedules (``Scheduler``, one schedule per database and
+   backup kind: see Schedules), the event-loop lag probe and the API (``ApiServer``).
+
+Schedules
+---------
+
+Every ``schedule`` of a database is one schedule of the ``Scheduler``: ``NAME`` for
+``schedule``, ``NAME:diff`` for ``schedule_diff`` and ``NAME:log`` for
+``schedule_log`` (SQL Server only). When one fires, a backup of that kind is
+submitted like a client's request (``trigger`` ``schedule``; for SQL Server ``mode``
+``full``, ``diff`` or ``log``; the other engines' backups have their settings' mode).
+Schedules due at the same moment fire in the order full, diff, log (the scheduler
+orders those of one instant by name), so a full and a log of one database that fire
+together are submitted full first, and the database's ``max_jobs`` (1 by default)
+queues the log behind the full, FIFO: the log backup then follows the full one (the
+full's verification, queued when the full ends, comes after the log). A refused
+submission (a full queue) is logged (``scheduled_backup_refused``) with its kind.
+``next_fires()`` gives each database's next fire per kind.
 
 Shutting down (``shutdown()``; ``vdistream serve`` on SIGTERM/SIGINT)
 ----------------------------------------------------------------------
@@ -95,8 +111,8 @@ from vdistream.service.api import ApiServer
 from vdistream.service.jobs import JobRequest, ServiceError
 from vdistream.service.manager import JobManager
 from vdistream.service.metrics import Metrics
-from vdistream.service.schedule import Scheduler
-from vdistream.service.settings import Settings, settings_summary
+from vdistream.service.schedule import CronExpr, Scheduler
+from vdistream.service.settings import SCHEDULE_KINDS, Settings, settings_summary
 from vdistream.service.state import (
     JobRecord,
     JobState,
@@ -145,6 +161,8 @@ class Service:
         self._api: ApiServer | None = None
         self._scheduler_scope: anyio.CancelScope | None = None
         self._scheduler: Scheduler | None = None
+        #: the scheduler's schedule names -> (database, backup kind)
+        self._schedule_targets: dict[str, tuple[str, str]] = {}
         self._bg_scope: anyio.CancelScope | None = None
         self._bg_tg: anyio.abc.TaskGroup | None = None
         self._shutting_down = False
@@ -193,9 +211,19 @@ class Service:
         """Where the API listens (``unix:PATH``, ``http://HOST:PORT``)."""
         return list(self._api.addresses) if self._api is not None else []
 
-    def next_fires(self) -> dict[str, datetime]:
-        """The next planned backup of each scheduled database."""
-        return self._scheduler.next_fires() if self._scheduler is not None else {}
+    def next_fires(self) -> dict[str, dict[str, datetime]]:
+        """The next planned backups of each scheduled database, by kind (``full``,
+        ``diff``, ``log``; the other engines' one schedule is ``full``):
+        ``{"app": {"full": ..., "log": ...}}``."""
+        if self._scheduler is None:
+            return {}
+        fires: dict[str, dict[str, datetime]] = {}
+        for name, when in self._scheduler.next_fires().items():
+            database, kind = self._schedule_targets[name]
+            fires.setdefault(database, {})[kind] = when
+        return {
+            d: dict(sorted(k.items(), key=lambda i: _KIND_ORDER[i[0]])) for d, k in fires.items()
+        }
 
     async def submit(self, kind: str, database: str, **options: Any) -> JobRecord:
         """Queue a job: ``submit("backup", "app")``, ``submit("verify", "app",
@@ -383,20 +411,18 @@ class Service:
         log.info(
             "settings_reloaded",
             databases=sorted(self._settings.databases),
-            schedules={n: d.schedule.text for n, d in settings.databases.items() if d.schedule},
+            schedules={n: c.text for n, (c, _, _) in _schedules(settings).items()},
         )
         return [f"service.{n}" for n in fixed]
 
     # --- schedules --------------------------------------------------------------------
 
     def _start_scheduler(self) -> None:
-        schedules = {
-            name: database.schedule
-            for name, database in self._settings.databases.items()
-            if database.schedule is not None
-        }
-        if not schedules or self._bg_tg is None:
+        found = _schedules(self._settings)
+        if not found or self._bg_tg is None:
             return
+        schedules = {name: cron for name, (cron, _, _) in found.items()}
+        self._schedule_targets = {name: (db, kind) for name, (_, db, kind) in found.items()}
         clock, sleep = _clock_and_sleep(self._speedup)
         scheduler = Scheduler(
             schedules,
@@ -419,13 +445,23 @@ class Service:
         self._scheduler_scope = None
         self._scheduler = None
 
-    async def _on_schedule(self, database: str, planned: datetime) -> None:
+    async def _on_schedule(self, name: str, planned: datetime) -> None:
+        target = self._schedule_targets.get(name)
+        if target is None:  # a schedule a reload just removed
+            return
+        database, kind = target
+        settings = self._settings.databases.get(database)
+        # SQL Server backups have a kind; the other engines' have their settings' mode
+        mode = kind if settings is not None and settings.kind == "mssql" else None
         try:
-            await self.manager.submit(JobRequest(JobType.BACKUP, database, trigger="schedule"))
+            await self.manager.submit(
+                JobRequest(JobType.BACKUP, database, trigger="schedule", mode=mode)
+            )
         except ServiceError as exc:
             log.error(
                 "scheduled_backup_refused",
                 database=database,
+                kind=kind,
                 planned=planned.isoformat(),
                 error=str(exc),
             )
@@ -437,6 +473,20 @@ class Service:
             start = anyio.current_time()
             await anyio.sleep(_LAG_INTERVAL)
             self.metrics.observe_lag(max(0.0, anyio.current_time() - start - _LAG_INTERVAL))
+
+
+_KIND_ORDER = {kind: i for i, kind in enumerate(SCHEDULE_KINDS)}
+
+
+def _schedules(settings: Settings) -> dict[str, tuple[CronExpr, str, str]]:
+    """Schedule name (module doc: Schedules) -> (cron, database, backup kind). The
+    names sort in the order simultaneous fires run: ``app`` < ``app:diff`` < ``app:log``."""
+    found: dict[str, tuple[CronExpr, str, str]] = {}
+    for database, table in settings.databases.items():
+        for kind, cron in table.schedules.items():
+            name = database if kind == "full" else f"{database}:{kind}"
+            found[name] = (cron, database, kind)
+    return found
 
 
 def _clock_and_sleep(

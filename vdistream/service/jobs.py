@@ -32,6 +32,7 @@ from vdistream.service.state import JobRecord, JobType
 __all__ = (
     "BACKUP_ID_PATTERN",
     "LATEST",
+    "SQLSERVER_MODES",
     "InvalidRequestError",
     "JobFinishedError",
     "JobRequest",
@@ -49,6 +50,12 @@ __all__ = (
 LATEST = "latest"
 #: A backup id: one storage key component, at most 128 characters.
 BACKUP_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: The ``mode`` of a SQL Server backup request (``vdistream.sqlserver.engine``'s
+#: ``BACKUP_MODES``, not imported: that module loads the VDI binding).
+SQLSERVER_MODES = ("full", "diff", "log", "copy-only")
+#: A URL's password (user info ``user:password@``), masked in what is stored; greedy
+#: to the last ``@`` so that a password holding ``@`` or ``/`` is masked whole.
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*):.*@")
 
 
 class ServiceError(VdistreamError):
@@ -105,7 +112,7 @@ def backup_prefix(database: str) -> str:
 #: The fields of a request body, by kind; those in ``_FLAGS`` are booleans, the others
 #: strings.
 _FIELDS: Mapping[JobType, frozenset[str]] = {
-    JobType.BACKUP: frozenset({"source", "destination", "backup_id", "verify"}),
+    JobType.BACKUP: frozenset({"source", "destination", "backup_id", "verify", "mode"}),
     JobType.RESTORE: frozenset({"backup_id", "target", "overwrite", "create", "owner"}),
     JobType.VERIFY: frozenset({"backup_id", "content"}),
 }
@@ -117,8 +124,12 @@ class JobRequest:
     """One job to run (``POST /v1/jobs``, ``Service.submit``).
 
     * backup: ``database``; optional ``backup_id`` (must start with ``<database>.``;
-      default ``new_backup_id``) and ``verify`` (default: the database's
-      ``verify_after_backup``). Instead of ``database`` a client may give ``source``
+      default ``new_backup_id``), ``verify`` (default: the database's
+      ``verify_after_backup``) and, for a SQL Server database only, ``mode``: ``full``
+      (the default), ``diff``, ``log`` or ``copy-only`` (``Admission.resolve`` refuses
+      it for the other engines, whose mode is their settings'; it sets ``full`` when a
+      SQL Server request names none, so the job record says which backup it was).
+      Instead of ``database`` a client may give ``source``
       and ``destination`` (URLs, or a destination's name): the daemon then picks the
       configured database that backs up exactly that source into exactly that
       destination, and refuses when there is none.
@@ -146,9 +157,17 @@ class JobRequest:
     destination: str | None = None
     trigger: str = "api"
     after: str | None = None
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", JobType(self.kind))
+        if self.mode is not None:
+            if self.kind is not JobType.BACKUP:
+                raise InvalidRequestError(f"'mode' is for backups, not for a {self.kind.value}")
+            if self.mode not in SQLSERVER_MODES:
+                raise InvalidRequestError(
+                    f"mode {self.mode!r} is not a SQL Server backup: {', '.join(SQLSERVER_MODES)}"
+                )
         backup_id, prefix = self.backup_id, backup_prefix(self.database)
         if self.kind is JobType.RESTORE and not self.target:
             raise InvalidRequestError("a restore needs a 'target' (where to restore to)")
@@ -219,10 +238,12 @@ class JobRequest:
     def params(self) -> dict[str, Any]:
         """What is stored with the job record (no defaults, no secrets)."""
         out: dict[str, Any] = {"trigger": self.trigger}
-        for name in ("backup_id", "verify", "target", "owner", "after"):
+        for name in ("backup_id", "verify", "target", "owner", "after", "mode"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.target is not None:  # a database URL may hold a password
+            out["target"] = _URL_PASSWORD.sub(r"\1:***@", self.target)
         if self.kind is JobType.RESTORE:
             out["overwrite"] = self.overwrite
             out["create"] = self.create

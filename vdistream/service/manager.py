@@ -17,10 +17,16 @@ queue and the limits), ``runners`` (one job's run to its ``Outcome``, and its ab
 * A backup that succeeded is followed by a verification of it (request ``verify``,
   default the database's ``verify_after_backup``), which also applies the database's
   retention (``runners`` module doc).
+* A SQL Server backup's end is also counted by its mode:
+  ``vdistream_sqlserver_backups_total{database, mode, outcome}`` (``mode`` ``full``,
+  ``diff``, ``log``, ``copy-only``; ``outcome`` the job's state), registered with the
+  service's other metrics when the manager is made; its job record's ``params`` and
+  ``result`` say the mode too.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +34,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import structlog
+from prometheus_client import CollectorRegistry, Counter
 
 from vdistream.coordinator import AbortCause
 from vdistream.log import get_logger
@@ -63,6 +70,24 @@ log = get_logger(__name__)
 #: how often ended jobs older than ``service.job_history`` are forgotten (seconds)
 _PRUNE_EVERY = 3600.0
 
+#: One counter per registry: a service run again (``async with`` twice) makes a new
+#: manager over the same metrics, and a registry refuses a name twice.
+_BY_MODE: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
+
+
+def _sqlserver_backups(registry: CollectorRegistry) -> Counter:
+    """``vdistream_sqlserver_backups_total{database, mode, outcome}`` (module doc)."""
+    counter = _BY_MODE.get(registry)
+    if counter is None:
+        counter = _BY_MODE[registry] = Counter(
+            "vdistream_sqlserver_backups",
+            "SQL Server backups that ended, by database, mode (full, diff, log, copy-only) "
+            "and outcome (succeeded, failed, aborted)",
+            ("database", "mode", "outcome"),
+            registry=registry,
+        )
+    return counter
+
 
 class JobManager:
     """Runs jobs within the limits of ``settings`` and records them in ``store``.
@@ -89,6 +114,7 @@ class JobManager:
             store=store, metrics=metrics, changed=self._notify, in_use=self._jobs.backups_in_use
         )
         self._ticker = ProgressTicker(store, metrics, tick, persist_every, abort_fallback)
+        self._by_mode = _sqlserver_backups(metrics.registry)
         self._tg: anyio.abc.TaskGroup | None = None
         self._intake_open = False
         #: set by close_intake only: queued jobs then stay queued. A manager cancelled
@@ -281,6 +307,8 @@ class JobManager:
         seconds = None if job.started_at is None else anyio.current_time() - job.started_at
         state, kind = outcome.state, job.request.kind.value
         self._metrics.job_ended(kind, state.value, seconds, outcome.refused, outcome.cause)
+        if job.request.kind is JobType.BACKUP and job.request.mode is not None:  # SQL Server
+            self._by_mode.labels(job.database, job.request.mode, state.value).inc()
         level = 20 if state is JobState.SUCCEEDED else 30
         log.log(level, "job_ended", job_id=job.id, state=state.value, error=outcome.error)
         self._jobs.release(job)

@@ -18,6 +18,15 @@ file again for restore and verify (the manifest says the rest). The key is read 
 its file when a job starts, so a rotated key file is picked up without a reload, and
 it is never kept in the daemon or the state database.
 
+SQL Server databases run the same jobs through the same coordinator (so abort,
+shutdown and the watchdogs are the other engines'): a backup of the request's
+``mode`` (``full``, ``diff``, ``log``, ``copy-only``) with the database's ``sqlvdi``;
+its result carries the ``mode`` and the manifest's ``sqlserver`` facts (type, LSNs).
+A verification's content check is SQL Server's own ``RESTORE VERIFYONLY`` on the
+database's server (the configured URL, its password found as for a backup). A
+restore goes into the request's ``target`` (``mssql://.../newdb``), ``overwrite``
+being ``REPLACE``; a chain restore (``--to TIME``) is the command line's.
+
 A verification that succeeded of one of the database's own backups (an id
 ``<database>.…``; a request naming another database's backup is refused) is recorded
 as the database's last verified backup (``JobStore.record_verified``) and then the
@@ -45,7 +54,14 @@ from vdistream.coordinator import AbortCause, Job, JobStatus, stream_key
 from vdistream.engines import TargetExistsError
 from vdistream.errors import KeyMissingError, KeyNotNeededError, VdistreamError, WrongKeyError
 from vdistream.log import get_logger
-from vdistream.operations import BackupSettings, KeySource, run_backup, run_restore, run_verify
+from vdistream.operations import (
+    BackupSettings,
+    KeySource,
+    SqlRestoreOptions,
+    run_backup,
+    run_restore,
+    run_verify,
+)
 from vdistream.service.backups import apply_retention, backup_ended, group_of, verified_ids
 from vdistream.service.jobs import LATEST, JobRequest, UnknownDatabaseError, new_backup_id
 from vdistream.service.metrics import Metrics
@@ -229,16 +245,23 @@ class JobRunner:
         await self._started(
             job, backup_id=backup_id, storage_url=destination.display_url, add_storage_keys=keys
         )
+        sqlserver = database.kind == "mssql"
         options = BackupSettings(
             devices=database.devices,
-            mode=database.mode,
+            # SQL Server: the request's kind of backup (Admission sets "full")
+            mode=job.request.mode if sqlserver else database.mode,
             backup_id=backup_id,
             compression=database.compress if database.compress.enabled else None,
             encryption=_keys(database),
             workdir=settings.service.work_dir,
+            sqlvdi=_library(database),
         )
         outcome = await run_backup(database.url, destination.url, options, on_job=job.attach)
         result = {**outcome.summary(), "destination": destination.name}
+        if sqlserver:
+            result["mode"] = options.mode
+            if outcome.manifest is not None and outcome.manifest.sqlserver is not None:
+                result["sqlserver"] = outcome.manifest.sqlserver
         if outcome.ok:
             return Outcome(JobState.SUCCEEDED, result)
         ended = outcome.result
@@ -251,6 +274,9 @@ class JobRunner:
         destination, backup_id = await self._pick(job, database, settings)
         request = job.request
         assert request.target is not None
+        sqlserver = None
+        if database.kind == "mssql":
+            sqlserver = SqlRestoreOptions(replace=request.overwrite, sqlvdi=_library(database))
         result = await run_restore(
             _ref(destination, backup_id),
             request.target,
@@ -259,11 +285,12 @@ class JobRunner:
             owner=request.owner,
             keys=_keys(database),
             on_job=job.attach,
+            sqlserver=sqlserver,
         )
         summary = {
             "id": backup_id,
             "status": result.status.value,
-            "target": request.target,
+            "target": job.record.params.get("target", request.target),  # password masked
             "bytes": result.bytes,
             "seconds": round(result.duration, 3),
             "error": None if result.ok else str(result.error),
@@ -281,11 +308,16 @@ class JobRunner:
         self, job: LiveJob, database: DatabaseSettings, settings: Settings
     ) -> Outcome:
         destination, backup_id = await self._pick(job, database, settings)
+        sqlserver = database.kind == "mssql" and job.request.content
         report = await run_verify(
             _ref(destination, backup_id),
             content=job.request.content,
             keys=_keys(database),
             workdir=settings.service.work_dir,
+            # SQL Server checks the content itself: RESTORE VERIFYONLY on its server
+            engine=sqlserver,
+            server=database.url if sqlserver else None,
+            sqlvdi=_library(database),
         )
         result: dict[str, Any] = report.summary()
         if not report.ok:
@@ -357,6 +389,11 @@ def _keys(database: DatabaseSettings) -> KeySource | None:
     if database.encrypt_key_file is None:
         return None
     return KeySource(key_file=str(database.encrypt_key_file), optional=True)
+
+
+def _library(database: DatabaseSettings) -> str | None:
+    """The database's ``libsqlvdi.so`` (SQL Server), as ``operations`` takes it."""
+    return None if database.sqlvdi is None else str(database.sqlvdi)
 
 
 def _ref(destination: DestinationSettings, backup_id: str) -> str:

@@ -326,7 +326,8 @@ _utc_now = functools.partial(datetime.now, UTC)
 class Scheduler:
     """Calls ``await callback(name, planned)`` whenever a named schedule fires.
 
-    ``schedules`` maps a name (the database) to a cron text or ``CronExpr``; texts are
+    ``schedules`` maps a name (the service's: ``NAME``, ``NAME:diff``, ``NAME:log`` for
+    database ``NAME``'s backup kinds) to a cron text or ``CronExpr``; texts are
     parsed at once (``CronError``). ``clock`` returns aware datetimes (default: now in
     UTC); ``sleep(seconds)`` waits (default ``anyio.sleep``); both are injectable for
     tests. The scheduler owns no task: ``await scheduler.run()`` (or ``await

@@ -68,6 +68,26 @@ Decisions
   fits in 0o777; the socket path fits in ``sun_path``; ``encrypt_key_file`` and
   ``token_file`` exist, and the key file holds a key (``vdistream.pipeline.keys``;
   the key itself is not kept); ``compress`` is parsed by ``vdistream.pipeline.spec``.
+
+SQL Server
+----------
+
+``url = "mssql://user@host:port/db"`` (or ``sqlserver://``; ``?trigger=sqlcmd``,
+``?password_file=/abs/path``) is parsed by ``vdistream.sqlserver.url.MssqlURL``
+at load, password included: a URL whose password cannot be found (in the URL,
+``VDISTREAM_MSSQL_PASSWORD`` or ``SQLCMDPASSWORD`` of ``env``, or the password file)
+fails at start. Each job looks the password up again the same way (a rotated password
+file is read by the next job; that lookup is in the process's environment, ``env``
+only serves the check at load). ``display_url`` is ``MssqlURL.display``: never the
+password. A SQL Server database has one schedule per backup type: ``schedule`` (full),
+``schedule_diff`` (differential) and ``schedule_log`` (log), each a cron expression
+like ``schedule``; the other engines have ``schedule`` only, and a ``schedule_diff`` or
+``schedule_log`` on them is an error naming the key. ``mode`` stays PostgreSQL's
+(the schedules say which SQL Server backup runs when). ``sqlvdi`` names Microsoft's
+``libsqlvdi.so``, per database or under ``[service]`` for every SQL Server database
+(the database's wins; neither: ``VDISTREAM_SQLVDI``, then
+``/opt/mssql/lib/libsqlvdi.so``); relative to the file, checked to exist at load, and
+refused on a database of another engine.
 """
 
 from __future__ import annotations
@@ -89,6 +109,7 @@ from vdistream.service.schedule import CronExpr, resolve_timezone
 
 __all__ = (
     "DEFAULT_SETTINGS_PATH",
+    "SCHEDULE_KINDS",
     "TOKEN_ENV",
     "DatabaseSettings",
     "DestinationSettings",
@@ -108,7 +129,10 @@ TOKEN_ENV = "VDISTREAM_API_TOKEN"
 
 LogFormat = Literal["json", "console", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
-DatabaseKind = Literal["sqlite", "postgresql", "cmd"]
+DatabaseKind = Literal["sqlite", "postgresql", "cmd", "mssql"]
+#: The backup kinds a database may have a schedule for, in the order they run when
+#: several fire at once (``DatabaseSettings.schedules``).
+SCHEDULE_KINDS = ("full", "diff", "log")
 
 
 class SettingsError(ConfigError):
@@ -174,6 +198,9 @@ class ServiceSettings:
     log_level: LogLevel = "info"
     #: a zoneinfo key; ``None`` is the system's local zone
     timezone: str | None = None
+    #: ``libsqlvdi.so`` for the SQL Server databases that name none (``None``:
+    #: ``VDISTREAM_SQLVDI``, then ``/opt/mssql/lib/libsqlvdi.so``)
+    sqlvdi: Path | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -222,9 +249,25 @@ class DatabaseSettings:
     compress: CompressionSpec = field(default_factory=lambda: CompressionSpec("none"))
     encrypt_key_file: Path | None = None
     max_jobs: int = 1
+    #: when to back up (SQL Server: a full backup)
     schedule: CronExpr | None = None
+    #: SQL Server only: when to take a differential backup
+    schedule_diff: CronExpr | None = None
+    #: SQL Server only: when to take a log backup
+    schedule_log: CronExpr | None = None
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     verify_after_backup: bool = True
+    #: SQL Server only: ``libsqlvdi.so`` (the database's ``sqlvdi``, else the service's;
+    #: ``None``: ``VDISTREAM_SQLVDI``, then the default path)
+    sqlvdi: Path | None = None
+
+    @property
+    def schedules(self) -> dict[str, CronExpr]:
+        """Backup kind (``full``, ``diff``, ``log``; ``SCHEDULE_KINDS`` order) -> its
+        schedule, for the kinds that have one. The other engines' ``schedule`` is
+        listed as ``full``: their one kind of backup."""
+        crons = (self.schedule, self.schedule_diff, self.schedule_log)
+        return {k: c for k, c in zip(SCHEDULE_KINDS, crons, strict=True) if c is not None}
 
 
 @dataclass(frozen=True)
@@ -260,13 +303,18 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text)))
 
 
-def load_settings(path: str | Path | None, env: Mapping[str, str] = os.environ) -> Settings:
+def load_settings(
+    path: str | Path | None, env: Mapping[str, str] = os.environ, *, check_passwords: bool = True
+) -> Settings:
     """Read ``path`` (``None``: no file, defaults and environment only), apply the
     ``VDISTREAM_*`` overrides from ``env``, validate, and return the settings.
-    Raises ``SettingsError`` (module doc) for anything wrong."""
+    Raises ``SettingsError`` (module doc) for anything wrong. ``check_passwords``
+    False: a SQL Server URL's password is not looked for (its shape is checked), for
+    readers that connect to no database (a client finding the socket, ``prune``),
+    whose environment may not hold the daemon's password."""
     from vdistream.service.settings._load import load  # pydantic: only when loading
 
-    return load(Path(path) if path is not None else None, env)
+    return load(Path(path) if path is not None else None, env, check_passwords=check_passwords)
 
 
 def settings_summary(settings: Settings) -> dict[str, Any]:
@@ -290,6 +338,7 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
             "log_format": service.log_format,
             "log_level": service.log_level,
             "timezone": service.timezone,
+            "sqlvdi": None if service.sqlvdi is None else str(service.sqlvdi),
         },
         "destinations": {n: d.display_url for n, d in settings.destinations.items()},
         "databases": {
@@ -303,6 +352,9 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
                 "encrypted": d.encrypt_key_file is not None,
                 "max_jobs": d.max_jobs,
                 "schedule": None if d.schedule is None else d.schedule.text,
+                "schedule_diff": None if d.schedule_diff is None else d.schedule_diff.text,
+                "schedule_log": None if d.schedule_log is None else d.schedule_log.text,
+                "sqlvdi": None if d.sqlvdi is None else str(d.sqlvdi),
                 "keep_last": d.retention.keep_last,
                 "keep_within": _seconds(d.retention.keep_within),
                 "verify_after_backup": d.verify_after_backup,

@@ -47,6 +47,7 @@ from vdistream.service.settings._schema import (
     show,
     type_name,
 )
+from vdistream.sqlserver.url import PASSWORD_VARIABLES, MssqlURL
 
 __all__ = ("load",)
 
@@ -58,7 +59,7 @@ _SUN_PATH_MAX = 107  # bytes, not counting the terminating NUL
 _MIN_TOKEN = 16
 
 
-def load(file: Path | None, env: Mapping[str, str]) -> Settings:
+def load(file: Path | None, env: Mapping[str, str], *, check_passwords: bool = True) -> Settings:
     text = ""
     raw: dict[str, Any] = {}
     if file is not None:
@@ -79,6 +80,8 @@ def load(file: Path | None, env: Mapping[str, str]) -> Settings:
             match = re.search(r"line (\d+)", str(exc))
             fail(f"not valid TOML: {exc}", int(match[1]) if match else None)
     where = _Where(file, text)
+    # Without the check, a stand-in password: no variable or file is looked at.
+    where.password_env = env if check_passwords else {PASSWORD_VARIABLES[0]: "-"}
     applied = _overlay(raw, env, where)
     try:
         parsed = FileIn.model_validate(raw)
@@ -86,7 +89,9 @@ def load(file: Path | None, env: Mapping[str, str]) -> Settings:
         raise _all_problems(raw, exc.errors(), where, env) from None
     service = _service(parsed.service, where, env)
     destinations = {n: _destination(n, d, where) for n, d in parsed.destinations.items()}
-    databases = {n: _database(n, d, where, destinations) for n, d in parsed.databases.items()}
+    databases = {
+        n: _database(n, d, where, destinations, service) for n, d in parsed.databases.items()
+    }
     return Settings(
         service=service,
         databases=MappingProxyType(databases),
@@ -106,6 +111,8 @@ class _Where:
         self.file = file
         self.locator = Locator(text)
         self.env: dict[KeyPath, str] = {}  # key path -> variable that set it
+        #: where SQL Server URLs' passwords are looked for (``load``'s ``check_passwords``)
+        self.password_env: Mapping[str, str] = {}
 
     def from_env(self, path: KeyPath) -> str | None:
         """The variable that set ``path`` or a table above it."""
@@ -177,11 +184,12 @@ _ORDER = {
     "service": (
         *("state_dir", "socket", "socket_mode", "listen", "token_file", "token"),
         *("grace_period", "job_history", "timezone", "max_jobs", "max_queued"),
-        *("log_format", "log_level"),
+        *("log_format", "log_level", "sqlvdi"),
     ),
     "destinations": ("url",),
     "databases": (
-        *("url", "mode", "destination", "compress", "encrypt_key_file", "schedule"),
+        *("url", "mode", "destination", "compress", "encrypt_key_file", "sqlvdi"),
+        *("schedule", "schedule_diff", "schedule_log"),
         *("retention", "devices", "max_jobs", "verify_after_backup"),
     ),
     "retention": ("keep_within", "keep_last"),
@@ -257,8 +265,12 @@ def _later_checks(
         except SettingsError as exc:
             found.append(exc)
 
-    if (service := accepted(("service",), ServiceIn)) is not None:
-        run(lambda: _service(service, where, env))
+    service: ServiceSettings | None = None
+    if (service_in := accepted(("service",), ServiceIn)) is not None:
+        try:
+            service = _service(service_in, where, env)
+        except SettingsError as exc:
+            found.append(exc)
     destinations, databases = (raw.get(s) for s in ("destinations", "databases"))
     destinations = destinations if isinstance(destinations, dict) else {}
     for name in destinations:
@@ -267,7 +279,7 @@ def _later_checks(
     targets = [n for n, t in destinations.items() if isinstance(t, dict)]
     for name in databases if isinstance(databases, dict) else {}:
         if (db := accepted(("databases", name), DatabaseIn)) is not None:
-            run(functools.partial(_database, name, db, where, targets))
+            run(functools.partial(_database, name, db, where, targets, service))
     return found
 
 
@@ -410,7 +422,7 @@ def _set_path(
 
 def _service(s: ServiceIn | None, where: _Where, env: Mapping[str, str]) -> ServiceSettings:
     fields = given(s)
-    for key in ("state_dir", "socket", "token_file"):
+    for key in ("state_dir", "socket", "token_file", "sqlvdi"):
         if key in fields:
             fields[key] = where.path(("service", key), fields[key])
     service = ServiceSettings(**fields)
@@ -437,7 +449,19 @@ def _service(s: ServiceIn | None, where: _Where, env: Mapping[str, str]) -> Serv
             ("service", "listen"),
             f"a TCP listener needs a bearer token: set service.token_file or {TOKEN_ENV}",
         )
+    if (library := service.sqlvdi) is not None:
+        where.check(("service", "sqlvdi"), lambda: _check_library(library))
     return dataclasses.replace(service, token=token)
+
+
+def _check_library(path: Path) -> None:
+    """``ValueError`` unless ``path`` is a file (loading it is the job's business)."""
+    if not path.is_file():
+        missing = "is not a file" if path.exists() else "does not exist"
+        raise ValueError(
+            f"{path} {missing}: name Microsoft's libsqlvdi.so (SQL Server installs it "
+            "as /opt/mssql/lib/libsqlvdi.so)"
+        )
 
 
 def _read_token(path: Path) -> Secret:
@@ -464,13 +488,32 @@ def _destination(name: str, d: DestinationIn, where: _Where) -> DestinationSetti
 
 
 def _database(
-    name: str, d: DatabaseIn, where: _Where, destinations: Collection[str]
+    name: str,
+    d: DatabaseIn,
+    where: _Where,
+    destinations: Collection[str],
+    service: ServiceSettings | None = None,
 ) -> DatabaseSettings:
     def at(key: str) -> KeyPath:
         return ("databases", name, key)
 
     fields = given(d)
     kind, url = where.check(at("url"), lambda: database_url(d.url, where.base_dir(at("url"))))
+    display = mask(url)
+    if kind == "mssql":
+        # The shape first (a stand-in password: no file read), then the real password.
+        shape = where.check(
+            at("url"), lambda: MssqlURL.parse(url, password_env={PASSWORD_VARIABLES[0]: "-"})
+        )
+        if shape.password_file is not None and not Path(shape.password_file).is_absolute():
+            raise where.error(
+                at("url"),
+                f"{shape.display!r}: password_file must be an absolute path "
+                f"(got {shape.password_file!r})",
+            )
+        display = where.check(
+            at("url"), lambda: MssqlURL.parse(url, password_env=where.password_env)
+        ).display
     if kind == "postgresql":
         mode = fields.setdefault("mode", "basebackup")
         if not isinstance(mode, str):
@@ -478,7 +521,15 @@ def _database(
         if mode not in ("basebackup", "dump"):
             raise where.error(at("mode"), f"expected one of basebackup, dump, got {mode!r}")
     elif d.mode is not None:
-        raise where.error(at("mode"), f"only PostgreSQL databases have a mode; this one is {kind}")
+        hint = (
+            " (a SQL Server database's schedule, schedule_diff and schedule_log say which "
+            "backup runs when)"
+            if kind == "mssql"
+            else ""
+        )
+        raise where.error(
+            at("mode"), f"only PostgreSQL databases have a mode; this one is {kind}{hint}"
+        )
     if d.destination not in destinations:
         defined = ", ".join(sorted(destinations)) or "none"
         raise where.error(
@@ -489,7 +540,24 @@ def _database(
             at("encrypt_key_file"), d.encrypt_key_file
         )
         where.check(at("encrypt_key_file"), lambda: load_key(key_file=key_file))  # then dropped
+    if d.sqlvdi is not None:
+        if kind != "mssql":
+            raise where.error(
+                at("sqlvdi"),
+                f"only SQL Server databases use sqlvdi (libsqlvdi.so); this one is {kind}",
+            )
+        library = fields["sqlvdi"] = where.path(at("sqlvdi"), d.sqlvdi)
+        where.check(at("sqlvdi"), lambda: _check_library(library))
+    elif kind == "mssql" and service is not None and service.sqlvdi is not None:
+        fields["sqlvdi"] = service.sqlvdi
+    for key, backup in (("schedule_diff", "differential"), ("schedule_log", "log")):
+        if kind != "mssql" and getattr(d, key) is not None:
+            raise where.error(
+                at(key),
+                f"only SQL Server databases have a {key} ({backup} backups); this one is "
+                f"{kind}: use schedule",
+            )
     if d.retention is not None:
         fields["retention"] = RetentionPolicy(**given(d.retention))
-    fields.update(url=url, name=name, kind=kind, display_url=mask(url))
+    fields.update(url=url, name=name, kind=kind, display_url=display)
     return DatabaseSettings(**fields)

@@ -224,9 +224,11 @@ def mask(url: str) -> str:
 
 
 def database_url(url: str, base: Path) -> tuple[DatabaseKind, str]:
+    """The URL's kind and the URL (a relative SQLite path made absolute). A SQL Server
+    URL is only recognised here: ``_load`` parses it (it needs the environment)."""
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
-    known = "sqlite:, postgresql: (postgres:), cmd:"
+    known = "sqlite:, postgresql: (postgres:), mssql: (sqlserver:), cmd:"
     if not sep:
         raise ValueError(f"{url!r} is not a database URL (known schemes: {known})")
     if scheme == "sqlite":
@@ -244,6 +246,8 @@ def database_url(url: str, base: Path) -> tuple[DatabaseKind, str]:
         except ValueError as exc:
             raise ValueError(f"{mask(url)!r}: {exc}") from None
         return "postgresql", url
+    if scheme in ("mssql", "sqlserver"):
+        return "mssql", url
     if scheme == "cmd":
         try:
             words = shlex.split(rest)
@@ -293,6 +297,7 @@ class ServiceIn(_Table):
     log_format: Annotated[LogFormat | None, TEXT] = None
     log_level: Annotated[LogLevel | None, TEXT] = None
     timezone: Annotated[str | None, TEXT, AfterValidator(_rule(_timezone))] = None
+    sqlvdi: Annotated[str | None, TEXT] = None
 
 
 class DestinationIn(_Table):
@@ -304,6 +309,9 @@ class DestinationIn(_Table):
 class RetentionIn(_Table):
     keep_last: Annotated[int | None, Field(ge=1, le=100_000)] = None
     keep_within: Annotated[timedelta | None, BLANK, PlainValidator(_positive_duration)] = None
+
+
+_Cron = Annotated[CronExpr | None, BLANK, PlainValidator(_rule(CronExpr.parse))]
 
 
 class DatabaseIn(_Table):
@@ -319,9 +327,13 @@ class DatabaseIn(_Table):
     destination: Annotated[str, TEXT] = Field(
         description='the name of a [destinations.NAME] table, e.g. destination = "local"'
     )
-    schedule: Annotated[CronExpr | None, BLANK, PlainValidator(_rule(CronExpr.parse))] = None
+    schedule: _Cron = None
+    #: SQL Server only, like ``mode`` (``_load`` checks the URL's kind)
+    schedule_diff: _Cron = None
+    schedule_log: _Cron = None
     retention: RetentionIn | None = None
     verify_after_backup: bool | None = None
+    sqlvdi: Annotated[str | None, TEXT] = None
 
 
 _Name = Annotated[str, AfterValidator(_name)]
