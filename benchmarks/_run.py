@@ -93,6 +93,13 @@ GROUPS = [
         ("--scale", "70", "--compressed"),
     ),
     Group(
+        "mssql",
+        "sqlserver_backup.py",
+        "SQL Server backup through the stand-in libsqlvdi.so",
+        ("--gib", "0.5", "--rss-gib", "0.5", "1"),
+        ("--gib", "2", "--rss-gib", "1", "8"),
+    ),
+    Group(
         "s3",
         "s3_backup.py",
         "S3 backup and restore (moto on loopback)",

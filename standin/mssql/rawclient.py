@@ -20,20 +20,12 @@ from standin.mssql.vdss import (
     VDC_WRITE,
     VDConfig,
 )
+from standin.sqlvdi.abi import VDCCommand
 
 __all__ = ("ClientResult", "RawClient", "VDCCommand", "ended_well")
 
 ERROR_SUCCESS = 0
 ERROR_HANDLE_EOF = 38
-
-
-class VDCCommand(ctypes.Structure):
-    _fields_ = [
-        ("commandCode", ctypes.c_int32),
-        ("size", ctypes.c_int32),
-        ("position", ctypes.c_int64),
-        ("buffer", ctypes.c_void_p),
-    ]
 
 
 _SET = "_ZN22ClientVirtualDeviceSet"

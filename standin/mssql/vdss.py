@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from standin.sqlvdi.abi import VDConfig  # one definition of the 44-byte struct
+
 __all__ = (
     "ERROR_DISK_FULL",
     "ERROR_HANDLE_EOF",
@@ -84,27 +86,6 @@ def hresult_text(rc: int) -> str:
     value = rc & 0xFFFFFFFF
     name = _NAMES.get(value & 0xFFFF, "failed to retrieve text for this error. Reason: 15105")
     return f"0x{value:08X}({name})"
-
-
-class VDConfig(ctypes.Structure):
-    """The 44-byte ``VDConfig`` of vdi.h."""
-
-    _fields_ = [
-        (name, ctypes.c_uint32)
-        for name in (
-            "deviceCount",
-            "features",
-            "prefixZoneSize",
-            "alignment",
-            "softFileMarkBlockSize",
-            "EOMWarningSize",
-            "serverTimeOut",
-            "blockSize",
-            "maxIODepth",
-            "maxTransferSize",
-            "bufferAreaSize",
-        )
-    ]
 
 
 class VdssError(Exception):
