@@ -49,6 +49,7 @@ __all__ = (
     "keygen",
     "list_",
     "restore",
+    "shown",
     "storage",
     "verify",
     "with_trigger",

@@ -70,6 +70,7 @@ __all__ = (
     "SqlServerStatementError",
     "SqlServerVerify",
     "Transfer",
+    "server_time",
 )
 
 #: ``--mode`` of a SQL Server backup: the statement's kind, and copy-only
