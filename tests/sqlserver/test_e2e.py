@@ -432,3 +432,88 @@ def test_a_failed_restore_leaves_no_database(
     done = run_cli(env, "restore", str(dest / backup_id), url(standin, "src_restored"), check=1)
     assert "Traceback" not in done.stderr
     assert standin.state("src_restored") is None
+
+
+# --- restores step by step, options, secrets ----------------------------------------------------
+
+
+def test_step_by_step_norecovery_then_log_then_recovery(
+    standin: StandinServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    standin.create_database("steps", 4 * MiB, seed=9)
+    dest = tmp_path / "dest"
+    full = backup(env, standin, "steps", dest)["id"]
+    standin.write("steps", pages=12)
+    log = backup(env, standin, "steps", dest, "--mode", "log")["id"]
+    target = url(standin, "steps_copy")
+    # a log cannot go first: refused before anything runs, in DBA terms
+    done = run_cli(env, "restore", str(dest / log), target, check=1)
+    assert "does not exist" in done.stderr
+    assert "--norecovery" in done.stderr
+    run_cli(env, "restore", str(dest / full), target, "--norecovery")
+    assert standin.state("steps_copy") == "RESTORING"
+    # onto a RESTORING database a log needs no --replace
+    run_cli(env, "restore", str(dest / log), target)
+    assert standin.state("steps_copy") == "ONLINE"
+    assert standin.checksum("steps_copy") == standin.checksum("steps")
+    # and once it is ONLINE, another log is refused at once
+    done = run_cli(env, "restore", str(dest / log), target, check=1)
+    assert "not RESTORING" in done.stderr
+
+
+def test_chain_with_norecovery_leaves_the_database_restoring(
+    standin: StandinServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    standin.create_database("more", 4 * MiB)
+    dest = tmp_path / "dest"
+    backup(env, standin, "more", dest)
+    standin.write("more")
+    backup(env, standin, "more", dest, "--mode", "log")
+    target = url(standin, "more_copy")
+    run_cli(
+        env, "restore", str(dest), target, "--to", "latest", "--database", "more", "--norecovery"
+    )
+    assert standin.state("more_copy") == "RESTORING"
+
+
+def test_explicit_move_and_a_password_in_the_url_never_shown(
+    standin: StandinServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    standin.create_database("moved", 2 * MiB)
+    dest = tmp_path / "dest"
+    backup_id = backup(env, standin, "moved", dest)["id"]
+    files = tmp_path / "files"
+    files.mkdir()
+    secret = standin.url("moved2").replace("sa@", f"sa:{standin.password}@") + "?trigger=sqlcmd"
+    env = {k: v for k, v in env.items() if k != "VDISTREAM_MSSQL_PASSWORD"}
+    done = run_cli(
+        env,
+        "restore",
+        str(dest / backup_id),
+        secret,
+        "--json",
+        "--move",
+        f"moved={files}/m.mdf",
+        "--move",
+        f"moved_log={files}/m.ldf",
+    )
+    assert standin.password not in done.stdout + done.stderr
+    assert json.loads(done.stdout)["status"] == "succeeded"
+    statement = [s for s in standin.statements() if s.startswith("RESTORE DATABASE")][-1]
+    assert f"MOVE N'moved' TO N'{files}/m.mdf'" in statement
+    assert f"MOVE N'moved_log' TO N'{files}/m.ldf'" in statement
+    assert standin.checksum("moved2") == standin.checksum("moved")
+
+
+def test_options_that_would_be_ignored_are_refused(
+    standin: StandinServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    target = url(standin, "any")
+    for args in (
+        ["--overwrite"],
+        ["--to", "latest", "--stopat", "2026-12-06T10:00:00"],
+        ["--database", "x"],
+    ):
+        done = run_cli(env, "restore", str(tmp_path / "d" / "id"), target, *args, check=2)
+        assert "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
