@@ -614,3 +614,19 @@ async def test_tds_connection_refused(listener: socket.socket) -> None:
         await trigger.run(STATEMENT)
     assert f"SQL Server 127.0.0.1,{port}: cannot connect as 'sa'" in str(caught.value)
     assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_sqlcmd_refuses_a_line_break_it_would_read_as_its_own_commands(
+    tmp_path: Path,
+) -> None:
+    from vdistream.sqlserver.trigger import SqlcmdTrigger
+    from vdistream.sqlserver.tsql import StatementError
+
+    program, ran = tmp_path / "sqlcmd", tmp_path / "ran"
+    program.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    program.chmod(0o755)
+    trigger = SqlcmdTrigger("127.0.0.1", 1433, "sa", "pw", sqlcmd=str(program))
+    with pytest.raises(StatementError, match="line break"):
+        await trigger.run("BACKUP DATABASE [a\nGO\n:!! rm -rf /] TO VIRTUAL_DEVICE = N'x'")
+    assert not ran.exists()

@@ -400,6 +400,13 @@ class SqlcmdTrigger:
                 "sqlcmd would substitute the $(...) in this statement; use trigger=tds: "
                 + _one_line(redact_secret(statement, self._password))
             )
+        if "\n" in statement or "\r" in statement:
+            # a line of its own starting with GO or :!! is a sqlcmd command, not T-SQL
+            raise StatementError(
+                "a name in this statement has a line break, which sqlcmd would read as "
+                "its own commands; use trigger=tds: "
+                + _one_line(redact_secret(statement, self._password))
+            )
         argv = self.argv(statement, query=query)
         out, err = _Output(), OutputTail()
         try:
