@@ -140,3 +140,32 @@ async def test_a_chain_that_cannot_be_read_deletes_nothing(tmp_path: Path) -> No
     assert outcome.summary()["problem"] == outcome.problem
     assert present(tmp_path) == {m.backup_id for m in manifests}
     assert (tmp_path / "dest" / manifest_key("erp.F1")).is_file()
+
+
+def _lsn_unknown(backup: Manifest) -> Manifest:
+    """``backup`` as kept when msdb could not be read after SQL Server's success."""
+    assert backup.sqlserver is not None
+    known = {k: backup.sqlserver[k] for k in ("database", "type", "copy_only", "server")}
+    return dataclasses.replace(backup, sqlserver={**known, "lsn_error": "msdb unreachable"})
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("middle", [False, True], ids=["newest", "between"])
+async def test_a_log_without_lsns_stops_retention_for_its_database(
+    tmp_path: Path, middle: bool
+) -> None:
+    blind = _lsn_unknown(sql("L5", "L", 1600, 1700, 6))
+    backups = [*DAY, blind, *([sql("L6", "L", 1700, 1800, 7)] if middle else [])]
+    storage = await stored(tmp_path, backups)
+    outcome = await apply_retention(
+        storage,
+        backups,
+        "erp",
+        RetentionPolicy(keep_last=1),
+        {m.backup_id for m in backups},
+        now=T0 + timedelta(days=9),
+    )
+    assert outcome.deleted == ()
+    assert outcome.problem is not None
+    assert "erp.L5" in outcome.problem
+    assert sorted(present(tmp_path)) == sorted(m.backup_id for m in backups)

@@ -110,6 +110,8 @@ async def prune(params: Params) -> int:
     text = "" if params["json_output"] else _text(summaries, keep_within, params["dry_run"])
     emit(params["json_output"], {"destination": storage.url, "groups": summaries}, text)
     failed = [e for s in summaries for e in s["errors"].values()]
+    # a database whose chains cannot be read had nothing deleted: say why, and fail
+    failed += [s["problem"] for s in summaries if s.get("problem")]
     for error in failed:
         say(f"vdistream: prune: {error}", err=True)
     return 1 if failed else 0

@@ -27,6 +27,7 @@ from vdistream.service.jobs import (
     JobRequest,
     QueueFullError,
     UnknownDatabaseError,
+    masked_url,
 )
 from vdistream.service.runners import LiveJob
 from vdistream.service.settings import DatabaseSettings, Settings
@@ -183,7 +184,8 @@ def _match_source(settings: Settings, request: JobRequest) -> DatabaseSettings:
         ):
             return database
     raise UnknownDatabaseError(
-        f"no configured database backs up {source!r} into {destination!r}: the daemon "
+        f"no configured database backs up {masked_url(source)!r} into "
+        f"{masked_url(destination)!r}: the daemon "
         "runs only the databases of its settings (add a [databases.NAME] table, or run "
         "the backup without the daemon)"
     )

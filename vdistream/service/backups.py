@@ -197,6 +197,21 @@ async def apply_retention(
         problem = f"nothing deleted: the backup chains cannot be read: {exc}"
         log.error("retention_chains_unreadable", database=database, error=str(exc))
         needs = {}
+    # A log or differential whose LSNs msdb did not give sits in no known chain: what
+    # it needs, and who needs it, cannot be told, so nothing may go.
+    blind = [
+        m.backup_id
+        for m in mine
+        if m.sqlserver is not None
+        and m.sqlserver.get("lsn_error")
+        and m.sqlserver.get("type") != "D"
+    ]
+    if blind and problem is None:
+        problem = (
+            f"nothing deleted: SQL Server gave no LSNs for {', '.join(blind)}, so the chains "
+            "through them cannot be known (delete them by hand once a newer full is kept)"
+        )
+        log.error("retention_chains_unreadable", database=database, error=problem)
     infos = [
         BackupInfo(
             m.backup_id,

@@ -453,6 +453,17 @@ class Service:
         settings = self._settings.databases.get(database)
         # SQL Server backups have a kind; the other engines' have their settings' mode
         mode = kind if settings is not None and settings.kind == "mssql" else None
+        if self.manager.waiting(database, mode):
+            # e.g. log backups every 5 minutes behind a 3-hour full: one waiting is
+            # enough, it will take everything since the last one
+            log.warning(
+                "scheduled_backup_skipped",
+                database=database,
+                kind=kind,
+                planned=planned.isoformat(),
+                reason="the same backup is still queued",
+            )
+            return
         try:
             await self.manager.submit(
                 JobRequest(JobType.BACKUP, database, trigger="schedule", mode=mode)

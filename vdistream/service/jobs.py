@@ -43,6 +43,7 @@ __all__ = (
     "UnknownJobError",
     "backup_prefix",
     "job_view",
+    "masked_url",
     "new_backup_id",
 )
 
@@ -55,7 +56,12 @@ BACKUP_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SQLSERVER_MODES = ("full", "diff", "log", "copy-only")
 #: A URL's password (user info ``user:password@``), masked in what is stored; greedy
 #: to the last ``@`` so that a password holding ``@`` or ``/`` is masked whole.
-_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*):.*@")
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*):.*@", re.DOTALL)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (user info ``user:password@``) masked."""
+    return _URL_PASSWORD.sub(r"\1:***@", url)
 
 
 class ServiceError(VdistreamError):
@@ -243,7 +249,7 @@ class JobRequest:
             if value is not None:
                 out[name] = value
         if self.target is not None:  # a database URL may hold a password
-            out["target"] = _URL_PASSWORD.sub(r"\1:***@", self.target)
+            out["target"] = masked_url(self.target)
         if self.kind is JobType.RESTORE:
             out["overwrite"] = self.overwrite
             out["create"] = self.create

@@ -381,6 +381,16 @@ class JobManager:
             view = await self.view(job_id)
             yield view
 
+    def waiting(self, database: str, mode: str | None) -> bool:
+        """Whether a backup of ``database`` with ``mode`` is queued and not yet started:
+        a schedule firing again adds nothing but another wait to the queue."""
+        return any(
+            job.request.kind is JobType.BACKUP
+            and job.request.database == database
+            and job.request.mode == mode
+            for job in self._jobs.queued()
+        )
+
     def live_jobs(self) -> list[str]:
         """Ids of the jobs queued or running, oldest first."""
         return self._jobs.ids()

@@ -52,13 +52,20 @@ import anyio
 from vdistream.catalog import CatalogError, list_manifests, read_manifest
 from vdistream.coordinator import AbortCause, Job, JobStatus, stream_key
 from vdistream.engines import TargetExistsError
-from vdistream.errors import KeyMissingError, KeyNotNeededError, VdistreamError, WrongKeyError
+from vdistream.errors import (
+    ConfigError,
+    KeyMissingError,
+    KeyNotNeededError,
+    VdistreamError,
+    WrongKeyError,
+)
 from vdistream.log import get_logger
 from vdistream.operations import (
     BackupSettings,
     KeySource,
     SqlRestoreOptions,
     run_backup,
+    run_chain_restore,
     run_restore,
     run_verify,
 )
@@ -68,6 +75,7 @@ from vdistream.service.metrics import Metrics
 from vdistream.service.progress import MOVING, JobProgress
 from vdistream.service.settings import DatabaseSettings, DestinationSettings, Settings
 from vdistream.service.state import JobRecord, JobState, JobStore, JobType
+from vdistream.sqlserver.url import MssqlURL
 from vdistream.storage import Storage, open_storage
 
 __all__ = ("JobRunner", "LiveJob", "Outcome", "refusal")
@@ -271,9 +279,13 @@ class JobRunner:
     async def _restore(
         self, job: LiveJob, database: DatabaseSettings, settings: Settings
     ) -> Outcome:
-        destination, backup_id = await self._pick(job, database, settings)
         request = job.request
         assert request.target is not None
+        if database.kind == "mssql":
+            _check_sqlserver_target(database, request.target)
+            if request.backup_id in (None, LATEST):
+                return await self._restore_chain(job, database, settings)
+        destination, backup_id = await self._pick(job, database, settings)
         sqlserver = None
         if database.kind == "mssql":
             sqlserver = SqlRestoreOptions(replace=request.overwrite, sqlvdi=_library(database))
@@ -303,6 +315,44 @@ class JobRunner:
         # An engine that refused to start did not abort anything: no cause.
         cause = _cause(result.aborted_by) if refused is None else None
         return Outcome(state, summary, str(result.error), cause, refused)
+
+    async def _restore_chain(
+        self, job: LiveJob, database: DatabaseSettings, settings: Settings
+    ) -> Outcome:
+        """SQL Server's "latest": the chain (full, latest differential, logs) to the
+        latest point the destination reaches, not the newest backup (a log, mostly)."""
+        request = job.request
+        assert request.target is not None
+        destination = settings.destinations[database.destination]
+        await self._started(job, storage_url=destination.display_url)
+        outcome = await run_chain_restore(
+            destination.url,
+            request.target,
+            to=None,
+            database=MssqlURL.parse(database.url).database,
+            replace=request.overwrite,
+            sqlvdi=_library(database),
+            keys=_keys(database),
+            on_job=job.attach,
+        )
+        summary = {
+            "id": outcome.steps[-1][1].backup_id if outcome.steps else None,
+            "status": "succeeded" if outcome.ok else "failed",
+            "target": job.record.params.get("target", request.target),  # password masked
+            "steps": [
+                {"id": r.backup_id, "kind": step.kind, "status": r.status.value}
+                for step, r in outcome.steps
+            ],
+            "bytes": outcome.bytes,
+            "error": None if outcome.ok else str(outcome.error),
+        }
+        if outcome.ok:
+            return Outcome(JobState.SUCCEEDED, summary)
+        last = outcome.steps[-1][1] if outcome.steps else None
+        aborted = last is not None and last.status is JobStatus.ABORTED
+        state = JobState.ABORTED if aborted else JobState.FAILED
+        cause = _cause(last.aborted_by) if last is not None else None
+        return Outcome(state, summary, str(outcome.error), cause)
 
     async def _verify(
         self, job: LiveJob, database: DatabaseSettings, settings: Settings
@@ -389,6 +439,23 @@ def _keys(database: DatabaseSettings) -> KeySource | None:
     if database.encrypt_key_file is None:
         return None
     return KeySource(key_file=str(database.encrypt_key_file), optional=True)
+
+
+def _check_sqlserver_target(database: DatabaseSettings, target: str) -> None:
+    """A restore target an API client names must be on the configured database's
+    server, and may not name a password file: the daemon would otherwise send its
+    password (or a file's first line) wherever a request points."""
+    if "password_file=" in target:
+        raise ConfigError(
+            "a restore target may not name a password_file: the daemon uses the "
+            "password of its settings"
+        )
+    wanted, given = MssqlURL.parse(database.url), MssqlURL.parse(target)
+    if (given.host.lower(), given.port) != (wanted.host.lower(), wanted.port):
+        raise ConfigError(
+            f"restore target {given.display!r} is not on {wanted.host},{wanted.port}, the "
+            f"server of database {database.name}: the daemon restores only onto it"
+        )
 
 
 def _library(database: DatabaseSettings) -> str | None:

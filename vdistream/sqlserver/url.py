@@ -63,7 +63,7 @@ def _scrub(url: str) -> str:
     """``url`` with whatever stands where a password would be masked (error messages)."""
     # Greedy to the last "@": a password with a raw "/" or "@" is masked too (a database
     # name holding "@" may be masked with it: safe).
-    return re.sub(r"(://[^/?#@:]*):.*@", r"\1:" + _MASK + "@", url)
+    return re.sub(r"(://[^/?#@:]*):.*@", r"\1:" + _MASK + "@", url, flags=re.DOTALL)
 
 
 def _fail(url: str, why: str) -> MssqlURLError:
