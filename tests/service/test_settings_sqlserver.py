@@ -268,3 +268,19 @@ def test_readers_that_connect_to_no_database_need_no_password(tmp_path: Path) ->
     bad = write(tmp_path, BASE.replace("/erp?", "/?"))
     with pytest.raises(SettingsError, match="it names no database"):
         load_settings(bad, env={}, check_passwords=False)
+
+
+def test_serve_check_warns_when_the_library_is_not_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vdistream.service.serve import serve
+
+    missing = tmp_path / "nowhere" / "libsqlvdi.so"
+    monkeypatch.setenv("VDISTREAM_SQLVDI", str(missing))
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    assert serve(str(write(tmp_path, BASE)), check=True) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"vdistream serve: warning: [databases.sql]: no SQL Server VDI library at {missing}" in err
+    )

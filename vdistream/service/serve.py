@@ -71,6 +71,8 @@ from vdistream.service.settings import (
     load_settings,
     settings_summary,
 )
+from vdistream.sqlserver import permissions
+from vdistream.sqlserver.library import library_path
 
 __all__ = (
     "CONFIG_ENV",
@@ -80,6 +82,7 @@ __all__ = (
     "TRACEMALLOC_ENV",
     "config_path",
     "serve",
+    "sqlserver_problems",
     "tune_malloc",
 )
 
@@ -106,6 +109,19 @@ def config_path(given: str | None) -> Path:
     return DEFAULT_SETTINGS_PATH
 
 
+def sqlserver_problems(settings: Settings) -> list[str]:
+    """What would keep the SQL Server databases' backups from running on this host (the
+    library missing or unloadable, the user's groups, the umask), one line each, named
+    by database; checked at start, as the backups would only fail later."""
+    problems: list[str] = []
+    for name, database in settings.databases.items():
+        if database.kind != "mssql":
+            continue
+        setting = None if database.sqlvdi is None else str(database.sqlvdi)
+        problems += [f"[databases.{name}]: {p}" for p in permissions.check(library_path(setting))]
+    return problems
+
+
 def serve(config: str | None = None, *, check: bool = False) -> int:
     """Run the daemon until a signal stops it (module doc); its exit code."""
     path = config_path(config)
@@ -114,8 +130,11 @@ def serve(config: str | None = None, *, check: bool = False) -> int:
     except SettingsError as exc:
         sys.stderr.write(f"vdistream serve: {exc}\n")
         return 2
+    problems = sqlserver_problems(settings)
     if check:
         sys.stdout.write(json.dumps(settings_summary(settings), indent=2) + "\n")
+        for problem in problems:  # the settings are valid; the host may not be ready
+            sys.stderr.write(f"vdistream serve: warning: {problem}\n")
         return 0
     speedup: float | None = None
     if os.environ.get(SPEEDUP_ENV):
@@ -128,6 +147,8 @@ def serve(config: str | None = None, *, check: bool = False) -> int:
     if os.environ.get(TRACEMALLOC_ENV):
         tracemalloc.start()
     configure_logging(settings.service.log_format, settings.service.log_level)
+    for problem in problems:
+        log.warning("sqlserver_not_ready", problem=problem)
     try:
         code: int = anyio.run(_serve, path, settings, speedup, trim, backend="asyncio")
     except (VdistreamError, OSError) as exc:
