@@ -293,3 +293,35 @@ def test_the_command_line_asks_for_a_mode_and_shows_the_schedules(
     assert [json.loads(r["params"])["mode"] for r in stored] == ["log", "diff"]
     assert PASSWORD not in daemon.log.read_text()
     assert PASSWORD not in json.dumps(stored)
+
+
+@pytest.mark.asyncio
+async def test_a_schedule_whose_backup_is_still_queued_is_not_queued_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full that runs long (here: a sqlcmd that never answers) keeps the database's one
+    slot; a log schedule firing three times behind it queues one log backup, not three."""
+    from datetime import UTC, datetime
+
+    from standin.sqlvdi.build import build
+
+    libs = build(tmp_path / "libs")
+    hang = tmp_path / "sqlcmd"
+    hang.write_text("#!/bin/sh\nexec sleep 600\n")
+    hang.chmod(0o755)
+    monkeypatch.setenv("VDISTREAM_MSSQL_PASSWORD", PASSWORD)
+    monkeypatch.setenv("VDISTREAM_SQLCMD", str(hang))
+    monkeypatch.setenv("VDISTREAM_SQLVDI", str(libs.client))
+    settings = settings_with_sql_server(tmp_path, schedules={"schedule_log": "0 0 1 1 *"})
+    async with Service(settings, api=False) as service:
+        full = await service.submit("backup", "sql")
+
+        async def running() -> bool:
+            return bool((await service.job(full.id))["state"] == JobState.RUNNING.value)
+
+        await wait_for(running, timeout=20, what="the full backup running")
+        for _ in range(3):
+            await service._on_schedule("sql:log", datetime.now(UTC))
+        queued = [j for j in await service.jobs(kind="backup") if j.id != full.id]
+        assert [j.params["mode"] for j in queued] == ["log"]
+        assert queued[0].state is JobState.QUEUED
