@@ -173,3 +173,21 @@ def test_with_database_keeps_the_connection() -> None:
     assert other.display == "mssql://sa@h:2000/new%5Ddb?trigger=sqlcmd"
     with pytest.raises(MssqlURLError, match="database name is empty"):
         url.with_database("")
+
+
+def test_with_trigger_replaces_the_urls_own_and_keeps_the_rest() -> None:
+    from vdistream.sqlserver.url import with_trigger
+
+    assert (
+        with_trigger("mssql://sa:p@h:1/db?trigger=sqlcmd&password_file=/f", "tds")
+        == "mssql://sa:p@h:1/db?password_file=/f&trigger=tds"
+    )
+    assert with_trigger("mssql://sa@h:1/db", "sqlcmd") == "mssql://sa@h:1/db?trigger=sqlcmd"
+    assert with_trigger("mssql://sa@h:1/db?trigger=tds", None) == "mssql://sa@h:1/db?trigger=tds"
+    assert with_trigger("sqlite:///a.db", "sqlcmd") == "sqlite:///a.db"
+    # what verify --engine --trigger does with a manifest's source: one query, parsable
+    parsed = MssqlURL.parse(
+        with_trigger("mssql://sa@h:1/db?trigger=sqlcmd", "tds"),
+        password_env={"SQLCMDPASSWORD": "x"},
+    )
+    assert parsed.trigger == "tds"

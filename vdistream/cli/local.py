@@ -34,8 +34,7 @@ from vdistream.cli.params import (
 )
 from vdistream.operations import KeySource, SqlRestoreOptions
 from vdistream.sqlserver.engine import BACKUP_MODES
-from vdistream.sqlserver.source import is_sqlserver_url
-from vdistream.sqlserver.url import MssqlURL
+from vdistream.sqlserver.url import MssqlURL, is_sqlserver_url, with_trigger
 
 if TYPE_CHECKING:
     from vdistream.catalog import Manifest
@@ -52,7 +51,6 @@ __all__ = (
     "shown",
     "storage",
     "verify",
-    "with_trigger",
 )
 
 _ABORTED_IN_DAEMON = "the job was aborted in the daemon"
@@ -92,16 +90,6 @@ _SQLVDI = click.option(
 )
 
 
-def with_trigger(url: str, trigger: str | None) -> str:
-    """``url`` with ``?trigger=`` set when the user chose one on the command line (the
-    option wins over the URL's own)."""
-    if trigger is None or not is_sqlserver_url(url):
-        return url
-    head, _, query = url.partition("?")
-    kept = [p for p in query.split("&") if p and not p.startswith("trigger=")]
-    return f"{head}?{'&'.join([*kept, f'trigger={trigger}'])}"
-
-
 def shown(target: str) -> str:
     """A restore target as it may be printed: a SQL Server URL without its password."""
     return MssqlURL.parse(target).display if is_sqlserver_url(target) else target
@@ -110,7 +98,16 @@ def shown(target: str) -> str:
 #: restore options of the other engines, refused for a SQL Server target
 _NOT_FOR_SQLSERVER = ("overwrite", "create", "owner")
 #: SQL Server restore options that need a SQL Server target
-_SQLSERVER_ONLY = ("replace", "norecovery", "moves", "stopat", "to", "chain_database")
+_SQLSERVER_ONLY = (
+    "replace",
+    "norecovery",
+    "moves",
+    "stopat",
+    "to",
+    "chain_database",
+    "trigger",
+    "sqlvdi",
+)
 
 
 _BACKUP = click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
@@ -469,8 +466,7 @@ def _check_restore_options(params: Params, target: str) -> None:
                 )
         return
     wrong = [flag(n) for n in _SQLSERVER_ONLY if given(n)]
-    if wrong or params["trigger"] is not None or params["sqlvdi"] is not None:
-        wrong += [f for f, n in (("--trigger", "trigger"), ("--sqlvdi", "sqlvdi")) if given(n)]
+    if wrong:
         raise click.UsageError(
             f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} only to a "
             "SQL Server target (mssql://...)"

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 
-import anyio
-
 from vdistream.catalog import list_manifests
 from vdistream.catalog.chain import RestorePlan, RestoreStep, plan_restore
 from vdistream.coordinator import JobResult
@@ -24,7 +22,7 @@ from vdistream.operations.sqlserver import (
     SqlRestoreOptions,
     check_target,
     database_state,
-    drop_database,
+    drop_after_failure,
 )
 from vdistream.sqlserver.url import MssqlURL
 
@@ -98,5 +96,4 @@ async def run_chain_restore(
         finally:
             # failed, or interrupted (Ctrl-C, SIGTERM): what the chain made goes again
             if (outcome is None or not outcome.ok) and not existed:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                    await drop_database(url)
+                await drop_after_failure(url)

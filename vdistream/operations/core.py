@@ -81,7 +81,7 @@ from vdistream.operations.sqlserver import (
     SqlRestoreOptions,
     check_target,
     database_state,
-    drop_database,
+    drop_after_failure,
     restore_job_options,
     sqlserver_restore_engine,
     sqlserver_verify_engine,
@@ -92,9 +92,9 @@ from vdistream.pipeline.encrypt import stream_context
 from vdistream.pipeline.keys import Key, ScryptParams, load_key
 from vdistream.pipeline.spec import CompressionSpec
 from vdistream.sqlserver.engine import SqlServerStatementError, Transfer
-from vdistream.sqlserver.library import SqlVdiLibraryError, library_path, load
-from vdistream.sqlserver.source import SqlServerSource, is_sqlserver_url
-from vdistream.sqlserver.url import MssqlURL
+from vdistream.sqlserver.library import SqlVdiLibraryError
+from vdistream.sqlserver.source import SqlServerSource
+from vdistream.sqlserver.url import MssqlURL, is_sqlserver_url, with_trigger
 from vdistream.storage import Storage
 
 __all__ = (
@@ -303,6 +303,7 @@ async def _backup_job(
     if isinstance(source, SqlServerSource):
         transfer = Transfer(settings.block_size, settings.max_transfer_size, settings.buffer_count)
         engine = source.backup_engine(settings.devices, transfer, backup_id=backup_id)
+        engine.check()  # a statement SQL Server cannot take fails before the job starts
         # SQL Server may take a while to start a backup on a busy server (a checkpoint)
         options = dataclasses.replace(options, configuration_timeout=120.0)
     else:
@@ -530,9 +531,8 @@ async def restore_sqlserver(
     that exists needs ``replace``; one that did not (``existed`` False, asked of the
     server when ``None``) is dropped again when the restore fails."""
     url = MssqlURL.parse(target)
-    load(library_path(options.sqlvdi))  # a missing library is said before anything runs
     engine = sqlserver_restore_engine(manifest, target, options)
-    engine.check()
+    engine.check()  # the library and the statement, before anything runs
     if existed is None:
         state = await database_state(url)
         check_target(manifest, url, state, options.replace)
@@ -554,9 +554,7 @@ async def restore_sqlserver(
         # failed, or interrupted (Ctrl-C, SIGTERM): a database it made goes again
         left = None
         if (result is None or not result.ok) and not existed:
-            left = "the restore was interrupted; the database could not be dropped in time"
-            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                left = await drop_database(url)
+            left = await drop_after_failure(url)
     if not result.ok and left is not None:
         return _with_leftover(result, f"database {url.database!r} was left behind: {left}")
     return result
@@ -711,13 +709,10 @@ async def _verifyonly(
     trigger: str | None = None,
 ) -> Check:
     """SQL Server's own check: ``RESTORE VERIFYONLY`` through the devices."""
-    url = server or manifest.source
-    if trigger is not None:
-        parsed = MssqlURL.parse(url)
-        url = parsed.display if parsed.trigger == trigger else f"{parsed.display}?trigger={trigger}"
+    url = with_trigger(server or manifest.source, trigger)
     try:
-        load(library_path(sqlvdi))
         verify_engine = sqlserver_verify_engine(manifest, url, sqlvdi=sqlvdi)
+        verify_engine.check()
     except (ConfigError, SqlVdiLibraryError) as exc:
         return Check("sqlserver", False, str(exc))
     result = await _restore_job(

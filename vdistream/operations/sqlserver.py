@@ -25,6 +25,8 @@ import dataclasses
 import datetime
 import posixpath
 
+import anyio
+
 from vdistream.catalog import Manifest
 from vdistream.coordinator import JobOptions
 from vdistream.engines.scoped import TargetExistsError
@@ -35,8 +37,8 @@ from vdistream.sqlserver.engine import (
     SqlServerStatementError,
     SqlServerVerify,
     Transfer,
+    run_statement,
 )
-from vdistream.sqlserver.trigger import SqlServerError, trigger_for
 from vdistream.sqlserver.tsql import database_query, quote_name
 from vdistream.sqlserver.url import MssqlURL
 
@@ -45,6 +47,7 @@ __all__ = (
     "check_target",
     "database_exists",
     "database_state",
+    "drop_after_failure",
     "drop_database",
     "restore_job_options",
     "sqlserver_restore_engine",
@@ -146,10 +149,7 @@ def sqlserver_verify_engine(
 async def database_state(url: MssqlURL) -> str | None:
     """``url.database``'s state (``ONLINE``, ``RESTORING``, ...; ``sys.databases``),
     ``None`` when it does not exist."""
-    try:
-        rows = (await trigger_for(url).run(database_query(url.database), query=True)).rows
-    except SqlServerError as exc:
-        raise SqlServerStatementError(url.redact(str(exc)), numbers=exc.numbers) from exc
+    rows = (await run_statement(url, database_query(url.database), query=True)).rows
     return (rows[0][1] or "UNKNOWN") if rows and len(rows[0]) > 1 else None
 
 
@@ -183,18 +183,29 @@ def check_target(manifest: Manifest, url: MssqlURL, state: str | None, replace: 
         )
 
 
+#: how long the cleanup of a failed restore may take (it runs shielded)
+DROP_WITHIN = 30.0
+
+
+async def drop_after_failure(url: MssqlURL) -> str | None:
+    """After a restore (or chain) that failed or was interrupted: drop the database it
+    made, shielded from the cancellation that may have caused it and bounded by
+    ``DROP_WITHIN``; what was left, in words, or ``None``."""
+    left: str | None = "the database could not be dropped in time"
+    with anyio.CancelScope(shield=True), anyio.move_on_after(DROP_WITHIN):
+        left = await drop_database(url)
+    return left
+
+
 async def drop_database(url: MssqlURL) -> str | None:
     """Drop what a failed restore left of ``url.database``; the failure's text, if any."""
     statement = f"DROP DATABASE {quote_name(url.database)}"
     try:
         if not await database_exists(url):  # refused before it made anything
             return None
-        await trigger_for(url).run(statement)
+        await run_statement(url, statement)
     except SqlServerStatementError as exc:
         _log.error("restore_cleanup_failed", database=url.database, error=str(exc))
         return str(exc)
-    except SqlServerError as exc:
-        _log.error("restore_cleanup_failed", database=url.database, error=url.redact(str(exc)))
-        return url.redact(str(exc))
     _log.info("restore_target_dropped", database=url.database)
     return None

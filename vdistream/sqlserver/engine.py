@@ -70,6 +70,7 @@ __all__ = (
     "SqlServerStatementError",
     "SqlServerVerify",
     "Transfer",
+    "run_statement",
     "server_time",
 )
 
@@ -77,6 +78,21 @@ __all__ = (
 BACKUP_MODES = ("full", "diff", "log", "copy-only")
 
 _log = get_logger(__name__)
+
+
+async def run_statement(
+    url: MssqlURL, statement: str, *, query: bool = False, trigger: Trigger | None = None
+) -> StatementResult:
+    """Run one statement on ``url``'s server (through ``trigger``, default the URL's);
+    SQL Server's refusal, or the trigger's refusal to send it (sqlcmd and ``$(``), as
+    ``SqlServerStatementError`` with the password removed: one translation for every
+    statement vdistream sends."""
+    try:
+        return await (trigger or trigger_for(url)).run(statement, query=query)
+    except SqlServerError as exc:
+        raise SqlServerStatementError(url.redact(str(exc)), numbers=exc.numbers) from exc
+    except StatementError as exc:
+        raise SqlServerStatementError(url.redact(str(exc))) from exc
 
 
 class SqlServerStatementError(EngineError):
@@ -156,8 +172,10 @@ class SqlServerEngine(Engine):
         raise NotImplementedError
 
     def check(self) -> None:
-        """Refuse now what the statement would refuse once the job runs (a name or an
-        option SQL Server cannot take): ``StatementError``, before any set exists."""
+        """Refuse now, before any set exists, what would fail once the job runs: the
+        library (``SqlVdiLibraryError`` naming the path or the symbol) and the statement
+        (``StatementError``: a name or an option SQL Server cannot take)."""
+        load(library_path(self._library))
         self.statement(device_names("vdistream-check", self.devices))
 
     async def run(self, set_name: str, *, registry: Registry | None = None) -> EngineResult:
@@ -180,12 +198,7 @@ class SqlServerEngine(Engine):
 
     async def execute(self, statement: str, *, query: bool = False) -> StatementResult:
         """Run one statement; SQL Server's failure as ``SqlServerStatementError``."""
-        try:
-            return await self.trigger.run(statement, query=query)
-        except SqlServerError as exc:
-            raise SqlServerStatementError(self.url.redact(str(exc)), numbers=exc.numbers) from exc
-        except StatementError as exc:  # refused before it was sent (sqlcmd's $(...))
-            raise SqlServerStatementError(self.url.redact(str(exc))) from exc
+        return await run_statement(self.url, statement, query=query, trigger=self.trigger)
 
     async def after(self, result: StatementResult) -> dict[str, Any] | None:
         """What to record once the statement succeeded (backups: msdb's row)."""

@@ -13,22 +13,14 @@ import dataclasses
 from vdistream.errors import ConfigError
 from vdistream.log import get_logger
 from vdistream.sqlserver import permissions
-from vdistream.sqlserver.engine import BACKUP_MODES, SqlServerBackup, Transfer
+from vdistream.sqlserver.engine import BACKUP_MODES, SqlServerBackup, Transfer, run_statement
 from vdistream.sqlserver.library import library_path, load
-from vdistream.sqlserver.trigger import Trigger, trigger_for
 from vdistream.sqlserver.tsql import version_query
 from vdistream.sqlserver.url import MssqlURL
 
-__all__ = ("SCHEMES", "SqlServerSource", "is_sqlserver_url")
+__all__ = ("SqlServerSource",)
 
 _log = get_logger(__name__)
-
-#: URL schemes that name a SQL Server database
-SCHEMES = ("mssql", "sqlserver")
-
-
-def is_sqlserver_url(url: str) -> bool:
-    return url.partition(":")[0].lower() in SCHEMES and "://" in url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +45,6 @@ class SqlServerSource:
                 f"{', '.join(BACKUP_MODES)}"
             )
         return cls("mssql", chosen, parsed.display, parsed, library)
-
-    def trigger(self) -> Trigger:
-        return trigger_for(self.url)
 
     def backup_engine(
         self, devices: int, transfer: Transfer, *, backup_id: str, checksum: bool = True
@@ -86,15 +75,6 @@ class SqlServerSource:
     async def describe(self) -> dict[str, str]:
         """SQL Server's version; a wrong password or an unreachable server fails here,
         before any set is created."""
-        from vdistream.sqlserver.engine import SqlServerStatementError
-        from vdistream.sqlserver.trigger import SqlServerError
-
-        try:
-            rows = (await self.trigger().run(version_query(), query=True)).rows
-        except SqlServerError as exc:
-            raise SqlServerStatementError(
-                f"SQL Server at {self.url.host},{self.url.port}: {self.url.redact(str(exc))}",
-                numbers=exc.numbers,
-            ) from exc
+        rows = (await run_statement(self.url, version_query(), query=True)).rows
         version = rows[0][0] if rows and rows[0] and rows[0][0] else "unknown"
         return {"kind": "mssql", "source": self.display, "sqlserver": version}

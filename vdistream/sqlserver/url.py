@@ -31,7 +31,9 @@ __all__ = (
     "TRIGGERS",
     "MssqlURL",
     "MssqlURLError",
+    "is_sqlserver_url",
     "redact_secret",
+    "with_trigger",
 )
 
 SCHEMES = ("mssql", "sqlserver")
@@ -46,6 +48,22 @@ _MASK = "***"
 
 class MssqlURLError(ConfigError):
     """A SQL Server URL is malformed, or no password can be found for it."""
+
+
+def is_sqlserver_url(url: str) -> bool:
+    """Whether ``url`` names a SQL Server database (its scheme; nothing is parsed)."""
+    return url.partition(":")[0].lower() in SCHEMES and "://" in url
+
+
+def with_trigger(url: str, trigger: str | None) -> str:
+    """``url`` with ``?trigger=`` set to ``trigger`` (replacing the URL's own; any
+    other part, a password included, kept as written); ``url`` itself when
+    ``trigger`` is ``None`` or ``url`` is not a SQL Server URL."""
+    if trigger is None or not is_sqlserver_url(url):
+        return url
+    head, _, query = url.partition("?")
+    kept = [p for p in query.split("&") if p and not p.startswith("trigger=")]
+    return f"{head}?{'&'.join([*kept, f'trigger={trigger}'])}"
 
 
 def redact_secret(text: str, secret: str | None) -> str:
