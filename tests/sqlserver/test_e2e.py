@@ -517,3 +517,30 @@ def test_options_that_would_be_ignored_are_refused(
         done = run_cli(env, "restore", str(tmp_path / "d" / "id"), target, *args, check=2)
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_kill_9_of_vdistream_mid_backup_leaves_nothing_the_next_run_keeps(
+    standin: StandinServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    """vdistream killed outright: SQL Server sees its client gone and fails the
+    statement; the sqlcmd it started dies with it (parent-death signal); the next backup
+    into the same destination sweeps the debris and is the only backup there."""
+    standin.create_database("killed", 64 * MiB)
+    standin.set_pace(8 * MiB)
+    dest = tmp_path / "dest"
+    process = _start_backup(env, standin, "killed", dest)
+    process.kill()
+    process.communicate(timeout=30)
+    deadline = time.monotonic() + 15
+    while standin.running():
+        assert time.monotonic() < deadline, "SQL Server's statement outlived its client"
+        time.sleep(0.05)
+    leftover = subprocess.run(
+        ["pgrep", "-f", f"{standin.sqlcmd}.*killed"], capture_output=True, text=True
+    )
+    assert leftover.stdout == "", leftover.stdout
+    standin.set_pace(None)
+    kept = backup(env, standin, "killed", dest, "--devices", "2")["id"]
+    assert _ids(dest) == [kept]
+    assert sorted(p.name for p in dest.iterdir()) == [kept]
+    assert shm_debris(standin) == []

@@ -115,3 +115,27 @@ async def test_sql_server_refusing_the_statement_aborts_the_set_at_once(
     assert 911 in result.error.numbers
     assert "does not exist" in str(result.error)
     assert shm_debris(standin) == []
+
+
+async def test_a_full_disk_fails_the_job_and_sql_server_hears_of_it(
+    standin: StandinServer, sqlvdi_libs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VDISTREAM_SQLCMD", str(standin.sqlcmd))
+    standin.create_database("full_disk", 16 * MiB)
+    faults = Faults(fail_after_bytes=3 * MiB)
+    storage = FaultyStorage(open_storage("memory://full"), faults)
+    job = Job(
+        JobKind.BACKUP,
+        engine(standin, sqlvdi_libs, "full_disk", 2),
+        storage,
+        options=JobOptions(devices=2, drain_timeout=5),
+    )
+    with anyio.fail_after(60):
+        result = await job.run()
+    assert result.status is JobStatus.FAILED
+    assert result.aborted_by is AbortCause.SINK
+    assert await storage.list() == []
+    assert shm_debris(standin) == []
+    assert standin.running() == []
+    # SQL Server saw the backup fail: no history row names it
+    assert not [row for row in standin.history("full_disk") if row.get("name") == "lib-test"]
