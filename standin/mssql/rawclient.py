@@ -14,6 +14,7 @@ from pathlib import Path
 
 from standin.mssql.vdss import (
     NOERROR,
+    VD_E_ABORT,
     VD_E_CLOSE,
     VD_E_TIMEOUT,
     VDC_READ,
@@ -105,15 +106,19 @@ class RawClient:
         for name in names:
             dev = _P()
             rc = self._open(self._this, name.encode(), ctypes.byref(dev))
-            if rc != NOERROR:
+            if rc not in (NOERROR, VD_E_ABORT):
                 raise RuntimeError(f"OpenDevice({name}) returned {rc:#x}")
-            devices.append(dev)
+            # a set the server aborted before the device was opened ends right there,
+            # as it would for any client (the abort may land before or after OpenDevice)
+            devices.append(dev if rc == NOERROR else None)
             result.streams.append(bytearray())
             result.commands.append([])
-            result.ends.append(0)
+            result.ends.append(0 if rc == NOERROR else rc)
             result.written.append(0)
 
         def serve(d: int) -> None:
+            if devices[d] is None:
+                return
             cmd = ctypes.POINTER(VDCCommand)()
             source = memoryview(feed[d]) if feed is not None else memoryview(b"")
             pos = 0
