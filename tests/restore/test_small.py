@@ -147,7 +147,10 @@ async def test_a_restore_holds_the_lock_on_its_partial_file(tmp_path: Path, back
 
     def probe_lock() -> None:
         for partial in tmp_path.glob(f".restored.db.*{PARTIAL_SUFFIX}"):
-            fd = os.open(partial, os.O_RDONLY)
+            try:
+                fd = os.open(partial, os.O_RDONLY)
+            except FileNotFoundError:  # renamed into place since the glob: nothing to see
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
