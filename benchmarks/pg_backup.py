@@ -7,8 +7,16 @@ disk, repeated, median shown:
 * ``pg_basebackup -Ft -X fetch --checkpoint=fast -D dir`` (the tool vdistream drives);
 * ``vdistream backup postgresql://... DEST --mode basebackup --devices 1`` and ``4``
   (pg_basebackup's tar stream, striped into virtual devices, hashed, committed, manifest);
+* ``vdistream backup postgresql://... DEST --mode files --devices 4``: the data
+  directory read by vdistream itself, in parallel over the devices;
 * ``pgbackrest backup --type=full`` with ``compress-type=none`` into a local repository
   (Debian's pgbackrest 2.45; WAL archiving through pgbackrest, as it requires).
+
+Restores of the last backups, each into a new empty directory on the same disk:
+``vdistream restore`` of the files-mode backup (4 devices, every file checked against its
+CRC-32 while it is written, fsynced) and of the basebackup-mode backup (``tarfile`` then
+``pg_verifybackup``), beside ``pgbackrest restore`` (fsyncs) and GNU ``tar -xf`` of
+``pg_basebackup``'s ``base.tar`` (no fsync, no check).
 
 Wall time, throughput of the database size, CPU seconds and peak RSS of each process
 tree (``wait4``). Usage: python benchmarks/pg_backup.py [--scale 70] [--repeat 3]
@@ -51,12 +59,22 @@ BASEBACKUP = "pg_basebackup -Ft -X fetch"
 PGBACKREST = "pgbackrest full, no compression"
 BASEBACKUP_ZSTD = "pg_basebackup -Ft -Z client-zstd:3"
 PGBACKREST_ZSTD = "pgbackrest full, zst:3"
+FILES = "vdistream files, 4 devices"
+RESTORE_FILES = "vdistream restore files, 4 devices"
+RESTORE_BB = "vdistream restore basebackup, 4 devices"
+PGBACKREST_RESTORE = "pgbackrest restore"
+TAR_EXTRACT = "GNU tar -xf base.tar (no fsync)"
 
 #: (row, vdistream case, baseline case) in --json output
 PAIRS = [
     ("basebackup 4 dev -> dir", "vdistream basebackup, 4 devices", BASEBACKUP),
     ("basebackup 4 dev -> dir", "vdistream basebackup, 4 devices", PGBACKREST),
     ("basebackup 1 dev -> dir", "vdistream basebackup, 1 device", BASEBACKUP),
+    ("files 4 dev -> dir", FILES, BASEBACKUP),
+    ("files 4 dev -> dir", FILES, PGBACKREST),
+    ("restore files 4 dev <- dir", RESTORE_FILES, PGBACKREST_RESTORE),
+    ("restore files 4 dev <- dir", RESTORE_FILES, TAR_EXTRACT),
+    ("restore basebackup 4 dev <- dir", RESTORE_BB, PGBACKREST_RESTORE),
     ("basebackup 4 dev zstd:3 -> dir", "vdistream basebackup, 4 devices, zstd:3", BASEBACKUP_ZSTD),
     ("basebackup 4 dev zstd:3 -> dir", "vdistream basebackup, 4 devices, zstd:3", PGBACKREST_ZSTD),
 ]
@@ -78,6 +96,12 @@ def prerequisites() -> tuple[str | None, str | None]:
             " or set VDISTREAM_TEST_PG_BINDIR"
         )
     return group, missing_tools("pgbackrest")
+
+
+def backup_ref(dest: Path) -> str:
+    """``DEST/ID`` of the one backup in ``dest``."""
+    (manifest,) = dest.glob("*/manifest.json")
+    return str(manifest.parent)
 
 
 def main() -> None:
@@ -166,18 +190,30 @@ def main() -> None:
                 *server.connection("postgres")[:6],  # -h -p -U: -d is a conninfo here
             ]
 
-        def vdistream(devices: int, *extra: str) -> list[str]:
+        def vdistream(devices: int, *extra: str, mode: str = "basebackup") -> list[str]:
             return [
                 *VDISTREAM,
                 "backup",
                 url,
                 str(out),
                 "--mode",
-                "basebackup",
+                mode,
                 "--devices",
                 str(devices),
                 *extra,
             ]
+
+        def keep(name: str) -> Path:
+            """Move the last case's output aside, for the restore cases."""
+            kept = cluster.root / f"kept-{name}"
+            shutil.rmtree(kept, ignore_errors=True)
+            out.rename(kept)
+            return kept
+
+        def restore_case(name: str, argv: list[str], target: Path) -> None:
+            shutil.rmtree(target, ignore_errors=True)
+            cases.setdefault(name, []).append(measure_mib(argv))
+            shutil.rmtree(target, ignore_errors=True)
 
         for i in range(args.repeat):
             say(f"pg: round {i + 1} of {args.repeat}")
@@ -187,6 +223,7 @@ def main() -> None:
                     f"vdistream basebackup, {devices} device{'s' if devices > 1 else ''}",
                     vdistream(devices),
                 )
+            case(FILES, vdistream(4, mode="files"))
             if not pgbackrest_missing:
                 case(PGBACKREST, as_server_user([*pgbackrest, "backup", "--type=full"]))
             if args.compressed:
@@ -208,6 +245,40 @@ def main() -> None:
                             ]
                         ),
                     )
+        # The restores, of the last backup of each kind.
+        case(FILES, vdistream(4, mode="files"))
+        kept_files = keep("files")
+        case("vdistream basebackup, 4 devices", vdistream(4))
+        kept_bb = keep("bb")
+        case(BASEBACKUP, pg_basebackup())
+        kept_tar = keep("tar")
+        target = cluster.root / "restored"
+        pgbr_target = cluster.directory("pgbr-restored")
+        for i in range(args.repeat):
+            say(f"pg restore: round {i + 1} of {args.repeat}")
+            restore_case(
+                RESTORE_FILES,
+                [*VDISTREAM, "restore", backup_ref(kept_files), str(target)],
+                target,
+            )
+            restore_case(
+                RESTORE_BB, [*VDISTREAM, "restore", backup_ref(kept_bb), str(target)], target
+            )
+            target.mkdir()
+            restore_case(
+                TAR_EXTRACT,
+                ["tar", "-xf", str(kept_tar / "bb" / "base.tar"), "-C", str(target)],
+                target,
+            )
+            if not pgbackrest_missing:
+                shutil.rmtree(pgbr_target, ignore_errors=True)
+                pgbr_target.mkdir()
+                give_to_server_user(pgbr_target)
+                restore_case(
+                    PGBACKREST_RESTORE,
+                    as_server_user([*pgbackrest, f"--pg1-path={pgbr_target}", "restore"]),
+                    pgbr_target,
+                )
         if args.json:
             emit(json_records(cases, size, args.scale, pgbackrest_missing))
             return

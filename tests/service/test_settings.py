@@ -708,7 +708,7 @@ FIRST_PROBLEMS = [
         POSTGRES + "mode = 'foo'\n",
         "databases.app.mode",
         7,
-        "expected one of basebackup, dump, got 'foo'",
+        "expected one of basebackup, dump, files, got 'foo'",
     ),
     (POSTGRES + "mode = 5\n", "databases.app.mode", 7, "expected a string, got an integer 5"),
     (

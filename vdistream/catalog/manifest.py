@@ -75,6 +75,11 @@ class Manifest:
     #: strings, start and finish (UTC), the server and its version; what chains and
     #: retention read (``vdistream.catalog.chain``). None for the other engines.
     sqlserver: dict[str, Any] | None = None
+    #: PostgreSQL ``files`` mode: the backup's start and stop LSNs, timeline, system
+    #: identifier, server version, WAL segments, tablespaces and every file's size,
+    #: CRC-32 and device (``files``: rows of ``pgfiles.layout.FileRecord.to_json``),
+    #: which a delta restore compares against. None for the other engines and modes.
+    postgresql: dict[str, Any] | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -162,6 +167,7 @@ class Manifest:
                 pipeline=body.get("pipeline"),
                 file_mode=body.get("file_mode"),
                 sqlserver=body.get("sqlserver"),
+                postgresql=body.get("postgresql"),
             )
         except (KeyError, TypeError) as exc:
             raise CatalogError(f"manifest {where} is incomplete: {exc!r}") from exc

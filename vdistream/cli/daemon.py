@@ -312,7 +312,14 @@ async def _submit_backup(client: ApiClient, params: Params) -> int:
     "--overwrite", is_flag=True, help="Replace an existing SQLite file; dump: drop objects first."
 )
 @click.option("--create", is_flag=True, help="PostgreSQL dump: create the target database.")
-@click.option("--owner", metavar="USER", help="PostgreSQL basebackup: the directory's owner.")
+@click.option(
+    "--owner", metavar="USER", help="PostgreSQL basebackup or files: the directory's owner."
+)
+@click.option(
+    "--delta",
+    is_flag=True,
+    help="PostgreSQL files: over a stopped cluster's directory, write only what differs.",
+)
 @_submit_command
 async def _submit_restore(client: ApiClient, params: Params) -> int:
     """Restore one of a database's backups into TARGET."""

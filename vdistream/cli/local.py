@@ -96,7 +96,7 @@ def shown(target: str) -> str:
 
 
 #: restore options of the other engines, refused for a SQL Server target
-_NOT_FOR_SQLSERVER = ("overwrite", "create", "owner")
+_NOT_FOR_SQLSERVER = ("overwrite", "create", "owner", "delta")
 #: SQL Server restore options that need a SQL Server target
 _SQLSERVER_ONLY = (
     "replace",
@@ -191,9 +191,11 @@ async def backups_in(storage: Storage) -> list[Manifest]:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["basebackup", "dump", *BACKUP_MODES]),
-    help="PostgreSQL: physical (basebackup, the default) or logical (dump). SQL Server: "
-    "full (the default), diff, log or copy-only.",
+    type=click.Choice(["basebackup", "dump", "files", *BACKUP_MODES]),
+    help="PostgreSQL: physical through pg_basebackup (basebackup, the default), physical "
+    "with the data directory read by vdistream itself, in parallel over the devices "
+    "(files; same host), or logical (dump). SQL Server: full (the default), diff, log or "
+    "copy-only.",
 )
 @_TRIGGER
 @_SQLVDI
@@ -382,7 +384,13 @@ async def _backup(params: Params) -> int:
 @click.option(
     "--owner",
     metavar="USER",
-    help="PostgreSQL basebackup: give the restored directory to this user.",
+    help="PostgreSQL basebackup or files: give the restored directory to this user.",
+)
+@click.option(
+    "--delta",
+    is_flag=True,
+    help="PostgreSQL files: restore over a STOPPED cluster's data directory, writing only "
+    "the files whose size or checksum differ from the backup and removing the others.",
 )
 @click.option(
     "--verify-first",
@@ -402,7 +410,9 @@ async def restore(params: Params) -> int:
     _check_restore_options(params, target)
     if params["to"] is not None or params["chain_database"] is not None:
         return await _restore_chain(params, backup_ref, target)
-    flags = {name: params[name] for name in ("overwrite", "create", "owner", "verify_first")}
+    flags = {
+        name: params[name] for name in ("overwrite", "create", "owner", "verify_first", "delta")
+    }
     sqlserver = SqlRestoreOptions(
         replace=params["replace"],
         recovery=not params["norecovery"],

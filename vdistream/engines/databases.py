@@ -7,7 +7,8 @@
   =====================================  ===========  ==================================
   ``sqlite:///abs/path/app.db``          ``sqlite``   ``None``
   ``sqlite:relative/path.db``            ``sqlite``   ``None`` (made absolute at once)
-  ``postgresql://user@host:5432/db``     ``postgresql`` ``basebackup`` (default) or ``dump``
+  ``postgresql://user@host:5432/db``     ``postgresql`` ``basebackup`` (default), ``dump``
+                                                     or ``files`` (``vdistream.engines.pgfiles``)
   ``postgres://...`` (libpq's alias)     ``postgresql`` as above
   ``cmd:<command line>``                 ``cmd``      ``None`` (split with shlex, no shell)
   =====================================  ===========  ==================================
@@ -23,11 +24,13 @@
 * ``restore_engine(kind, mode, target, options, *, overwrite=False)``: where a backup
   goes back to. ``target`` is, by kind: ``sqlite`` a database file path (never replaced
   unless ``overwrite``); ``postgresql``/``basebackup`` a data directory (absent or
-  empty); ``postgresql``/``dump`` a database URL (``pg_restore``; ``overwrite`` adds
-  ``--clean --if-exists``; ``create=True`` creates it first) or, when it is not a URL,
-  a file path that receives the archive; ``cmd`` a command line whose standard input
-  gets the stream, or ``DISCARD_TARGET`` (``"null:"``) to verify the stream and keep
-  nothing.
+  empty); ``postgresql``/``files`` a data directory (absent or empty; or, with
+  ``delta=True``, a stopped cluster's directory that only the files that differ from the
+  backup's ``expected`` list are written into); ``postgresql``/``dump`` a database URL
+  (``pg_restore``; ``overwrite`` adds ``--clean --if-exists``; ``create=True`` creates
+  it first) or, when it is not a URL, a file path that receives the archive; ``cmd`` a
+  command line whose standard input gets the stream, or ``DISCARD_TARGET`` (``"null:"``)
+  to verify the stream and keep nothing.
 * ``await content_check(kind, mode, workdir) -> (target, check)``: for ``verify``: a
   restore target inside ``workdir`` (a temporary directory the caller owns and
   removes), and a coroutine function to await once the restore into that target
@@ -40,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -54,6 +57,7 @@ from vdistream.engines.command import (
     DiscardConsumer,
     parse_command,
 )
+from vdistream.engines.pgfiles.layout import FileRecord
 from vdistream.engines.postgres import (
     PostgresBaseBackup,
     PostgresBaseRestore,
@@ -62,6 +66,7 @@ from vdistream.engines.postgres import (
     PostgresDumpRestore,
     PostgresURL,
     check_dump_archive,
+    describe_control_data,
     describe_postgres,
     verify_base_backup,
 )
@@ -83,7 +88,7 @@ __all__ = (
 
 KINDS = ("sqlite", "postgresql", "cmd")
 KNOWN_SCHEMES = ("sqlite:", "postgresql:", "postgres:", "cmd:")
-POSTGRES_MODES = ("basebackup", "dump")
+POSTGRES_MODES = ("basebackup", "dump", "files")
 #: The ``cmd`` restore target that keeps nothing (the stream is still verified).
 DISCARD_TARGET = "null:"
 
@@ -135,6 +140,11 @@ class DatabaseSource:
         if isinstance(spec, PostgresURL):
             if self.mode == "dump":
                 return PostgresDump(spec, options)
+            if self.mode == "files":
+                # imported here: psycopg is needed by this mode only (start-up cost)
+                from vdistream.engines.pgfiles.backup import PgFilesBackup
+
+                return PgFilesBackup(spec, options)
             return PostgresBaseBackup(spec, options)
         return CommandBackup(list(spec.argv), options)
 
@@ -252,14 +262,22 @@ def restore_engine(
     no_owner: bool = False,
     owner: str | int | None = None,
     file_mode: int | None = None,
+    delta: bool = False,
+    expected: Sequence[FileRecord] | None = None,
 ) -> Engine:
     """A restore engine for a backup of ``kind``/``mode`` into ``target`` (module docstring).
 
     ``create`` and ``no_owner`` apply to PostgreSQL dumps restored into a database,
     ``owner`` to base backups (the restored data directory's user; root only),
-    ``file_mode`` to SQLite (the source file's mode recorded in the manifest).
+    ``file_mode`` to SQLite (the source file's mode recorded in the manifest),
+    ``delta`` and ``expected`` (the manifest's file list) to PostgreSQL's files mode.
     ``ConfigError`` when the combination makes no sense.
     """
+    if delta and (kind != "postgresql" or mode != "files"):
+        raise ConfigError(
+            "a delta restore is for PostgreSQL backups in files mode; this backup is "
+            f"{kind}{'/' + mode if mode else ''}"
+        )
     if kind == "sqlite":
         _no_mode(target, "sqlite", mode)
         return SQLiteRestore(
@@ -267,6 +285,21 @@ def restore_engine(
         )
     if kind == "postgresql":
         chosen = mode or "basebackup"
+        if chosen == "files":
+            if overwrite:
+                raise ConfigError(
+                    f"a files-mode backup is restored into an empty data directory, or over "
+                    f"a stopped cluster with --delta; {target!r} is never overwritten as a whole"
+                )
+            from vdistream.engines.pgfiles.restore import PgFilesRestore
+
+            return PgFilesRestore(
+                _target_path(target, "data directory"),
+                options,
+                delta=delta,
+                expected=expected,
+                owner=owner,
+            )
         if chosen == "basebackup":
             if overwrite:
                 raise ConfigError(
@@ -331,6 +364,15 @@ async def content_check(kind: str, mode: str | None, workdir: Path) -> tuple[str
                 return f"pg_verifybackup: {verdict}"
 
             return str(datadir), check_basebackup
+        if chosen == "files":
+            datadir = workdir / "pgdata"
+
+            async def check_files() -> str:
+                # The restore itself checked every file's CRC-32 and the backup's index.
+                control = await describe_control_data(datadir)
+                return f"every file matched its CRC-32 and the index; pg_controldata: {control}"
+
+            return str(datadir), check_files
         if chosen == "dump":
             archive = workdir / "dump.pgcustom"
 

@@ -97,6 +97,7 @@ __all__ = (
     "PostgresError",
     "PostgresURL",
     "check_dump_archive",
+    "describe_control_data",
     "describe_postgres",
     "find_tool",
     "tool_major_version",
@@ -287,6 +288,28 @@ async def verify_base_backup(
     return output.stdout.strip() or "backup successfully verified"
 
 
+async def describe_control_data(
+    directory: str | os.PathLike[str], *, bindir: str | os.PathLike[str] | None = None
+) -> str:
+    """``pg_controldata DIRECTORY``: the cluster state and checkpoint location it reads
+    from ``global/pg_control`` (whose own CRC it checks).
+
+    Raises ``ToolFailedError`` with the tool's words when the control file is missing or
+    damaged.
+    """
+    output = await run_tool(
+        [find_tool("pg_controldata", bindir), os.fspath(directory)],
+        what=f"reading the control file of {os.fspath(directory)}",
+    )
+    wanted = ("Database cluster state", "Latest checkpoint location")
+    found = [
+        line.split(":", 1)[1].strip()
+        for line in output.stdout.splitlines()
+        if line.split(":", 1)[0].strip() in wanted
+    ]
+    return ", ".join(found) or "control file read"
+
+
 async def check_dump_archive(
     path: str | os.PathLike[str], *, bindir: str | os.PathLike[str] | None = None
 ) -> tuple[int, str]:
@@ -315,14 +338,15 @@ async def check_dump_archive(
 async def describe_postgres(
     url: PostgresURL, mode: str, *, bindir: str | os.PathLike[str] | None = None
 ) -> dict[str, str]:
-    """Server and tool versions for ``url`` in ``mode`` (``basebackup`` or ``dump``).
+    """Server and tool versions for ``url`` in ``mode`` (``basebackup``, ``dump``, ``files``).
 
     No secret is in it: the source is ``url.display``. Raises ``ToolFailedError``
     (with psql's words) when the server cannot be reached.
     """
-    tools = (
-        ("pg_basebackup", "pg_verifybackup") if mode == "basebackup" else ("pg_dump", "pg_restore")
-    )
+    tools = {
+        "basebackup": ("pg_basebackup", "pg_verifybackup"),
+        "dump": ("pg_dump", "pg_restore"),
+    }.get(mode, ())  # files mode reads the data directory itself: no tool
     info = {"kind": "postgresql", "mode": mode, "source": url.display}
     for tool in tools:
         info[tool] = await _version(find_tool(tool, bindir))

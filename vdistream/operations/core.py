@@ -67,6 +67,7 @@ from vdistream.engines.databases import (
     resolve_source,
     restore_engine,
 )
+from vdistream.engines.pgfiles.layout import FileRecord
 from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
 from vdistream.errors import (
     ConfigError,
@@ -341,6 +342,7 @@ async def _backup_job(
             )
         engine_result = result.engine_result
         sqlserver = getattr(engine_result, "sqlserver", None)
+        postgresql = getattr(engine_result, "postgresql", None)
         manifest = Manifest(
             backup_id=result.backup_id,
             engine=source.kind,
@@ -364,6 +366,7 @@ async def _backup_job(
             pipeline=pipeline.describe() if pipeline.any else None,
             file_mode=file_mode,
             sqlserver=sqlserver,
+            postgresql=postgresql,
         )
         url = await write_manifest(storage, manifest)
     except (CatalogError, StorageError) as exc:
@@ -400,6 +403,20 @@ async def _pipeline_for(manifest: Manifest, keys: KeySource | None) -> PipelineC
     return PipelineConfig.from_manifest(manifest.pipeline, key)
 
 
+def _file_records(manifest: Manifest) -> list[FileRecord] | None:
+    """The files a PostgreSQL files-mode backup holds, from its manifest (None for
+    other backups)."""
+    files = (manifest.postgresql or {}).get("files")
+    if files is None:
+        return None
+    try:
+        return [FileRecord.from_json(row) for row in files]
+    except (TypeError, ValueError) as exc:
+        raise CatalogError(
+            f"backup {manifest.backup_id}: the manifest's file list is unreadable: {exc}"
+        ) from exc
+
+
 async def _restore_job(
     storage: Storage,
     manifest: Manifest,
@@ -413,6 +430,7 @@ async def _restore_job(
     verify_first: bool = False,
     engine: Engine | None = None,
     job_options: JobOptions | None = None,
+    delta: bool = False,
 ) -> JobResult:
     """One restore job of ``manifest`` into ``target``; ``engine`` (SQL Server's) stands
     in for the one ``restore_engine`` would build from the target."""
@@ -440,6 +458,8 @@ async def _restore_job(
             create=create,
             owner=owner,
             file_mode=manifest.file_mode,
+            delta=delta,
+            expected=_file_records(manifest),
         )
     job = Job(
         JobKind.RESTORE,
@@ -470,12 +490,15 @@ async def run_restore(
     on_job: JobHook | None = None,
     verify_first: bool = False,
     sqlserver: SqlRestoreOptions | None = None,
+    delta: bool = False,
 ) -> JobResult:
     """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``.
 
     ``overwrite`` replaces an existing SQLite file (``--clean`` for a PostgreSQL dump);
     ``create`` creates the target database of a PostgreSQL dump first; ``owner`` gives a
-    restored PostgreSQL data directory to that user (the server's).
+    restored PostgreSQL data directory to that user (the server's). ``delta`` restores a
+    PostgreSQL files-mode backup over a stopped cluster's directory, writing only the
+    files whose size or CRC-32 differ from the manifest's list (pgBackRest's delta).
 
     The target is published only when every stream passed every check: a SQLite file,
     a dump file or a data directory appears complete or not at all; a dump restored
@@ -513,6 +536,7 @@ async def run_restore(
             owner=owner,
             keys=keys,
             verify_first=verify_first,
+            delta=delta,
         )
 
 

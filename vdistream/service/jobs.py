@@ -119,10 +119,10 @@ def backup_prefix(database: str) -> str:
 #: strings.
 _FIELDS: Mapping[JobType, frozenset[str]] = {
     JobType.BACKUP: frozenset({"source", "destination", "backup_id", "verify", "mode"}),
-    JobType.RESTORE: frozenset({"backup_id", "target", "overwrite", "create", "owner"}),
+    JobType.RESTORE: frozenset({"backup_id", "target", "overwrite", "create", "owner", "delta"}),
     JobType.VERIFY: frozenset({"backup_id", "content"}),
 }
-_FLAGS = frozenset({"verify", "overwrite", "create", "content"})
+_FLAGS = frozenset({"verify", "overwrite", "create", "content", "delta"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +140,8 @@ class JobRequest:
       configured database that backs up exactly that source into exactly that
       destination, and refuses when there is none.
     * restore: ``database``, ``target``; optional ``backup_id`` (default ``"latest"``:
-      the newest backup of the database), ``overwrite``, ``create``, ``owner`` (as for
-      ``vdistream restore``).
+      the newest backup of the database), ``overwrite``, ``create``, ``owner``, ``delta``
+      (as for ``vdistream restore``).
     * verify: ``database``; optional ``backup_id`` (default ``"latest"``) and
       ``content`` (default true: restore into a temporary place and let the database
       check it; false: checksums only).
@@ -158,6 +158,7 @@ class JobRequest:
     overwrite: bool = False
     create: bool = False
     owner: str | None = None
+    delta: bool = False
     content: bool = True
     source: str | None = None
     destination: str | None = None
@@ -253,6 +254,8 @@ class JobRequest:
         if self.kind is JobType.RESTORE:
             out["overwrite"] = self.overwrite
             out["create"] = self.create
+            if self.delta:  # recorded only when asked, so older records read the same
+                out["delta"] = True
         if self.kind is JobType.VERIFY:
             out["content"] = self.content
         return out

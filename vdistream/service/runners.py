@@ -298,6 +298,7 @@ class JobRunner:
             keys=_keys(database),
             on_job=job.attach,
             sqlserver=sqlserver,
+            delta=request.delta,
         )
         summary = {
             "id": backup_id,

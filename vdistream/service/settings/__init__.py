@@ -242,7 +242,7 @@ class DatabaseSettings:
     kind: DatabaseKind
     #: ``url`` with any password masked: what may be logged and shown
     display_url: str = ""
-    #: ``basebackup`` or ``dump`` for ``postgresql``, ``None`` otherwise
+    #: ``basebackup``, ``dump`` or ``files`` for ``postgresql``, ``None`` otherwise
     mode: str | None = None
     devices: int = 4
     #: the pipeline's compression (``vdistream.pipeline.spec``); ``none`` by default

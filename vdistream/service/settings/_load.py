@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
+from vdistream.engines.databases import POSTGRES_MODES
 from vdistream.errors import VdistreamError
 from vdistream.pipeline.keys import load_key
 from vdistream.service.settings import (
@@ -518,8 +519,10 @@ def _database(
         mode = fields.setdefault("mode", "basebackup")
         if not isinstance(mode, str):
             raise where.error(at("mode"), f"expected a string, got {type_name(mode)} {show(mode)}")
-        if mode not in ("basebackup", "dump"):
-            raise where.error(at("mode"), f"expected one of basebackup, dump, got {mode!r}")
+        if mode not in POSTGRES_MODES:
+            raise where.error(
+                at("mode"), f"expected one of {', '.join(POSTGRES_MODES)}, got {mode!r}"
+            )
     elif d.mode is not None:
         hint = (
             " (a SQL Server database's schedule, schedule_diff and schedule_log say which "
