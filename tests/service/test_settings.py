@@ -1007,3 +1007,9 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         settings.service = ServiceSettings()  # type: ignore[misc]
     with pytest.raises(TypeError):
         settings.databases["x"] = settings.databases["app"]  # type: ignore[index]
+
+
+def test_postgres_files_mode_is_a_setting(tmp_path: Path) -> None:
+    text = MINIMAL.replace("sqlite:///srv/app.db", "postgresql://h/db") + 'mode = "files"\n'
+    settings = load_settings(write(tmp_path, text), env={})
+    assert settings.databases["app"].mode == "files"
