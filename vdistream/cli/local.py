@@ -32,8 +32,8 @@ from vdistream.cli.params import (
     TIME_OR_LATEST,
     Duration,
 )
-from vdistream.operations import KeySource, SqlRestoreOptions
-from vdistream.sqlserver.engine import BACKUP_MODES
+from vdistream.operations import KeySource
+from vdistream.sqlserver.tsql import BACKUP_MODES
 from vdistream.sqlserver.url import MssqlURL, is_sqlserver_url, with_trigger
 
 if TYPE_CHECKING:
@@ -413,6 +413,8 @@ async def restore(params: Params) -> int:
     flags = {
         name: params[name] for name in ("overwrite", "create", "owner", "verify_first", "delta")
     }
+    from vdistream.operations import SqlRestoreOptions
+
     sqlserver = SqlRestoreOptions(
         replace=params["replace"],
         recovery=not params["norecovery"],

@@ -31,7 +31,7 @@ import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -67,7 +67,6 @@ from vdistream.engines.databases import (
     resolve_source,
     restore_engine,
 )
-from vdistream.engines.pgfiles.layout import FileRecord
 from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
 from vdistream.errors import (
     ConfigError,
@@ -78,25 +77,17 @@ from vdistream.errors import (
     VdistreamError,
 )
 from vdistream.log import get_logger
-from vdistream.operations.sqlserver import (
-    SqlRestoreOptions,
-    check_target,
-    database_state,
-    drop_after_failure,
-    restore_job_options,
-    sqlserver_restore_engine,
-    sqlserver_verify_engine,
-)
 from vdistream.ownership import OwnerLock
 from vdistream.pipeline.chain import PipelineConfig, SourceChain
-from vdistream.pipeline.encrypt import stream_context
-from vdistream.pipeline.keys import Key, ScryptParams, load_key
 from vdistream.pipeline.spec import CompressionSpec
-from vdistream.sqlserver.engine import SqlServerStatementError, Transfer
-from vdistream.sqlserver.library import SqlVdiLibraryError
-from vdistream.sqlserver.source import SqlServerSource
-from vdistream.sqlserver.url import MssqlURL, is_sqlserver_url, with_trigger
+from vdistream.sqlserver.url import is_sqlserver_url
 from vdistream.storage import Storage
+
+if TYPE_CHECKING:  # SQL Server, encryption and files mode are imported when used (start-up)
+    from vdistream.engines.pgfiles.layout import FileRecord
+    from vdistream.operations.sqlserver import SqlRestoreOptions
+    from vdistream.pipeline.keys import Key
+    from vdistream.sqlserver.source import SqlServerSource
 
 __all__ = (
     "VERIFY_WORKDIR_PREFIX",
@@ -150,6 +141,8 @@ class KeySource:
 
     async def load(self, kdf: dict[str, Any] | None = None) -> Key:
         passphrase = None
+        from vdistream.pipeline.keys import ScryptParams, load_key
+
         if self.passphrase_env is not None:
             passphrase = os.environ.get(self.passphrase_env)
             if passphrase is None:
@@ -235,6 +228,8 @@ async def run_backup(
     settings = settings or BackupSettings()
     source: DatabaseSource | SqlServerSource
     if is_sqlserver_url(source_url):
+        from vdistream.sqlserver.source import SqlServerSource
+
         source = SqlServerSource.resolve(source_url, mode=settings.mode, library=settings.sqlvdi)
         source.preflight()
     else:
@@ -301,7 +296,9 @@ async def _backup_job(
     file_mode = await source.file_mode()  # as the job starts: what its snapshot reads
     engine: Engine
     options = settings.job()
-    if isinstance(source, SqlServerSource):
+    if not isinstance(source, DatabaseSource):  # SQL Server's
+        from vdistream.sqlserver.engine import Transfer
+
         transfer = Transfer(settings.block_size, settings.max_transfer_size, settings.buffer_count)
         engine = source.backup_engine(settings.devices, transfer, backup_id=backup_id)
         engine.check()  # a statement SQL Server cannot take fails before the job starts
@@ -409,6 +406,8 @@ def _file_records(manifest: Manifest) -> list[FileRecord] | None:
     files = (manifest.postgresql or {}).get("files")
     if files is None:
         return None
+    from vdistream.engines.pgfiles.layout import FileRecord
+
     try:
         return [FileRecord.from_json(row) for row in files]
     except (TypeError, ValueError) as exc:
@@ -517,6 +516,8 @@ async def run_restore(
         await _sweep(storage)
         manifest = (await read_manifest(storage, backup_id)).relocated(storage.url)
         if manifest.engine == "mssql":
+            from vdistream.operations.sqlserver import SqlRestoreOptions
+
             return await restore_sqlserver(
                 storage,
                 manifest,
@@ -554,6 +555,15 @@ async def restore_sqlserver(
     """One SQL Server restore job (``vdistream.operations.sqlserver``'s rules): a target
     that exists needs ``replace``; one that did not (``existed`` False, asked of the
     server when ``None``) is dropped again when the restore fails."""
+    from vdistream.operations.sqlserver import (
+        check_target,
+        database_state,
+        drop_after_failure,
+        restore_job_options,
+        sqlserver_restore_engine,
+    )
+    from vdistream.sqlserver.url import MssqlURL
+
     url = MssqlURL.parse(target)
     engine = sqlserver_restore_engine(manifest, target, options)
     engine.check()  # the library and the statement, before anything runs
@@ -586,6 +596,8 @@ async def restore_sqlserver(
 
 def _with_leftover(result: JobResult, what: str) -> JobResult:
     """``result`` whose error line also says what a failed cleanup left."""
+    from vdistream.sqlserver.engine import SqlServerStatementError
+
     error = SqlServerStatementError(f"{result.error}; {what}")
     error.__cause__ = result.error
     return dataclasses.replace(result, reason=f"{result.reason}; {what}", error=error)
@@ -733,6 +745,10 @@ async def _verifyonly(
     trigger: str | None = None,
 ) -> Check:
     """SQL Server's own check: ``RESTORE VERIFYONLY`` through the devices."""
+    from vdistream.operations.sqlserver import restore_job_options, sqlserver_verify_engine
+    from vdistream.sqlserver.library import SqlVdiLibraryError
+    from vdistream.sqlserver.url import with_trigger
+
     url = with_trigger(server or manifest.source, trigger)
     try:
         verify_engine = sqlserver_verify_engine(manifest, url, sqlvdi=sqlvdi)
@@ -799,6 +815,8 @@ async def _reread(
             f"{device.url}: {size} bytes with SHA-256 {sha256}, the manifest says "
             f"{device.bytes} bytes with {device.sha256}",
         )
+    from vdistream.pipeline.encrypt import stream_context
+
     context = stream_context(manifest.backup_id, device.index, len(manifest.devices))
     chain = SourceChain.build(
         await storage.open_source(device.key), pipeline, context=context, limiter=limiter

@@ -28,6 +28,7 @@ from typing import Any
 
 from vdistream.errors import VdistreamError
 from vdistream.service.state import JobRecord, JobType
+from vdistream.sqlserver.tsql import BACKUP_MODES
 
 __all__ = (
     "BACKUP_ID_PATTERN",
@@ -51,9 +52,8 @@ __all__ = (
 LATEST = "latest"
 #: A backup id: one storage key component, at most 128 characters.
 BACKUP_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-#: The ``mode`` of a SQL Server backup request (``vdistream.sqlserver.engine``'s
-#: ``BACKUP_MODES``, not imported: that module loads the VDI binding).
-SQLSERVER_MODES = ("full", "diff", "log", "copy-only")
+#: The ``mode`` of a SQL Server backup request.
+SQLSERVER_MODES = BACKUP_MODES
 #: A URL's password (user info ``user:password@``), masked in what is stored; greedy
 #: to the last ``@`` so that a password holding ``@`` or ``/`` is masked whole.
 _URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*):.*@", re.DOTALL)

@@ -50,6 +50,7 @@ from vdistream.sqlserver.device_set import SqlVdiDeviceSet
 from vdistream.sqlserver.library import library_path, load
 from vdistream.sqlserver.trigger import SqlServerError, StatementResult, Trigger, trigger_for
 from vdistream.sqlserver.tsql import (
+    BACKUP_MODES,
     BackupKind,
     StatementError,
     backup_statement,
@@ -74,8 +75,6 @@ __all__ = (
     "server_time",
 )
 
-#: ``--mode`` of a SQL Server backup: the statement's kind, and copy-only
-BACKUP_MODES = ("full", "diff", "log", "copy-only")
 
 _log = get_logger(__name__)
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from vdistream.errors import ConfigError
 
 __all__ = (
+    "BACKUP_MODES",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_BUFFER_COUNT",
     "DEFAULT_MAX_TRANSFER_SIZE",
@@ -49,6 +50,10 @@ __all__ = (
     "verifyonly_statement",
     "version_query",
 )
+
+#: ``--mode`` of a SQL Server backup: the statement's kind, and copy-only (defined here,
+#: in a module that loads nothing, for the command line and the daemon's requests)
+BACKUP_MODES = ("full", "diff", "log", "copy-only")
 
 DEFAULT_BLOCK_SIZE = 65536
 DEFAULT_BUFFER_COUNT = 8
