@@ -77,6 +77,9 @@ def test_files_backup_verify_restore_start_delta(
         ).stdout
     )
     assert done["status"] == "succeeded", done
+    # few files differ: the delta restore wrote them (pg_control among them) and kept the rest
+    assert 1 <= done["written_files"] < done["skipped_files"]
+    assert done["removed_paths"] >= 1  # cli_extra's file
     restored.start()
     try:
         assert _accounts(restored) == before

@@ -436,11 +436,24 @@ async def restore(params: Params) -> int:
         "seconds": round(result.duration, 3),
         "error": None if result.ok else str(result.error),
     }
+    # a files-mode restore says what it wrote, kept and removed (delta)
+    files = {
+        name: getattr(result.engine_result, name)
+        for name in ("written_files", "skipped_files", "removed_paths")
+        if hasattr(result.engine_result, name)
+    }
+    summary.update(files)
     emit(params["json_output"], summary, "")
     if result.ok:
+        counts = (
+            f"; {files['written_files']:,} files written, {files['skipped_files']:,} unchanged, "
+            f"{files['removed_paths']:,} removed"
+            if files
+            else ""
+        )
         say(
             f"restored {result.backup_id} into {shown(target)}: logical {result.bytes:,} bytes "
-            f"in {result.duration:.1f} s",
+            f"in {result.duration:.1f} s{counts}",
             err=True,
         )
         return 0
