@@ -26,19 +26,70 @@ from collections.abc import Sequence
 import click
 
 from vdistream._version import __version__
-from vdistream.cli.daemon import abort, job, jobs, serve, status, submit
 from vdistream.cli.framework import CommandError, logging_options, say
-from vdistream.cli.local import backup, demo, keygen, list_, restore, storage, verify
 from vdistream.cli.params import OptionValueError
-from vdistream.cli.prune import prune
 
 __all__ = ("build_parser", "cli", "main")
 
 _USAGE = 2
 
 
+# Command name -> (the module of the command line that defines it, its attribute), in
+# the order ``--help`` lists them. A command's module is imported only when that
+# command runs (or help lists them all): ``vdistream backup`` does not load the
+# daemon's client or ``prune``, ``vdistream serve`` not the local commands.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "backup": ("local", "backup"),
+    "restore": ("local", "restore"),
+    "verify": ("local", "verify"),
+    "list": ("local", "list_"),
+    "storage": ("local", "storage"),
+    "keygen": ("local", "keygen"),
+    "demo": ("local", "demo"),
+    "prune": ("prune", "prune"),
+    "serve": ("daemon", "serve"),
+    "status": ("daemon", "status"),
+    "jobs": ("daemon", "jobs"),
+    "job": ("daemon", "job"),
+    "abort": ("daemon", "abort"),
+    "submit": ("daemon", "submit"),
+}
+
+
+def _load(name: str) -> click.Command:
+    """The command ``name`` of :data:`_COMMANDS`, its module imported now."""
+    module, attr = _COMMANDS[name]
+    if module == "local":
+        from vdistream.cli import local
+
+        command = getattr(local, attr)
+    elif module == "prune":
+        from vdistream.cli import prune
+
+        command = getattr(prune, attr)
+    else:
+        from vdistream.cli import daemon
+
+        command = getattr(daemon, attr)
+    assert isinstance(command, click.Command)
+    return command
+
+
+class _LazyGroup(click.Group):
+    """The root group: a command is registered the first time it is looked up."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _COMMANDS:
+            self.add_command(_load(cmd_name))
+        return self.commands.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *_COMMANDS})
+
+
 @click.group(
     "vdistream",
+    cls=_LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="stdout: the result (backup: the id; --json: one JSON document). stderr: "
     "progress on a terminal and one final line. Exit codes: 0 success, 1 failure, "
@@ -55,11 +106,10 @@ def cli() -> None:
 
 
 def build_parser() -> click.Group:
-    """The root command group with every command registered."""
-    if not cli.commands:
-        local = (backup, restore, verify, list_, storage, keygen, demo, prune)
-        for command in (*local, serve, status, jobs, job, abort, submit):
-            cli.add_command(command)
+    """The root command group with every command registered (their modules imported;
+    :func:`main` registers only the command it runs)."""
+    for name in _COMMANDS:
+        cli.get_command(click.Context(cli), name)
     return cli
 
 
@@ -100,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vdistream.errors import ConfigError, StorageURLError, VdistreamError
 
     try:
-        code = build_parser().main(
+        code = cli.main(
             args=list(argv) if argv is not None else None,
             prog_name="vdistream",
             standalone_mode=False,

@@ -37,7 +37,6 @@ from typing import Any, TextIO, TypeVar
 
 import anyio
 import click
-import structlog
 
 from vdistream.errors import VdistreamError
 from vdistream.log import get_logger
@@ -153,8 +152,9 @@ def _configured_logging(choice: LogChoice) -> Iterator[None]:
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     saved_disable = logging.root.manager.disable
-    was_configured = structlog.is_configured()
-    saved_structlog = structlog.get_config() if was_configured else None
+    # structlog not imported yet: nothing configured it (importing it costs start-up)
+    loaded = sys.modules.get("structlog")
+    saved_structlog = loaded.get_config() if loaded and loaded.is_configured() else None
     level = choice.chosen_level
     if level is None:
         logging.disable(logging.CRITICAL)
@@ -172,6 +172,8 @@ def _configured_logging(choice: LogChoice) -> Iterator[None]:
             for handler in saved_handlers:
                 root.addHandler(handler)
             root.setLevel(saved_level)
+            import structlog  # configure_logging imported it
+
             if saved_structlog is not None:
                 structlog.configure(**saved_structlog)
             else:

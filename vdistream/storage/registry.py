@@ -14,7 +14,6 @@ from pathlib import Path
 
 from vdistream.errors import StorageURLError
 from vdistream.storage.base import Storage
-from vdistream.storage.file import FileStorage
 from vdistream.storage.memory import MemoryStores
 from vdistream.storage.null import NullStorage
 
@@ -25,6 +24,13 @@ StorageFactory = Callable[[str], Storage]
 
 # RFC 3986 scheme, then ":". Anything else is a plain path.
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def _open_file(url: str) -> Storage:
+    """``file://...``; the file back end (and aiofiles) is imported here."""
+    from vdistream.storage.file import FileStorage
+
+    return FileStorage.from_url(url)
 
 
 def _open_s3(url: str) -> Storage:
@@ -43,9 +49,10 @@ class StorageRegistry:
     @classmethod
     def with_builtins(cls) -> StorageRegistry:
         """A registry knowing ``file``, ``memory`` (its own named stores), ``null`` and
-        ``s3`` (imported on first use, so aiobotocore loads only when needed)."""
+        ``s3`` (``file`` and ``s3`` imported on first use, so that aiofiles and
+        aiobotocore load only when needed)."""
         registry = cls()
-        registry.register("file", FileStorage.from_url)
+        registry.register("file", _open_file)
         registry.register("memory", MemoryStores().open_storage)
         registry.register("null", NullStorage.from_url)
         registry.register("s3", _open_s3)

@@ -1,37 +1,74 @@
 """A level-triggered wake-up used by every wait in a device set.
 
 Waiters re-check their condition after each wake-up, so a notification can never be
-lost and a spurious one costs only a re-check. Events are created lazily inside the
+lost and a spurious one costs only a re-check. Waiters are created lazily inside the
 waiting task, so set objects can be built outside a running event loop.
+
+On asyncio (what vdistream runs on) a waiter is a bare future of the running loop and
+a deadline is a timer that wakes it (``loop.call_at``): no ``anyio.Event`` and no
+cancel scope per wait, which is most of what a command round trip costs otherwise.
+Cancellation reaches the awaiting task as on any asyncio wait (anyio's cancel scopes
+cancel the task). On another event loop (trio) the same contract is kept with an
+``anyio.Event`` inside a cancel scope with the deadline.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
+import time
 
 import anyio
 
 __all__ = ("Notifier",)
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Notifier:
-    __slots__ = ("_events",)
+    __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._events: set[anyio.Event] = set()
+        self._waiters: set[asyncio.Future[None] | anyio.Event] = set()
 
     def notify_all(self) -> None:
-        if self._events:
-            events, self._events = self._events, set()
-            for event in events:
-                event.set()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, set()
+            for waiter in waiters:
+                if isinstance(waiter, asyncio.Future):
+                    if not waiter.done():
+                        waiter.set_result(None)
+                else:
+                    waiter.set()
 
     async def wait(self, deadline: float | None) -> None:
-        """Wait for the next notification or until ``deadline`` (monotonic clock)."""
-        event = anyio.Event()
-        self._events.add(event)
+        """Wait for the next notification or until ``deadline`` (monotonic clock: the
+        clock of asyncio's loop and of anyio's deadlines)."""
         try:
-            with anyio.CancelScope(deadline=math.inf if deadline is None else deadline):
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio
+            await self._wait_anyio(deadline)
+            return
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.add(waiter)
+        timer = None
+        if deadline is not None:
+            # call_at takes the loop's clock; time.monotonic() is asyncio's default one
+            timer = loop.call_at(loop.time() + (deadline - time.monotonic()), _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
+            if timer is not None:
+                timer.cancel()
+
+    async def _wait_anyio(self, deadline: float | None) -> None:
+        event = anyio.Event()
+        self._waiters.add(event)
+        try:
+            with anyio.CancelScope(deadline=float("inf") if deadline is None else deadline):
                 await event.wait()
         finally:
-            self._events.discard(event)
+            self._waiters.discard(event)

@@ -55,7 +55,7 @@ from vdistream.storage.s3.parts import (
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-__all__ = ("S3Connection", "backoff_delay")
+__all__ = ("FAILURES", "S3Connection", "backoff_delay")
 
 _log = get_logger(__name__)
 
@@ -70,7 +70,8 @@ _POSITIVE = (
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 _URL_OPTIONS = frozenset({"endpoint_url", "region", "profile", "addressing_style"})
 _ADDRESSING = frozenset({"auto", "path", "virtual"})
-_FAILURES = (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError, ShortBody)
+#: What a request (or the read of its body) fails with; ``errors`` tells which to retry.
+FAILURES = (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError, ShortBody)
 
 
 def backoff_delay(
@@ -90,7 +91,9 @@ class S3Connection:
     schedule could not reach 5 TiB from it, e.g. 5 MiB), ``min_part_size`` (S3's rule;
     lower only for test servers configured to allow it, which also lifts the 5 TiB
     check), ``part_growth_interval``, ``max_parts_in_flight`` (per sink),
-    ``read_chunk_size`` and ``read_ahead`` (per source), ``max_attempts``,
+    ``read_ahead`` (per source: ``None``, the default, reads with one streamed GET;
+    an integer reads ranges of ``read_chunk_size`` with that many ahead, see
+    ``source``), ``max_attempts``,
     ``backoff_base``/``backoff_cap`` (seconds), ``connect_timeout``/``read_timeout``
     (seconds), ``max_pool_connections``, ``send_checksums``, ``list_page_size``.
     """
@@ -107,7 +110,7 @@ class S3Connection:
     part_growth_interval: int = PART_GROWTH_INTERVAL
     max_parts_in_flight: int = 2
     read_chunk_size: int = 8 << 20
-    read_ahead: int = 2
+    read_ahead: int | None = None
     max_attempts: int = 5
     backoff_base: float = 0.25
     backoff_cap: float = 20.0
@@ -148,7 +151,7 @@ class S3Connection:
         for name in _POSITIVE:
             if (value := getattr(self, name)) < 1:
                 raise StorageURLError(f"{name} must be at least 1, not {value}", url=self.url)
-        if self.read_ahead < 0:
+        if self.read_ahead is not None and self.read_ahead < 0:
             raise StorageURLError(f"read_ahead must be >= 0, not {self.read_ahead}", url=self.url)
         self._s3: S3Client | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
@@ -284,7 +287,7 @@ class S3Connection:
         while True:
             try:
                 return await attempt()
-            except _FAILURES as exc:
+            except FAILURES as exc:
                 if failed is not None:
                     failed(exc)
                 if attempts >= self.max_attempts or not is_transient(exc):
