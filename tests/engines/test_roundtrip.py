@@ -80,12 +80,11 @@ async def test_restore_reads_with_sizes_unlike_the_backup(registry: Registry) ->
     assert restored == data
     reads = [s for d in range(3) for s in rclient.sizes(d, CommandCode.READ)]
     assert {BLOCK, 3 * BLOCK, 4 * CHUNK} <= set(reads)
-    # default schedule: a mix that differs from the backup's transfer size
+    # default schedule: every READ is MAXTRANSFERSIZE, the fewest commands
     restored, rclient, _ = await restore(Registry(), client.streams)
     assert restored == data
     reads = [s for d in range(3) for s in rclient.sizes(d, CommandCode.READ)]
-    assert len(set(reads)) > 1
-    assert all(s % BLOCK == 0 and BLOCK <= s <= CHUNK for s in reads)
+    assert set(reads) == {OPTIONS.max_transfer_size}
 
 
 async def test_restore_with_out_of_order_completions_and_no_data_detected(
@@ -157,4 +156,4 @@ async def test_options_are_validated() -> None:
         StripingOptions(block_size=4096, max_transfer_size=65536, read_sizes=(5000,))
     with pytest.raises(ValueError, match="read size"):
         StripingOptions(block_size=4096, max_transfer_size=65536, read_sizes=(131072,))
-    assert OPTIONS.read_schedule() == (32768, 4096, 65536, 12288)
+    assert OPTIONS.read_schedule() == (OPTIONS.max_transfer_size,)

@@ -221,25 +221,41 @@ class FileConsumer(ByteConsumer):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
-        self._file: io.BufferedWriter | None = None
+        self._file: io.FileIO | None = None
+        self._writeback: threads.Writeback | None = None
+        self._written = 0
 
-    async def _open(self) -> io.BufferedWriter:
+    async def _open(self) -> io.FileIO:
         if self._file is None:
-            self._file = await threads.run_sync(lambda: self.partial.open("wb"))
+            self._file = await threads.run_sync(lambda: self.partial.open("wb", buffering=0))
+            # streamed to disk as it comes, so that the fsync at the end is short and a
+            # large restore does not fill the page cache (threads.Writeback)
+            self._writeback = threads.Writeback(self._file.fileno())
         return self._file
 
     async def write(self, view: memoryview) -> None:
         file = await self._open()
-        await threads.run_sync(file.write, view)
+        await threads.run_sync(self._write_blocking, file, view)
+
+    def _write_blocking(self, file: io.FileIO, view: memoryview) -> None:
+        fd, done = file.fileno(), 0
+        while done < view.nbytes:  # writes may be short
+            with view[done:] as rest:
+                done += os.write(fd, rest)
+        self._written += done
+        assert self._writeback is not None
+        self._writeback.wrote(self._written)
 
     async def finish(self) -> None:
         file = await self._open()  # an empty image still yields an (empty) file
-        self._file = None
+        writeback = self._writeback
+        self._file = self._writeback = None
 
         def seal() -> None:
             try:
-                file.flush()
                 os.fsync(file.fileno())
+                if writeback is not None:
+                    writeback.finish()
             finally:
                 file.close()
             os.replace(self.partial, self.path)
@@ -247,7 +263,7 @@ class FileConsumer(ByteConsumer):
         await threads.run_sync(seal)
 
     async def discard(self) -> None:
-        file, self._file = self._file, None
+        file, self._file, self._writeback = self._file, None, None
 
         def drop() -> None:
             if file is not None:

@@ -19,6 +19,7 @@ from typing import ClassVar
 import anyio
 import anyio.lowlevel
 
+from vdistream import threads
 from vdistream.errors import PipelineError
 from vdistream.storage import Sink, SinkBase, SinkState, Source, byte_view
 
@@ -68,6 +69,11 @@ class StageSink(SinkBase):
     ``size`` and ``bytes_written`` count the bytes given to the stage. CPU steps run in
     ``vdistream.threads`` through ``limiter``. Only one thread uses the transform at a
     time: calls never overlap and every thread call is awaited before the next starts.
+
+    A subclass that implements ``_write_blocking`` (transform and hand the result to
+    ``inner.write_blocking``) sets ``BLOCKING_WRITES``; the stage then has blocking
+    writes whenever ``inner`` has them, and its ``_write`` is one thread call doing all
+    of it (``_write_through``).
     """
 
     random_access = False
@@ -78,6 +84,15 @@ class StageSink(SinkBase):
         super().__init__(inner.url, inner.device)
         self.inner = inner
         self.limiter = limiter
+
+    @property
+    def blocking_writes(self) -> bool:
+        return self.BLOCKING_WRITES and self.inner.blocking_writes
+
+    async def _write_through(self, view: memoryview, start: int) -> None:
+        """``_write_blocking`` in one worker-thread call (the caller checked
+        ``blocking_writes``)."""
+        await threads.run_sync(self._write_blocking, view, start, limiter=self.limiter)
 
     def _refusal(self, what: str) -> Exception:
         reason = _REFUSALS.get(self._state, f"the stream is {self._state.value}")

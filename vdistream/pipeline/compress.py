@@ -155,6 +155,7 @@ class CompressingSink(StageSink):
     """Compresses everything written into one ``algorithm`` frame written to ``inner``."""
 
     STAGE = "compressed"
+    BLOCKING_WRITES = True
 
     def __init__(
         self,
@@ -170,7 +171,11 @@ class CompressingSink(StageSink):
         self._encoder: _Encoder | None = (
             _ZstdEncoder(self.level) if self.level is not None else _Lz4Encoder()
         )
-        self._pending = bytearray()  # compressed, not yet written to inner
+        # compressed, not yet written to inner: _pending[:_used]. It only grows (to about
+        # _OUTPUT_CHUNK plus one write's output): cleared and regrown for every chunk, a
+        # bytearray gets fresh pages from the kernel each time (page faults, measured)
+        self._pending = bytearray()
+        self._used = 0
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -189,21 +194,40 @@ class CompressingSink(StageSink):
         assert encoder is not None  # dropped only when leaving OPEN
 
         def run() -> None:
-            self._pending += step(encoder)
+            self._keep(step(encoder))
 
         await threads.run_sync(run, limiter=self.limiter)
 
     async def _drain(self) -> None:
-        if self._pending:
-            with memoryview(self._pending) as view:
+        if self._used:
+            with memoryview(self._pending) as pending, pending[: self._used] as view:
                 await self.inner.write(view)
-            self._pending.clear()
+            self._used = 0
 
     async def _write(self, view: memoryview, start: int) -> None:
-        if view.nbytes:
+        if self.blocking_writes:
+            await self._write_through(view, start)
+        elif view.nbytes:
             await self._code(lambda encoder: encoder.compress(view))
-            if len(self._pending) >= _OUTPUT_CHUNK:
+            if self._used >= _OUTPUT_CHUNK:
                 await self._drain()
+
+    def _write_blocking(self, view: memoryview, start: int) -> None:
+        """Worker thread: compress, and write the output once a chunk of it gathered."""
+        encoder = self._encoder
+        assert encoder is not None  # dropped only when leaving OPEN
+        if view.nbytes:
+            self._keep(encoder.compress(view))
+        if self._used >= _OUTPUT_CHUNK:
+            with memoryview(self._pending) as pending, pending[: self._used] as chunk:
+                self.inner.write_blocking(chunk)
+            self._used = 0
+
+    def _keep(self, output: bytes) -> None:
+        """Append ``output`` to ``_pending`` (which grows, never shrinks)."""
+        end = self._used + len(output)
+        self._pending[self._used : end] = output
+        self._used = end
 
     async def _flush(self) -> None:
         await self._code(lambda encoder: encoder.flush())

@@ -47,7 +47,7 @@ import builtins
 import contextlib
 import enum
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Self
+from typing import ClassVar, Self
 
 import anyio
 import anyio.lowlevel
@@ -186,6 +186,25 @@ class Sink(abc.ABC):
         sink is not open or failed earlier.
         """
 
+    @property
+    def blocking_writes(self) -> bool:
+        """Whether ``write_blocking`` may be used: the whole of a ``write`` is plain
+        blocking work (a file write, a hash, a cipher) that a worker thread can do in
+        one call. False by default (S3 and other sinks that need the event loop)."""
+        return False
+
+    def write_blocking(self, data: memoryview, *, position: int | None = None) -> None:
+        """``write`` as one blocking call, only when ``blocking_writes`` is true.
+
+        For the task that drives this sink, which calls it from one worker thread of
+        ``vdistream.threads`` and awaits that thread (so calls still never overlap, and
+        the thread call is what is shielded: it finishes once started). Same results,
+        errors and states as ``write``; no cancellation inside. This is how a device's
+        whole per-byte work (hash, compress, encrypt, hash, write) becomes one worker
+        thread call per buffer instead of one thread hop per stage.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no blocking writes")
+
     @abc.abstractmethod
     async def flush(self) -> None:
         """Make everything written so far durable (fsync), without publishing it.
@@ -239,6 +258,8 @@ class SinkBase(Sink):
     * ``_publish()``: make the object visible; raising ``StorageExistsError`` keeps the
       sink sealed (commit may be retried), any other error fails it;
     * ``_discard()``: remove what was written; runs shielded, even when cancelled;
+    * ``_write_blocking(view, start)`` (with ``BLOCKING_WRITES = True``): ``_write`` as
+      plain blocking code, for ``write_blocking`` (``Sink.blocking_writes``);
     * ``_errors(what)``: a context translating the medium's own errors (default: none).
 
     Every step but ``_discard`` runs shielded, after the checkpoint, inside
@@ -248,6 +269,8 @@ class SinkBase(Sink):
     """
 
     random_access: bool = True
+    #: the subclass implements ``_write_blocking`` (see ``Sink.blocking_writes``)
+    BLOCKING_WRITES: ClassVar[bool] = False
 
     def __init__(self, url: str, device: str | None = None) -> None:
         self.url = url
@@ -267,6 +290,10 @@ class SinkBase(Sink):
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def blocking_writes(self) -> bool:
+        return self.BLOCKING_WRITES
 
     def require(self, *allowed: SinkState, what: str) -> None:
         """Refuse ``what`` unless the sink is in one of the ``allowed`` states."""
@@ -308,6 +335,23 @@ class SinkBase(Sink):
         if view.nbytes:
             self._size = max(self._size, self._position)
         self._written += view.nbytes
+
+    def write_blocking(self, data: memoryview, *, position: int | None = None) -> None:
+        if not self.blocking_writes:
+            super().write_blocking(data, position=position)
+        self.require(SinkState.OPEN, what="write")
+        self._check_position(position)
+        view = byte_view(data)
+        start = self._position if position is None else position
+        with self._failing("write"):
+            self._write_blocking(view, start)
+        self._position = start + view.nbytes
+        if view.nbytes:
+            self._size = max(self._size, self._position)
+        self._written += view.nbytes
+
+    def _write_blocking(self, view: memoryview, start: int) -> None:
+        raise NotImplementedError
 
     async def flush(self) -> None:
         self.require(SinkState.OPEN, what="flush")
@@ -387,6 +431,17 @@ class Source(abc.ABC):
         Cancellation: raises before reading anything, or completes (shielded).
         """
 
+    @property
+    def blocking_reads(self) -> bool:
+        """Whether ``readinto_blocking`` may be used (``Sink.blocking_writes``' twin)."""
+        return False
+
+    def readinto_blocking(self, buffer: memoryview, *, position: int | None = None) -> int:
+        """``readinto`` as one blocking call, only when ``blocking_reads`` is true; for
+        the task reading this source, from one worker thread it awaits (see
+        ``Sink.write_blocking``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no blocking reads")
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the object; idempotent. ``readinto`` then raises ``StorageError``.
@@ -406,10 +461,12 @@ class SourceBase(Source):
     position and the templates of ``readinto`` and ``close`` that carry the
     cancellation rules. A subclass implements ``_readinto(view, start)`` (fill ``view``
     from byte ``start``, fewer bytes only at the end of the object; runs shielded) and
-    ``_close()`` (runs once, shielded).
+    ``_close()`` (runs once, shielded). With ``BLOCKING_READS = True`` it also
+    implements ``_readinto_blocking(view, start)``, the same as plain blocking code.
     """
 
     random_access: bool = True
+    BLOCKING_READS: ClassVar[bool] = False
 
     def __init__(self, url: str, size: int) -> None:
         self.url = url
@@ -433,6 +490,25 @@ class SourceBase(Source):
             done = await self._readinto(view, start)
         self._position = start + done
         return done
+
+    @property
+    def blocking_reads(self) -> bool:
+        return self.BLOCKING_READS
+
+    def readinto_blocking(self, buffer: memoryview, *, position: int | None = None) -> int:
+        if not self.blocking_reads:
+            return super().readinto_blocking(buffer, position=position)
+        if self._closed:
+            raise StorageError("cannot read: the source is closed", url=self.url)
+        check_position(position, random_access=self.random_access, url=self.url)
+        view = byte_view(buffer)
+        start = self._position if position is None else position
+        done = self._readinto_blocking(view, start)
+        self._position = start + done
+        return done
+
+    def _readinto_blocking(self, view: memoryview, start: int) -> int:
+        raise NotImplementedError
 
     async def close(self) -> None:
         if not self._closed:

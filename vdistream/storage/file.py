@@ -31,9 +31,17 @@ directory. A directory without a lock (debris of older versions, or of a backup 
 without ``in_progress``) is left to ``vdistream storage audit --clean``. Names starting
 with ``.vdistream-`` (the lock, the probe file) are not keys and never listed.
 
-File data goes through aiofiles (unbuffered, so every byte reaches the kernel within
-the call); it and fsync, link, unlink and directory work run in ``vdistream.threads``'
-bounded pool. Every ``OSError`` is translated with ``vdistream.errors.translate_os_error``.
+File data moves with ``os.pwrite`` / ``os.preadv`` on the file's descriptor, one
+worker-thread call per buffer (``Sink.blocking_writes``: the pipeline's hash, compression
+and encryption run in the same call); opening and closing go through aiofiles; all of it
+and fsync, link, unlink and directory work run in ``vdistream.threads``' bounded pool.
+Every ``OSError`` is translated with ``vdistream.errors.translate_os_error``.
+
+The page cache: a sink streams its writeback (``vdistream.threads.Writeback``:
+``sync_file_range`` every 8 MiB, so the commit's fsync is short) and drops what it
+wrote from the page cache once it is on disk (``posix_fadvise(DONTNEED)``); a source
+drops what it read. A backup or a restore of N GiB therefore leaves a few MiB of its
+streams cached instead of evicting N GiB of the database's own pages.
 """
 
 from __future__ import annotations
@@ -253,6 +261,8 @@ class FileStorage(Storage):
 class FileSink(SinkBase):
     """Writes a temporary file; ``commit`` links it under the key (see module doc)."""
 
+    BLOCKING_WRITES = True
+
     def __init__(
         self,
         file: AsyncFileIO,
@@ -270,17 +280,22 @@ class FileSink(SinkBase):
         self._root = root
         self._created = created  # directories open_sink made, removed by abort if empty
         self._file = file
+        self._writeback = threads.Writeback(file.fileno())
 
     def _errors(self, what: str) -> contextlib.AbstractContextManager[object]:
         return translate_os_error(what, url=self.url, device=self.device)
 
     async def _write(self, view: memoryview, start: int) -> None:
-        if start != self._position:
-            await self._file.seek(start)
+        await threads.run_sync(self._write_blocking, view, start)
+
+    def _write_blocking(self, view: memoryview, start: int) -> None:
+        fd = self._file.fileno()
         done = 0
-        while done < view.nbytes:  # unbuffered writes may be short
+        while done < view.nbytes:  # writes may be short
             with view[done:] as rest:
-                done += await self._file.write(rest)
+                done += os.pwrite(fd, rest, start + done)
+        if start == self._position:  # front to back: stream the writeback
+            self._writeback.wrote(start + done)
 
     async def _flush(self) -> None:
         await threads.run_sync(os.fsync, self._file.fileno())
@@ -296,6 +311,7 @@ class FileSink(SinkBase):
                 device=self.device,
             )
         await threads.run_sync(os.fsync, fd)
+        await threads.run_sync(self._writeback.finish)
         await self._file.close()
 
     async def _publish(self) -> None:
@@ -315,23 +331,29 @@ class FileSink(SinkBase):
 
 
 class FileSource(SourceBase):
-    """Reads an open regular file; positional reads seek first."""
+    """Reads an open regular file at positions (``os.preadv``), in one worker-thread
+    call per buffer; what was read is dropped from the page cache (module doc)."""
+
+    BLOCKING_READS = True
 
     def __init__(self, file: AsyncFileIO, *, size: int, url: str) -> None:
         super().__init__(url, size)
         self._file = file
 
     async def _readinto(self, view: memoryview, start: int) -> int:
+        return await threads.run_sync(self._readinto_blocking, view, start)
+
+    def _readinto_blocking(self, view: memoryview, start: int) -> int:
+        fd = self._file.fileno()
+        done = 0
         with translate_os_error("read", url=self.url):
-            if start != self._position:
-                await self._file.seek(start)
-            done = 0
             while done < view.nbytes:
                 with view[done:] as rest:
-                    count = await self._file.readinto(rest)
+                    count = os.preadv(fd, [rest], start + done)
                 if not count:
                     break
                 done += count
+        threads.drop_cached(fd, start, done)  # read once: not worth the cache
         return done
 
     async def _close(self) -> None:

@@ -61,10 +61,15 @@ class NullStorage(Storage):
 class NullSink(SinkBase):
     """Counts bytes and positions like a real sink, then forgets them."""
 
+    BLOCKING_WRITES = True
+
     def __init__(self, *, url: str, device: str | None = None) -> None:
         super().__init__(url, device)
 
     async def _write(self, view: memoryview, start: int) -> None:
+        return None
+
+    def _write_blocking(self, view: memoryview, start: int) -> None:
         return None
 
     async def _publish(self) -> None:
