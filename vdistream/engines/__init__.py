@@ -5,9 +5,13 @@
 whose stream format is ``vdistream.engines.framing``. The real engines reuse it with
 producers and consumers of their own (``vdistream.engines.scoped``): any command
 (``command``, over ``process``), SQLite (``sqlite``), PostgreSQL (``postgres``);
-``vdistream.engines.databases`` picks one from a URL. This module only re-exports.
+``vdistream.engines.databases`` picks one from a URL; PostgreSQL's files mode reads the
+data directory itself (``pgfiles``). This module only re-exports.
 """
 
+import typing as _typing
+
+from vdistream._lazy import lazy_exports as _lazy_exports
 from vdistream.engines.base import CommandFailedError as CommandFailedError
 from vdistream.engines.base import DeviceStats as DeviceStats
 from vdistream.engines.base import Direction as Direction
@@ -64,6 +68,16 @@ from vdistream.engines.striping import StripedBackup as StripedBackup
 from vdistream.engines.striping import StripedRestore as StripedRestore
 from vdistream.engines.striping import StripingOptions as StripingOptions
 
+if _typing.TYPE_CHECKING:
+    from vdistream.engines.pgfiles import PgFilesBackup as PgFilesBackup
+    from vdistream.engines.pgfiles import PgFilesRestore as PgFilesRestore
+
+# Imported on first access: the files-mode backup loads psycopg.
+_LAZY: dict[str, str] = {
+    "PgFilesBackup": "vdistream.engines.pgfiles",
+    "PgFilesRestore": "vdistream.engines.pgfiles",
+}
+
 __all__ = (
     "Action",
     "ByteConsumer",
@@ -90,6 +104,8 @@ __all__ = (
     "FileProducer",
     "InjectedFaultError",
     "IterableProducer",
+    "PgFilesBackup",
+    "PgFilesRestore",
     "Phase",
     "PostgresBaseBackup",
     "PostgresBaseRestore",
@@ -121,3 +137,5 @@ __all__ = (
     "resolve_source",
     "restore_engine",
 )
+
+__getattr__, __dir__ = _lazy_exports(globals(), _LAZY, __all__)
