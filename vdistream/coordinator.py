@@ -61,7 +61,7 @@ from vdistream.errors import (
 )
 from vdistream.log import get_logger
 from vdistream.pipeline.chain import PipelineConfig
-from vdistream.pipeline.encrypt import stream_context
+from vdistream.pipeline.context import stream_context
 from vdistream.progress import JobProgress
 from vdistream.protocol import ClientState, Features, SetAbortCause, VDConfig
 from vdistream.pump import DeviceOutcome, ExpectedStream, Pump, PumpEnd

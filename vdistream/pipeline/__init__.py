@@ -20,11 +20,11 @@ if _typing.TYPE_CHECKING:
     from vdistream.pipeline.checksum import HashingSource as HashingSource
     from vdistream.pipeline.compress import CompressingSink as CompressingSink
     from vdistream.pipeline.compress import DecompressingSource as DecompressingSource
+    from vdistream.pipeline.context import stream_context as stream_context
     from vdistream.pipeline.encrypt import DecryptingSource as DecryptingSource
     from vdistream.pipeline.encrypt import EncryptingSink as EncryptingSink
     from vdistream.pipeline.encrypt import describe_encryption as describe_encryption
     from vdistream.pipeline.encrypt import looks_encrypted as looks_encrypted
-    from vdistream.pipeline.encrypt import stream_context as stream_context
     from vdistream.pipeline.keys import Key as Key
     from vdistream.pipeline.keys import ScryptParams as ScryptParams
     from vdistream.pipeline.keys import generate_key_file as generate_key_file
@@ -40,7 +40,7 @@ _LAZY: dict[str, str] = {
     "EncryptingSink": "vdistream.pipeline.encrypt",
     "describe_encryption": "vdistream.pipeline.encrypt",
     "looks_encrypted": "vdistream.pipeline.encrypt",
-    "stream_context": "vdistream.pipeline.encrypt",
+    "stream_context": "vdistream.pipeline.context",
     "Key": "vdistream.pipeline.keys",
     "ScryptParams": "vdistream.pipeline.keys",
     "generate_key_file": "vdistream.pipeline.keys",

@@ -27,22 +27,19 @@ has a logical SHA-256, and its restores check it as before.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from vdistream.errors import ConfigError
 from vdistream.pipeline.checksum import HashingSink, HashingSource
 from vdistream.pipeline.compress import CompressingSink, DecompressingSource
-from vdistream.pipeline.encrypt import (
-    DEFAULT_SEGMENT_SIZE,
-    DecryptingSource,
-    EncryptingSink,
-    describe_encryption,
-)
-from vdistream.pipeline.keys import Key
+from vdistream.pipeline.context import DEFAULT_SEGMENT_SIZE
 from vdistream.pipeline.spec import CompressionSpec
 from vdistream.storage import Sink, Source
+
+if TYPE_CHECKING:  # encryption (cryptography) is imported by the chains that encrypt
+    from vdistream.pipeline.keys import Key
 
 __all__ = ("ORDER", "PipelineConfig", "SinkChain", "SourceChain")
 
@@ -81,6 +78,8 @@ class PipelineConfig:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records (nothing secret)."""
+        from vdistream.pipeline.encrypt import describe_encryption
+
         return {
             "order": list(ORDER),
             "compression": self.compression.to_dict() if self.compressed else None,  # type: ignore[union-attr]
@@ -126,6 +125,8 @@ class SinkChain:
         if config.encrypted:
             if config.key is None:
                 raise ConfigError("an encrypted backup needs a key")
+            from vdistream.pipeline.encrypt import EncryptingSink
+
             sink = EncryptingSink(
                 sink, config.key, context, segment_size=config.segment_size, limiter=limiter
             )
@@ -159,6 +160,8 @@ class SourceChain:
         stored = HashingSource(inner, limiter=limiter)
         source: Source = stored
         if config.encrypted:
+            from vdistream.pipeline.encrypt import DecryptingSource
+
             source = DecryptingSource(source, config.key, context, limiter=limiter)
         if config.compressed:
             assert config.compression is not None

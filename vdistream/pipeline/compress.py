@@ -43,17 +43,31 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import anyio
 import anyio.lowlevel
-import lz4.frame  # type: ignore[import-untyped]  # lz4 ships no type information
-import zstandard
 
 from vdistream import threads
 from vdistream.errors import CorruptStreamError, PipelineError
 from vdistream.pipeline._stage import StageSink, StageSource, read_full, where
 from vdistream.storage import Sink, Source
+
+
+def _lz4() -> Any:
+    """``lz4.frame`` (untyped), imported by the first stream that needs it: the
+    commands that do not compress never load it."""
+    import lz4.frame  # type: ignore[import-untyped]  # lz4 ships no type information
+
+    return lz4.frame
+
+
+def _codec_errors() -> tuple[type[Exception], ...]:
+    """What the codecs raise (RuntimeError: lz4.frame's)."""
+    import zstandard
+
+    return (zstandard.ZstdError, RuntimeError)
+
 
 __all__ = (
     "ALGORITHMS",
@@ -111,24 +125,28 @@ class _Encoder(Protocol):
 
 class _ZstdEncoder:
     def __init__(self, level: int) -> None:
+        import zstandard  # here: the commands that do not compress never load it
+
         self._obj = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+        self._block = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        self._finish = zstandard.COMPRESSOBJ_FLUSH_FINISH
 
     def compress(self, data: memoryview) -> bytes:
         return self._obj.compress(data)
 
     def flush(self) -> bytes:
-        return self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return self._obj.flush(self._block)
 
     def finish(self) -> bytes:
-        return self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        return self._obj.flush(self._finish)
 
 
 class _Lz4Encoder:
     # The low-level API, because LZ4FrameCompressor.flush() ends the frame and a
     # mid-stream flush must not.
     def __init__(self) -> None:
-        self._context = lz4.frame.create_compression_context()
-        self._header: bytes | None = lz4.frame.compress_begin(
+        self._context = _lz4().create_compression_context()
+        self._header: bytes | None = _lz4().compress_begin(
             self._context,
             content_checksum=True,
             block_linked=True,
@@ -142,13 +160,13 @@ class _Lz4Encoder:
         return data
 
     def compress(self, data: memoryview) -> bytes:
-        return self._with_header(lz4.frame.compress_chunk(self._context, data))
+        return self._with_header(_lz4().compress_chunk(self._context, data))
 
     def flush(self) -> bytes:
-        return self._with_header(lz4.frame.compress_flush(self._context, end_frame=False))
+        return self._with_header(_lz4().compress_flush(self._context, end_frame=False))
 
     def finish(self) -> bytes:
-        return self._with_header(lz4.frame.compress_flush(self._context, end_frame=True))
+        return self._with_header(_lz4().compress_flush(self._context, end_frame=True))
 
 
 class CompressingSink(StageSink):
@@ -182,7 +200,7 @@ class CompressingSink(StageSink):
         """Codec errors become ``PipelineError`` (``_failing`` then fails the sink)."""
         try:
             yield
-        except (zstandard.ZstdError, RuntimeError) as exc:  # RuntimeError: lz4.frame's
+        except _codec_errors() as exc:
             raise PipelineError(
                 f"{what} failed: {self.algorithm}: {exc} {where(self.url, self.device)}"
             ) from exc
@@ -276,6 +294,8 @@ class _ZstdDecoder:
     """
 
     def __init__(self) -> None:
+        import zstandard
+
         self._obj = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW_MAX).decompressobj()
         self._unit = "header"  # then "block" ..., then "checksum" if present
         self._has_checksum = False
@@ -346,7 +366,7 @@ class _Lz4Decoder:
     """``LZ4FrameDecompressor`` with ``max_length``: bounded output per step."""
 
     def __init__(self) -> None:
-        self._obj = lz4.frame.LZ4FrameDecompressor()
+        self._obj = _lz4().LZ4FrameDecompressor()
         self._leftover = 0
         self.done = False
         self.hungry = True
@@ -408,8 +428,10 @@ class DecompressingSource(StageSource):
     def _decode(self) -> None:
         try:
             self._decoder.decode(self._input, self._out, _DECODE_BUDGET)
-        except (CorruptStreamError, zstandard.ZstdError, RuntimeError) as exc:  # adds the URL
-            raise self._corrupt(str(exc)) from exc
+        except Exception as exc:
+            if not isinstance(exc, (CorruptStreamError, *_codec_errors())):
+                raise
+            raise self._corrupt(str(exc)) from exc  # adds the URL
 
     async def _refill(self) -> None:
         """Decode until output is waiting, or the frame has ended with nothing after it."""

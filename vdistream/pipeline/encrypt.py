@@ -89,6 +89,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from vdistream import threads
 from vdistream.errors import CorruptStreamError, KeyMissingError, PipelineError, WrongKeyError
 from vdistream.pipeline._stage import StageSink, StageSource, read_full, where
+from vdistream.pipeline.context import DEFAULT_SEGMENT_SIZE, stream_context
 from vdistream.pipeline.keys import KEY_SIZE, Key
 from vdistream.storage import Sink, Source
 
@@ -110,7 +111,6 @@ MAGIC: Final = b"\x89VDSENC\n"
 FORMAT_VERSION: Final = 1
 CIPHER: Final = "aes-256-gcm"
 HEADER_SIZE: Final = 76
-DEFAULT_SEGMENT_SIZE: Final = 1 << 20
 MIN_SEGMENT_SIZE: Final = 1 << 10
 MAX_SEGMENT_SIZE: Final = 1 << 26
 
@@ -123,25 +123,6 @@ _CHECKSUMMED_PREFIX = 68  # header bytes the header checksum covers
 _DATA_KEY_LABEL = b"vdistream/v1/aes-256-gcm/data-key"
 _CHECK_KEY_LABEL = b"vdistream/v1/key-check"
 _HEADER_START = struct.Struct(">8sBBHI32s4s")  # magic .. nonce_prefix, 52 bytes
-_CONTEXT_LABEL = b"vdistream/v1/device-stream"
-
-
-def stream_context(backup_id: str, device_index: int, device_count: int) -> bytes:
-    """The ``context`` for one device stream of a backup: binds the stream to its place.
-
-    Length-prefixed so that no two different triples encode to the same bytes.
-    """
-    if not 0 <= device_index < device_count:
-        raise ValueError(f"device index {device_index} is not in 0..{device_count - 1}")
-    name = backup_id.encode("utf-8")
-    return b"".join(
-        (
-            _CONTEXT_LABEL,
-            struct.pack(">I", len(name)),
-            name,
-            struct.pack(">II", device_index, device_count),
-        )
-    )
 
 
 def looks_encrypted(prefix: bytes | bytearray | memoryview) -> bool:
