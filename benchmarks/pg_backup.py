@@ -210,8 +210,11 @@ def main() -> None:
             out.rename(kept)
             return kept
 
-        def restore_case(name: str, argv: list[str], target: Path) -> None:
+        def restore_case(name: str, argv: list[str], target: Path, *, create: bool = False) -> None:
             shutil.rmtree(target, ignore_errors=True)
+            if create:  # for tools that extract into an existing directory
+                target.mkdir()
+                give_to_server_user(target)
             cases.setdefault(name, []).append(measure_mib(argv))
             shutil.rmtree(target, ignore_errors=True)
 
@@ -264,20 +267,18 @@ def main() -> None:
             restore_case(
                 RESTORE_BB, [*VDISTREAM, "restore", backup_ref(kept_bb), str(target)], target
             )
-            target.mkdir()
             restore_case(
                 TAR_EXTRACT,
                 ["tar", "-xf", str(kept_tar / "bb" / "base.tar"), "-C", str(target)],
                 target,
+                create=True,
             )
             if not pgbackrest_missing:
-                shutil.rmtree(pgbr_target, ignore_errors=True)
-                pgbr_target.mkdir()
-                give_to_server_user(pgbr_target)
                 restore_case(
                     PGBACKREST_RESTORE,
                     as_server_user([*pgbackrest, f"--pg1-path={pgbr_target}", "restore"]),
                     pgbr_target,
+                    create=True,
                 )
         if args.json:
             emit(json_records(cases, size, args.scale, pgbackrest_missing))
