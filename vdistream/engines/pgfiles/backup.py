@@ -23,8 +23,9 @@ In order:
 5. when every device copied its data files: ``pg_backup_stop``; ``backup_label`` and
    (if not empty) ``tablespace_map`` as FILE entries and the WAL from the start
    position's segment to the stop position's as ``pg_wal/<segment>`` (read from the
-   server's ``pg_wal``, kept there by the slot), over the devices the same way; the
-   slot is dropped;
+   server's ``pg_wal``, kept there by the slot) with every timeline history file
+   (``pg_wal/<tli>.history``, as ``pg_basebackup`` copies them), over the devices the
+   same way; the slot is dropped;
 6. device 0 ends with the INDEX entry (``BackupIndex``: every entry's device, size and
    CRC-32, the positions, the WAL); every device pads its payload to the block size
    and writes its trailer; FLUSH, then COMPLETE when granted, then the devices and the
@@ -47,6 +48,7 @@ import errno
 import functools
 import math
 import os
+import re
 import stat
 import struct
 import uuid
@@ -91,6 +93,7 @@ __all__ = ("PgFilesBackup", "PgFilesResult", "check_readable")
 #: Buffers a device when BUFFERCOUNT is not given: one being filled, three WRITEs in flight.
 BUFFERS_PER_DEVICE = 4
 _CONTROL_ID = struct.Struct("<Q")  # ControlFileData starts with the system identifier
+_HISTORY = re.compile(r"[0-9A-F]{8}\.history")
 
 _log = get_logger(__name__)
 
@@ -182,6 +185,22 @@ def _listing(facts: ServerFacts) -> list[Item]:
         raise PostgresError(
             f"cannot list {exc.filename or facts.data_directory}: {exc.strerror}"
         ) from None
+
+
+def _tablespaces(packers: Sequence[Packer]) -> dict[str, str]:
+    """{oid: location} of the tablespaces copied: their ``pg_tblspc/<oid>`` links (the
+    walk's, so that the index, the manifest and the files agree even for a tablespace
+    created after the server listed them)."""
+    return {
+        record.path.split("/")[1]: record.target
+        for packer in packers
+        for record in packer.records
+        if record.kind is EntryKind.SYMLINK
+        and record.path.count("/") == 1
+        and record.path.startswith("pg_tblspc/")
+        and record.target is not None
+        and os.path.isabs(record.target)
+    }
 
 
 # --- the engine ----------------------------------------------------------------------
@@ -487,22 +506,28 @@ class PgFilesBackup(Engine):
     def _wal_entries(
         facts: ServerFacts, start: BackupStart, stop: BackupStop, wal: list[str]
     ) -> list[Entry]:
-        """``backup_label``, ``tablespace_map`` and the WAL segments (and the timeline's
-        history file, when there is one) as entries."""
+        """``backup_label``, ``tablespace_map``, the WAL segments and every timeline
+        history file of ``pg_wal`` as entries."""
         entries = [Entry.memory("backup_label", stop.backup_label)]
         if stop.tablespace_map:
             entries.append(Entry.memory("tablespace_map", stop.tablespace_map))
         pg_wal = os.path.join(facts.data_directory, "pg_wal")
         names = list(wal)
-        if start.timeline > 1:
-            history = f"{start.timeline:08X}.history"
-            if os.path.exists(os.path.join(pg_wal, history)):
-                names.append(history)
-        for name in names:
+        # Every timeline history file, as basebackup.c sends them: recovery needs the
+        # backup's timeline's (and a standby's may change while it runs); the older
+        # ones are small and what an operator reads to follow a timeline switch.
+        try:
+            with os.scandir(pg_wal) as scan:
+                history = sorted(entry.name for entry in scan if _HISTORY.fullmatch(entry.name))
+        except OSError as exc:
+            raise PostgresError(f"cannot list {pg_wal}: {exc.strerror}") from None
+        for name in names + history:
             source = os.path.join(pg_wal, name)
             try:
                 st = os.stat(source)
             except OSError as exc:
+                if name in history and isinstance(exc, FileNotFoundError):
+                    continue  # removed since it was listed: not one the backup needs
                 raise PostgresError(
                     f"the WAL file {source} the backup needs cannot be read: {exc.strerror}"
                 ) from None
@@ -538,7 +563,7 @@ class PgFilesBackup(Engine):
             system_identifier=facts.system_identifier,
             server_version=facts.server_version,
             extra={
-                "tablespaces": {str(oid): loc for oid, loc in facts.tablespaces.items()},
+                "tablespaces": _tablespaces(packers),
                 "wal_segment_size": facts.wal_segment_size,
                 "data_directory": facts.data_directory,
             },
@@ -572,7 +597,7 @@ class PgFilesBackup(Engine):
                 "system_identifier": facts.system_identifier,
                 "server_version": facts.server_version,
                 "wal": list(wal),
-                "tablespaces": {str(oid): loc for oid, loc in facts.tablespaces.items()},
+                "tablespaces": _tablespaces(packers),
                 "files": [record.to_json() for record in listed],
                 "file_count": len(listed),
                 "data_bytes": data_bytes,

@@ -9,6 +9,9 @@ the buffer. It runs in a worker thread, one call a buffer: every byte is read on
 its CRC-32 is computed once and combined (``crc32_combine``) into the file's and the
 device payload's.
 
+``global/pg_control`` is read whole first and again until its CRC-32C matches
+(``read_control``): the server rewrites it in place, and a torn copy would never start.
+
 Files that vanish before they are opened are skipped (not listed, not counted); a file
 found shorter than listed is padded with zeros (``FLAG_PADDED`` when the open saw it
 shorter), a longer one is read to its listed size only; ``required`` entries (WAL
@@ -20,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -37,7 +41,12 @@ from vdistream.engines.pgfiles.layout import (
 from vdistream.engines.pgfiles.walk import Item, ItemKind
 from vdistream.engines.postgres import PostgresError
 
-__all__ = ("Entry", "Packer", "WorkList")
+__all__ = ("CONTROL_PATH", "Entry", "Packer", "WorkList", "control_crc_ok", "read_control")
+
+CONTROL_PATH = "global/pg_control"
+#: Reads of ``pg_control`` while it changes under them before the backup gives up.
+CONTROL_READS = 20
+_CONTROL_CRC_SPAN = 1024  # ControlFileData (its CRC last) is a few hundred bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,6 +83,61 @@ class Entry:
     @classmethod
     def memory(cls, path: str, data: bytes, kind: EntryKind = EntryKind.FILE) -> Entry:
         return cls(kind, path, len(data), 0o600, time.time_ns(), data=data)
+
+
+@functools.cache
+def _crc32c_table() -> tuple[int, ...]:
+    """CRC-32C (Castagnoli, reflected: PostgreSQL's ``pg_crc32c``) by byte."""
+    table = []
+    for byte in range(256):
+        value = byte
+        for _ in range(8):
+            value = (value >> 1) ^ 0x82F63B78 if value & 1 else value >> 1
+        table.append(value)
+    return tuple(table)
+
+
+def control_crc_ok(data: bytes) -> bool:
+    """Whether ``data`` (a ``pg_control``) holds a valid ``ControlFileData``: its
+    CRC-32C, stored right after the bytes it covers, matches at some 4-byte aligned
+    offset (the struct's layout, and so the offset, differs between versions)."""
+    table, crc = _crc32c_table(), 0xFFFFFFFF
+    for offset, byte in enumerate(data[:_CONTROL_CRC_SPAN]):
+        aligned = offset >= 8 and not offset % 4 and offset + 4 <= len(data)
+        if aligned and crc ^ 0xFFFFFFFF == int.from_bytes(data[offset : offset + 4], "little"):
+            return True
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return False
+
+
+def _read_whole(source: str, size: int) -> bytes | None:
+    """``size`` bytes of ``source`` (zeros past its end); None if it is gone."""
+    try:
+        with open(source, "rb", buffering=0) as file:
+            data = file.read(size)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PostgresError(f"cannot read {source}: {exc.strerror}") from None
+    return data + bytes(size - len(data))
+
+
+def read_control(source: str, size: int) -> bytes | None:
+    """``pg_control`` read whole, and again while its CRC-32C does not match and the
+    content changes: the server rewrites it in place (every checkpoint), and a read
+    that meets that write sees half of each, which no server would start from. A
+    stable content whose CRC matches no known layout is kept as read (a layout this
+    check does not know); one still changing after ``CONTROL_READS`` reads fails."""
+    previous = None
+    for _ in range(CONTROL_READS):
+        data = _read_whole(source, size)
+        if data is None or control_crc_ok(data) or data == previous:
+            return data
+        previous = data
+    raise PostgresError(
+        f"{source} kept changing while it was read ({CONTROL_READS} reads, none with a "
+        "valid CRC): retry the backup"
+    )
 
 
 class WorkList:
@@ -174,6 +238,11 @@ class Packer:
     def _begin(self, entry: Entry) -> None:
         """Start ``entry``: its header (and, from memory, all of it) goes out next."""
         flags = 0
+        if entry.path == CONTROL_PATH and entry.source is not None:
+            data = read_control(entry.source, entry.size)
+            if data is None:
+                return  # gone since the walk (as any file: not listed)
+            entry = dataclasses.replace(entry, source=None, data=data)
         if entry.source is not None:
             try:
                 fd = os.open(entry.source, os.O_RDONLY | os.O_CLOEXEC)

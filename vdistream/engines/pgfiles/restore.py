@@ -119,7 +119,9 @@ class PgFilesRestore(Engine):
     user name or uid; root only) is given the restored tree (a delta restore run as
     root without it gives it to the data directory's owner). ``sync`` is ``"fsync"``
     (each file after its last byte) or ``"syncfs"`` (the file system once, at the
-    end).
+    end). ``tablespaces_under`` restores each tablespace into ``<it>/<oid>`` instead of
+    its recorded location (a verification's restore: the restored ``tablespace_map``
+    still names the recorded locations).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class PgFilesRestore(Engine):
         owner: str | int | None = None,
         fail_at: FailPoint | None = None,
         sync: Literal["fsync", "syncfs"] = "fsync",
+        tablespaces_under: str | os.PathLike[str] | None = None,
     ) -> None:
         if delta and expected is None:
             raise ValueError("a delta restore needs expected (the manifest's file records)")
@@ -144,6 +147,7 @@ class PgFilesRestore(Engine):
         self.owner = owner
         self.fail_at = fail_at
         self.sync = sync
+        self.tablespaces_under = tablespaces_under
         self._ran = False
         self._devices_at_end = 0
         self._writers: list[DeviceWriter] = []
@@ -158,7 +162,11 @@ class PgFilesRestore(Engine):
             raise RuntimeError("PgFilesRestore serves one job; build a new one")
         self._ran = True
         target = RestoreTarget(
-            self.directory, delta=self.delta, records=self.expected, owner=self.owner
+            self.directory,
+            delta=self.delta,
+            records=self.expected,
+            owner=self.owner,
+            tablespaces_under=self.tablespaces_under,
         )
         self._target = target
         try:

@@ -374,14 +374,16 @@ class DeviceWriter:
         raw = header.path
         parts = raw.split(b"/")
         if len(parts) == 2 and parts[0] == b"pg_tblspc":
+            recorded = self.target.recorded_location(parts[1])
             location = self.target.tablespace_location(parts[1])
-            if location is None:
+            if recorded is None or location is None:
                 raise ValueError(f"the tablespace {self._name!r} is not in the backup's manifest")
-            if target != location:
+            if target != recorded:
                 raise ValueError(
                     f"the tablespace {self._name!r} points to {os.fsdecode(target)!r}, "
-                    f"the manifest says {os.fsdecode(location)!r}"
+                    f"the manifest says {os.fsdecode(recorded)!r}"
                 )
+            target = location  # where its files are restored
         elif target.startswith(b"/") or b".." in target.split(b"/") or b"\0" in target:
             raise ValueError(
                 f"the symlink {self._name!r} points to {os.fsdecode(target)!r}, outside the "

@@ -22,7 +22,9 @@
     real directory (a file or symlink in its place is removed).
 
   Tablespaces (the SYMLINK records ``pg_tblspc/<oid>`` of ``records``, whose targets
-  are absolute) are created at their locations under the same rules (absent or empty
+  are absolute) are created at their locations (or at ``<tablespaces_under>/<oid>``
+  when given: a verification's restore, whose ``tablespace_map`` still names the
+  recorded locations, so it is not one to start a server on) under the same rules (absent or empty
   for a fresh restore, each with its own owner lock beside it, so that a killed
   restore's files there are swept too); without ``records``, a backup with
   tablespaces is refused when its first tablespace entry arrives.
@@ -167,6 +169,7 @@ class RestoreTarget:
         delta: bool = False,
         records: Sequence[FileRecord] | None = None,
         owner: str | int | None = None,
+        tablespaces_under: str | os.PathLike[str] | None = None,
     ) -> None:
         self.directory = Path(directory).absolute()
         self.root = os.fsencode(self.directory)
@@ -179,12 +182,19 @@ class RestoreTarget:
             parts = os.fsencode(record.path).split(b"/")
             if record.kind is EntryKind.SYMLINK and len(parts) == 2 and parts[0] == TABLESPACES:
                 target = os.fsencode(record.target or "")
+                if not parts[1].isdigit():
+                    raise EndpointError(f"the manifest lists a tablespace {record.path!r}")
                 if not target.startswith(b"/") or unsafe_path(target[1:]) is not None:
                     raise EndpointError(
                         f"the tablespace {record.path} points to {record.target!r}, which is "
                         "not a clean absolute path"
                     )
                 self.tablespaces[parts[1]] = target
+        #: oid -> the location the backup recorded (its pg_tblspc link's target)
+        self.recorded_tablespaces = dict(self.tablespaces)
+        if tablespaces_under is not None:
+            under = os.fsencode(Path(tablespaces_under).absolute())
+            self.tablespaces = {oid: os.path.join(under, oid) for oid in self.tablespaces}
         self.removed_paths = 0
         self._created: list[Path] = []  # directories made here (removed on failure)
         #: directories found empty, with their mode (emptied and given it back on failure)
@@ -394,7 +404,12 @@ class RestoreTarget:
             self._dir_meta[path] = (mode, mtime_ns)
 
     def tablespace_location(self, oid: bytes) -> bytes | None:
+        """Where tablespace ``oid`` is restored (None: not in the manifest)."""
         return self.tablespaces.get(oid)
+
+    def recorded_location(self, oid: bytes) -> bytes | None:
+        """Where the backup found tablespace ``oid`` (None: not in the manifest)."""
+        return self.recorded_tablespaces.get(oid)
 
     # --- the end --------------------------------------------------------------------------
 

@@ -19,8 +19,10 @@ directory and its tablespaces as ``Item``\\s, skipping what PostgreSQL's documen
 * anything that is not a regular file, a directory or a symbolic link.
 
 Tablespaces: ``pg_tblspc/<oid>`` is listed as a SYMLINK (its target is the
-tablespace's location) and, of the location, only this server's version directory
-(``PG_<major>_<catversion>``, ``version_dir``) is walked, under the path
+tablespace's location: ``tablespaces``' if given, else the link's own absolute target,
+which is what ``pg_tablespace_location`` reads, so that a tablespace created after the
+server was asked is copied too) and, of the location, only this server's version
+directory (``PG_<major>_<catversion>``, ``version_dir``) is walked, under the path
 ``pg_tblspc/<oid>/<version_dir>/...``: other versions' directories in the same
 location belong to other clusters. ``pg_wal`` as a symbolic link (``initdb -X``) is
 listed as a directory. Other symbolic links are listed as links, never followed.
@@ -237,8 +239,13 @@ def _link(
         return
     target_bytes = len(os.fsencode(target))
     link = Item(ItemKind.SYMLINK, path, source, target_bytes, 0o777, st.st_mtime_ns, target=target)
-    if len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1] in spaces:
-        location = spaces[parts[1]]
+    # Every pg_tblspc/<oid> link is a tablespace: its target IS the location (what
+    # pg_tablespace_location reads), so one created after the server was asked for
+    # its tablespaces is copied too, not kept as an empty link.
+    location = spaces.get(parts[1]) if len(parts) == 2 and parts[0] == "pg_tblspc" else None
+    if location is None and len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1].isdigit():
+        location = target if os.path.isabs(target) else None
+    if location is not None:
         yield dataclasses.replace(link, target=location, size=len(os.fsencode(location)))
         yield from _tablespace(location, path + "/", spaces=spaces, version_dir=version_dir)
         return
