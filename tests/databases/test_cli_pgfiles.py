@@ -4,6 +4,10 @@ restore, start, delta restore; and what the command line refuses (exit 2)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 from tests.cli.test_cli import vdistream
@@ -115,3 +119,39 @@ def test_files_restore_refuses_a_non_empty_directory(pg: PgServer, tmp_path: Pat
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_verify_keeps_a_tablespace_inside_its_scratch_directory(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """verify restores the tablespaces under its work directory, never at their
+    recorded location (the live cluster's, on the database host)."""
+    server = pg_cluster.initdb(f"cli-ts-{uuid.uuid4().hex[:6]}")
+    server.start()
+    try:
+        location = pg_cluster.directory(f"cli-ts-{uuid.uuid4().hex[:6]}")
+        server.psql(f"CREATE TABLESPACE far LOCATION '{location}'")
+        server.psql("CREATE TABLE faraway TABLESPACE far AS SELECT 1 AS x")
+        before = sorted(str(p) for p in location.rglob("*"))
+        dest = tmp_path / "backups"
+        summary = json.loads(
+            vdistream("backup", server.url(), str(dest), "--mode", "files", "--json").stdout
+        )
+        manifest = json.loads((dest / summary["id"] / "manifest.json").read_text())
+        assert list(manifest["postgresql"]["tablespaces"].values()) == [str(location)]
+        work = tmp_path / "work"
+        work.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "vdistream", "verify", f"{dest}/{summary['id']}", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TMPDIR": str(work)},  # where verify makes its scratch
+        )
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert all(c["ok"] for c in report["checks"]), report
+        assert sorted(str(p) for p in location.rglob("*")) == before  # untouched
+        assert list(work.iterdir()) == []  # the scratch directory went away
+    finally:
+        server.stop()

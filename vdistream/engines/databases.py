@@ -264,13 +264,16 @@ def restore_engine(
     file_mode: int | None = None,
     delta: bool = False,
     expected: Sequence[FileRecord] | None = None,
+    tablespaces_under: Path | None = None,
 ) -> Engine:
     """A restore engine for a backup of ``kind``/``mode`` into ``target`` (module docstring).
 
     ``create`` and ``no_owner`` apply to PostgreSQL dumps restored into a database,
     ``owner`` to base backups (the restored data directory's user; root only),
     ``file_mode`` to SQLite (the source file's mode recorded in the manifest),
-    ``delta`` and ``expected`` (the manifest's file list) to PostgreSQL's files mode.
+    ``delta``, ``expected`` (the manifest's file list) and ``tablespaces_under`` (a
+    directory that receives the tablespaces instead of their recorded locations: what
+    ``verify`` uses) to PostgreSQL's files mode.
     ``ConfigError`` when the combination makes no sense.
     """
     if delta and (kind != "postgresql" or mode != "files"):
@@ -299,6 +302,7 @@ def restore_engine(
                 delta=delta,
                 expected=expected,
                 owner=owner,
+                tablespaces_under=tablespaces_under,
             )
         if chosen == "basebackup":
             if overwrite:

@@ -430,6 +430,7 @@ async def _restore_job(
     engine: Engine | None = None,
     job_options: JobOptions | None = None,
     delta: bool = False,
+    tablespaces_under: Path | None = None,
 ) -> JobResult:
     """One restore job of ``manifest`` into ``target``; ``engine`` (SQL Server's) stands
     in for the one ``restore_engine`` would build from the target."""
@@ -459,6 +460,7 @@ async def _restore_job(
             file_mode=manifest.file_mode,
             delta=delta,
             expected=_file_records(manifest),
+            tablespaces_under=tablespaces_under,
         )
     job = Job(
         JobKind.RESTORE,
@@ -713,7 +715,14 @@ async def _verify(
     try:
         target, check = await content_check(manifest.engine, manifest.mode, scratch)
         result = await _restore_job(
-            storage, manifest, target, overwrite=False, on_job=None, keys=keys
+            storage,
+            manifest,
+            target,
+            overwrite=False,
+            on_job=None,
+            keys=keys,
+            # a files backup's tablespaces stay in the scratch directory too
+            tablespaces_under=scratch / "tablespaces",
         )
         if not result.ok:
             checks.append(Check("restore", False, str(result.error)))
