@@ -24,12 +24,15 @@ command sequence); the session does the rest of the engine contract of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from vdistream.engines.base import (
     CommandFailedError,
@@ -41,13 +44,20 @@ from vdistream.engines.base import (
 )
 from vdistream.errors import VDAbortError, VDIError, VDTimeoutError
 from vdistream.log import get_logger
-from vdistream.protocol import CommandCode, CommandResult, Completion, ServerState, VDConfig
+from vdistream.protocol import (
+    CommandCode,
+    CommandResult,
+    Completion,
+    ServerState,
+    VDConfig,
+    Whence,
+)
 from vdistream.vdi import PendingCommand, Registry, ServerVirtualDevice, ServerVirtualDeviceSet
 
 if TYPE_CHECKING:
     from vdistream.engines.faults import Phase
 
-__all__ = ("ServerSession", "TaskSpawner")
+__all__ = ("DeviceQueue", "PendingWrite", "ServerSession", "TaskSpawner", "device_queues")
 
 T = TypeVar("T")
 
@@ -60,6 +70,32 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [exc]
+
+
+#: One device's queue: its two ends.
+DeviceQueue = tuple[MemoryObjectSendStream[T], MemoryObjectReceiveStream[T]]
+
+
+def device_queues(
+    stack: contextlib.ExitStack, n: int, item: type[T] | None = None
+) -> list[DeviceQueue[T]]:
+    """One queue per device, closed with ``stack``. Unbounded: what they hold are set
+    buffers (or pieces of them), which BUFFERCOUNT bounds already. ``item`` only names
+    the type of what they carry."""
+    queues: list[DeviceQueue[T]] = [anyio.create_memory_object_stream(math.inf) for _ in range(n)]
+    for send, receive in queues:
+        stack.enter_context(send)
+        stack.enter_context(receive)
+    return queues
+
+
+@dataclasses.dataclass(slots=True)
+class PendingWrite:
+    """A WRITE that was sent, and the whole allocated buffer to free once it completed
+    (``ServerSession.await_writes``)."""
+
+    pending: PendingCommand
+    buffer: memoryview
 
 
 class TaskSpawner:
@@ -383,6 +419,41 @@ class ServerSession:
             )
             for index in range(self.device_count)
         )
+
+    # --- command sequences every writing or positioning engine shares ---------------
+
+    async def position_devices(self) -> None:
+        """SET_POSITION to the start on every (disk-like) device."""
+        sent = [
+            await self.send(i, CommandCode.SET_POSITION, Whence.BEGINNING, 0)
+            for i in range(self.device_count)
+        ]
+        for index, pending in enumerate(sent):
+            result = await self.expect(index, pending)
+            if result.position != 0:
+                raise self.error(f"SET_POSITION to 0 reported position {result.position}", index)
+
+    async def await_writes(
+        self, index: int, receive: MemoryObjectReceiveStream[PendingWrite]
+    ) -> None:
+        """Check each WRITE of device ``index`` in order; its buffer goes back to the pool."""
+        async for write in receive:
+            await self.expect(index, write.pending)
+            self.free(write.buffer)
+
+    async def end_streams(self, *, complete: bool) -> None:
+        """FLUSH every device, then COMPLETE every device if it was granted."""
+        from vdistream.engines.faults import Phase  # faults imports this module
+
+        devices = range(self.device_count)
+        flushes = [await self.send(i, CommandCode.FLUSH) for i in devices]
+        await self.fault(Phase.DURING_FLUSH, sent=flushes)
+        for index, pending in enumerate(flushes):
+            await self.expect(index, pending)
+        if complete:
+            completes = [await self.send(i, CommandCode.COMPLETE) for i in devices]
+            for index, pending in enumerate(completes):
+                await self.expect(index, pending)
 
     async def fault(
         self, phase: Phase, device: int | None = None, *, sent: Sequence[PendingCommand] = ()

@@ -58,11 +58,9 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import math
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -87,9 +85,9 @@ from vdistream.engines.framing import (
     device_payload_length,
     round_up,
 )
-from vdistream.engines.session import ServerSession
+from vdistream.engines.session import DeviceQueue, PendingWrite, ServerSession, device_queues
 from vdistream.engines.streams import ConsumerLike, ProducerLike, as_consumer, as_producer
-from vdistream.protocol import CommandCode, Completion, Features, VDConfig, Whence
+from vdistream.protocol import CommandCode, Completion, Features, VDConfig
 from vdistream.protocol.config import valid_block_size, valid_max_transfer_size
 from vdistream.vdi import PendingCommand, Registry
 
@@ -157,20 +155,6 @@ class StripingOptions:
         return (self.max_transfer_size,)
 
 
-_T = TypeVar("_T")
-_Queue = tuple[MemoryObjectSendStream[_T], MemoryObjectReceiveStream[_T]]
-
-
-def _queues(stack: contextlib.ExitStack, n: int) -> list[_Queue[_T]]:
-    """One queue per device, closed with ``stack``. Unbounded: what they hold are set
-    buffers (or pieces of them), which BUFFERCOUNT bounds already."""
-    queues: list[_Queue[_T]] = [anyio.create_memory_object_stream(math.inf) for _ in range(n)]
-    for send, receive in queues:
-        stack.enter_context(send)
-        stack.enter_context(receive)
-    return queues
-
-
 class _Striped(Engine):
     """What backup and restore share: options, fault point, one run per object.
 
@@ -220,7 +204,7 @@ class _Striped(Engine):
         await s.fault(Phase.AFTER_CONFIGURATION)
         await s.open_devices()
         if disk:
-            await self._position(s)
+            await s.position_devices()
         return final
 
     def _result(
@@ -237,25 +221,8 @@ class _Striped(Engine):
             backup_id=str(backup_id),
         )
 
-    async def _position(self, s: ServerSession) -> None:
-        """SET_POSITION to the start on every (disk-like) device."""
-        sent = [
-            await s.send(i, CommandCode.SET_POSITION, Whence.BEGINNING, 0)
-            for i in range(s.device_count)
-        ]
-        for index, pending in enumerate(sent):
-            result = await s.expect(index, pending)
-            if result.position != 0:
-                raise s.error(f"SET_POSITION to 0 reported position {result.position}", index)
-
 
 # --- backup --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(slots=True)
-class _Write:
-    pending: PendingCommand
-    buffer: memoryview  # the whole allocated buffer, to free once the WRITE completed
 
 
 class StripedBackup(_Striped):
@@ -301,7 +268,7 @@ class StripedBackup(_Striped):
         buffers = opts.buffers_for(s.device_count)
         final = await self._open(s, disk, media, buffers, opts.honour_complete)
         total = await self._write_streams(s, disk)
-        await self._end_streams(s, complete=bool(final.features & Features.COMPLETE_ENABLED))
+        await s.end_streams(complete=bool(final.features & Features.COMPLETE_ENABLED))
         await s.fault(Phase.BEFORE_CLOSE)
         self._busy = False
         return self._result(s, total, final, self.backup_id)
@@ -317,16 +284,16 @@ class StripedBackup(_Striped):
         total = 0
         with contextlib.ExitStack() as streams:
             # One queue per device of the WRITEs to await in order.
-            queues: list[_Queue[_Write]] = _queues(streams, n)
+            queues: list[DeviceQueue[PendingWrite]] = device_queues(streams, n)
             async with s.task_group() as tasks:
                 for index, (_, receive) in enumerate(queues):
-                    tasks.start_soon(self._await_writes, s, index, receive, name=f"writes {index}")
+                    tasks.start_soon(s.await_writes, index, receive, name=f"writes {index}")
 
                 async def write(index: int, buffer: memoryview, size: int) -> None:
                     position = positions[index] if disk else 0
                     pending = await s.send(index, CommandCode.WRITE, size, position, buffer[:size])
                     positions[index] += size
-                    queues[index][0].send_nowait(_Write(pending, buffer))
+                    queues[index][0].send_nowait(PendingWrite(pending, buffer))
 
                 flags = FLAG_DISK_LIKE if disk else 0
                 for index in range(n):
@@ -384,26 +351,6 @@ class StripedBackup(_Striped):
                 break
             filled += count
         return filled
-
-    async def _await_writes(
-        self, s: ServerSession, index: int, receive: MemoryObjectReceiveStream[_Write]
-    ) -> None:
-        """Check each WRITE of one device in order; its buffer goes back to the pool."""
-        async for write in receive:
-            await s.expect(index, write.pending)
-            s.free(write.buffer)
-
-    async def _end_streams(self, s: ServerSession, *, complete: bool) -> None:
-        """FLUSH every device, then COMPLETE every device if it was granted."""
-        devices = range(s.device_count)
-        flushes = [await s.send(i, CommandCode.FLUSH) for i in devices]
-        await s.fault(Phase.DURING_FLUSH, sent=flushes)
-        for index, pending in enumerate(flushes):
-            await s.expect(index, pending)
-        if complete:
-            completes = [await s.send(i, CommandCode.COMPLETE) for i in devices]
-            for index, pending in enumerate(completes):
-                await s.expect(index, pending)
 
 
 # --- restore -------------------------------------------------------------------------
@@ -483,7 +430,7 @@ class StripedRestore(_Striped):
         with contextlib.ExitStack() as streams:
             # Per device, what its reader parsed, in stream order (each device holds at
             # most buffer_count // n read buffers).
-            queues: list[_Queue[_Item]] = _queues(streams, n)
+            queues: list[DeviceQueue[_Item]] = device_queues(streams, n)
             async with s.task_group() as tasks:
                 for index, (send, _) in enumerate(queues):
                     tasks.start_soon(

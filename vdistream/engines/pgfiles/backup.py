@@ -46,7 +46,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import math
 import os
 import re
 import stat
@@ -56,7 +55,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from vdistream.engines.base import Direction, Engine, EngineResult
 from vdistream.engines.faults import FailPoint, Phase, session_for
@@ -81,12 +79,12 @@ from vdistream.engines.pgfiles.pgsession import (
 )
 from vdistream.engines.pgfiles.walk import Item, ItemKind, walk
 from vdistream.engines.postgres import PostgresError, PostgresURL
-from vdistream.engines.session import ServerSession
+from vdistream.engines.session import PendingWrite, ServerSession, device_queues
 from vdistream.engines.striping import StripingOptions
 from vdistream.log import get_logger
-from vdistream.protocol import CommandCode, Features, VDConfig, Whence
+from vdistream.protocol import CommandCode, Features, VDConfig
 from vdistream.threads import run_sync
-from vdistream.vdi import PendingCommand, Registry
+from vdistream.vdi import Registry
 
 __all__ = ("PgFilesBackup", "PgFilesResult", "check_readable")
 
@@ -209,12 +207,6 @@ def _tablespaces(packers: Sequence[Packer]) -> dict[str, str]:
 _WriteFn = Callable[[int, memoryview, int], Awaitable[None]]
 
 
-@dataclasses.dataclass(slots=True)
-class _Write:
-    pending: PendingCommand
-    buffer: memoryview
-
-
 @dataclasses.dataclass
 class _Plan:
     """The shared state of one backup's devices."""
@@ -318,27 +310,17 @@ class PgFilesBackup(Engine):
         await s.fault(Phase.AFTER_CONFIGURATION)
         await s.open_devices()
         if disk:
-            await self._position(s)
+            await s.position_devices()
         packers = [Packer(index) for index in range(n)]
         try:
             start, stop, wal = await self._streams(s, connection, facts, packers, disk)
         finally:
             for packer in packers:
                 packer.close()
-        await self._end_streams(s, complete=bool(final.features & Features.COMPLETE_ENABLED))
+        await s.end_streams(complete=bool(final.features & Features.COMPLETE_ENABLED))
         await s.fault(Phase.BEFORE_CLOSE)
         s.close_devices()
         return self._result(s, final, facts, start, stop, wal, packers)
-
-    async def _position(self, s: ServerSession) -> None:
-        sent = [
-            await s.send(i, CommandCode.SET_POSITION, Whence.BEGINNING, 0)
-            for i in range(s.device_count)
-        ]
-        for index, pending in enumerate(sent):
-            result = await s.expect(index, pending)
-            if result.position != 0:
-                raise s.error(f"SET_POSITION to 0 reported position {result.position}", index)
 
     async def _streams(
         self,
@@ -353,23 +335,18 @@ class PgFilesBackup(Engine):
         block, chunk = self.options.block_size, self.options.max_transfer_size
         positions = [0] * n
         with contextlib.ExitStack() as streams:
-            queues: list[tuple[MemoryObjectSendStream[_Write], MemoryObjectReceiveStream[_Write]]]
-            # Unbounded: they hold set buffers, which BUFFERCOUNT bounds already.
-            queues = [anyio.create_memory_object_stream(math.inf) for _ in range(n)]
-            for send, receive in queues:
-                streams.enter_context(send)
-                streams.enter_context(receive)
+            queues = device_queues(streams, n, PendingWrite)
 
             async def write(index: int, buffer: memoryview, size: int) -> None:
                 pending = await s.send(
                     index, CommandCode.WRITE, size, positions[index] if disk else 0, buffer[:size]
                 )
                 positions[index] += size
-                queues[index][0].send_nowait(_Write(pending, buffer))
+                queues[index][0].send_nowait(PendingWrite(pending, buffer))
 
             async with s.task_group() as tasks:
                 for index, (_, receive) in enumerate(queues):
-                    tasks.start_soon(self._await_writes, s, index, receive, name=f"writes {index}")
+                    tasks.start_soon(s.await_writes, index, receive, name=f"writes {index}")
                 flags = FLAG_FILES | (FLAG_DISK_LIKE if disk else 0)
                 for index in range(n):
                     buffer = await s.allocate(block)
@@ -482,25 +459,6 @@ class PgFilesBackup(Engine):
                 return
             buffer, packer.buffer = packer.buffer, None
             await write(packer.device, buffer, chunk)
-
-    async def _await_writes(
-        self, s: ServerSession, index: int, receive: MemoryObjectReceiveStream[_Write]
-    ) -> None:
-        """Check each WRITE of one device in order; its buffer goes back to the pool."""
-        async for item in receive:
-            await s.expect(index, item.pending)
-            s.free(item.buffer)
-
-    async def _end_streams(self, s: ServerSession, *, complete: bool) -> None:
-        devices = range(s.device_count)
-        flushes = [await s.send(i, CommandCode.FLUSH) for i in devices]
-        await s.fault(Phase.DURING_FLUSH, sent=flushes)
-        for index, pending in enumerate(flushes):
-            await s.expect(index, pending)
-        if complete:
-            completes = [await s.send(i, CommandCode.COMPLETE) for i in devices]
-            for index, pending in enumerate(completes):
-                await s.expect(index, pending)
 
     @staticmethod
     def _wal_entries(

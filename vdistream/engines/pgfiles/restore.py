@@ -66,7 +66,7 @@ from vdistream.engines.scoped import EndpointError
 from vdistream.engines.session import ServerSession
 from vdistream.engines.striping import StripingOptions
 from vdistream.log import get_logger
-from vdistream.protocol import CommandCode, Completion, Features, Whence
+from vdistream.protocol import CommandCode, Completion, Features
 from vdistream.vdi import PendingCommand, Registry
 
 __all__ = ("BUFFERS_PER_DEVICE", "PgFilesRestore", "PgFilesRestoreResult")
@@ -226,7 +226,7 @@ class PgFilesRestore(Engine):
         await s.fault(Phase.AFTER_CONFIGURATION)
         await s.open_devices()
         if disk:
-            await self._position(s)
+            await s.position_devices()
         target = self._target
         assert target is not None
         expected = {r.path: r for r in self.expected} if self.expected is not None else None
@@ -283,16 +283,6 @@ class PgFilesRestore(Engine):
             bytes=result.logical_bytes,
         )
         return result
-
-    async def _position(self, s: ServerSession) -> None:
-        sent = [
-            await s.send(i, CommandCode.SET_POSITION, Whence.BEGINNING, 0)
-            for i in range(s.device_count)
-        ]
-        for index, pending in enumerate(sent):
-            result = await s.expect(index, pending)
-            if result.position != 0:
-                raise s.error(f"SET_POSITION to 0 reported position {result.position}", index)
 
     async def _device(
         self, s: ServerSession, index: int, credit: int, disk: bool, writer: DeviceWriter
