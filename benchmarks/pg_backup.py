@@ -22,7 +22,8 @@ Wall time, throughput of the database size, CPU seconds and peak RSS of each pro
 tree (``wait4``). Usage: python benchmarks/pg_backup.py [--scale 70] [--repeat 3]
 [--compressed] [--json] (scale 70 is about 1 GB of pgbench data).
 
-``--compressed`` adds ``vdistream ... --devices 4 --compress zstd:3`` beside
+``--compressed`` adds ``vdistream ... --devices 4 --compress zstd:3`` (basebackup and
+files modes) beside
 ``pg_basebackup -Ft --compress=client-zstd:3`` and ``pgbackrest backup
 --compress-type=zst --compress-level=3``. ``--json`` prints a list of case records
 (``_harness.py``) instead of the table; when pgBackRest or the PostgreSQL binaries are
@@ -60,6 +61,7 @@ PGBACKREST = "pgbackrest full, no compression"
 BASEBACKUP_ZSTD = "pg_basebackup -Ft -Z client-zstd:3"
 PGBACKREST_ZSTD = "pgbackrest full, zst:3"
 FILES = "vdistream files, 4 devices"
+FILES_ZSTD = "vdistream files, 4 devices, zstd:3"
 RESTORE_FILES = "vdistream restore files, 4 devices"
 RESTORE_BB = "vdistream restore basebackup, 4 devices"
 PGBACKREST_RESTORE = "pgbackrest restore"
@@ -77,6 +79,8 @@ PAIRS = [
     ("restore basebackup 4 dev <- dir", RESTORE_BB, PGBACKREST_RESTORE),
     ("basebackup 4 dev zstd:3 -> dir", "vdistream basebackup, 4 devices, zstd:3", BASEBACKUP_ZSTD),
     ("basebackup 4 dev zstd:3 -> dir", "vdistream basebackup, 4 devices, zstd:3", PGBACKREST_ZSTD),
+    ("files 4 dev zstd:3 -> dir", FILES_ZSTD, BASEBACKUP_ZSTD),
+    ("files 4 dev zstd:3 -> dir", FILES_ZSTD, PGBACKREST_ZSTD),
 ]
 
 
@@ -235,6 +239,7 @@ def main() -> None:
                     "vdistream basebackup, 4 devices, zstd:3",
                     vdistream(4, "--compress", "zstd:3"),
                 )
+                case(FILES_ZSTD, vdistream(4, "--compress", "zstd:3", mode="files"))
                 if not pgbackrest_missing:
                     case(
                         PGBACKREST_ZSTD,
