@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -47,4 +48,43 @@ async def test_postgres_dump_backup_verify_and_restore(
         restored = await wait_job(client, restore["id"], timeout=60)
         assert restored["state"] == "succeeded", restored["error"]
     assert daemon_pg.psql("SELECT count(*) FROM items", "app_restored") == "20000"
+    assert daemon.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_postgres_files_mode_backup_verify_and_restore(
+    daemon_factory: Callable[..., Daemon], daemon_pg: PgServer, tmp_path: Path
+) -> None:
+    """``mode = "files"``: the daemon reads the data directory itself; the backup is
+    verified (every file's CRC-32, pg_controldata) and restores into an empty directory
+    that holds the table's files, the backup label and pg_control."""
+    daemon = daemon_factory({"pgf": {"url": daemon_pg.url("app"), "mode": "files"}}).start()
+    target = tmp_path / "restored"
+    async with daemon.client() as client:
+        job = await client.submit({"kind": "backup", "database": "pgf"})
+        done = await wait_job(client, job["id"], timeout=60)
+        assert done["state"] == "succeeded", done["error"]
+
+        async def verified() -> list[dict[str, object]]:
+            return await client.jobs(kind="verify", state="succeeded")
+
+        (verify,) = await wait_for(verified, timeout=60, what="the verification")
+        checks = {c["name"]: c for c in verify["result"]["checks"]}
+        assert checks["content"]["ok"], checks
+        assert "pg_controldata" in checks["content"]["detail"]
+
+        restore = await client.submit(
+            {
+                "kind": "restore",
+                "database": "pgf",
+                "backup_id": done["backup_id"],
+                "target": str(target),
+            }
+        )
+        restored = await wait_job(client, restore["id"], timeout=60)
+        assert restored["state"] == "succeeded", restored["error"]
+    assert (target / "global" / "pg_control").stat().st_size == 8192
+    assert "START WAL LOCATION" in (target / "backup_label").read_text()
+    # no slot and no backup left behind on the server
+    assert daemon_pg.psql("SELECT count(*) FROM pg_replication_slots") == "0"
     assert daemon.stop() == 0
