@@ -211,11 +211,21 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def _fsync_directory(path: Path) -> None:
+    """Make the names in directory ``path`` durable (blocking)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FileConsumer(ByteConsumer):
     """Writes to ``path + ".partial"`` and renames it to ``path`` on ``finish``.
 
     Nothing appears under ``path`` unless the whole image was written and verified;
-    ``discard`` removes the partial file.
+    ``finish`` fsyncs the file, renames it and fsyncs the directory, so that the
+    name survives a crash as the data does; ``discard`` removes the partial file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -239,17 +249,21 @@ class FileConsumer(ByteConsumer):
 
     def _write_blocking(self, file: io.FileIO, view: memoryview) -> None:
         fd, done = file.fileno(), 0
-        while done < view.nbytes:  # writes may be short
-            with view[done:] as rest:
-                done += os.write(fd, rest)
-        self._written += done
-        assert self._writeback is not None
-        self._writeback.wrote(self._written)
+        try:
+            while done < view.nbytes:  # writes may be short
+                with view[done:] as rest:
+                    done += os.write(fd, rest)
+            self._written += done
+            assert self._writeback is not None
+            self._writeback.wrote(self._written)
+        except OSError as exc:  # write(2) and sync_file_range(2) name no file: we do
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.partial)) from exc
 
     async def finish(self) -> None:
         file = await self._open()  # an empty image still yields an (empty) file
         writeback = self._writeback
-        self._file = self._writeback = None
 
         def seal() -> None:
             try:
@@ -259,8 +273,12 @@ class FileConsumer(ByteConsumer):
             finally:
                 file.close()
             os.replace(self.partial, self.path)
+            _fsync_directory(self.path.parent)  # the new name must survive a crash too
 
+        # The file stays ours until the call ran: cancelled while waiting for a
+        # thread, finish did nothing and discard still closes and removes it.
         await threads.run_sync(seal)
+        self._file = self._writeback = None
 
     async def discard(self) -> None:
         file, self._file, self._writeback = self._file, None, None

@@ -855,10 +855,23 @@ async def _reread(
         for x, on in (("decrypted", pipeline.encrypted), ("decompressed", pipeline.compressed))
         if on
     )
+    if device.logical_sha256 is None:
+        # newer backups: what checked the decoded bytes is the stages' own checks
+        inner = ", ".join(
+            what
+            for what, on in (
+                ("every segment authenticated", pipeline.encrypted),
+                ("frame checksum verified", pipeline.compressed),
+            )
+            if on
+        )
+        matched = f"stored SHA-256 matches, {inner}"
+    else:
+        matched = "both SHA-256 match"
     return Check(
         name,
         True,
-        f"{stored.bytes_read} bytes stored, {logical.bytes_read} {stages}, both SHA-256 match",
+        f"{stored.bytes_read} bytes stored, {logical.bytes_read} {stages}, {matched}",
     )
 
 
