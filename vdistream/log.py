@@ -77,10 +77,17 @@ class _Logger:
         return self._build().log(level, event, *args, **kw)
 
     def __getattr__(self, name: str) -> Any:
+        if name in _OWN or name.startswith("__"):
+            # copy/pickle probe dunders on an instance whose slots are not set yet:
+            # forwarding them would recurse through _build (and import structlog)
+            raise AttributeError(name)
         level = _LEVELS.get(name)
         if level is not None and not self._logger.isEnabledFor(level):
             return _drop
         return getattr(self._build(), name)
+
+
+_OWN = frozenset(_Logger.__slots__)
 
 
 def _drop(*args: Any, **kw: Any) -> None:

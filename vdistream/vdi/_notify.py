@@ -8,8 +8,9 @@ On asyncio (what vdistream runs on) a waiter is a bare future of the running loo
 a deadline is a timer that wakes it (``loop.call_at``): no ``anyio.Event`` and no
 cancel scope per wait, which is most of what a command round trip costs otherwise.
 Cancellation reaches the awaiting task as on any asyncio wait (anyio's cancel scopes
-cancel the task). On another event loop (trio) the same contract is kept with an
-``anyio.Event`` inside a cancel scope with the deadline.
+cancel the task). Anywhere else (trio, also trio run as a guest of an asyncio loop:
+a loop is running there, but the waiting task is not asyncio's) the same contract is
+kept with an ``anyio.Event`` inside a cancel scope with the deadline.
 """
 
 from __future__ import annotations
@@ -47,10 +48,15 @@ class Notifier:
         """Wait for the next notification or until ``deadline`` (monotonic clock: the
         clock of asyncio's loop and of anyio's deadlines)."""
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio
+            task = asyncio.current_task()
+        except RuntimeError:  # no asyncio loop in this thread
+            task = None
+        if task is None:
+            # not an asyncio task: trio, or trio as a guest inside an asyncio loop
+            # (a loop runs, but a bare future cannot be awaited from trio's tasks)
             await self._wait_anyio(deadline)
             return
+        loop = task.get_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.add(waiter)
         timer = None

@@ -5,8 +5,10 @@ and bounded read-ahead.
 ``GetObject`` of the bytes from its position to the end of the object, sent with
 ``If-Match`` and the ETag seen at open (an object replaced before the GET fails with
 ``StorageIntegrityError``; once the GET is answered S3 serves that one version to its
-end). Memory stays bounded without a task: aiohttp stops reading the socket while
-its buffer is full, so the server sends only as fast as the consumer reads. A read at
+end; an answer whose ETag, ``Content-Range`` or length is not what was asked for
+fails too, for servers that ignore ``If-Match`` or ``Range``). Memory stays bounded
+without a task: aiohttp stops reading the socket while its buffer is full, so the
+server sends only as fast as the consumer reads. A read at
 another position (``readinto(position=)``) closes the stream and opens a new one
 there. A failure while reading the body (a reset, a cut, a read timeout, a short
 body) closes the stream and opens a new one where the data stopped, after the same
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from vdistream.errors import StorageError
 from vdistream.log import get_logger
 from vdistream.storage.base import SourceBase
 from vdistream.storage.s3.client import FAILURES, backoff_delay
@@ -190,7 +193,33 @@ class S3Source(TaskOwner, SourceBase):
             precondition=ChangedError,
             **match,
         )
-        return response["Body"]
+        body = response["Body"]
+        problem = self._unexpected(response, first)
+        if problem is not None:
+            body.close()
+            where = f"bucket {self._storage.bucket!r}, key {self.key!r}"
+            kind = ChangedError if problem.startswith("the object changed") else StorageError
+            raise kind(
+                f"read bytes {first}-{self._size - 1} failed: {problem}; {where}", url=self.url
+            )
+        return body
+
+    def _unexpected(self, response: dict[str, Any], first: int) -> str | None:
+        """Why the answer to a streamed GET from ``first`` is not those bytes of the
+        object seen at open, or None. Checked because the bytes go where they belong by
+        position alone: a server (or proxy) that ignored ``Range`` would send them from
+        byte 0, one that ignored ``If-Match`` another object's."""
+        etag = response.get("ETag")
+        if self._etag and etag and etag != self._etag:
+            return f"the object changed (ETag {etag}, not {self._etag})"
+        expected = f"bytes {first}-{self._size - 1}/{self._size}"
+        got = response.get("ContentRange")  # none: the whole object (200), fine from 0
+        if (got is None and first > 0) or (got is not None and got != expected):
+            return f"asked for {expected}, answered {got or 'the whole object'}"
+        length = response.get("ContentLength")
+        if length is not None and int(length) != self._size - first:
+            return f"asked for {self._size - first} bytes, answered {length}"
+        return None
 
     def _drop_body(self) -> None:
         body, self._body = self._body, None
