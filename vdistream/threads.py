@@ -110,8 +110,18 @@ async def run_sync(
     tokens, borrower = _tokens(), object()
     await tokens.acquire_on_behalf_of(borrower)
     try:
+        # The pool's work item keeps what it was given until its thread gets round to
+        # dropping it, which may be after the caller resumed: a view of the set's
+        # buffer area would then still pin it (mmap.close() fails). So the thread gets
+        # a box it empties before it calls, and nothing of the caller's stays referenced.
+        box: list[tuple[Callable[..., _T], tuple[object, ...]]] = [(func, args)]
+
+        def call() -> _T:
+            function, arguments = box.pop()
+            return function(*arguments)
+
         # asyncio only, like aiofiles: the event loop waits on the pool's future
-        future = executor().submit(contextvars.copy_context().run, func, *args)
+        future = executor().submit(contextvars.copy_context().run, call)
         with anyio.CancelScope(shield=True):
             result = await asyncio.wrap_future(future)
     finally:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -150,3 +151,32 @@ async def test_calls_see_the_callers_context() -> None:
     job = contextvars.ContextVar[str]("job")
     job.set("job-42")
     assert await threads.run_sync(job.get) == "job-42"
+
+
+@pytest.mark.asyncio
+async def test_the_pool_keeps_no_view_of_the_callers_buffer_after_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool thread drops its work item only after the caller may have resumed; a view
+    of an mmap kept by that work item would keep the mmap from closing (the device set's
+    buffer area). The worker is held right after the result is set, which is that race
+    made certain."""
+    import concurrent.futures.thread
+    import mmap
+
+    original = concurrent.futures.thread._WorkItem.run
+    held = threading.Event()
+
+    def run_then_linger(self: Any) -> None:
+        original(self)
+        held.wait(5)  # the work item (and what it was given) is still alive here
+
+    monkeypatch.setattr(concurrent.futures.thread._WorkItem, "run", run_then_linger)
+    area = mmap.mmap(-1, 4096)
+    try:
+        with memoryview(area) as view:
+            assert await threads.run_sync(bytes, view[:16]) == bytes(16)
+        area.close()  # BufferError if the lingering work item still held the slice
+    finally:
+        held.set()
+        await anyio.sleep(0.01)
