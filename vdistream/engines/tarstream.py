@@ -56,7 +56,13 @@ from vdistream.engines.streams import ByteConsumer
 from vdistream.log import get_logger
 from vdistream.ownership import OwnerLock
 
-__all__ = ("TarExtractConsumer", "chown_tree", "resolve_owner")
+__all__ = (
+    "TarExtractConsumer",
+    "chown_tree",
+    "empty_directory",
+    "resolve_owner",
+    "take_target_lock",
+)
 
 #: How long a failed or aborted restore waits for the extracting thread to notice the
 #: end of its input (it is blocked in a read that the closed pipe ends at once).
@@ -73,6 +79,31 @@ def resolve_owner(owner: str | int) -> tuple[int, int]:
     except KeyError:
         raise EndpointError(f"unknown user {owner!r}") from None
     return entry.pw_uid, entry.pw_gid
+
+
+def take_target_lock(lock_path: Path, target: str) -> OwnerLock:
+    """The owner lock of a restore ``target`` (module docstring): held, or
+    ``TargetExistsError`` when another restore holds it. Whether what it finds is a dead
+    restore's debris (``lock.previous``) is the caller's business."""
+    try:
+        return OwnerLock.take(lock_path)
+    except BlockingIOError:
+        raise TargetExistsError(
+            f"another restore into {target} is running (its lock {lock_path} is held)"
+        ) from None
+    except OSError as exc:
+        raise EndpointError(f"cannot create {lock_path}: {exc.strerror}") from exc
+
+
+def empty_directory(path: Path) -> None:
+    """Remove what ``path`` holds, never following a symlink; the directory stays."""
+    if path.is_dir():
+        for entry in path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
@@ -153,17 +184,10 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
     def _take_lock(self) -> None:
         """Hold the lock, and remove a dead restore's debris (module docstring)."""
         path = self.directory
-        try:
-            lock = OwnerLock.take(self.lock_path)
-        except BlockingIOError:
-            raise TargetExistsError(
-                f"another restore into {path} is running (its lock {self.lock_path} is held)"
-            ) from None
-        except OSError as exc:
-            raise EndpointError(f"cannot create {self.lock_path}: {exc.strerror}") from exc
+        lock = take_target_lock(self.lock_path, str(path))
         if lock.previous is not None and path.is_dir():
             # a record nobody holds: its restore was killed before it could clean up
-            self._empty(path)
+            empty_directory(path)
             _log.info("debris_removed", path=str(path), what="a killed restore's files")
         self._lock = lock
 
@@ -288,14 +312,4 @@ class TarExtractConsumer(ByteConsumer, ScopedStream):
         if self._created:
             shutil.rmtree(path, ignore_errors=True)
             return
-        self._empty(path)
-
-    @staticmethod
-    def _empty(path: Path) -> None:
-        if path.is_dir():
-            for entry in path.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        entry.unlink()
+        empty_directory(path)

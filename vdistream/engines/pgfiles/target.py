@@ -53,7 +53,12 @@ from pathlib import Path
 
 from vdistream.engines.pgfiles.layout import EntryKind, FileRecord
 from vdistream.engines.scoped import EndpointError, TargetExistsError
-from vdistream.engines.tarstream import chown_tree, resolve_owner
+from vdistream.engines.tarstream import (
+    chown_tree,
+    empty_directory,
+    resolve_owner,
+    take_target_lock,
+)
 from vdistream.log import get_logger
 from vdistream.ownership import OwnerLock
 
@@ -107,16 +112,6 @@ def _fsync_dir(path: bytes | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _empty(path: Path) -> None:
-    if path.is_dir():
-        for entry in path.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
 
 
 def _remove(path: bytes) -> None:
@@ -273,16 +268,9 @@ class RestoreTarget:
 
     def _take_lock(self) -> None:
         path = self.directory
-        try:
-            lock = OwnerLock.take(self.lock_path)
-        except BlockingIOError:
-            raise TargetExistsError(
-                f"another restore into {path} is running (its lock {self.lock_path} is held)"
-            ) from None
-        except OSError as exc:
-            raise EndpointError(f"cannot create {self.lock_path}: {exc.strerror}") from exc
+        lock = take_target_lock(self.lock_path, str(path))
         if lock.previous is not None and path.is_dir() and not self.delta:
-            _empty(path)  # a record nobody holds: its restore was killed
+            empty_directory(path)  # a record nobody holds: its restore was killed
             _log.info("debris_removed", path=str(path), what="a killed restore's files")
         self._lock = lock
 
@@ -295,18 +283,13 @@ class RestoreTarget:
             self._refuse_unless_empty(location, tablespace=True)
         try:
             location.parent.mkdir(parents=True, exist_ok=True)
-            lock = OwnerLock.take(lock_path)
-        except BlockingIOError:
-            raise TargetExistsError(
-                f"another restore into the tablespace location {location} is running "
-                f"(its lock {lock_path} is held)"
-            ) from None
         except OSError as exc:
             raise EndpointError(f"cannot create {lock_path}: {exc.strerror}") from exc
+        lock = take_target_lock(lock_path, f"the tablespace location {location}")
         self._location_locks.append(lock)
         stale = lock.previous is not None and not self.delta
         if stale and location.is_dir() and not location.is_symlink():
-            _empty(location)
+            empty_directory(location)
             _log.info("debris_removed", path=str(location), what="a killed restore's files")
 
     @staticmethod
@@ -483,7 +466,7 @@ class RestoreTarget:
         for path in self._created:
             shutil.rmtree(path, ignore_errors=True)
         for path, mode in self._found_empty:
-            _empty(path)
+            empty_directory(path)
             with contextlib.suppress(OSError):
                 path.chmod(mode)
         self._created.clear()
