@@ -28,8 +28,8 @@ the backup reads from, at the default priority, comes first too.
 ``Writeback`` is the blocking helper that the file writers of the data path (the file
 sink, the restore's file consumer) call in these threads after each write of a file
 written front to back: streaming writeback with ``sync_file_range`` and
-``posix_fadvise(DONTNEED)`` (see its docstring). It lives here because both storage and
-engines may use this module and nothing else they share.
+``posix_fadvise(DONTNEED)`` (see its docstring). It lives here, as ``fsync_directory``
+does, because both storage and engines may use this module and nothing else they share.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ __all__ = (
     "Writeback",
     "drop_cached",
     "executor",
+    "fsync_directory",
     "run_sync",
 )
 
@@ -135,6 +136,16 @@ def _tokens() -> anyio.CapacityLimiter:
     if _limiter is None:
         _limiter = anyio.CapacityLimiter(MAX_WORKERS)
     return _limiter
+
+
+def fsync_directory(path: str | bytes | os.PathLike[str]) -> None:
+    """Make the names in directory ``path`` durable: a rename, link or removal in it
+    (blocking; the one copy storage and engines share)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 #: bytes written between two ``sync_file_range`` calls of a ``Writeback``

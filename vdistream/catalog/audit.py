@@ -51,7 +51,7 @@ from vdistream.catalog.store import list_manifests
 from vdistream.errors import StorageError, StorageNotFoundError
 from vdistream.storage._common import OwnerMark
 from vdistream.storage.base import Storage
-from vdistream.storage.file import _TEMP_NAME, FileStorage, _fsync_dir, _unlink_if_present
+from vdistream.storage.file import _TEMP_NAME, FileStorage, _unlink_if_present
 
 __all__ = ("AuditReport", "OrphanUpload", "audit")
 
@@ -405,4 +405,4 @@ def _rmdir(root: Path, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(root / name)
         with contextlib.suppress(OSError):
-            _fsync_dir((root / name).parent)
+            threads.fsync_directory((root / name).parent)

@@ -34,7 +34,6 @@ __all__ = (
     "PARTIAL_SUFFIX",
     "AtomicFileConsumer",
     "creation_mode",
-    "fsync_directory",
     "lock_held_file",
     "partial_files",
     "remove_stale_partials",
@@ -111,15 +110,6 @@ def remove_stale_partials(path: Path) -> list[Path]:
     for partial in removed:
         _log.info("partial_removed", path=str(partial), target=str(path))
     return removed
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename or link in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AtomicFileConsumer(ByteConsumer, ScopedStream):
@@ -274,7 +264,7 @@ class AtomicFileConsumer(ByteConsumer, ScopedStream):
             ) from exc
         self.placed = True
         self._unlock()
-        fsync_directory(self.path.parent)
+        threads.fsync_directory(self.path.parent)
 
     def _link_into_place(self) -> None:
         assert self.temp is not None

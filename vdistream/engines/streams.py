@@ -211,15 +211,6 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _fsync_directory(path: Path) -> None:
-    """Make the names in directory ``path`` durable (blocking)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FileConsumer(ByteConsumer):
     """Writes to ``path + ".partial"`` and renames it to ``path`` on ``finish``.
 
@@ -273,7 +264,7 @@ class FileConsumer(ByteConsumer):
             finally:
                 file.close()
             os.replace(self.partial, self.path)
-            _fsync_directory(self.path.parent)  # the new name must survive a crash too
+            threads.fsync_directory(self.path.parent)  # the new name must survive a crash too
 
         # The file stays ours until the call ran: cancelled while waiting for a
         # thread, finish did nothing and discard still closes and removes it.

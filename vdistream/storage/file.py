@@ -190,7 +190,7 @@ class FileStorage(Storage):
         path = self._path(key)
         with anyio.CancelScope(shield=True), _reading("delete", path.as_uri()):
             await threads.run_sync(os.unlink, path)
-            await threads.run_sync(_fsync_dir, path.parent)
+            await threads.run_sync(threads.fsync_directory, path.parent)
 
     # --- debris (see the module docstring) ---
 
@@ -432,7 +432,7 @@ def _drop_lock(lock: OwnerLock, root: Path) -> None:
     lock.release()
     with contextlib.suppress(OSError):
         os.rmdir(directory)  # only if empty: a failed backup whose streams were removed
-        _fsync_dir(root)
+        threads.fsync_directory(root)
 
 
 def _owner_marks(root: Path) -> builtins.list[OwnerMark]:
@@ -505,7 +505,7 @@ def _sweep(root: Path) -> tuple[builtins.list[str], builtins.list[str]]:
             except OSError as exc:
                 failures.append(f"cannot remove {directory}: {exc.strerror or exc}")
             else:
-                _fsync_dir(root)
+                threads.fsync_directory(root)
     return removed, failures
 
 
@@ -538,7 +538,7 @@ def _remove_debris(
                 with contextlib.suppress(OSError):
                     os.rmdir(here / name)
     with contextlib.suppress(OSError):
-        _fsync_dir(directory)
+        threads.fsync_directory(directory)
 
 
 def _probe(root: Path) -> None:
@@ -554,7 +554,7 @@ def _probe(root: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    _fsync_dir(root)
+    threads.fsync_directory(root)
 
 
 def _link_durably(root: Path, temp: Path, final: Path) -> bool:
@@ -573,7 +573,7 @@ def _link_durably(root: Path, temp: Path, final: Path) -> bool:
         os.unlink(temp)
         directory = final.parent
         while True:  # the key's directory and every parent up to the root may be new
-            _fsync_dir(directory)
+            threads.fsync_directory(directory)
             if directory == root:
                 break
             directory = directory.parent
@@ -586,14 +586,6 @@ def _link_durably(root: Path, temp: Path, final: Path) -> bool:
         _unlink_if_present(temp)
         raise
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_if_present(path: Path) -> None:

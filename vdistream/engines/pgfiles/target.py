@@ -61,6 +61,7 @@ from vdistream.engines.tarstream import (
 )
 from vdistream.log import get_logger
 from vdistream.ownership import OwnerLock
+from vdistream.threads import fsync_directory
 
 __all__ = ("PG_CONTROL", "RestoreTarget", "server_running", "unsafe_path")
 
@@ -104,14 +105,6 @@ def server_running(directory: Path) -> int | None:
     except PermissionError:
         return pid  # alive, someone else's
     return pid
-
-
-def _fsync_dir(path: bytes | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: bytes) -> None:
@@ -328,7 +321,7 @@ class RestoreTarget:
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
-            _fsync_dir(os.path.dirname(control))
+            fsync_directory(os.path.dirname(control))
         except OSError as exc:
             raise EndpointError(f"cannot remove {os.fsdecode(control)}: {exc.strerror}") from exc
         for location in self.tablespaces.values():
@@ -429,11 +422,11 @@ class RestoreTarget:
                         chown_tree(Path(os.fsdecode(directory)), *owner)
         directories = sorted(self._dirs, key=len, reverse=True)
         for directory in directories:
-            _fsync_dir(directory)
+            fsync_directory(directory)
         if self.tablespaces:
             for top in self.tablespaces.values():
-                _fsync_dir(os.path.dirname(top))
-        _fsync_dir(os.path.dirname(self.root))
+                fsync_directory(os.path.dirname(top))
+        fsync_directory(os.path.dirname(self.root))
         if pg_control is not None:
             data, mode, mtime_ns = pg_control
             path = os.path.join(self.root, PG_CONTROL)
@@ -451,7 +444,7 @@ class RestoreTarget:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(os.path.dirname(path))
+            fsync_directory(os.path.dirname(path))
         for directory in directories:
             meta = self._dir_meta.get(directory)
             if meta is not None:
