@@ -13,13 +13,14 @@ import uuid
 import zlib
 from pathlib import Path
 
+import anyio
 import pytest
 
 import vdistream
 from tests.engines.fake_client import FakeClient, run_job
 from vdistream import Completion, Registry
 from vdistream.coordinator import stream_key
-from vdistream.engines import StreamFormatError, StripingOptions
+from vdistream.engines import EngineError, StreamFormatError, StripingOptions
 from vdistream.engines.faults import Action, FailPoint, Phase
 from vdistream.engines.framing import StreamHeader, StreamTrailer, round_up
 from vdistream.engines.pgfiles.layout import (
@@ -517,3 +518,25 @@ async def test_a_delta_restore_needs_a_data_directory_and_the_manifest(
     engine = PgFilesRestore(target, OPTIONS, delta=True, expected=records)
     with pytest.raises(EndpointError, match="not a PostgreSQL data directory"):
         await restore(streams, tmp_path / "store", engine)
+
+
+async def test_a_restore_onto_a_full_disk_fails_naming_it_and_leaves_nothing(
+    tmp_path: Path, cluster: Path
+) -> None:
+    """A 256 KiB tmpfs cannot hold the ~0.9 MiB cluster: the restore fails with the
+    disk's own error, naming the file it was writing, and the target is left as found
+    (an empty directory), with no lock beside it."""
+    streams, _ = encode(scan(cluster))
+    mount = tmp_path / "small"
+    mount.mkdir()
+    await anyio.run_process(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)])
+    try:
+        target = mount / "restored"
+        target.mkdir()
+        with anyio.fail_after(60), pytest.raises(EngineError, match="No space left") as raised:
+            await restore(streams, tmp_path / "store", PgFilesRestore(target, OPTIONS))
+        assert str(target) in str(raised.value)
+        assert list(target.iterdir()) == []
+        assert sorted(p.name for p in mount.iterdir()) == ["restored"]
+    finally:
+        await anyio.run_process(["umount", str(mount)])
