@@ -15,7 +15,7 @@
      │    │    ├── VDMemoryError        0x8077000A  the buffer area can never satisfy it
      │    │    ├── VDUnexpectedError    0x8077000B
      │    │    ├── VDProtocolError      0x8077000C  call not allowed in this state
-     │    │    │    └── WireError    [transport.wire] a transport record that is not one of the protocol's
+     │    │    │    └── WireError    [transport.wire] a record that is not the transport's
      │    │    ├── VDOpenError          0x8077000D  devices still open / all already open
      │    │    ├── VDClosedError        0x8077000E  the server closed this device (normal end)
      │    │    └── VDBusyError          0x8077000F  (VD_E_QUEUE_FULL is the same value)

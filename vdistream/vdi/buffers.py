@@ -6,7 +6,12 @@ Layout of a slot (spec §2.1, §7)::
                       ^ aligned to max(server alignment, request, client alignment)
 
 The area is a memfd-backed ``mmap`` (an anonymous one where memfd is missing), so that
-an out-of-process transport can later hand the same pages to another process. It is
+an out-of-process transport can hand the same pages to another process: each segment
+keeps its memfd open until the area is closed (``segment_files()``), sealed against
+shrinking and growing, so another process that maps it can neither pull pages from
+under this one (``SIGBUS``) nor resize it. ``position()`` and ``slot_at()`` translate
+between a slot and its (segment index, offset in the segment), the only way the other
+process names a buffer. It is
 sized once, from the server's ``request_buffers`` declarations, at
 ``end_configuration``; a ``request_buffers`` made after configuration adds one more
 segment of exactly that size (the spec allows the area to span several mappings).
@@ -19,12 +24,14 @@ from __future__ import annotations
 import bisect
 import ctypes
 import dataclasses
+import fcntl
 import mmap
 import os
+import weakref
 
 from vdistream.errors import VDMemoryError
 
-__all__ = ("BufferArea", "Slot", "address_of")
+__all__ = ("BufferArea", "SegmentFile", "Slot", "address_of")
 
 _ALIGN_SLACK = 65536  # the largest alignment we honour; the mapping is only page aligned
 
@@ -76,14 +83,28 @@ class Slot:
         return self.segment.view[self.data_offset - self.prefix_size : self.data_offset]
 
 
-class _Segment:
-    """One mapping of the area and the slots cut from it."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class SegmentFile:
+    """One segment of the area as another process maps it: ``fd`` (a memfd owned by
+    the area, open until the area is closed; -1 where memfd is missing) mapped
+    ``MAP_SHARED`` at offset 0 for ``length`` bytes."""
 
-    def __init__(self, length: int) -> None:
-        self.map = _map_shared(length)
+    index: int
+    fd: int
+    length: int
+
+
+class _Segment:
+    """One mapping of the area, the memfd behind it, and the slots cut from it."""
+
+    def __init__(self, index: int, length: int) -> None:
+        self.index = index
+        self.fd, self.map = _map_shared(length)
         self.view = memoryview(self.map)
         self.base = address_of(self.view) or 0
         self.length = length
+        # The memfd is closed by close(), or when a set that was never closed is collected.
+        self._close_fd = weakref.finalize(self, os.close, self.fd) if self.fd >= 0 else None
 
     def close(self) -> None:
         self.view.release()
@@ -92,18 +113,30 @@ class _Segment:
         except BufferError:
             # A view exported elsewhere keeps the pages alive until it is released.
             pass
+        self.fd = -1
+        if self._close_fd is not None:
+            self._close_fd()
 
 
-def _map_shared(length: int) -> mmap.mmap:
+_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)
+
+
+def _map_shared(length: int) -> tuple[int, mmap.mmap]:
+    """A memfd of ``length`` bytes (sealed against resizing) and its mapping; ``-1`` and
+    an anonymous mapping where memfd is missing."""
     try:
-        fd = os.memfd_create("vdistream-buffer-area", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vdistream-buffer-area", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except (AttributeError, OSError):
-        return mmap.mmap(-1, length)
+        return -1, mmap.mmap(-1, length)
     try:
         os.ftruncate(fd, length)
-        return mmap.mmap(fd, length)
-    finally:
+        if _SEALS:
+            # Another process may map this: it must not shrink it under our mapping.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+        return fd, mmap.mmap(fd, length)
+    except BaseException:
         os.close(fd)
+        raise
 
 
 class BufferArea:
@@ -145,7 +178,7 @@ class BufferArea:
                 cursor = offset + size
         length = cursor + _ALIGN_SLACK
         try:
-            segment = _Segment(length)
+            segment = _Segment(len(self._segments), length)
         except (OSError, ValueError, OverflowError) as exc:
             raise VDMemoryError(f"cannot map a buffer area of {length} bytes: {exc}") from exc
         # Shift every offset so that the addresses (not just the offsets) are aligned.
@@ -169,6 +202,10 @@ class BufferArea:
                 self._free[key] = []
                 self._classes = sorted(self._free)
             self._free[key].append(slot)
+
+    def segment_files(self) -> list[SegmentFile]:
+        """Every segment's memfd and length, in segment order (``[]`` once closed)."""
+        return [SegmentFile(s.index, s.fd, s.length) for s in self._segments if s.fd >= 0]
 
     @property
     def total_bytes(self) -> int:
@@ -223,10 +260,30 @@ class BufferArea:
             return None
         return slot, offset
 
+    def position(self, slot: Slot, offset: int = 0) -> tuple[int, int]:
+        """(segment index, offset in that segment) of byte ``offset`` of ``slot``'s data."""
+        return slot.segment.index, slot.data_offset + offset
+
+    def slot_at(self, segment: int, offset: int) -> tuple[Slot, int] | None:
+        """The slot whose data holds byte ``offset`` of segment ``segment``, and the
+        offset inside its data; ``None`` when no slot's data holds it."""
+        if not 0 <= segment < len(self._segments) or offset < 0:
+            return None
+        found = self._segments[segment]
+        index = bisect.bisect_right(self._starts, found.base + offset) - 1
+        if index < 0:
+            return None
+        slot = self._by_start[index]
+        inner = found.base + offset - slot.address
+        if slot.segment is not found or inner >= slot.capacity:
+            return None
+        return slot, inner
+
     def in_use(self) -> list[Slot]:
         return [slot for slot in self._slots if slot.in_use]
 
     def close(self) -> None:
+        """Release the views, unmap, and close the memfds (idempotent)."""
         for slot in self._slots:
             slot.release_views()
         for segment in self._segments:

@@ -41,6 +41,7 @@ from vdistream.errors import (
     VDProtocolError,
     VDTimeoutError,
 )
+from vdistream.log import get_logger
 from vdistream.protocol import (
     ClientCall,
     ClientState,
@@ -80,6 +81,8 @@ __all__ = (
 
 MAX_QUEUED = 1024
 
+_log = get_logger(__name__)
+
 T = TypeVar("T")
 S = TypeVar("S", ClientState, ServerState)
 C = TypeVar("C", ClientCall, ServerCall)
@@ -109,6 +112,8 @@ class PendingCommand:
 
     The awaitable form is what ``ServerVirtualDevice.send_command`` returns. It holds
     no task: awaiting it waits on the set (and runs the set's watchdog meanwhile).
+    ``add_done_callback`` is the other way to learn the result: for a caller (the
+    out-of-process transport) that must not spend a task per command.
     """
 
     _core: SetCore
@@ -123,6 +128,9 @@ class PendingCommand:
     client_views: list[memoryview] = dataclasses.field(default_factory=list, init=False)
     _notifier: Notifier = dataclasses.field(default_factory=Notifier, init=False)
     _result: CommandResult | None = dataclasses.field(default=None, init=False)
+    _callbacks: list[Callable[[PendingCommand], None]] | None = dataclasses.field(
+        default=None, init=False
+    )
 
     def __post_init__(self) -> None:
         self.serial = next(self._core.serials)
@@ -152,12 +160,31 @@ class PendingCommand:
     def __await__(self) -> Generator[Any, None, CommandResult]:
         return self.wait().__await__()
 
+    def add_done_callback(self, callback: Callable[[PendingCommand], None]) -> None:
+        """Call ``callback(self)`` once the command has a result: at once (before this
+        returns) when it already has one, otherwise synchronously inside whatever call
+        completes it (``complete_command``, an abort, the I/O-error purge).
+
+        The callback runs inside the set's own bookkeeping, so it must be quick, must
+        not call into the set, and must not raise (an exception is logged and dropped).
+        """
+        if self._result is not None:
+            _run_callback(callback, self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
     def finish(self, result: CommandResult) -> None:
         if self._result is None:
             self._result = result
             if self.slot is not None:
                 self.slot.pending -= 1
             self._notifier.notify_all()
+            if self._callbacks is not None:
+                callbacks, self._callbacks = self._callbacks, None
+                for callback in callbacks:
+                    _run_callback(callback, self)
 
     def release_client_views(self) -> None:
         for view in self.client_views:
@@ -166,6 +193,14 @@ class PendingCommand:
             except BufferError:
                 pass  # exported elsewhere: the export keeps the memory alive (decision 7)
         self.client_views.clear()
+
+
+def _run_callback(callback: Callable[[T], None], value: T) -> None:
+    try:
+        callback(value)
+    except Exception:
+        # The set's bookkeeping must finish whatever a listener does.
+        _log.exception("vdi_callback_failed", callback=repr(callback))
 
 
 class _CloseMarker:
@@ -232,6 +267,8 @@ class SetCore:
         self.alignment = 0
         self.max_transfer_size = 0
         self.honour_complete = True
+        #: called after every set event (configured, activated, terminated, aborted)
+        self.listeners: list[Callable[[], None]] = []
 
     # --- state -------------------------------------------------------------------
 
@@ -248,6 +285,12 @@ class SetCore:
         if self.server_attached:
             self.server_state = server_event(self.server_state, event)
         self.notifier.notify_all()
+        for listener in tuple(self.listeners):
+            try:
+                listener()
+            except Exception:
+                # The set's bookkeeping must finish whatever a listener does.
+                _log.exception("vdi_listener_failed", listener=repr(listener))
 
     def abort(self, cause: SetAbortCause, reason: str) -> None:
         """Put the whole set in the abort state at once (spec §5.1)."""

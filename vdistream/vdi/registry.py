@@ -14,6 +14,7 @@ from vdistream.errors import VDInvalidError
 
 if TYPE_CHECKING:
     from vdistream.vdi.core import SetCore
+    from vdistream.vdi.server import ServerVirtualDeviceSet
 
 __all__ = ("Registry", "default_registry")
 
@@ -45,6 +46,14 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(name for _, name in self._sets)
+
+    def server_set(self) -> ServerVirtualDeviceSet:
+        """A new server (engine) object that opens sets of this registry: the seam an
+        engine uses, so that a registry serving sets of another process can hand out
+        its own server objects instead."""
+        from vdistream.vdi.server import ServerVirtualDeviceSet
+
+        return ServerVirtualDeviceSet(registry=self)
 
 
 #: The process-wide registry used when a set is created without ``registry=``.

@@ -18,10 +18,18 @@ Choices beyond api.md:
   knows NOERROR and VD_E_INVALID).
 * ``free_buffer`` of a buffer that an outstanding command still uses raises
   ``VDInvalidError``: handing it out again would corrupt the client's I/O.
+
+What the out-of-process transport (``vdistream.transport.host``, which drives this
+object on behalf of an engine in another process) needs, public: ``segment_files()``
+(the buffer area's memfds), ``buffer_position()``/``buffer_start()`` (a buffer as
+(segment, offset), the way the other process names it), ``add_state_listener()`` (to
+tell the other process of activation and aborts it did not cause), and
+``signal_abort(cause=, reason=)`` (to abort for the other process's death).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vdistream.errors import VDClosedError, VDInvalidError, VDMemoryError, VDProtocolError
@@ -63,7 +71,9 @@ from vdistream.vdi.core import (
 from vdistream.vdi.registry import Registry
 
 if TYPE_CHECKING:
-    from vdistream.vdi.buffers import Slot
+    from types import TracebackType
+
+    from vdistream.vdi.buffers import SegmentFile, Slot
 
 __all__ = ("ServerVirtualDevice", "ServerVirtualDeviceSet")
 
@@ -80,6 +90,7 @@ class ServerVirtualDeviceSet(SetFacade[ServerState, ServerCall]):
 
     def __init__(self, *, registry: Registry | None = None) -> None:
         super().__init__(registry=registry)
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def configuration(self) -> VDConfig | None:
@@ -228,6 +239,24 @@ class ServerVirtualDeviceSet(SetFacade[ServerState, ServerCall]):
 
         await core.wait_for(core.notifier, ready, timeout, "wait_active")
 
+    async def watch(self) -> None:
+        """Run the set's server-timeout watchdog until the set aborts (then return) or
+        this object closes it (then ``VDProtocolError``); cancel it to stop sooner.
+
+        In-process, every wait on the set runs the watchdog, and the engine waits on
+        its commands. A transport serving an engine in another process has no such
+        waiter on this side, so it runs this: the watchdog then fires on time even
+        when no pump is waiting either."""
+        core = self._require_open("watch")
+
+        def ready() -> bool | NotReady:
+            if core.aborted:
+                return True
+            self._check_live(core, "watch")
+            return NOT_READY
+
+        await core.wait_for(core.notifier, ready, None, "watch")
+
     # --- buffers -------------------------------------------------------------------
 
     async def allocate_buffer(self, size: int, alignment: int = 0) -> memoryview:
@@ -271,6 +300,30 @@ class ServerVirtualDeviceSet(SetFacade[ServerState, ServerCall]):
             return False
         return self._core.area.locate(buffer) is not None
 
+    def segment_files(self) -> list[SegmentFile]:
+        """The buffer area's segments (memfd, length), in order; ``[]`` before
+        ``end_configuration``. The fds stay open (owned by the set) until the set is
+        released; another process maps them ``MAP_SHARED`` at offset 0."""
+        return self._require_open("segment_files").area.segment_files()
+
+    def buffer_position(self, buffer: memoryview) -> tuple[int, int]:
+        """(segment index, offset in that segment) of the first byte of ``buffer``, a
+        buffer allocated from this set (``VDInvalidError`` otherwise)."""
+        core = self._require_open("buffer_position")
+        found = core.area.locate(buffer) if isinstance(buffer, memoryview) else None
+        if found is None:
+            raise self._error(VDInvalidError, "buffer_position: not a buffer of this set")
+        return core.area.position(*found)
+
+    def buffer_start(self, segment: int, offset: int) -> tuple[int, int] | None:
+        """The (segment, offset) where the buffer holding byte ``offset`` of segment
+        ``segment`` begins (what ``buffer_position`` gave for it when it was
+        allocated); ``None`` when no buffer of the area holds that byte."""
+        found = self._require_open("buffer_start").area.slot_at(segment, offset)
+        if found is None:
+            return None
+        return segment, offset - found[1]
+
     def _slot_of(self, core: SetCore, buffer: object, what: str) -> Slot:
         found = core.area.locate(buffer) if isinstance(buffer, memoryview) else None
         if found is None or not found[0].in_use:
@@ -279,9 +332,28 @@ class ServerVirtualDeviceSet(SetFacade[ServerState, ServerCall]):
 
     # --- abort and close -----------------------------------------------------------
 
-    def signal_abort(self) -> None:
+    def signal_abort(
+        self, *, cause: SetAbortCause = SetAbortCause.SERVER, reason: str | None = None
+    ) -> None:
+        """Abort the set at once; idempotent. ``cause`` and ``reason`` let a transport
+        that serves a server in another process record why (its death, a protocol
+        violation); the default is the server's own abort."""
         core = self._enter(ServerCall.SIGNAL_ABORT)
-        core.abort(SetAbortCause.SERVER, "the server signalled abort")
+        core.abort(cause, reason if reason is not None else "the server signalled abort")
+
+    def add_state_listener(self, listener: Callable[[ServerState], None]) -> None:
+        """Call ``listener(state)`` with this side's state after every event of the set
+        (configured, activated, terminated, aborted: also those the client or the
+        watchdog causes), synchronously, until this object closes the set. On an abort
+        it runs before the outstanding commands complete. Like a command's done
+        callback it must be quick, must not call into the set, and must not raise."""
+        core = self._require_open("add_state_listener")
+
+        def call() -> None:
+            listener(core.server_state)
+
+        self._listeners.append(call)
+        core.listeners.append(call)
 
     def close(self) -> None:
         """Release the set (decision 4 of api.md).
@@ -300,6 +372,9 @@ class ServerVirtualDeviceSet(SetFacade[ServerState, ServerCall]):
             slot.release_views()
         core.server_closed = True
         core.server_state = ServerState.DNE
+        for call in self._listeners:
+            core.listeners.remove(call)
+        self._listeners.clear()
         self._core = None
         core.maybe_release_area()
         if premature:
@@ -308,6 +383,25 @@ class ServerVirtualDeviceSet(SetFacade[ServerState, ServerCall]):
                 set_name=core.name,
                 state="ACTIVE",
             )
+
+    # --- conveniences ----------------------------------------------------------------
+
+    async def __aenter__(self) -> ServerVirtualDeviceSet:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """On an exception: abort the set (if not already); then close it if this
+        object still holds it (``close``'s own error when devices are still open)."""
+        if self._core is None:
+            return
+        if exc is not None and not self._core.aborted:
+            self.signal_abort()
+        self.close()
 
 
 class ServerVirtualDevice(DeviceFacade[ServerVirtualDeviceSet]):
