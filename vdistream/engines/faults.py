@@ -23,7 +23,8 @@ Phases (where each fires):
   restore, read data not yet reassembled. If the data ends first, it fires after
   the last data command was sent (backup) or the last device reached its end (restore);
 * ``DURING_FLUSH`` (backup): FLUSH was sent on every device and (within a second)
-  taken by the client, before the engine awaits its completion;
+  taken by the client, before the engine awaits its completion (with a set served by
+  another process: sent, as nothing tells the engine when the client took it);
 * ``DURING_CLEAR_ERROR`` (restore): the first device to reach the end of its stream
   sent CLEAR_ERROR and the client took it, before the engine awaits its completion;
 * ``BEFORE_CLOSE``: every command completed, no device closed yet.
@@ -45,6 +46,7 @@ from vdistream.engines.base import EngineError
 from vdistream.engines.session import DATA_COMMANDS, ServerSession
 from vdistream.protocol import CommandCode
 from vdistream.vdi import PendingCommand
+from vdistream.vdi.contract import PendingResult
 
 __all__ = ("Action", "FailPoint", "FaultySession", "InjectedFaultError", "Phase", "session_for")
 
@@ -98,6 +100,15 @@ class InjectedFaultError(EngineError):
         )
 
 
+def _taken(pending: PendingResult) -> bool:
+    """Whether the client took ``pending`` (or it completed). Only an in-process set
+    can tell when the client took a command; a command sent to a set in another process
+    counts as taken once sent (its record is on the way)."""
+    if pending.done():
+        return True
+    return not isinstance(pending, PendingCommand) or pending.command is not None
+
+
 def session_for(set_name: str, fail_at: FailPoint | None, **options: Any) -> ServerSession:
     """The session of one run: a plain ``ServerSession`` unless there is a fail point."""
     if fail_at is None:
@@ -123,7 +134,7 @@ class FaultySession(ServerSession):
         size: int = 0,
         position: int = 0,
         buffer: memoryview | None = None,
-    ) -> PendingCommand:
+    ) -> PendingResult:
         """Send (joining a stall in progress); a data command may fire MID_STREAM."""
         if self._stalled:
             await self.stall()
@@ -143,7 +154,7 @@ class FaultySession(ServerSession):
         return pending
 
     async def fault(
-        self, phase: Phase, device: int | None = None, *, sent: Sequence[PendingCommand] = ()
+        self, phase: Phase, device: int | None = None, *, sent: Sequence[PendingResult] = ()
     ) -> None:
         """Fire the fail point if it names ``phase`` and has not fired yet.
 
@@ -156,7 +167,7 @@ class FaultySession(ServerSession):
             return
         self._fired = True
         with anyio.move_on_after(TAKE_WAIT_SECONDS):
-            while not all(p.done() or p.command is not None for p in sent):  # noqa: ASYNC110
+            while not all(_taken(p) for p in sent):  # noqa: ASYNC110
                 await anyio.sleep(STALL_POLL_SECONDS)
         self.log.info("fault_injected", phase=phase.value, action=point.action.value)
         if point.action is Action.STALL:

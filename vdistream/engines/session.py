@@ -7,6 +7,13 @@ command sequence); the session does the rest of the engine contract of
 * ``run(body)`` opens the set by name, awaits ``body(session)`` and closes the set; on
   any failure it signals abort, closes the set and raises one ``EngineError`` (the
   first failure, translated), or lets a cancellation propagate after the same cleanup.
+* the set is ``registry.server_set()`` (``vdistream.vdi.contract.ServerSet``): the
+  in-process ``ServerVirtualDeviceSet`` of the default registry, or, with a
+  ``vdistream.transport.engine.RemoteRegistry``, the engine's side of a set another
+  process serves. The session works over either: the calls that may wait for the
+  other process are awaited through ``settle``, so ``configure``, ``open_devices``,
+  ``close_devices``, ``close`` and ``abort_and_close`` are coroutines; ``run`` holds the
+  set's ``async with`` (a remote set's reader task) around the whole job.
 * configuration, device opening (``device_names``), buffer allocation and command
   sending with the VDI errors translated into engine errors that name the device;
 * ``result``/``expect`` wait for a command's completion (bounded by
@@ -52,7 +59,8 @@ from vdistream.protocol import (
     VDConfig,
     Whence,
 )
-from vdistream.vdi import PendingCommand, Registry, ServerVirtualDevice, ServerVirtualDeviceSet
+from vdistream.vdi import Registry, default_registry
+from vdistream.vdi.contract import PendingResult, ServerDevice, ServerSet, settle
 
 if TYPE_CHECKING:
     from vdistream.engines.faults import Phase
@@ -94,7 +102,7 @@ class PendingWrite:
     """A WRITE that was sent, and the whole allocated buffer to free once it completed
     (``ServerSession.await_writes``)."""
 
-    pending: PendingCommand
+    pending: PendingResult
     buffer: memoryview
 
 
@@ -132,17 +140,17 @@ class ServerSession:
         command_timeout: float | None = None,
     ) -> None:
         self.set_name = set_name
-        self.sds = ServerVirtualDeviceSet(registry=registry)
+        self.sds: ServerSet = (registry if registry is not None else default_registry).server_set()
         self.open_timeout = open_timeout
         self.command_timeout = command_timeout
-        self.devices: list[ServerVirtualDevice] = []
+        self.devices: list[ServerDevice] = []
         self.device_count = 0
         self.counts: list[Counter[CommandCode]] = []
         self.bytes: list[int] = []
         self.first_failure: Exception | None = None
         #: Per device, read buffers whose data the engine has not used up yet (restore).
         self.lent: list[int] = []
-        self._inflight: list[set[PendingCommand]] = []
+        self._inflight: list[set[PendingResult]] = []
         self.log = _log.bind(set_name=set_name)
 
     # --- the whole run -----------------------------------------------------------
@@ -150,11 +158,12 @@ class ServerSession:
     async def run(self, body: Callable[[ServerSession], Awaitable[T]]) -> T:
         """Open the set, await ``body(self)``, close the set (see the module docstring)."""
         try:
-            self._open()
-            result = await body(self)
-            self.close()
+            async with self.sds:
+                await self._open()
+                result = await body(self)
+                await self.close()
         except BaseException as exc:
-            failure = self._fail(exc)
+            failure = await self._fail(exc)
             if failure is None:
                 raise  # cancellation or KeyboardInterrupt: propagate it unchanged
             error, primary = failure
@@ -165,9 +174,9 @@ class ServerSession:
             raise error from primary
         return result
 
-    def _open(self) -> None:
+    async def _open(self) -> None:
         with self.vdi_calls("cannot open the set", aborted=False):
-            self.sds.open(None, self.set_name)
+            await settle(self.sds.open(None, self.set_name))
             config = self.sds.get_configuration()
         self.device_count = config.device_count
         self.counts = [Counter() for _ in range(config.device_count)]
@@ -176,10 +185,11 @@ class ServerSession:
         self.lent = [0] * config.device_count
         self.log.debug("engine_opened", devices=config.device_count)
 
-    def _fail(self, exc: BaseException) -> tuple[EngineError, Exception] | None:
-        """Abort and close the set; the error ``run`` raises and the failure it stands
-        for (None: re-raise ``exc``)."""
-        self.abort_and_close()
+    async def _fail(self, exc: BaseException) -> tuple[EngineError, Exception] | None:
+        """Abort and close the set (leaving ``async with`` did, unless the failure came
+        from there); the error ``run`` raises and the failure it stands for (None:
+        re-raise ``exc``)."""
+        await self.abort_and_close()
         errors = [leaf for leaf in _leaves(exc) if isinstance(leaf, Exception)]
         if not errors:
             self.log.info("engine_cancelled")
@@ -222,8 +232,11 @@ class ServerSession:
         if self.first_failure is None:
             self.first_failure = exc
 
-    def abort_and_close(self) -> None:
-        """Signal abort (unless the set is gone or already aborted) and close the set."""
+    async def abort_and_close(self) -> None:
+        """Signal abort (unless the set is gone or already aborted) and close the set.
+
+        Shielded: it runs on the way out of a cancelled job too (a remote set's close
+        bounds its own wait for the other process)."""
         if self.sds.state is ServerState.DNE:
             return
         try:
@@ -231,14 +244,15 @@ class ServerSession:
                 self.sds.signal_abort()
         except VDIError:
             pass  # the set is going away whatever this says
-        try:
-            self.sds.close()
-        except VDIError:
-            pass
+        with anyio.CancelScope(shield=True):
+            try:
+                await settle(self.sds.close())
+            except VDIError:
+                pass
 
-    def close(self) -> None:
+    async def close(self) -> None:
         with self.vdi_calls("close failed"):
-            self.sds.close()
+            await settle(self.sds.close())
         self.log.debug("engine_closed")
 
     @contextlib.asynccontextmanager
@@ -259,7 +273,7 @@ class ServerSession:
         with self.vdi_calls("a VDI call failed"):
             return self.sds.get_configuration()
 
-    def configure(
+    async def configure(
         self,
         *,
         features: int,
@@ -271,16 +285,20 @@ class ServerSession:
     ) -> VDConfig:
         """begin_configuration, request_buffers, end_configuration; the final config."""
         with self.vdi_calls("the configuration was refused"):
-            self.sds.begin_configuration(
-                features,
-                block_size,
-                0,
-                max_transfer_size,
-                self.open_timeout,
-                honour_complete=honour_complete,
+            await settle(
+                self.sds.begin_configuration(
+                    features,
+                    block_size,
+                    0,
+                    max_transfer_size,
+                    self.open_timeout,
+                    honour_complete=honour_complete,
+                )
             )
-            self.sds.request_buffers(buffer_size or max_transfer_size, 0, buffer_count)
-            self.sds.end_configuration()
+            await settle(
+                self.sds.request_buffers(buffer_size or max_transfer_size, 0, buffer_count)
+            )
+            await settle(self.sds.end_configuration())
         final = self.sds.configuration
         assert final is not None
         self.log.debug(
@@ -297,17 +315,17 @@ class ServerSession:
         with self.vdi_calls("opening the devices failed"):
             try:
                 for name in device_names(self.set_name, self.device_count):
-                    self.devices.append(self.sds.open_device(name))
+                    self.devices.append(await settle(self.sds.open_device(name)))
                 await self.sds.wait_active(self.open_timeout)
             except VDTimeoutError as exc:
                 raise self.error(
                     f"the client did not open every device within {self.open_timeout} s"
                 ) from exc
 
-    def close_devices(self) -> None:
+    async def close_devices(self) -> None:
         for index, device in enumerate(self.devices):
             with self.vdi_calls("close_device failed", index):
-                device.close_device()
+                await settle(device.close_device())
 
     def device_label(self, index: int | None) -> str | None:
         if index is None:
@@ -357,7 +375,7 @@ class ServerSession:
         size: int = 0,
         position: int = 0,
         buffer: memoryview | None = None,
-    ) -> PendingCommand:
+    ) -> PendingResult:
         """Send a command on device ``index``."""
         with self.vdi_calls(f"send_command({code.name}) failed", index, aborted=False):
             pending = self.devices[index].send_command(code, size, position, buffer)
@@ -370,7 +388,7 @@ class ServerSession:
         result not yet taken by the engine) or data the engine still holds (``lent``)."""
         return bool(self._inflight[index]) or self.lent[index] > 0
 
-    async def result(self, index: int, pending: PendingCommand) -> CommandResult:
+    async def result(self, index: int, pending: PendingResult) -> CommandResult:
         """The command's result; ``EngineAbortedError`` if it completed as aborted."""
         try:
             result = await pending.wait(self.command_timeout)
@@ -386,7 +404,7 @@ class ServerSession:
             self.bytes[index] += result.bytes_transferred
         return result
 
-    async def expect(self, index: int, pending: PendingCommand) -> CommandResult:
+    async def expect(self, index: int, pending: PendingResult) -> CommandResult:
         """The command's result, which must be a success (else ``CommandFailedError``);
         a READ or WRITE must also have transferred all its bytes."""
         result = await self.result(index, pending)
@@ -456,6 +474,6 @@ class ServerSession:
                 await self.expect(index, pending)
 
     async def fault(
-        self, phase: Phase, device: int | None = None, *, sent: Sequence[PendingCommand] = ()
+        self, phase: Phase, device: int | None = None, *, sent: Sequence[PendingResult] = ()
     ) -> None:
         """A fail point of ``vdistream.engines.faults``: without one, nothing to do."""

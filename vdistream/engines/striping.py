@@ -89,7 +89,8 @@ from vdistream.engines.session import DeviceQueue, PendingWrite, ServerSession, 
 from vdistream.engines.streams import ConsumerLike, ProducerLike, as_consumer, as_producer
 from vdistream.protocol import CommandCode, Completion, Features, VDConfig
 from vdistream.protocol.config import valid_block_size, valid_max_transfer_size
-from vdistream.vdi import PendingCommand, Registry
+from vdistream.vdi import Registry
+from vdistream.vdi.contract import PendingResult
 
 __all__ = ("StripedBackup", "StripedRestore", "StripingOptions")
 
@@ -194,7 +195,7 @@ class _Striped(Engine):
     ) -> VDConfig:
         """Configure the set, open the devices and position disk-like ones; the final
         configuration."""
-        final = s.configure(
+        final = await s.configure(
             features=features,
             block_size=self.options.block_size,
             max_transfer_size=self.options.max_transfer_size,
@@ -207,11 +208,11 @@ class _Striped(Engine):
             await s.position_devices()
         return final
 
-    def _result(
+    async def _result(
         self, s: ServerSession, total: int, final: VDConfig, backup_id: uuid.UUID
     ) -> EngineResult:
         """Close the devices; what the job did."""
-        s.close_devices()
+        await s.close_devices()
         return EngineResult(
             direction=self.direction,
             set_name=s.set_name,
@@ -271,7 +272,7 @@ class StripedBackup(_Striped):
         await s.end_streams(complete=bool(final.features & Features.COMPLETE_ENABLED))
         await s.fault(Phase.BEFORE_CLOSE)
         self._busy = False
-        return self._result(s, total, final, self.backup_id)
+        return await self._result(s, total, final, self.backup_id)
 
     async def _write_streams(self, s: ServerSession, disk: bool) -> int:
         """Header, striped chunks and trailer on every device; the logical length."""
@@ -358,7 +359,7 @@ class StripedBackup(_Striped):
 
 @dataclasses.dataclass(slots=True)
 class _Read:
-    pending: PendingCommand
+    pending: PendingResult
     buffer: memoryview
     size: int
 
@@ -449,7 +450,7 @@ class StripedRestore(_Striped):
             await self.consumer.finish()
         except Exception as exc:
             raise s.error(f"the consumer failed to finish: {type(exc).__name__}: {exc}") from exc
-        return self._result(s, total, final, backup_id)
+        return await self._result(s, total, final, backup_id)
 
     # --- one device's reader ------------------------------------------------------
 

@@ -1,19 +1,59 @@
-"""The client side of a set as the job and its pumps use it: two small Protocols.
+"""Both sides of a set as their users see them: small Protocols, and ``settle``.
 
-Our own :class:`~vdistream.vdi.ClientVirtualDeviceSet` satisfies them, and so does
-SQL Server's through ``libsqlvdi.so`` (``vdistream.sqlserver.SqlVdiDeviceSet``): an
-engine says which one its job must create (``Engine.client_set``), and the coordinator
-and the pumps run unchanged over either.
+The client side (``ClientSet``, ``ClientDevice``): our own
+:class:`~vdistream.vdi.ClientVirtualDeviceSet` satisfies them, and so does SQL Server's
+through ``libsqlvdi.so`` (``vdistream.sqlserver.SqlVdiDeviceSet``): an engine says which
+one its job must create (``Engine.client_set``), and the coordinator and the pumps run
+unchanged over either.
+
+The server side (``ServerSet``, ``ServerDevice``, ``PendingResult``): the in-process
+:class:`~vdistream.vdi.ServerVirtualDeviceSet` satisfies them, and so does
+``vdistream.transport.engine.RemoteServerVirtualDeviceSet``, the engine's side of a set
+another process serves. A call that must wait for that other process is a coroutine
+there and a plain call in-process, so the Protocol gives it the return type
+``X | Awaitable[X]``: callers ``await settle(sds.call(...))`` and run over either.
+Calls that never wait for the other process (``send_command``, ``free_buffer``,
+``signal_abort``, ``get_configuration``) are plain on both sides and never block.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import inspect
+from collections.abc import Awaitable, Generator
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar
 
-from vdistream.protocol import ClientState, Command, SetAbortCause, VDConfig
+from vdistream.protocol import (
+    ClientState,
+    Command,
+    CommandCode,
+    CommandResult,
+    ServerState,
+    SetAbortCause,
+    VDConfig,
+)
 from vdistream.vdi.core import SetStatistics
 
-__all__ = ("ClientDevice", "ClientSet")
+__all__ = (
+    "ClientDevice",
+    "ClientSet",
+    "PendingResult",
+    "ServerDevice",
+    "ServerSet",
+    "settle",
+)
+
+T = TypeVar("T")
+
+
+async def settle(value: T | Awaitable[T]) -> T:
+    """``value``, awaited first when it is awaitable (a server call that may wait).
+
+    Never pass it a ``PendingResult``: those are awaitable on purpose (their result).
+    """
+    if inspect.isawaitable(value):
+        return await value
+    return value
 
 
 class ClientDevice(Protocol):
@@ -84,3 +124,127 @@ class ClientSet(Protocol):
     def close(self) -> None: ...
 
     def statistics(self) -> SetStatistics: ...
+
+
+class PendingResult(Protocol):
+    """A command the server sent (``ServerDevice.send_command``): await it, or call
+    ``wait(timeout)``, for its ``CommandResult``.
+
+    ``done()`` tells whether it completed; ``result()`` is the result once it has
+    (``RuntimeError`` before). ``wait`` raises ``VDTimeoutError`` when ``timeout``
+    passes (the command stays outstanding); it never raises ``VDAbortError``: an
+    aborted set completes every outstanding command with ``OPERATION_ABORTED``.
+    ``serial`` is unique among the set's commands.
+    """
+
+    @property
+    def code(self) -> CommandCode: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def serial(self) -> int: ...
+
+    def done(self) -> bool: ...
+
+    def result(self) -> CommandResult: ...
+
+    async def wait(self, timeout: float | None = None) -> CommandResult: ...
+
+    def __await__(self) -> Generator[Any, None, CommandResult]: ...
+
+
+class ServerDevice(Protocol):
+    """The server calls of one virtual device (api.md).
+
+    * ``send_command(code, size, position, buffer)``: queue a command, never blocks; a
+      command the set refuses (device closed, set aborted, queue full) completes at
+      once with the refusal's completion code. ``VDInvalidError`` for an unknown code,
+      a READ/WRITE without a buffer of this set, or a size beyond the buffer.
+    * ``close_device()``: end the device's stream (awaitable when the set is served by
+      another process).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def send_command(
+        self, code: int, size: int = 0, position: int = 0, buffer: memoryview | None = None
+    ) -> PendingResult: ...
+
+    def close_device(self) -> Awaitable[None] | None: ...
+
+
+class ServerSet(Protocol):
+    """The server calls of one virtual device set: all an engine needs of it (api.md).
+
+    ``async with sds:`` holds what the set object needs while it is used (for a set
+    in another process, the connection's reader task); leaving it with an exception
+    signals abort, and closes the set if it is still open. Calls that may wait for the
+    other process return ``X | Awaitable[X]`` (``settle`` them); ``wait_active`` and
+    ``allocate_buffer`` are coroutines on both sides. Errors, states and results are
+    those of the in-process ``ServerVirtualDeviceSet``.
+    """
+
+    @property
+    def state(self) -> ServerState: ...
+
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def abort_reason(self) -> str | None: ...
+
+    @property
+    def aborted_by(self) -> SetAbortCause | None: ...
+
+    @property
+    def configuration(self) -> VDConfig | None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def open(self, instance: str | None, name: str) -> Awaitable[None] | None: ...
+
+    def get_configuration(self) -> VDConfig: ...
+
+    def begin_configuration(
+        self,
+        features: int,
+        block_size: int,
+        alignment: int,
+        max_transfer_size: int,
+        timeout: float | None = None,
+        *,
+        honour_complete: bool = True,
+    ) -> Awaitable[None] | None: ...
+
+    def request_buffers(self, size: int, alignment: int, count: int) -> Awaitable[None] | None: ...
+
+    def query_available_buffers(self, size: int, alignment: int = 0) -> int | Awaitable[int]: ...
+
+    def end_configuration(self) -> Awaitable[None] | None: ...
+
+    def open_device(self, name: str) -> ServerDevice | Awaitable[ServerDevice]: ...
+
+    async def wait_active(self, timeout: float | None = None) -> None: ...
+
+    async def allocate_buffer(self, size: int, alignment: int = 0) -> memoryview: ...
+
+    def free_buffer(self, buffer: memoryview) -> None: ...
+
+    def is_shared_buffer(self, buffer: object) -> bool: ...
+
+    def signal_abort(self) -> None: ...
+
+    def close(self) -> Awaitable[None] | None: ...

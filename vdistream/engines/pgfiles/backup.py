@@ -300,7 +300,7 @@ class PgFilesBackup(Engine):
         # backup's stop, the index): one more than that keeps the rest moving.
         given = opts.buffer_count if opts.buffer_count is not None else BUFFERS_PER_DEVICE * n
         buffers = max(given, n + 1)
-        final = s.configure(
+        final = await s.configure(
             features=Features.WRITE_MEDIA | (Features.READ_MEDIA if disk else 0),
             block_size=opts.block_size,
             max_transfer_size=opts.max_transfer_size,
@@ -319,7 +319,7 @@ class PgFilesBackup(Engine):
                 packer.close()
         await s.end_streams(complete=bool(final.features & Features.COMPLETE_ENABLED))
         await s.fault(Phase.BEFORE_CLOSE)
-        s.close_devices()
+        await s.close_devices()
         return self._result(s, final, facts, start, stop, wal, packers)
 
     async def _streams(

@@ -67,7 +67,8 @@ from vdistream.engines.session import ServerSession
 from vdistream.engines.striping import StripingOptions
 from vdistream.log import get_logger
 from vdistream.protocol import CommandCode, Completion, Features
-from vdistream.vdi import PendingCommand, Registry
+from vdistream.vdi import Registry
+from vdistream.vdi.contract import PendingResult
 
 __all__ = ("BUFFERS_PER_DEVICE", "PgFilesRestore", "PgFilesRestoreResult")
 
@@ -94,7 +95,7 @@ class PgFilesRestoreResult(EngineResult):
 
 @dataclasses.dataclass(slots=True)
 class _Read:
-    pending: PendingCommand
+    pending: PendingResult
     buffer: memoryview
     size: int
 
@@ -216,7 +217,7 @@ class PgFilesRestore(Engine):
                 f"BUFFERCOUNT={buffers} is less than the {n} devices: a restore reads "
                 "every device at once"
             )
-        final = s.configure(
+        final = await s.configure(
             features=Features.READ_MEDIA,
             block_size=opts.block_size,
             max_transfer_size=opts.max_transfer_size,
@@ -260,7 +261,7 @@ class PgFilesRestore(Engine):
             ) from exc
         finally:
             self._busy = False
-        s.close_devices()
+        await s.close_devices()
         writers = self._writers
         result = PgFilesRestoreResult(
             direction=self.direction,
