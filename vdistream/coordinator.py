@@ -190,6 +190,8 @@ class JobResult:
     reason: str | None = None
     error: BaseException | None = None
     engine_result: object = None
+    #: the set's final configuration as the engine made it (``None``: never configured)
+    configuration: VDConfig | None = None
 
     @property
     def ok(self) -> bool:
@@ -249,6 +251,10 @@ class Job:
     bytes and commands while it runs, ``job.statistics()`` the set's buffers and
     commands. Cancelling the task that runs it aborts the job cleanly and then lets the
     cancellation propagate.
+
+    The set is named after the job (``vdistream-<backup id>-<random>``) unless the
+    engine gives a name (``Engine.set_name``: an engine in another process opens the
+    set by the name the user chose); the device names follow the set's.
     """
 
     def __init__(
@@ -268,7 +274,9 @@ class Job:
         self.engine = engine
         self.options = options or JobOptions()
         self.backup_id = backup_id or new_backup_id()
-        self.set_name = f"vdistream-{self.backup_id}-{uuid.uuid4().hex[:8]}"
+        # the engine's hint first (an engine in another process opens the set by the
+        # name the user gave it), else a name nobody else uses
+        self.set_name = engine.set_name or f"vdistream-{self.backup_id}-{uuid.uuid4().hex[:8]}"
         self.registry = registry if registry is not None else Registry()
         count = self.options.devices
         self.keys = (
@@ -296,6 +304,7 @@ class Job:
         #: the engine and every device: the job decides once none is left running
         self._running = count + 1
         self._engine_result: object = None
+        self._configuration: VDConfig | None = None
         self._decided_event: anyio.Event | None = None  # made in run(): it needs a loop
         self._started = time.time()
 
@@ -434,13 +443,14 @@ class Job:
 
     async def _drive(self, tg: anyio.abc.TaskGroup) -> None:
         try:
-            config = await self._vds.get_configuration(self.options.configuration_timeout)
+            # an engine that must first arrive (another process) may need longer
+            waits = max(self.options.configuration_timeout, self.engine.configuration_wait or 0)
+            config = await self._vds.get_configuration(waits)
         except VDTimeoutError:
             self._abort(
                 Abort(
                     AbortCause.ENGINE,
-                    f"the engine did not configure the set within "
-                    f"{self.options.configuration_timeout:g} s",
+                    f"the engine did not configure the set within {waits:g} s",
                 )
             )
             return
@@ -457,6 +467,7 @@ class Job:
                 )
             )
             return
+        self._configuration = config
         assert self.storage is not None
         for index, name in enumerate(device_names(self.set_name, config.device_count)):
             device = self._vds.open_device(name)
@@ -605,6 +616,7 @@ class Job:
             reason=reason,
             error=error,
             engine_result=self._engine_result,
+            configuration=self._configuration,
         )
         if result.ok:
             self.log.info("job_finished", status="succeeded", bytes=result.bytes)

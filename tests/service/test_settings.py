@@ -663,7 +663,8 @@ def test_every_problem_is_one_line_the_first_as_the_checks_meet_them(tmp_path: P
     assert str(caught.value).splitlines() == [
         f"{path}, line 3: service.max_job: unknown key in [service]; did you mean 'max_jobs'? "
         "(known: state_dir, socket, socket_mode, listen, token_file, max_jobs, max_queued, "
-        "grace_period, job_history, log_format, log_level, timezone, sqlvdi)",
+        "grace_period, job_history, log_format, log_level, timezone, sqlvdi, runtime_dir, "
+        "runtime_group)",
         f"{path}, line 2: service.log_level: expected one of debug, info, warning, error, "
         "got 'loud'",
         f"{path}, line 10: databases.app.devices: expected an integer from 1 to 64, got 0",
@@ -716,14 +717,14 @@ FIRST_PROBLEMS = [
         "databases.b.url",
         9,
         "unknown database URL scheme 'mysql' (known: sqlite:, postgresql: (postgres:), "
-        "mssql: (sqlserver:), cmd:)",
+        "mssql: (sqlserver:), cmd:, external:)",
     ),
     (
         MINIMAL + "[databases.b]\nurl = 'x'\ndevices = 0\n",
         "databases.b.url",
         8,
         "'x' is not a database URL (known schemes: sqlite:, postgresql: (postgres:), "
-        "mssql: (sqlserver:), cmd:)",
+        "mssql: (sqlserver:), cmd:, external:)",
     ),
     (
         MINIMAL + "\n[databases.b]\nurl = 'sqlite:///b'\ndestination = 'local'\nmode = 'dump'\n"
@@ -814,7 +815,8 @@ def test_a_url_from_the_environment_is_checked_before_a_missing_destination() ->
         load_settings(None, env={name: "5"})
     assert str(caught.value).splitlines()[0] == (
         f"environment variable {name}: databases.app.url: '5' is not a database URL "
-        "(known schemes: sqlite:, postgresql: (postgres:), mssql: (sqlserver:), cmd:)"
+        "(known schemes: sqlite:, postgresql: (postgres:), mssql: (sqlserver:), cmd:, "
+        "external:)"
     )
     assert (caught.value.key, caught.value.source) == ("databases.app.url", name)
 

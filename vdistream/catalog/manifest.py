@@ -56,7 +56,7 @@ class DeviceEntry:
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     backup_id: str
-    engine: str  # "sqlite", "postgresql", "cmd"
+    engine: str  # "sqlite", "postgresql", "cmd", "mssql", "external"
     mode: str | None
     source: str  # without credentials
     started: str  # ISO 8601, UTC

@@ -46,6 +46,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "storage": ("local", "storage"),
     "keygen": ("local", "keygen"),
     "demo": ("local", "demo"),
+    "feed": ("external", "feed"),
+    "drain": ("external", "drain"),
     "prune": ("prune", "prune"),
     "serve": ("daemon", "serve"),
     "status": ("daemon", "status"),
@@ -67,6 +69,10 @@ def _load(name: str) -> click.Command:
         from vdistream.cli import prune
 
         command = getattr(prune, attr)
+    elif module == "external":
+        from vdistream.cli import external
+
+        command = getattr(external, attr)
     else:
         from vdistream.cli import daemon
 

@@ -442,11 +442,11 @@ def _absolute_source(source: str) -> str:
 
 def absolute_target(target: str) -> str:
     """A restore target as the daemon must receive it: a relative path resolved against
-    this process's directory; a URL (``postgresql://...``, ``sqlite:...``) or a
-    ``cmd:`` command unchanged, except a relative ``sqlite:`` path."""
+    this process's directory; a URL (``postgresql://...``, ``sqlite:...``), a ``cmd:``
+    command or an ``external:NAME`` set unchanged, except a relative ``sqlite:`` path."""
     if target.startswith("sqlite:"):
         return _absolute_source(target)
-    if "://" in target or target.startswith(("cmd:", "postgresql:", "postgres:")):
+    if "://" in target or target.startswith(("cmd:", "postgresql:", "postgres:", "external:")):
         return target
     return os.path.abspath(target)
 

@@ -51,6 +51,7 @@ __all__ = (
     "run",
     "runs",
     "say",
+    "verbose",
 )
 
 _SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -98,6 +99,13 @@ class LogChoice:
 def _choice(ctx: click.Context) -> LogChoice:
     choice: LogChoice = ctx.find_root().meta.setdefault(_META, LogChoice())
     return choice
+
+
+def verbose() -> bool:
+    """Whether the running command was asked to show log events (``-v``,
+    ``--log-level``): the commands that print nothing else show their summary then."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and _choice(ctx).chosen_level is not None
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:

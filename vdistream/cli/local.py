@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -38,6 +39,7 @@ from vdistream.sqlserver.url import MssqlURL, is_sqlserver_url, with_trigger
 
 if TYPE_CHECKING:
     from vdistream.catalog import Manifest
+    from vdistream.engines.external import ExternalOptions
     from vdistream.storage import Storage
 
 __all__ = (
@@ -68,6 +70,8 @@ _DAEMON_OWNS = (
     "encrypt_key_file",
     "encrypt_key_env",
     "encrypt_passphrase_env",
+    "runtime_dir",
+    "wait",
 )
 
 _JSON = click.option(
@@ -111,6 +115,44 @@ _SQLSERVER_ONLY = (
 
 
 _BACKUP = click.argument("backup", help="DEST/ID, or the location of the backup's manifest.json.")
+
+#: ``external:NAME`` sources and targets: where the set is published, how long it waits
+_RUNTIME_DIR = click.option(
+    "--runtime-dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="external:NAME: the runtime directory the set is published in. [default: "
+    "VDISTREAM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/vdistream, else /tmp/vdistream-UID]",
+)
+_WAIT = click.option(
+    "--wait",
+    "wait",
+    type=SECONDS,
+    help="external:NAME: how long the set waits for an engine to open it (seconds, or "
+    "90s, 5m). [default: 60]",
+)
+_EXTERNAL_ONLY = ("runtime_dir", "wait")
+
+
+def _external_options(params: Params, url: str) -> ExternalOptions | None:
+    """The ``external:`` options, refused (exit 2) for any other source or target."""
+    from vdistream.engines.external import DEFAULT_CONNECT_TIMEOUT, ExternalOptions
+
+    if not url.lower().startswith("external:"):
+        given = ["--" + n.replace("_", "-") for n in _EXTERNAL_ONLY if params[n] is not None]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with an "
+                "external:NAME source or target"
+            )
+        return None
+    directory = params["runtime_dir"]
+    return ExternalOptions(
+        directory=Path(directory).absolute() if directory is not None else None,
+        connect_timeout=params["wait"] if params["wait"] is not None else DEFAULT_CONNECT_TIMEOUT,
+    )
+
+
 _DEST = click.argument("dest", help="A directory or a storage URL.")
 
 
@@ -180,8 +222,9 @@ async def backups_in(storage: Storage) -> list[Manifest]:
 @click.argument(
     "source",
     help="What to back up: sqlite:///path/app.db, postgresql://..., "
-    "mssql://user@host:port/db (SQL Server), cmd:COMMAND; with --daemon also the name of "
-    "a configured database.",
+    "mssql://user@host:port/db (SQL Server), cmd:COMMAND, external:NAME (a set published "
+    "as NAME that an engine in another process opens, e.g. `vdistream feed NAME`); with "
+    "--daemon also the name of a configured database.",
 )
 @click.argument(
     "dest",
@@ -242,6 +285,8 @@ async def backups_in(storage: Storage) -> list[Manifest]:
     help="none, zstd (level 3), zstd:1 .. zstd:19, or lz4.",
 )
 @_key_options("Encrypt with")
+@_RUNTIME_DIR
+@_WAIT
 @_JSON
 @click.option(
     "--daemon",
@@ -302,6 +347,7 @@ async def _backup(params: Params) -> int:
         **{name: params[name] for name in (*as_given, "mode", "backup_id", "sqlvdi")},
         compression=params["compress"],
         encryption=_key_source(params),
+        external=_external_options(params, params["source"]),
     )
     source, dest = with_trigger(params["source"], params["trigger"]), params["dest"]
     outcome = await with_progress(
@@ -339,7 +385,8 @@ async def _backup(params: Params) -> int:
     "target",
     help="SQLite: a database file; PostgreSQL basebackup: an empty data directory; dump: "
     "a database URL or a file; SQL Server: mssql://user@host:port/db; cmd:COMMAND: a "
-    "command reading the stream on stdin.",
+    "command reading the stream on stdin; external:NAME: a set published as NAME that an "
+    "engine in another process opens and reads (e.g. `vdistream drain NAME`).",
 )
 @click.option(
     "--to",
@@ -399,6 +446,8 @@ async def _backup(params: Params) -> int:
     "(for cmd: consumers, which cannot be undone). Reads the backup twice.",
 )
 @_key_options("The key of an encrypted backup:")
+@_RUNTIME_DIR
+@_WAIT
 @_JSON
 @logging_options
 @runs("the restore was aborted")
@@ -408,6 +457,7 @@ async def restore(params: Params) -> int:
 
     backup_ref, target = params["backup"], with_trigger(params["target"], params["trigger"])
     _check_restore_options(params, target)
+    external = _external_options(params, target)
     if params["to"] is not None or params["chain_database"] is not None:
         return await _restore_chain(params, backup_ref, target)
     flags = {
@@ -425,7 +475,13 @@ async def restore(params: Params) -> int:
     result = await with_progress(
         "restore",
         lambda hook: run_restore(
-            backup_ref, target, keys=_key_source(params), on_job=hook, sqlserver=sqlserver, **flags
+            backup_ref,
+            target,
+            keys=_key_source(params),
+            on_job=hook,
+            sqlserver=sqlserver,
+            external=external,
+            **flags,
         ),
     )
     summary = {

@@ -6,7 +6,8 @@ whose stream format is ``vdistream.engines.framing``. The real engines reuse it 
 producers and consumers of their own (``vdistream.engines.scoped``): any command
 (``command``, over ``process``), SQLite (``sqlite``), PostgreSQL (``postgres``);
 ``vdistream.engines.databases`` picks one from a URL; PostgreSQL's files mode reads the
-data directory itself (``pgfiles``). This module only re-exports.
+data directory itself (``pgfiles``); ``external`` serves a set to an engine in another
+process (``vdistream.transport``). This module only re-exports.
 """
 
 import typing as _typing
@@ -69,11 +70,18 @@ from vdistream.engines.striping import StripedRestore as StripedRestore
 from vdistream.engines.striping import StripingOptions as StripingOptions
 
 if _typing.TYPE_CHECKING:
+    from vdistream.engines.external import ExternalBackup as ExternalBackup
+    from vdistream.engines.external import ExternalOptions as ExternalOptions
+    from vdistream.engines.external import ExternalRestore as ExternalRestore
     from vdistream.engines.pgfiles import PgFilesBackup as PgFilesBackup
     from vdistream.engines.pgfiles import PgFilesRestore as PgFilesRestore
 
-# Imported on first access: the files-mode backup loads psycopg.
+# Imported on first access: the files-mode backup loads psycopg; engines in other
+# processes load the transport.
 _LAZY: dict[str, str] = {
+    "ExternalBackup": "vdistream.engines.external",
+    "ExternalOptions": "vdistream.engines.external",
+    "ExternalRestore": "vdistream.engines.external",
     "PgFilesBackup": "vdistream.engines.pgfiles",
     "PgFilesRestore": "vdistream.engines.pgfiles",
 }
@@ -99,6 +107,9 @@ __all__ = (
     "EngineAbortedError",
     "EngineError",
     "EngineResult",
+    "ExternalBackup",
+    "ExternalOptions",
+    "ExternalRestore",
     "FailPoint",
     "FileConsumer",
     "FileProducer",

@@ -37,6 +37,14 @@ Contract of ``Engine.run(set_name, *, registry=None) -> EngineResult``:
   the client set that meets it (``libsqlvdi.so``'s).
 * ``direction`` says whether the job is a backup (the engine WRITEs) or a restore (the
   engine READs); it is fixed when the engine is built.
+* ``set_name`` (optional, ``None`` by default) is a hint: the name the job's client set
+  must have, when the engine's side needs a particular one (an engine in another
+  process opens the set by the name the user gave it: ``vdistream.engines.external``).
+  The job then creates its set under that name instead of a generated one, and its
+  device names follow it (``device_names``). With ``None`` the job names the set.
+* ``configuration_wait`` (optional, ``None``): seconds the engine may take before it
+  configures the set, when that can be longer than the job's configuration timeout
+  (an engine in another process must first arrive); the job waits the longer of both.
 """
 
 from __future__ import annotations
@@ -228,6 +236,10 @@ class Engine(abc.ABC):
     """The server side of one job on one virtual device set (see the module docstring)."""
 
     _busy: bool = False
+    #: The name the job's set must have (module docstring); ``None``: the job chooses.
+    set_name: str | None = None
+    #: How long the engine may take to configure the set (module docstring).
+    configuration_wait: float | None = None
 
     @property
     def busy(self) -> bool:

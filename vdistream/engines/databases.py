@@ -11,6 +11,9 @@
                                                      or ``files`` (``vdistream.engines.pgfiles``)
   ``postgres://...`` (libpq's alias)     ``postgresql`` as above
   ``cmd:<command line>``                 ``cmd``      ``None`` (split with shlex, no shell)
+  ``external:NAME``                      ``external`` ``None`` (an engine in another process
+                                                     opens the set NAME:
+                                                     ``vdistream.engines.external``)
   =====================================  ===========  ==================================
 
   An unknown scheme, a malformed URL or a mode that does not fit raises
@@ -30,12 +33,19 @@
   (``pg_restore``; ``overwrite`` adds ``--clean --if-exists``; ``create=True`` creates
   it first) or, when it is not a URL, a file path that receives the archive; ``cmd`` a
   command line whose standard input gets the stream, or ``DISCARD_TARGET`` (``"null:"``)
-  to verify the stream and keep nothing.
+  to verify the stream and keep nothing; ``external`` (a backup an engine in another
+  process wrote) a ``cmd:`` target as for ``cmd`` (``vdistream feed`` writes that
+  stream format). Any backup but SQL Server's may also go to ``external:NAME``: the
+  set published under NAME serves the stored streams to the engine that opens it
+  (``vdistream drain NAME``), which reads them in its own format.
+* ``external`` options (``ExternalOptions``: runtime directory, group, connect timeout)
+  are given to ``backup_engine`` and ``restore_engine`` as ``external=``.
 * ``await content_check(kind, mode, workdir) -> (target, check)``: for ``verify``: a
   restore target inside ``workdir`` (a temporary directory the caller owns and
   removes), and a coroutine function to await once the restore into that target
   succeeded. It returns a short text of what was checked and raises ``EngineError``
-  with the tool's message when the content is bad.
+  with the tool's message when the content is bad. ``external`` backups have no
+  content check here (the stream's format is the external engine's): ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -57,6 +67,13 @@ from vdistream.engines.command import (
     DiscardConsumer,
     parse_command,
 )
+from vdistream.engines.external import SCHEME as EXTERNAL_SCHEME
+from vdistream.engines.external import (
+    ExternalBackup,
+    ExternalOptions,
+    ExternalRestore,
+    external_name,
+)
 from vdistream.engines.pgfiles.layout import FileRecord
 from vdistream.engines.postgres import (
     PostgresBaseBackup,
@@ -77,6 +94,7 @@ from vdistream.errors import ConfigError
 
 __all__ = (
     "DISCARD_TARGET",
+    "EXTERNAL_SCHEME",
     "KINDS",
     "KNOWN_SCHEMES",
     "POSTGRES_MODES",
@@ -86,8 +104,8 @@ __all__ = (
     "restore_engine",
 )
 
-KINDS = ("sqlite", "postgresql", "cmd")
-KNOWN_SCHEMES = ("sqlite:", "postgresql:", "postgres:", "cmd:")
+KINDS = ("sqlite", "postgresql", "cmd", "external")
+KNOWN_SCHEMES = ("sqlite:", "postgresql:", "postgres:", "cmd:", EXTERNAL_SCHEME)
 POSTGRES_MODES = ("basebackup", "dump", "files")
 #: The ``cmd`` restore target that keeps nothing (the stream is still verified).
 DISCARD_TARGET = "null:"
@@ -107,7 +125,12 @@ class _CommandSpec:
     argv: tuple[str, ...]
 
 
-_Spec = _SQLiteSpec | PostgresURL | _CommandSpec
+@dataclasses.dataclass(frozen=True)
+class _ExternalSpec:
+    name: str
+
+
+_Spec = _SQLiteSpec | PostgresURL | _CommandSpec | _ExternalSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +152,21 @@ class DatabaseSource:
         object.__setattr__(self, "_spec", spec)
 
     def backup_engine(
-        self, options: StripingOptions | None = None, *, tempdir: Path | None = None
+        self,
+        options: StripingOptions | None = None,
+        *,
+        tempdir: Path | None = None,
+        external: ExternalOptions | None = None,
+        job: str = "",
     ) -> Engine:
         """A new backup engine for this source (an engine serves one job); ``tempdir``:
         where an engine that stages data (SQLite's snapshot) puts it (default: the
-        system's temporary directory)."""
+        system's temporary directory); ``external``: where and how long an
+        ``external:`` source's set waits for its engine, ``job`` the label the engine
+        is told (the backup id)."""
         spec: _Spec = self._spec  # type: ignore[attr-defined]
+        if isinstance(spec, _ExternalSpec):
+            return ExternalBackup(spec.name, external, job=job)
         if isinstance(spec, _SQLiteSpec):
             return SQLiteBackup(spec.path, options, tempdir=tempdir)
         if isinstance(spec, PostgresURL):
@@ -171,6 +203,9 @@ class DatabaseSource:
         if isinstance(spec, PostgresURL):
             assert self.mode is not None
             return await describe_postgres(spec, self.mode)
+        if isinstance(spec, _ExternalSpec):
+            await anyio.lowlevel.checkpoint()
+            return {"kind": "external", "source": self.display}
         program = shutil.which(spec.argv[0]) or spec.argv[0]
         return {"kind": "cmd", "source": self.display, "program": program}
 
@@ -205,6 +240,10 @@ def resolve_source(url: str, *, mode: str | None = None) -> DatabaseSource:
         except ConfigError as exc:
             raise ConfigError(f"{url!r}: {exc}") from exc
         return DatabaseSource("cmd", None, f"cmd:{rest}", _CommandSpec(tuple(argv)))
+    if scheme == "external":
+        _no_mode(url, "external", mode)
+        name = external_name(url)
+        return DatabaseSource("external", None, f"{EXTERNAL_SCHEME}{name}", _ExternalSpec(name))
     raise ConfigError(
         f"{_shown(url)!r} has an unknown scheme {scheme!r} (known schemes: {_known()})"
     )
@@ -265,6 +304,8 @@ def restore_engine(
     delta: bool = False,
     expected: Sequence[FileRecord] | None = None,
     tablespaces_under: Path | None = None,
+    external: ExternalOptions | None = None,
+    job: str = "",
 ) -> Engine:
     """A restore engine for a backup of ``kind``/``mode`` into ``target`` (module docstring).
 
@@ -273,9 +314,17 @@ def restore_engine(
     ``file_mode`` to SQLite (the source file's mode recorded in the manifest),
     ``delta``, ``expected`` (the manifest's file list) and ``tablespaces_under`` (a
     directory that receives the tablespaces instead of their recorded locations: what
-    ``verify`` uses) to PostgreSQL's files mode.
-    ``ConfigError`` when the combination makes no sense.
+    ``verify`` uses) to PostgreSQL's files mode; ``external`` and ``job`` to an
+    ``external:NAME`` target (any kind: the engine that opens NAME reads the streams as
+    they are). ``ConfigError`` when the combination makes no sense.
     """
+    if target.lower().startswith(EXTERNAL_SCHEME):
+        if overwrite or create or delta or owner is not None:
+            raise ConfigError(
+                f"{target!r}: an external target is an engine in another process; "
+                "--overwrite, --create, --owner and --delta do not apply to it"
+            )
+        return ExternalRestore(external_name(target), external, job=job)
     if delta and (kind != "postgresql" or mode != "files"):
         raise ConfigError(
             "a delta restore is for PostgreSQL backups in files mode; this backup is "
@@ -322,8 +371,14 @@ def restore_engine(
         raise ConfigError(
             f"mode {mode!r}: a PostgreSQL backup has mode {' or '.join(POSTGRES_MODES)}"
         )
-    if kind == "cmd":
-        _no_mode(target, "cmd", mode)
+    if kind in ("cmd", "external"):
+        _no_mode(target, kind, mode)
+        if kind == "external" and not target.startswith(("cmd:", DISCARD_TARGET)):
+            raise ConfigError(
+                f"{target!r}: a backup an external engine wrote goes back to an external "
+                "engine (external:NAME, e.g. read by `vdistream drain NAME`) or, when "
+                "`vdistream feed` wrote it, to a command (cmd:COMMAND)"
+            )
         if target == DISCARD_TARGET:
             return ScopedRestore(DiscardConsumer(), options)
         command = target.removeprefix("cmd:")
@@ -395,4 +450,9 @@ async def content_check(kind: str, mode: str | None, workdir: Path) -> tuple[str
             return "stream reassembled and verified"
 
         return DISCARD_TARGET, check_stream
+    if kind == "external":
+        raise ConfigError(
+            "an external engine's backup has no content check here: its stream's format "
+            "is the engine's own (its streams' sizes and SHA-256 are checked)"
+        )
     raise ConfigError(f"unknown database kind {kind!r} (known kinds: {', '.join(KINDS)})")

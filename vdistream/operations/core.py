@@ -62,11 +62,13 @@ from vdistream.coordinator import (
 from vdistream.coordinator import opened_storage as opened_storage
 from vdistream.engines import Engine, StripingOptions
 from vdistream.engines.databases import (
+    EXTERNAL_SCHEME,
     DatabaseSource,
     content_check,
     resolve_source,
     restore_engine,
 )
+from vdistream.engines.external import ExternalOptions
 from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
 from vdistream.errors import (
     ConfigError,
@@ -175,6 +177,9 @@ class BackupSettings:
     workdir: Path | None = None
     #: SQL Server: the path of libsqlvdi.so (None: VDISTREAM_SQLVDI, then the default)
     sqlvdi: str | None = None
+    #: ``external:NAME``: the runtime directory the set is published in, who may open
+    #: it, how long it waits for its engine (``vdistream.engines.external``)
+    external: ExternalOptions | None = None
 
     def striping(self) -> StripingOptions:
         return StripingOptions(
@@ -305,7 +310,9 @@ async def _backup_job(
         # SQL Server may take a while to start a backup on a busy server (a checkpoint)
         options = dataclasses.replace(options, configuration_timeout=120.0)
     else:
-        engine = source.backup_engine(settings.striping(), tempdir=settings.workdir)
+        engine = source.backup_engine(
+            settings.striping(), tempdir=settings.workdir, external=settings.external, job=backup_id
+        )
     job = Job(
         JobKind.BACKUP,
         engine,
@@ -338,6 +345,10 @@ async def _backup_job(
                 )
             )
         engine_result = result.engine_result
+        # an engine in another process chose its own transfer sizes: the set says which
+        made = result.configuration if source.kind == "external" else None
+        block_size = made.block_size if made is not None else settings.block_size
+        largest = made.max_transfer_size if made is not None else settings.max_transfer_size
         sqlserver = getattr(engine_result, "sqlserver", None)
         postgresql = getattr(engine_result, "postgresql", None)
         manifest = Manifest(
@@ -349,8 +360,8 @@ async def _backup_job(
             ended=_now(),
             vdi={
                 "device_count": settings.devices,
-                "block_size": settings.block_size,
-                "max_transfer_size": settings.max_transfer_size,
+                "block_size": block_size,
+                "max_transfer_size": largest,
                 "buffer_count": settings.striping().buffers_for(settings.devices),
                 "features": getattr(engine_result, "features", 0),
             },
@@ -431,6 +442,7 @@ async def _restore_job(
     job_options: JobOptions | None = None,
     delta: bool = False,
     tablespaces_under: Path | None = None,
+    external: ExternalOptions | None = None,
 ) -> JobResult:
     """One restore job of ``manifest`` into ``target``; ``engine`` (SQL Server's) stands
     in for the one ``restore_engine`` would build from the target."""
@@ -461,6 +473,8 @@ async def _restore_job(
             delta=delta,
             expected=_file_records(manifest),
             tablespaces_under=tablespaces_under,
+            external=external,
+            job=manifest.backup_id,
         )
     job = Job(
         JobKind.RESTORE,
@@ -492,6 +506,7 @@ async def run_restore(
     verify_first: bool = False,
     sqlserver: SqlRestoreOptions | None = None,
     delta: bool = False,
+    external: ExternalOptions | None = None,
 ) -> JobResult:
     """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``.
 
@@ -512,6 +527,11 @@ async def run_restore(
     A SQL Server backup goes into the database ``target`` names
     (``mssql://user@host:port/db``) with ``sqlserver``'s options (REPLACE, NORECOVERY,
     MOVE, STOPAT): see ``vdistream.operations.sqlserver``.
+
+    ``external:NAME`` publishes the restore's set under NAME (``external``: where, who
+    may open it, how long it waits) and serves the stored streams to the engine in
+    another process that opens it (``vdistream drain NAME``); any backup but SQL
+    Server's can go there.
     """
     dest, backup_id = parse_backup_ref(backup)
     async with opened_storage(dest) as storage:
@@ -520,6 +540,11 @@ async def run_restore(
         if manifest.engine == "mssql":
             from vdistream.operations.sqlserver import SqlRestoreOptions
 
+            if target.lower().startswith(EXTERNAL_SCHEME):
+                raise ConfigError(
+                    f"backup {manifest.backup_id} is SQL Server's: it is restored by SQL "
+                    "Server (mssql://...), not by an external engine"
+                )
             return await restore_sqlserver(
                 storage,
                 manifest,
@@ -540,6 +565,7 @@ async def run_restore(
             keys=keys,
             verify_first=verify_first,
             delta=delta,
+            external=external,
         )
 
 
@@ -704,6 +730,10 @@ async def _verify(
     if manifest.engine == "mssql":
         if engine:
             checks.append(await _verifyonly(storage, manifest, server, keys, sqlvdi, trigger))
+        return VerifyReport(backup_id, tuple(checks))
+    if manifest.engine == "external":
+        # the stream's format is the external engine's own: what vdistream can check of
+        # it (every stream's size and SHA-256, the stages' checks) was checked above
         return VerifyReport(backup_id, tuple(checks))
 
     # A killed verify's directory is removed by the next one (its owner lock is free).

@@ -27,6 +27,10 @@ database's server (the configured URL, its password found as for a backup). A
 restore goes into the request's ``target`` (``mssql://.../newdb``), ``overwrite``
 being ``REPLACE``; a chain restore (``--to TIME``) is the command line's.
 
+An ``external:NAME`` database's backup, and a restore to ``external:NAME``, publish
+their set in ``service.runtime_dir`` (``service.runtime_group`` may open it) and wait
+the database's ``connect_timeout`` for the engine in another process that opens it.
+
 A verification that succeeded of one of the database's own backups (an id
 ``<database>.…``; a request naming another database's backup is refused) is recorded
 as the database's last verified backup (``JobStore.record_verified``) and then the
@@ -52,6 +56,7 @@ import anyio
 from vdistream.catalog import CatalogError, list_manifests, read_manifest
 from vdistream.coordinator import AbortCause, Job, JobStatus, stream_key
 from vdistream.engines import TargetExistsError
+from vdistream.engines.external import ExternalOptions
 from vdistream.errors import (
     ConfigError,
     KeyMissingError,
@@ -263,6 +268,7 @@ class JobRunner:
             encryption=_keys(database),
             workdir=settings.service.work_dir,
             sqlvdi=_library(database),
+            external=_external(database, settings) if database.kind == "external" else None,
         )
         outcome = await run_backup(database.url, destination.url, options, on_job=job.attach)
         result = {**outcome.summary(), "destination": destination.name}
@@ -299,6 +305,7 @@ class JobRunner:
             on_job=job.attach,
             sqlserver=sqlserver,
             delta=request.delta,
+            external=_external(database, settings),
         )
         summary = {
             "id": backup_id,
@@ -457,6 +464,17 @@ def _check_sqlserver_target(database: DatabaseSettings, target: str) -> None:
             f"restore target {given.display!r} is not on {wanted.host},{wanted.port}, the "
             f"server of database {database.name}: the daemon restores only onto it"
         )
+
+
+def _external(database: DatabaseSettings, settings: Settings) -> ExternalOptions:
+    """Where the daemon publishes the sets of ``external:NAME`` (a database's source or
+    a restore's target), who may open them, how long they wait for their engine."""
+    service = settings.service
+    return ExternalOptions(
+        directory=service.runtime_dir,
+        group=int(group) if (group := service.runtime_group) and group.isdigit() else group,
+        connect_timeout=database.connect_timeout,
+    )
 
 
 def _library(database: DatabaseSettings) -> str | None:

@@ -88,6 +88,20 @@ like ``schedule``; the other engines have ``schedule`` only, and a ``schedule_di
 (the database's wins; neither: ``VDISTREAM_SQLVDI``, then
 ``/opt/mssql/lib/libsqlvdi.so``); relative to the file, checked to exist at load, and
 refused on a database of another engine.
+
+External engines
+----------------
+
+``url = "external:NAME"`` is a database whose engine runs in another process: each
+backup publishes a set named NAME in ``service.runtime_dir`` (default
+``/run/vdistream``; the daemon's user must be able to create it) and waits
+``connect_timeout`` seconds (default 60; a number or a duration like ``"5m"``, at most
+a day; only on such databases) for an engine to open it (``vdistream feed NAME
+--runtime-dir /run/vdistream``, run by whatever produces the data). ``service.runtime_group``
+(a group name or number, which must exist) lets its members open the daemon's sets
+(sockets 0660, directory 0710); otherwise only the daemon's user and root may. The
+socket path ``runtime_dir/NAME.sock`` must fit in ``sun_path``: checked at load. A
+restore of any database (but SQL Server's) to ``external:NAME`` is served the same way.
 """
 
 from __future__ import annotations
@@ -108,6 +122,7 @@ from vdistream.service.retention import RetentionPolicy
 from vdistream.service.schedule import CronExpr, resolve_timezone
 
 __all__ = (
+    "DAEMON_RUNTIME_DIR",
     "DEFAULT_SETTINGS_PATH",
     "SCHEDULE_KINDS",
     "TOKEN_ENV",
@@ -124,12 +139,15 @@ __all__ = (
 )
 
 DEFAULT_SETTINGS_PATH = Path("/etc/vdistream/vdistream.toml")
+#: The daemon's runtime directory for published sets (``service.runtime_dir``); the
+#: value of ``vdistream.transport.DAEMON_RUNTIME_DIR``, which this module does not import.
+DAEMON_RUNTIME_DIR = Path("/run/vdistream")
 #: The environment variable that carries the API bearer token (wins over token_file).
 TOKEN_ENV = "VDISTREAM_API_TOKEN"
 
 LogFormat = Literal["json", "console", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
-DatabaseKind = Literal["sqlite", "postgresql", "cmd", "mssql"]
+DatabaseKind = Literal["sqlite", "postgresql", "cmd", "mssql", "external"]
 #: The backup kinds a database may have a schedule for, in the order they run when
 #: several fire at once (``DatabaseSettings.schedules``).
 SCHEDULE_KINDS = ("full", "diff", "log")
@@ -201,6 +219,12 @@ class ServiceSettings:
     #: ``libsqlvdi.so`` for the SQL Server databases that name none (``None``:
     #: ``VDISTREAM_SQLVDI``, then ``/opt/mssql/lib/libsqlvdi.so``)
     sqlvdi: Path | None = None
+    #: where the sets of ``external:NAME`` databases (and restores to ``external:NAME``)
+    #: are published (``vdistream.transport.DAEMON_RUNTIME_DIR``)
+    runtime_dir: Path = DAEMON_RUNTIME_DIR
+    #: a group (name or number) whose members may open those sets too (sockets 0660);
+    #: ``None``: the daemon's user (and root) only
+    runtime_group: str | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -260,6 +284,13 @@ class DatabaseSettings:
     #: SQL Server only: ``libsqlvdi.so`` (the database's ``sqlvdi``, else the service's;
     #: ``None``: ``VDISTREAM_SQLVDI``, then the default path)
     sqlvdi: Path | None = None
+    #: ``external:NAME`` only: seconds the published set waits for its engine
+    connect_timeout: float = 60.0
+
+    @property
+    def external_name(self) -> str | None:
+        """The set name of an ``external:NAME`` database, else ``None``."""
+        return self.url.partition(":")[2] if self.kind == "external" else None
 
     @property
     def schedules(self) -> dict[str, CronExpr]:
@@ -339,6 +370,8 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
             "log_level": service.log_level,
             "timezone": service.timezone,
             "sqlvdi": None if service.sqlvdi is None else str(service.sqlvdi),
+            "runtime_dir": str(service.runtime_dir),
+            "runtime_group": service.runtime_group,
         },
         "destinations": {n: d.display_url for n, d in settings.destinations.items()},
         "databases": {
@@ -358,6 +391,7 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
                 "keep_last": d.retention.keep_last,
                 "keep_within": _seconds(d.retention.keep_within),
                 "verify_after_backup": d.verify_after_backup,
+                **({"connect_timeout": d.connect_timeout} if d.kind == "external" else {}),
             }
             for n, d in settings.databases.items()
         },

@@ -185,13 +185,13 @@ _ORDER = {
     "service": (
         *("state_dir", "socket", "socket_mode", "listen", "token_file", "token"),
         *("grace_period", "job_history", "timezone", "max_jobs", "max_queued"),
-        *("log_format", "log_level", "sqlvdi"),
+        *("log_format", "log_level", "sqlvdi", "runtime_dir", "runtime_group"),
     ),
     "destinations": ("url",),
     "databases": (
         *("url", "mode", "destination", "compress", "encrypt_key_file", "sqlvdi"),
         *("schedule", "schedule_diff", "schedule_log"),
-        *("retention", "devices", "max_jobs", "verify_after_backup"),
+        *("retention", "devices", "max_jobs", "verify_after_backup", "connect_timeout"),
     ),
     "retention": ("keep_within", "keep_last"),
 }
@@ -423,7 +423,7 @@ def _set_path(
 
 def _service(s: ServiceIn | None, where: _Where, env: Mapping[str, str]) -> ServiceSettings:
     fields = given(s)
-    for key in ("state_dir", "socket", "token_file", "sqlvdi"):
+    for key in ("state_dir", "socket", "token_file", "sqlvdi", "runtime_dir"):
         if key in fields:
             fields[key] = where.path(("service", key), fields[key])
     service = ServiceSettings(**fields)
@@ -559,6 +559,19 @@ def _database(
                 at(key),
                 f"only SQL Server databases have a {key} ({backup} backups); this one is "
                 f"{kind}: use schedule",
+            )
+    if d.connect_timeout is not None and kind != "external":
+        raise where.error(
+            at("connect_timeout"),
+            f"only external:NAME databases wait for an engine to connect; this one is {kind}",
+        )
+    if kind == "external" and service is not None:
+        socket = service.runtime_dir / f"{url.partition(':')[2]}.sock"
+        if len(os.fsencode(socket)) > _SUN_PATH_MAX:
+            raise where.error(
+                at("url"),
+                f"the set's socket {socket} is longer than {_SUN_PATH_MAX} bytes, the limit "
+                "of a Unix socket address: a shorter name or service.runtime_dir",
             )
     if d.retention is not None:
         fields["retention"] = RetentionPolicy(**given(d.retention))

@@ -147,6 +147,27 @@ def _seconds(value: Any) -> float:
     return seconds
 
 
+def _connect_timeout(value: Any) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError(f"expected more than 0 seconds, got {value!r}")
+    return seconds
+
+
+def _group(name: str) -> str:
+    """A group that exists on this system (a name, or a number)."""
+    import grp
+
+    try:
+        if name.strip().isdigit():
+            grp.getgrgid(int(name))
+        else:
+            grp.getgrnam(name)
+    except KeyError:
+        raise ValueError(f"no group {name!r} on this system") from None
+    return name.strip()
+
+
 def _history(value: Any) -> timedelta | None:
     if value == "forever":
         return None
@@ -228,7 +249,7 @@ def database_url(url: str, base: Path) -> tuple[DatabaseKind, str]:
     URL is only recognised here: ``_load`` parses it (it needs the environment)."""
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
-    known = "sqlite:, postgresql: (postgres:), mssql: (sqlserver:), cmd:"
+    known = "sqlite:, postgresql: (postgres:), mssql: (sqlserver:), cmd:, external:"
     if not sep:
         raise ValueError(f"{url!r} is not a database URL (known schemes: {known})")
     if scheme == "sqlite":
@@ -258,6 +279,16 @@ def database_url(url: str, base: Path) -> tuple[DatabaseKind, str]:
                 "cmd: needs a command line, e.g. cmd:mysqldump --single-transaction db"
             )
         return "cmd", url
+    if scheme == "external":
+        name = rest
+        if not name or name != name.strip() or name.startswith(".") or "/" in name:
+            raise ValueError(
+                f"{url!r} names no set: write external:NAME (NAME: the set's name, no '/', "
+                "not starting with '.'), e.g. external:nightly"
+            )
+        if len(name.encode()) > 100 or any(c in name for c in "\\\0"):
+            raise ValueError(f"{url!r}: a set name is 1 to 100 bytes without '\\' or NUL")
+        return "external", f"external:{name}"
     raise ValueError(f"unknown database URL scheme {scheme!r} (known: {known})")
 
 
@@ -298,6 +329,8 @@ class ServiceIn(_Table):
     log_level: Annotated[LogLevel | None, TEXT] = None
     timezone: Annotated[str | None, TEXT, AfterValidator(_rule(_timezone))] = None
     sqlvdi: Annotated[str | None, TEXT] = None
+    runtime_dir: Annotated[str | None, TEXT] = None
+    runtime_group: Annotated[str | None, TEXT, AfterValidator(_group)] = None
 
 
 class DestinationIn(_Table):
@@ -334,6 +367,8 @@ class DatabaseIn(_Table):
     retention: RetentionIn | None = None
     verify_after_backup: bool | None = None
     sqlvdi: Annotated[str | None, TEXT] = None
+    #: external:NAME only, like ``mode`` (``_load`` checks the URL's kind)
+    connect_timeout: Annotated[float | None, PlainValidator(_connect_timeout)] = None
 
 
 _Name = Annotated[str, AfterValidator(_name)]
