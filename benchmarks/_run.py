@@ -53,6 +53,13 @@ GROUPS = [
         ("--round-trips", "20000", "--gib", "4"),
     ),
     Group(
+        "transport",
+        "transport.py",
+        "a set whose engine is another process, beside the same in one process; feed",
+        ("--round-trips", "5000", "--gib", "1", "--feed-gib", "0.5"),
+        ("--round-trips", "20000", "--gib", "2", "--feed-gib", "2"),
+    ),
+    Group(
         "file",
         "file_backup.py",
         "file backup and restore",
