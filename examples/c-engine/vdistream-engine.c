@@ -13,10 +13,15 @@
  *                                  [--depth N] [--timeout SECONDS]
  *     vdistream-engine restore NAME [same options]
  *
- * The stream layout: standard input is cut into chunks of --chunk bytes (the last
- * one may be shorter); chunk k is written to device k % N, where N is the device
- * count from WELCOME's VDConfig. A restore reads chunk-sized READs round-robin in the
- * same order and stops at the first short read, HANDLE_EOF or NO_DATA_DETECTED.
+ * The stream layout: every device's stream starts with a 512-byte header (magic
+ * "VDCENG01", format version, chunk size, device index, device count, a random stream
+ * id of the backup; see "the stream header" below). Then standard input is cut into
+ * chunks of --chunk bytes (the last one may be shorter); chunk k is written to device
+ * k % N, where N is the device count from WELCOME's VDConfig. A restore reads and
+ * checks every header first (the chunk size comes from them: --chunk is for backups),
+ * then reads chunk-sized READs round-robin in the same order and stops at the first
+ * short read, HANDLE_EOF or NO_DATA_DETECTED; another device that still has a chunk
+ * after that end means a truncated stream, an error.
  * Buffers are mapped from the set's memfd segments: stdin is read straight into them
  * and stdout written straight from them (zero copy across the two processes).
  *
@@ -41,6 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/un.h>
@@ -52,6 +58,7 @@
 #define PROTOCOL_VERSION 1u
 #define HEADER_SIZE 16u
 #define MAX_RECORD 4096u
+#define MAX_MESSAGE 65536u /* a message carries one or more records back to back */
 #define NO_DEVICE 0xFFFFFFFFu
 #define NO_SEGMENT 0xFFFFFFFFu
 #define VDCONFIG_SIZE 44u
@@ -152,7 +159,9 @@ struct device {
     uint32_t index;         /* from OPEN_DEVICE's REPLY */
     uint64_t offset;        /* bytes written to / read from this device's stream */
     int errored;            /* a command completed with a failure (needs CLEAR_ERROR) */
+    int ended;              /* restore: a READ found the end of this device's stream */
     struct slot *slots;
+    struct slot head;       /* restore: the buffer the stream header is read into */
     struct cmd ctl;         /* FLUSH / COMPLETE / CLEAR_ERROR */
 };
 
@@ -360,7 +369,7 @@ static void goodbye(int abort_first)
         int r = poll(&p, 1, (int)(GOODBYE_TIMEOUT_MS - elapsed));
         if (r <= 0)
             return;
-        unsigned char buf[MAX_RECORD];
+        static unsigned char buf[MAX_MESSAGE];
         union {
             char buf[CMSG_SPACE(sizeof(int) * 4)];
             struct cmsghdr align;
@@ -378,8 +387,14 @@ static void goodbye(int abort_first)
                     memcpy(&fd, CMSG_DATA(c) + j * sizeof(int), sizeof fd);
                     close(fd);
                 }
-        if (n >= (ssize_t)HEADER_SIZE && get16(buf) == R_REPLY && get32(buf + 8) == id)
-            return;
+        for (size_t at = 0; at + HEADER_SIZE <= (size_t)n;) { /* any record of the message */
+            uint32_t len = get32(buf + at + 4);
+            if (get16(buf + at) == R_REPLY && get32(buf + at + 8) == id)
+                return;
+            if (len < HEADER_SIZE)
+                break;
+            at += len;
+        }
     }
 }
 
@@ -455,9 +470,46 @@ static void protocol_error(const char *fmt, ...)
     fail("protocol violation by the client: %s", message);
 }
 
+/* The last message received and how far its records were taken: a message carries one
+ * or more records back to back (a message with a descriptor carries exactly one). */
+static unsigned char message[MAX_MESSAGE];
+static size_t message_len, message_at;
+
+static int message_pending(void) { return message_at < message_len; }
+
+/* The next record of the current message into `r`, with `fd` (the message's memfd, -1). */
+static void take_record(struct record *r, int fd)
+{
+    size_t left = message_len - message_at;
+    const unsigned char *at = message + message_at;
+    if (left < HEADER_SIZE) {
+        if (fd >= 0)
+            close(fd);
+        protocol_error("a message ends %zu bytes into a record header", left);
+    }
+    uint32_t len = get32(at + 4);
+    if (len < HEADER_SIZE || len > MAX_RECORD || len > left) {
+        if (fd >= 0)
+            close(fd);
+        protocol_error("record type 0x%04x says %" PRIu32 " bytes, %zu are left in its message",
+                       get16(at), len, left);
+    }
+    memcpy(r->buf, at, len);
+    r->len = len;
+    message_at += len;
+    r->type = get16(r->buf);
+    r->id = get32(r->buf + 8);
+    r->device = get32(r->buf + 12);
+    r->fd = fd;
+}
+
 /* Wait for one record. Returns 0 after `wait_ms` (-1: forever) without one. */
 static int receive(struct record *r, int wait_ms)
 {
+    if (message_pending()) {
+        take_record(r, -1);
+        return 1;
+    }
     for (;;) {
         check_interrupted();
         struct pollfd p = {.fd = sock, .events = POLLIN};
@@ -475,7 +527,7 @@ static int receive(struct record *r, int wait_ms)
         char buf[CMSG_SPACE(sizeof(int) * 4)];
         struct cmsghdr align;
     } control;
-    struct iovec iov = {.iov_base = r->buf, .iov_len = sizeof r->buf};
+    struct iovec iov = {.iov_base = message, .iov_len = sizeof message};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
                          .msg_control = control.buf, .msg_controllen = sizeof control.buf};
     ssize_t n;
@@ -499,28 +551,25 @@ static int receive(struct record *r, int wait_ms)
                     close(fd); /* cannot happen: the control buffer holds 4 */
             }
         }
-    r->len = (size_t)n;
-    r->fd = -1;
+    message_len = (size_t)n;
+    message_at = 0;
     if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
         for (int i = 0; i < nfds; i++)
             close(fds[i]);
-        protocol_error("a record longer than %u bytes or with too many descriptors", MAX_RECORD);
+        message_len = 0;
+        protocol_error("a message longer than %u bytes or with too many descriptors",
+                       MAX_MESSAGE);
     }
-    if (r->len < HEADER_SIZE)
-        protocol_error("a record of %zu bytes, shorter than the 16-byte header", r->len);
-    r->type = get16(r->buf);
-    r->id = get32(r->buf + 8);
-    r->device = get32(r->buf + 12);
-    if (get32(r->buf + 4) != r->len)
-        protocol_error("record type 0x%04x says %" PRIu32 " bytes but the message has %zu",
-                       r->type, get32(r->buf + 4), r->len);
-    if (r->type == R_SEGMENT && nfds == 1) {
-        r->fd = fds[0];
-    } else if (nfds) {
+    if (nfds > 1 || (nfds == 1 && (message_len < HEADER_SIZE || get16(message) != R_SEGMENT ||
+                                   get32(message + 4) != message_len))) {
         for (int i = 0; i < nfds; i++)
             close(fds[i]);
-        protocol_error("record type 0x%04x carried %d file descriptors", r->type, nfds);
+        message_len = 0;
+        protocol_error("%d file descriptors came with a message that is not one SEGMENT", nfds);
     }
+    take_record(r, nfds ? fds[0] : -1);
+    if (r->type == R_SEGMENT && r->fd < 0)
+        protocol_error("SEGMENT record without its file descriptor");
     return 1;
 }
 
@@ -789,9 +838,22 @@ static void welcome(void)
         protocol_error("WELCOME's VDConfig has device_count %" PRIu32, device_count);
 }
 
-static void configure(uint32_t features, uint32_t chunk, uint32_t depth)
+/* REQUEST_BUFFERS: `count` buffers of `size` bytes. During the configuration they are
+ * part of the area END_CONFIGURATION maps; after it, the area grows by one SEGMENT
+ * (it arrives before the REPLY). */
+static void request_buffers(uint32_t size, uint32_t count)
 {
-    uint32_t max_transfer = (chunk + TRANSFER_UNIT - 1) / TRANSFER_UNIT * TRANSFER_UNIT;
+    unsigned char body[12];
+    put32(body, size);
+    put32(body + 4, 0);
+    put32(body + 8, count);
+    request(R_REQUEST_BUFFERS, NO_DEVICE, body, sizeof body, "REQUEST_BUFFERS", NULL);
+}
+
+/* BEGIN_CONFIGURATION, REQUEST_BUFFERS (`count` buffers of `size` bytes),
+ * END_CONFIGURATION; every SEGMENT that arrives meanwhile is mapped. */
+static void configure(uint32_t features, uint32_t max_transfer, uint32_t size, uint32_t count)
+{
     unsigned char body[28];
     put32(body, features);
     put32(body + 4, BLOCK_SIZE);
@@ -800,14 +862,7 @@ static void configure(uint32_t features, uint32_t chunk, uint32_t depth)
     put64(body + 16, (uint64_t)(timeout_ms < 0 ? -1 : (int64_t)timeout_ms));
     put32(body + 24, 1);            /* honour_complete */
     request(R_BEGIN_CONFIGURATION, NO_DEVICE, body, sizeof body, "BEGIN_CONFIGURATION", NULL);
-
-    /* depth buffers per device, all of --chunk bytes */
-    unsigned char rb[12];
-    put32(rb, chunk);
-    put32(rb + 4, 0);
-    put32(rb + 8, device_count * depth);
-    request(R_REQUEST_BUFFERS, NO_DEVICE, rb, sizeof rb, "REQUEST_BUFFERS", NULL);
-
+    request_buffers(size, count);
     const struct reply *rep = request(R_END_CONFIGURATION, NO_DEVICE, NULL, 0, "END_CONFIGURATION", NULL);
     if (rep->tail_len != VDCONFIG_SIZE)
         protocol_error("END_CONFIGURATION's REPLY carries %zu bytes of VDConfig, expected 44",
@@ -852,40 +907,48 @@ static void open_devices(uint32_t depth)
         fail("the set is %s, not ACTIVE, after opening every device", state_name(state));
 }
 
+/* One buffer of `size` bytes: its (segment, offset) and its address in our mapping. */
+static void allocate_buffer(struct slot *s, uint32_t size)
+{
+    unsigned char body[8];
+    put32(body, size);
+    put32(body + 4, 0);
+    const struct reply *rep = request(R_ALLOCATE_BUFFER, NO_DEVICE, body, sizeof body,
+                                      "ALLOCATE_BUFFER", NULL);
+    if (rep->value0 >= segment_count || !segments[rep->value0].addr)
+        protocol_error("ALLOCATE_BUFFER gave segment %" PRIu64 ", which was never sent",
+                       rep->value0);
+    const struct segment *seg = &segments[rep->value0];
+    if (rep->value1 > seg->length || seg->length - rep->value1 < size)
+        protocol_error("ALLOCATE_BUFFER gave offset %" PRIu64 " in segment %" PRIu64
+                       " of %" PRIu64 " bytes for %" PRIu32 " bytes",
+                       rep->value1, rep->value0, seg->length, size);
+    s->segment = (uint32_t)rep->value0;
+    s->offset = rep->value1;
+    s->data = seg->addr + rep->value1;
+}
+
+static void free_buffer(const struct slot *s)
+{
+    unsigned char body[16];
+    put32(body, s->segment);
+    put32(body + 4, 0);
+    put64(body + 8, s->offset);
+    send_or_die(R_FREE_BUFFER, 0, NO_DEVICE, body, sizeof body);
+}
+
 static void allocate_buffers(uint32_t chunk, uint32_t depth)
 {
     for (uint32_t i = 0; i < device_count; i++)
-        for (uint32_t j = 0; j < depth; j++) {
-            struct slot *s = &devices[i].slots[j];
-            unsigned char body[8];
-            put32(body, chunk);
-            put32(body + 4, 0);
-            const struct reply *rep = request(R_ALLOCATE_BUFFER, NO_DEVICE, body, sizeof body,
-                                              "ALLOCATE_BUFFER", NULL);
-            if (rep->value0 >= segment_count || !segments[rep->value0].addr)
-                protocol_error("ALLOCATE_BUFFER gave segment %" PRIu64 ", which was never sent",
-                               rep->value0);
-            const struct segment *seg = &segments[rep->value0];
-            if (rep->value1 > seg->length || seg->length - rep->value1 < chunk)
-                protocol_error("ALLOCATE_BUFFER gave offset %" PRIu64 " in segment %" PRIu64
-                               " of %" PRIu64 " bytes for %" PRIu32 " bytes",
-                               rep->value1, rep->value0, seg->length, chunk);
-            s->segment = (uint32_t)rep->value0;
-            s->offset = rep->value1;
-            s->data = seg->addr + rep->value1;
-        }
+        for (uint32_t j = 0; j < depth; j++)
+            allocate_buffer(&devices[i].slots[j], chunk);
 }
 
 static void free_buffers(uint32_t depth)
 {
     for (uint32_t i = 0; i < device_count; i++)
-        for (uint32_t j = 0; j < depth; j++) {
-            unsigned char body[16];
-            put32(body, devices[i].slots[j].segment);
-            put32(body + 4, 0);
-            put64(body + 8, devices[i].slots[j].offset);
-            send_or_die(R_FREE_BUFFER, 0, NO_DEVICE, body, sizeof body);
-        }
+        for (uint32_t j = 0; j < depth; j++)
+            free_buffer(&devices[i].slots[j]);
 }
 
 static void close_all(void)
@@ -906,6 +969,11 @@ static void wait_fd(int fd, short events)
 {
     for (;;) {
         check_interrupted();
+        while (message_pending()) { /* records left in the last message come first */
+            struct record r;
+            take_record(&r, -1);
+            handle_record(&r);
+        }
         struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = sock, .events = POLLIN}};
         int ready = poll(p, 2, -1);
         if (ready < 0) {
@@ -921,6 +989,113 @@ static void wait_fd(int fd, short events)
         if (p[0].revents)
             return;
     }
+}
+
+/* ---- the stream header ---------------------------------------------------------------
+ *
+ * Every device's stream starts with one 512-byte block (the block size), written as its
+ * own WRITE at position 0 and read as its own READ; the chunks follow at 512, 512 + chunk,
+ * ... so they stay block-aligned. All integers little-endian:
+ *
+ *     off size field
+ *     0   8    magic          "VDCENG01"
+ *     8   4    version        STREAM_VERSION (1)
+ *     12  4    header size    512
+ *     16  4    chunk size     bytes per chunk (--chunk of the backup)
+ *     20  4    device index   this device's place in the set: 0 for NAME, i for NAME<i>
+ *     24  4    device count   devices of the backup's set
+ *     28  4    reserved       0
+ *     32  16   stream id      random, the same on every device of one backup
+ *     48  464  reserved       0
+ */
+
+#define STREAM_MAGIC "VDCENG01"
+#define STREAM_VERSION 1u
+#define STREAM_HEADER_SIZE 512u /* one block: BLOCK_SIZE */
+#define STREAM_ID_SIZE 16u
+
+static unsigned char stream_id[STREAM_ID_SIZE];
+
+struct stream_header {
+    uint32_t version, header_size, chunk, index, count;
+    unsigned char id[STREAM_ID_SIZE];
+};
+
+static const char *hex(const unsigned char *p, size_t n)
+{
+    static char buf[2][2 * STREAM_ID_SIZE + 1];
+    static int which;
+    char *out = buf[which ^= 1];
+    for (size_t i = 0; i < n && i < STREAM_ID_SIZE; i++)
+        snprintf(out + 2 * i, 3, "%02x", p[i]);
+    return out;
+}
+
+static void new_stream_id(void)
+{
+    size_t got = 0;
+    while (got < sizeof stream_id) {
+        ssize_t n = getrandom(stream_id + got, sizeof stream_id - got, 0);
+        if (n > 0)
+            got += (size_t)n;
+        else if (n < 0 && errno != EINTR)
+            fail("getrandom: %s", strerror(errno));
+    }
+}
+
+static void put_header(unsigned char *p, uint32_t chunk, uint32_t index)
+{
+    memset(p, 0, STREAM_HEADER_SIZE);
+    memcpy(p, STREAM_MAGIC, 8);
+    put32(p + 8, STREAM_VERSION);
+    put32(p + 12, STREAM_HEADER_SIZE);
+    put32(p + 16, chunk);
+    put32(p + 20, index);
+    put32(p + 24, device_count);
+    memcpy(p + 32, stream_id, STREAM_ID_SIZE);
+}
+
+/* Check device `i`'s header (read into its head buffer by a READ that transferred `n`
+ * bytes) on its own, then against device 0's (`first`, NULL for device 0 itself). */
+static void check_header(uint32_t i, uint32_t n, struct stream_header *h,
+                         const struct stream_header *first)
+{
+    const struct device *d = &devices[i];
+    const unsigned char *p = d->head.data;
+    if (n < STREAM_HEADER_SIZE)
+        fail_device(d->name, "no stream header: the device's stream has %" PRIu32 " bytes, less "
+                    "than the %u-byte header (an empty or truncated device, or not a stream "
+                    "vdistream-engine wrote)", n, STREAM_HEADER_SIZE);
+    if (memcmp(p, STREAM_MAGIC, 8) != 0)
+        fail_device(d->name, "no stream header: the stream does not start with \"" STREAM_MAGIC
+                    "\" (not a stream vdistream-engine wrote, or one from before stream headers)");
+    h->version = get32(p + 8);
+    h->header_size = get32(p + 12);
+    h->chunk = get32(p + 16);
+    h->index = get32(p + 20);
+    h->count = get32(p + 24);
+    memcpy(h->id, p + 32, STREAM_ID_SIZE);
+    if (h->version != STREAM_VERSION)
+        fail_device(d->name, "the stream header is format version %" PRIu32 ", this engine reads "
+                    "version %u", h->version, STREAM_VERSION);
+    if (h->header_size != STREAM_HEADER_SIZE || h->chunk < BLOCK_SIZE || h->chunk % BLOCK_SIZE ||
+        h->chunk > TRANSFER_MAX || h->count < 1 || h->index >= h->count)
+        fail_device(d->name, "bad stream header (header size %" PRIu32 ", chunk size %" PRIu32
+                    ", device %" PRIu32 " of %" PRIu32 ")", h->header_size, h->chunk, h->index,
+                    h->count);
+    if (h->count != device_count)
+        fail_device(d->name, "the backup was written over %" PRIu32 " device(s), the set has %"
+                    PRIu32 ": restore with the backup's device count", h->count, device_count);
+    if (first && memcmp(h->id, first->id, STREAM_ID_SIZE) != 0)
+        fail_device(d->name, "the device holds another backup's stream (stream id %s, device "
+                    "'%s' has stream id %s)", hex(h->id, STREAM_ID_SIZE), devices[0].name,
+                    hex(first->id, STREAM_ID_SIZE));
+    if (h->index != i)
+        fail_device(d->name, "the device holds the stream of the backup's device %" PRIu32
+                    ", not of device %" PRIu32 " (devices swapped or renamed?)", h->index, i);
+    if (first && h->chunk != first->chunk)
+        fail_device(d->name, "bad stream header: chunk size %" PRIu32 ", device '%s' says %" PRIu32,
+                    h->chunk, devices[0].name, first->chunk);
 }
 
 /* ---- backup ------------------------------------------------------------------------- */
@@ -956,9 +1131,21 @@ static void check_write(struct device *d, struct slot *s)
 
 static int backup(uint32_t chunk, uint32_t depth)
 {
-    configure(VDF_WRITE_MEDIA, chunk, depth);
+    new_stream_id();
+    configure(VDF_WRITE_MEDIA, (chunk + TRANSFER_UNIT - 1) / TRANSFER_UNIT * TRANSFER_UNIT, chunk,
+              device_count * depth);
     open_devices(depth);
     allocate_buffers(chunk, depth);
+    /* Each device's header, written in place in its last buffer (the first chunks go
+     * to buffer 0: with depth > 1 they need not wait for the header's WRITE). */
+    for (uint32_t i = 0; i < device_count; i++) {
+        struct device *d = &devices[i];
+        struct slot *s = &d->slots[depth - 1];
+        put_header(s->data, chunk, i);
+        s->used = 1;
+        send_command(&s->cmd, d, VDC_WRITE, STREAM_HEADER_SIZE, 0, s->segment, s->offset);
+        d->offset = STREAM_HEADER_SIZE;
+    }
     int eof = 0;
     uint64_t total = 0;
     for (uint64_t k = 0; !eof; k++) {
@@ -983,8 +1170,9 @@ static int backup(uint32_t chunk, uint32_t depth)
         command_on_every_device(VDC_COMPLETE);
     free_buffers(depth);
     close_all();
-    fprintf(stderr, "%s: set '%s': backed up %" PRIu64 " bytes over %" PRIu32 " device(s)\n",
-            program, set_name, total, device_count);
+    fprintf(stderr, "%s: set '%s': backed up %" PRIu64 " bytes over %" PRIu32 " device(s) in %"
+            PRIu32 "-byte chunks (stream id %s)\n", program, set_name, total, device_count, chunk,
+            hex(stream_id, STREAM_ID_SIZE));
     return 0;
 }
 
@@ -1016,16 +1204,66 @@ static void read_chunk(struct device *d, struct slot *s, uint32_t chunk)
     d->offset += chunk; /* the position of the next READ, if this one is full */
 }
 
-static int restore(uint32_t chunk, uint32_t depth)
+/* CLEAR_ERROR on every device the end left in the error state (spec §3.4). */
+static void clear_errors(void)
 {
-    configure(VDF_READ_MEDIA, chunk, depth);
+    for (uint32_t i = 0; i < device_count; i++)
+        if (devices[i].errored)
+            send_command(&devices[i].ctl, &devices[i], VDC_CLEAR_ERROR, 0, 0, NO_SEGMENT, 0);
+    for (uint32_t i = 0; i < device_count; i++)
+        if (devices[i].errored) {
+            wait_command(&devices[i].ctl);
+            if (devices[i].ctl.completion != ERROR_SUCCESS)
+                command_failed(&devices[i], &devices[i].ctl);
+            devices[i].errored = 0;
+        }
+}
+
+/* One READ of one block per device, all outstanding at once, into a block-sized buffer
+ * of its own; every header is checked before any data is written out. Returns the
+ * backup's chunk size. */
+static uint32_t read_headers(void)
+{
+    for (uint32_t i = 0; i < device_count; i++)
+        allocate_buffer(&devices[i].head, STREAM_HEADER_SIZE);
+    for (uint32_t i = 0; i < device_count; i++) {
+        struct slot *h = &devices[i].head;
+        send_command(&h->cmd, &devices[i], VDC_READ, STREAM_HEADER_SIZE, 0, h->segment, h->offset);
+    }
+    struct stream_header first, other;
+    for (uint32_t i = 0; i < device_count; i++) {
+        struct device *d = &devices[i];
+        struct cmd *c = &d->head.cmd;
+        wait_command(c);
+        if (c->completion != ERROR_SUCCESS && !is_end(c->completion))
+            command_failed(d, c);
+        if (c->transferred > c->size)
+            protocol_error("READ of %" PRIu32 " bytes transferred %" PRIu32, c->size, c->transferred);
+        if (c->completion != ERROR_SUCCESS)
+            d->errored = d->ended = 1; /* a stream of its header alone (an empty backup) */
+        check_header(i, c->transferred, i ? &other : &first, i ? &first : NULL);
+        d->offset = STREAM_HEADER_SIZE;
+    }
+    memcpy(stream_id, first.id, STREAM_ID_SIZE);
+    for (uint32_t i = 0; i < device_count; i++)
+        free_buffer(&devices[i].head);
+    clear_errors(); /* so that their next READs find the end again, not IO_DEVICE */
+    return first.chunk;
+}
+
+static int restore(uint32_t depth)
+{
+    configure(VDF_READ_MEDIA, TRANSFER_MAX, STREAM_HEADER_SIZE, device_count);
     open_devices(depth);
+    uint32_t chunk = read_headers();
+    request_buffers(chunk, device_count * depth); /* the area grows by one segment */
     allocate_buffers(chunk, depth);
     uint64_t window = (uint64_t)device_count * depth;
     for (uint64_t k = 0; k < window; k++)
         read_chunk(&devices[k % device_count], &devices[k % device_count].slots[k / device_count],
                    chunk);
     uint64_t total = 0, k = 0;
+    struct cmd *last = NULL;
     /* In stream order: chunk k is on device k % N, in its buffer (k / N) % depth. */
     for (;; k++) {
         struct device *d = &devices[k % device_count];
@@ -1033,21 +1271,28 @@ static int restore(uint32_t chunk, uint32_t depth)
         wait_command(&s->cmd);
         s->used = 0;
         struct cmd *c = &s->cmd;
-        if (c->completion != ERROR_SUCCESS && !is_end(c->completion))
+        uint32_t code = c->completion;
+        if (code == ERROR_IO_DEVICE && d->ended && c->transferred == 0)
+            code = ERROR_HANDLE_EOF; /* a READ queued behind its device's end */
+        if (code != ERROR_SUCCESS && !is_end(code))
             command_failed(d, c);
         if (c->transferred > c->size)
             protocol_error("READ of %" PRIu32 " bytes transferred %" PRIu32, c->size, c->transferred);
-        if (c->completion != ERROR_SUCCESS)
-            d->errored = 1;
+        if (code != ERROR_SUCCESS)
+            d->errored = d->ended = 1; /* a full chunk may still end its device: go on */
+        if (c->transferred < c->size) {
+            last = c; /* chunk k is the stream's last: written out once the others agree */
+            break;
+        }
         emit(s->data, c->transferred);
         total += c->transferred;
-        if (c->completion != ERROR_SUCCESS || c->transferred < c->size)
-            break; /* chunk k is the stream's last */
         read_chunk(d, s, chunk); /* chunk k + window: the same device, the same buffer */
     }
     /* The reads sent past the end: each must find the end too (HANDLE_EOF or
      * NO_DATA_DETECTED, or IO_DEVICE for those the client dropped after its device's
-     * end), with no data: data there means the stream is not one this engine wrote. */
+     * end), with no data. They cover the next chunk of every other device: data there
+     * means the device of chunk k ended early, i.e. its stream is truncated. */
+    struct device *ended = &devices[k % device_count];
     for (uint64_t j = k + 1; j < k + window; j++) {
         struct device *d = &devices[j % device_count];
         struct slot *s = &d->slots[(j / device_count) % depth];
@@ -1058,27 +1303,27 @@ static int restore(uint32_t chunk, uint32_t depth)
         struct cmd *c = &s->cmd;
         if (c->completion == ERROR_SUCCESS && c->transferred == 0)
             continue;
-        if (c->completion == ERROR_SUCCESS || (is_end(c->completion) && c->transferred > 0))
-            fail_device(d->name, "the device has data after the end of the stream (chunk %" PRIu64
-                        " ended it, chunk %" PRIu64 " has %" PRIu32 " bytes)", k, j, c->transferred);
+        if (c->completion == ERROR_SUCCESS || (is_end(c->completion) && c->transferred > 0)) {
+            if (d == ended)
+                fail_device(d->name, "the device has data after the end of its stream (chunk %"
+                            PRIu64 " ended it, chunk %" PRIu64 " has %" PRIu32 " bytes)", k, j,
+                            c->transferred);
+            fail_device(ended->name, "the device's stream is truncated: it ends in chunk %" PRIu64
+                        " (%" PRIu32 " of %" PRIu32 " bytes) but device '%s' still has chunk %"
+                        PRIu64, k, last->transferred, chunk, d->name, j);
+        }
         if (!is_end(c->completion) && c->completion != ERROR_IO_DEVICE)
             command_failed(d, c);
         d->errored = 1;
     }
-    /* Leave the error state the end put the devices in (spec: CLEAR_ERROR), then close. */
-    for (uint32_t i = 0; i < device_count; i++)
-        if (devices[i].errored)
-            send_command(&devices[i].ctl, &devices[i], VDC_CLEAR_ERROR, 0, 0, NO_SEGMENT, 0);
-    for (uint32_t i = 0; i < device_count; i++)
-        if (devices[i].errored) {
-            wait_command(&devices[i].ctl);
-            if (devices[i].ctl.completion != ERROR_SUCCESS)
-                command_failed(&devices[i], &devices[i].ctl);
-        }
+    emit(ended->slots[(k / device_count) % depth].data, last->transferred);
+    total += last->transferred;
+    clear_errors(); /* leave the error state the end put the devices in, then close */
     free_buffers(depth);
     close_all();
-    fprintf(stderr, "%s: set '%s': restored %" PRIu64 " bytes from %" PRIu32 " device(s)\n",
-            program, set_name, total, device_count);
+    fprintf(stderr, "%s: set '%s': restored %" PRIu64 " bytes from %" PRIu32 " device(s) in %"
+            PRIu32 "-byte chunks (stream id %s)\n", program, set_name, total, device_count, chunk,
+            hex(stream_id, STREAM_ID_SIZE));
     return 0;
 }
 
@@ -1095,7 +1340,8 @@ static void usage(const char *why)
             "  restore: read the set NAME's stream to standard output\n"
             "  --dir DIR        runtime directory (default: $VDISTREAM_RUNTIME_DIR,\n"
             "                   $XDG_RUNTIME_DIR/vdistream, /tmp/vdistream-<uid>)\n"
-            "  --chunk BYTES    bytes per command, a multiple of 512 up to 4 MiB (default %u)\n"
+            "  --chunk BYTES    backup: bytes per WRITE, a multiple of 512 up to 4 MiB\n"
+            "                   (default %u); a restore takes it from the stream headers\n"
             "  --depth N        buffers (outstanding commands) per device, 1..%u (default %u)\n"
             "  --timeout SECS   longest wait for the client's answer (default: none)\n",
             program, DEFAULT_CHUNK, MAX_DEPTH, DEFAULT_DEPTH);
@@ -1181,5 +1427,5 @@ int main(int argc, char **argv)
 
     connect_set(dir ? dir : runtime_dir(), instance);
     welcome();
-    return !strcmp(mode, "backup") ? backup(chunk, depth) : restore(chunk, depth);
+    return !strcmp(mode, "backup") ? backup(chunk, depth) : restore(depth); /* restore: chunk from the headers */
 }

@@ -5,7 +5,9 @@ run as a real process: it opens a set that ``serve_set`` publishes in a private
 runtime directory, maps the set's memfd, and backs standard input up into it (or
 restores the set's stream to standard output). The client side is a real
 ``ClientVirtualDeviceSet`` whose devices are pumped here, storing or serving each
-device's bytes, so the tests see the engine's stream layout byte for byte. Records
+device's bytes, so the tests see the engine's stream layout byte for byte: a 512-byte
+header per device (the README's "stream layout"), then the device's chunks; and they
+serve a restore streams that were tampered with (swapped, mixed, truncated). Records
 carry only (segment, offset): every byte the client reads from a WRITE's buffer was
 put in the shared mapping by the C process, in place.
 """
@@ -17,6 +19,7 @@ import hashlib
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,6 +42,12 @@ SOURCE = EXAMPLE / "vdistream-engine.c"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
 KiB = 1024
 MiB = 1024 * KiB
+
+#: The stream header at the start of every device's stream (README, "the stream
+#: layout"): magic, version, header size, chunk, device index, device count, reserved,
+#: stream id; the rest of its 512 bytes are zero.
+STREAM_HEADER = struct.Struct("<8sIIIIII16s")
+HEADER_BLOCK = 512
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +233,10 @@ def storing_pump(stores: list[bytearray], abort_after: int | None = None) -> Pum
     return pump
 
 
-def serving_pump(streams: Sequence[bytes]) -> Pump:
+def serving_pump(streams: Sequence[bytes], eager_eof: bool = False) -> Pump:
     """READs get the device's stream in order (HANDLE_EOF with the tail at its end, as
-    vdistream's pump does); CLEAR_ERROR succeeds."""
+    vdistream's pump does; with ``eager_eof`` also a full READ that reaches the end, as
+    a server that knows its stream's length may); CLEAR_ERROR succeeds."""
 
     async def pump(client: ClientVirtualDeviceSet, index: int, device: ClientVirtualDevice) -> None:
         at = 0
@@ -236,7 +246,8 @@ def serving_pump(streams: Sequence[bytes]) -> Pump:
                 data = streams[index][at : at + command.size]
                 command.buffer[: len(data)] = data
                 at += len(data)
-                done = Completion.SUCCESS if len(data) == command.size else Completion.HANDLE_EOF
+                full = len(data) == command.size and not (eager_eof and at == len(streams[index]))
+                done = Completion.SUCCESS if full else Completion.HANDLE_EOF
                 device.complete_command(command, done, len(data))
             elif command.code is CommandCode.CLEAR_ERROR:
                 device.complete_command(command, Completion.SUCCESS)
@@ -247,9 +258,28 @@ def serving_pump(streams: Sequence[bytes]) -> Pump:
 
 
 def striped(data: bytes, devices: int, chunk: int) -> list[bytes]:
-    """The README's layout: chunk k on device k mod N."""
+    """The README's layout after the headers: chunk k on device k mod N."""
     chunks = [data[at : at + chunk] for at in range(0, len(data), chunk)]
     return [b"".join(chunks[i::devices]) for i in range(devices)]
+
+
+def check_streams(stores: Sequence[bytes | bytearray], data: bytes, chunk: int) -> bytes:
+    """Every device's stream is its header (magic, version 1, its index, the device
+    count, the chunk size, one stream id for all) then its chunks; returns the id."""
+    devices = len(stores)
+    ids: set[bytes] = set()
+    for index, store in enumerate(stores):
+        header = bytes(store[:HEADER_BLOCK])
+        magic, version, size, chunk_size, device, count, reserved, stream_id = (
+            STREAM_HEADER.unpack_from(header)
+        )
+        assert (magic, version, size, chunk_size) == (b"VDCENG01", 1, HEADER_BLOCK, chunk)
+        assert (device, count, reserved) == (index, devices, 0)
+        assert header[STREAM_HEADER.size :] == bytes(HEADER_BLOCK - STREAM_HEADER.size)
+        ids.add(stream_id)
+    assert len(ids) == 1, "one stream id on every device"
+    assert [bytes(s[HEADER_BLOCK:]) for s in stores] == striped(data, devices, chunk)
+    return ids.pop()
 
 
 @pytest.mark.asyncio
@@ -284,13 +314,14 @@ async def test_backup_then_restore_through_a_real_set(
     )
     assert ran.returncode == 0, ran.stderr
     assert isinstance(result, HostResult), result
-    assert [bytes(s) for s in stores] == striped(data, devices, chunk)
+    check_streams(stores, data, chunk)
     assert [d.bytes for d in result.devices] == [len(s) for s in stores]
     assert result.engine_pid > 0
     complete = 1 if config.features & Features.REQUEST_COMPLETE else 0
     assert bool(result.features & Features.COMPLETE_ENABLED) == bool(complete)
     for device, store in zip(result.devices, stores, strict=True):
-        assert device.commands.get(CommandCode.WRITE, 0) == -(-len(store) // chunk)
+        chunks = -(-(len(store) - HEADER_BLOCK) // chunk)
+        assert device.commands.get(CommandCode.WRITE, 0) == 1 + chunks  # the header's own
         assert device.commands.get(CommandCode.FLUSH, 0) == 1
         assert device.commands.get(CommandCode.COMPLETE, 0) == complete
 
@@ -365,7 +396,7 @@ async def test_vdistream_backup_and_restore_of_external_with_the_c_engine(
         ["backup", "external:cli1", dest, "--devices", "3", "--id", "b1", *common], backup_engine
     )
     assert cli.returncode == 0, cli.stderr
-    assert "backed up 3146505 bytes over 3 device(s)" in ran[-1].stderr
+    assert "backed up 3146505 bytes over 3 device(s) in 65536-byte chunks" in ran[-1].stderr
 
     async def restore_engine(cli: anyio.abc.Process) -> Ran:
         ran.append(await run_engine(engine, ["restore", "cli1", *engine_args]))
@@ -375,7 +406,9 @@ async def test_vdistream_backup_and_restore_of_external_with_the_c_engine(
     cli = await vdistream(["restore", f"{dest}/b1", "external:cli1", *common], restore_engine)
     assert cli.returncode == 0, cli.stderr
     assert hashlib.sha256(ran[-1].stdout).hexdigest() == hashlib.sha256(data).hexdigest()
-    assert "restored 3146505 bytes from 3 device(s)" in ran[-1].stderr
+    assert "restored 3146505 bytes from 3 device(s) in 65536-byte chunks" in ran[-1].stderr
+    stream_ids = [r.stderr.split("(stream id ")[1][:32] for r in ran]
+    assert stream_ids[0] == stream_ids[1]
 
 
 @pytest.mark.asyncio
@@ -406,7 +439,7 @@ async def test_an_engine_stopped_mid_backup_fails_the_vdistream_job(
     assert ran[0].returncode == 1
     assert ran[0].stderr == "vdistream-engine: set 'cli2': interrupted by signal 15 (Terminated)\n"
     assert cli.returncode != 0
-    assert "the server signalled abort" in cli.stderr, cli.stderr
+    assert "the engine in the other process aborted it" in cli.stderr, cli.stderr
     assert not (dest / "b2" / "manifest.json").exists()
 
 
@@ -461,19 +494,181 @@ async def test_a_named_instance_and_another_local_name(engine: Path, rundir: Pat
     assert ran.returncode == 0, ran.stderr
     assert isinstance(result, HostResult), result
     assert [d.name for d in result.devices] == ["local", "local1"]
-    assert [bytes(s) for s in stores] == striped(data, 2, 65536)
+    check_streams(stores, data, 65536)
 
 
 @pytest.mark.asyncio
 async def test_an_empty_input_backs_up_and_restores_nothing(engine: Path, rundir: Path) -> None:
+    """An empty input still writes every device's header; its restore writes nothing."""
     stores = [bytearray(), bytearray()]
     result, ran = await serve(engine, rundir, "empty", 2, storing_pump(stores), ["backup"])
     assert ran.returncode == 0, ran.stderr
     assert isinstance(result, HostResult), result
-    assert stores == [b"", b""]
-    result, ran = await serve(engine, rundir, "empty", 2, serving_pump([b"", b""]), ["restore"])
-    assert (ran.returncode, ran.stdout) == (0, b""), ran.stderr
+    check_streams(stores, b"", 256 * KiB)
+    streams = [bytes(s) for s in stores]
+    for eager_eof in (False, True):  # the header's READ completes with SUCCESS, HANDLE_EOF
+        pump = serving_pump(streams, eager_eof)
+        result, ran = await serve(engine, rundir, "empty", 2, pump, ["restore"])
+        assert (ran.returncode, ran.stdout) == (0, b""), ran.stderr
+        assert isinstance(result, HostResult), result
+
+
+async def backup(
+    engine: Path, rundir: Path, name: str, devices: int, data: bytes, depth: int = 3
+) -> list[bytes]:
+    """Back ``data`` up with the engine over ``devices`` devices in 64 KiB chunks;
+    returns each device's stream, checked."""
+    stores = [bytearray() for _ in range(devices)]
+    options = ["--chunk", str(64 * KiB), "--depth", str(depth)]
+    result, ran = await serve(
+        engine, rundir, name, devices, storing_pump(stores), ["backup", *options], data
+    )
+    assert ran.returncode == 0, ran.stderr
     assert isinstance(result, HostResult), result
+    check_streams(stores, data, 64 * KiB)
+    return [bytes(s) for s in stores]
+
+
+async def restore(
+    engine: Path,
+    rundir: Path,
+    name: str,
+    streams: Sequence[bytes],
+    *options: str,
+    eager_eof: bool = False,
+) -> tuple[HostResult | BaseException, Ran]:
+    pump = serving_pump(streams, eager_eof)
+    return await serve(engine, rundir, name, len(streams), pump, ["restore", *options])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("options", "size", "eager_eof"),
+    [
+        ([], MiB + 4321, False),
+        (["--chunk", "512"], MiB + 4321, False),
+        (["--chunk", str(4 * MiB)], MiB + 4321, True),
+        (["--depth", "1"], MiB, True),  # ends on a full chunk, completed with HANDLE_EOF
+    ],
+)
+async def test_a_restore_takes_the_chunk_size_from_the_headers(
+    engine: Path, rundir: Path, options: list[str], size: int, eager_eof: bool
+) -> None:
+    """``--chunk`` is the backup's: a restore with another one (or none) reads the
+    backup's 64 KiB chunks, as its headers say."""
+    data = os.urandom(size)
+    streams = await backup(engine, rundir, "rchunk", 3, data)
+    result, ran = await restore(engine, rundir, "rchunk", streams, *options, eager_eof=eager_eof)
+    assert ran.returncode == 0, ran.stderr
+    assert isinstance(result, HostResult), result
+    assert ran.stdout == data
+    assert f"restored {size} bytes from 3 device(s) in 65536-byte chunks" in ran.stderr
+    for device in result.devices:  # the header's READ, then 64 KiB READs
+        assert device.commands.get(CommandCode.READ, 0) >= 1 + MiB // (3 * 64 * KiB)
+
+
+async def failed_restore(
+    engine: Path, rundir: Path, name: str, streams: Sequence[bytes], *options: str
+) -> Ran:
+    """A restore that must fail: the engine aborts the set, says why in one line."""
+    result, ran = await restore(engine, rundir, name, streams, *options)
+    assert isinstance(result, VDAbortError), result
+    assert ran.returncode == 1
+    assert ran.stderr.count("\n") == 1, ran.stderr
+    return ran
+
+
+@pytest.mark.asyncio
+async def test_a_restore_of_swapped_devices_fails(engine: Path, rundir: Path) -> None:
+    """Device 0 holds device 1's stream and the other way round: no data comes out."""
+    streams = await backup(engine, rundir, "swap", 2, os.urandom(MiB))
+    ran = await failed_restore(engine, rundir, "swap", streams[::-1])
+    assert ran.stdout == b""
+    assert ran.stderr == (
+        "vdistream-engine: set 'swap' device 'swap': the device holds the stream of the "
+        "backup's device 1, not of device 0 (devices swapped or renamed?)\n"
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_restore_of_another_backups_stream_fails(engine: Path, rundir: Path) -> None:
+    """Device 1 holds device 1 of another backup (same layout, another stream id)."""
+    data = os.urandom(MiB)
+    first = await backup(engine, rundir, "mix", 3, data)
+    second = await backup(engine, rundir, "mix", 3, data)
+    assert first[1][HEADER_BLOCK:] == second[1][HEADER_BLOCK:]  # the very same data
+    ran = await failed_restore(engine, rundir, "mix", [first[0], second[1], first[2]])
+    assert ran.stdout == b""
+    ids = [STREAM_HEADER.unpack_from(s)[-1].hex() for s in (second[1], first[0])]
+    assert ran.stderr == (
+        "vdistream-engine: set 'mix' device 'mix1': the device holds another backup's stream "
+        f"(stream id {ids[0]}, device 'mix' has stream id {ids[1]})\n"
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_restore_with_another_device_count_fails(engine: Path, rundir: Path) -> None:
+    streams = await backup(engine, rundir, "count", 3, os.urandom(MiB))
+    ran = await failed_restore(engine, rundir, "count", streams[:2])
+    assert ran.stdout == b""
+    assert ran.stderr == (
+        "vdistream-engine: set 'count' device 'count': the backup was written over 3 "
+        "device(s), the set has 2: restore with the backup's device count\n"
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        (
+            b"",
+            "no stream header: the device's stream has 0 bytes, less than the 512-byte header "
+            "(an empty or truncated device, or not a stream vdistream-engine wrote)",
+        ),
+        (
+            bytes(range(256)) * 1024,
+            'no stream header: the stream does not start with "VDCENG01" (not a stream '
+            "vdistream-engine wrote, or one from before stream headers)",
+        ),
+        (
+            STREAM_HEADER.pack(b"VDCENG01", 2, 512, 65536, 1, 2, 0, bytes(16)).ljust(512, b"\0"),
+            "the stream header is format version 2, this engine reads version 1",
+        ),
+        (
+            STREAM_HEADER.pack(b"VDCENG01", 1, 512, 1000, 1, 2, 0, bytes(16)).ljust(512, b"\0"),
+            "bad stream header (header size 512, chunk size 1000, device 1 of 2)",
+        ),
+    ],
+    ids=["empty", "raw", "version", "chunk"],
+)
+async def test_a_device_without_a_good_header_fails(
+    engine: Path, rundir: Path, stream: bytes, message: str
+) -> None:
+    """Device 1's header is missing or bad: the engine names it and writes nothing."""
+    streams = await backup(engine, rundir, "hdr", 2, os.urandom(MiB))
+    ran = await failed_restore(engine, rundir, "hdr", [streams[0], stream])
+    assert ran.stdout == b""
+    assert ran.stderr == f"vdistream-engine: set 'hdr' device 'hdr1': {message}\n"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cut", [64 * KiB, 64 * KiB + 1000, 0], ids=["chunk", "mid-chunk", "all"])
+async def test_a_truncated_device_fails(engine: Path, rundir: Path, cut: int) -> None:
+    """Device 1's stream stops after ``cut`` bytes of data (of its 6 chunks) while the
+    other devices have more: the engine fails naming it, and writes out only the
+    chunks before the end (never the truncated tail)."""
+    data = os.urandom(17 * 64 * KiB)  # 17 chunks over 3 devices: device 1 has 6
+    streams = await backup(engine, rundir, "trunc", 3, data, depth=1)
+    streams[1] = streams[1][: HEADER_BLOCK + cut]
+    ran = await failed_restore(engine, rundir, "trunc", streams, "--depth", "1")
+    end = 1 + 3 * (cut // (64 * KiB))  # the chunk the device ends in
+    assert ran.stdout == data[: end * 64 * KiB]
+    assert ran.stderr == (
+        f"vdistream-engine: set 'trunc' device 'trunc1': the device's stream is truncated: it "
+        f"ends in chunk {end} ({cut % (64 * KiB)} of 65536 bytes) but device 'trunc2' still "
+        f"has chunk {end + 1}\n"
+    )
 
 
 @pytest.mark.asyncio
@@ -513,7 +708,7 @@ async def test_a_second_engine_is_refused(engine: Path, rundir: Path) -> None:
     result, ran = await serve(engine, rundir, "cref", 1, pump, ["backup"], data)
     assert ran.returncode == 0, ran.stderr
     assert isinstance(result, HostResult), result
-    assert bytes(stores[0]) == data
+    check_streams(stores, data, 256 * KiB)
     assert second[0].returncode == 1
     assert second[0].stderr.startswith(
         "vdistream-engine: set 'cref': the client refused the connection: VD_E_"
@@ -524,23 +719,32 @@ async def test_a_second_engine_is_refused(engine: Path, rundir: Path) -> None:
 @pytest.mark.asyncio
 async def test_a_read_that_fails_names_the_device(engine: Path, rundir: Path) -> None:
     """A failed completion ends the engine: it aborts the set and names the device."""
+    data = os.urandom(MiB)
+    streams = await backup(engine, rundir, "cfail", 2, data)
+    serve_streams = serving_pump(streams)
 
     async def failing(
         client: ClientVirtualDeviceSet, index: int, device: ClientVirtualDevice
     ) -> None:
+        if index == 0:
+            return await serve_streams(client, index, device)
+        reads = 0
         while (command := await next_command(device)) is not None:
-            if index == 1:
-                device.complete_command(command, Completion.DISK_FULL)
-            else:
+            reads += 1
+            if reads == 1:  # its header
+                assert command.buffer is not None
+                command.buffer[:] = streams[1][:HEADER_BLOCK]
                 device.complete_command(command, Completion.SUCCESS, command.size)
+            else:
+                device.complete_command(command, Completion.DISK_FULL)
 
     result, ran = await serve(engine, rundir, "cfail", 2, failing, ["restore"])
     assert isinstance(result, VDAbortError), result
     assert ran.returncode == 1
-    assert ran.stdout == bytes(256 * KiB), "chunk 0 (device 0) came before the failure"
+    assert ran.stdout == data[: 64 * KiB], "chunk 0 (device 0) came before the failure"
     assert ran.stderr.count("\n") == 1, ran.stderr
     assert (
-        "set 'cfail' device 'cfail1': READ of 262144 bytes failed with completion 112 (DISK_FULL)"
+        "set 'cfail' device 'cfail1': READ of 65536 bytes failed with completion 112 (DISK_FULL)"
         in ran.stderr
     )
 

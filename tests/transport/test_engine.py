@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import itertools
 import shutil
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -543,11 +544,13 @@ async def test_a_malformed_record_from_the_client_aborts_and_tells_it(
                 (conn,) = accepted
                 conn.send(_welcome("bad"))
             assert sds.state is ServerState.CONNECTED
-            conn.send(b"\x99\x00" + bytes(14))  # an unknown record type
+            conn.send(struct.pack("<HHIII", 0x99, 0, 16, 0, 0))  # an unknown record type
             with anyio.fail_after(1), pytest.raises(VDAbortError, match="protocol violation"):
                 await sds.wait_active(None)
             assert sds.aborted_by is SetAbortCause.SERVER
-            assert wire.decode(conn.recv(4096)) == wire.SignalAbort()
+            conn.setblocking(False)
+            with anyio.fail_after(1):
+                assert await _receive(conn) == wire.SignalAbort()
             await sds.close()  # the connection is gone: close just releases
         assert sds.state is ServerState.DNE
 
@@ -597,19 +600,25 @@ async def test_the_clients_server_timeout_watchdog_aborts_the_engine_too(
         await sds.close()
 
 
+_unread: dict[int, list[Any]] = {}  # per socket: the rest of the last message
+
+
 async def _receive(conn: Any) -> Any:
-    while True:
+    """The next record from ``conn`` (a message may carry several)."""
+    waiting = _unread.setdefault(conn.fileno(), [])
+    while not waiting:
         try:
-            return wire.decode(conn.recv(4096))
+            waiting.extend(wire.decode_message(conn.recv(wire.MAX_MESSAGE)))
         except BlockingIOError:
             await anyio.wait_readable(conn)
+    return waiting.pop(0)
 
 
 async def test_records_the_socket_cannot_take_go_out_later_in_order(
     directory: RuntimeDirectory,
 ) -> None:
     """A client that does not read: sends never block, the writer task flushes later."""
-    count = 3000
+    count = 20000  # about 1 MB of records: more than the socket takes
     sds = RemoteServerVirtualDeviceSet(directory=directory)
     async with fake_client(directory, "slow") as accepted, sds:
         async with anyio.create_task_group() as tg:
@@ -637,6 +646,7 @@ async def test_records_the_socket_cannot_take_go_out_later_in_order(
             await sds.wait_active(1)
         conn = accepted[0]
         sent = [device.send_command(CommandCode.FLUSH, 0, i) for i in range(count)]
+        await anyio.lowlevel.checkpoint()  # the gathered records go out after this step
         assert sds._conn is not None
         assert sds._conn.outbox  # the socket is full: the rest waits for the writer
         records = [await _receive(conn) for _ in range(count)]

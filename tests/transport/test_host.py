@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import textwrap
 import time
@@ -65,6 +66,7 @@ class RawEngine:
         self.segments: dict[int, mmap.mmap] = {}
         self.ids = iter(range(1, 1 << 31))
         self.seen: list[Any] = []  # records received while waiting for something else
+        self.pending: list[Any] = []  # the rest of the last message
 
     def close(self) -> None:
         for mapping in self.segments.values():
@@ -75,19 +77,23 @@ class RawEngine:
         self.sock.send(record.encode())
 
     async def recv(self, timeout: float = 1.0) -> Any:
-        """The next record (None at EOF); SEGMENTs are mapped as they come."""
+        """The next record (None at EOF); SEGMENTs are mapped as they come. A message
+        may carry several records: the later ones wait in ``pending``."""
+        if self.pending:
+            return self.pending.pop(0)
         with anyio.fail_after(timeout):
             while True:
                 try:
-                    data, anc, _, _ = self.sock.recvmsg(wire.MAX_RECORD, socket.CMSG_SPACE(4))
+                    data, anc, _, _ = self.sock.recvmsg(wire.MAX_MESSAGE, socket.CMSG_SPACE(4))
                 except BlockingIOError:
                     await anyio.wait_readable(self.sock)
                     continue
                 if not data:
                     return None
-                record = wire.decode(data)
+                records = wire.decode_message(data)
+                record = records[0]
                 if isinstance(record, wire.Segment):
-                    assert len(anc) == 1
+                    assert len(anc) == 1 and len(records) == 1  # fds travel alone
                     fd = array.array("i", anc[0][2])[0]
                     try:
                         self.segments[record.index] = mmap.mmap(fd, record.length)
@@ -95,6 +101,7 @@ class RawEngine:
                         os.close(fd)
                 else:
                     assert not anc
+                self.pending.extend(records[1:])
                 return record
 
     async def next(self, kind: type, timeout: float = 1.0) -> Any:
@@ -368,7 +375,7 @@ async def test_a_protocol_violation_aborts_naming_it(rundir: Path) -> None:
     async with serving(rundir) as served:
         engine, (dev0, _) = await active(served)
         try:
-            engine.sock.send(b"\x99\x00" + bytes(14))
+            engine.sock.send(struct.pack("<HHIII", 0x99, 0, 16, 0, 0))
             state = await engine.next(wire.StateRecord)
             assert state.state == ABORTED
             assert "protocol violation by the engine: unknown record type 0x0099" in state.reason

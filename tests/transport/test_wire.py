@@ -104,3 +104,28 @@ def test_codes_of_states_and_causes() -> None:
 def test_a_record_over_the_limit_is_not_encoded() -> None:
     with pytest.raises(ValueError, match="exceeds 4096"):
         wire.OpenDevice(1, "x" * 5000).encode()
+
+
+def test_a_message_carries_records_back_to_back() -> None:
+    records = [wire.CompletionRecord(i, 0, 0, 512) for i in range(1, 6)] + [
+        wire.StateRecord(6, 1, "the client signalled abort")
+    ]
+    message = b"".join(r.encode() for r in records)
+    assert wire.decode_message(message) == records
+    assert wire.decode_message(records[0].encode()) == records[:1]
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"", "ends 0 bytes into a record header"),
+        (wire.Close(1).encode() + b"\x1b\x00", "ends 2 bytes into a record header"),
+        (wire.Close(1).encode() + struct.pack("<HHIII", 0x1B, 0, 40, 2, 0), "says 40 bytes"),
+        (struct.pack("<HHIII", 0x1B, 0, 8, 2, 0), "says 8 bytes"),
+        (struct.pack("<HHIII", 0x1B, 0, 5000, 2, 0), "says 5000 bytes"),
+        (wire.Close(1).encode() + struct.pack("<HHIII", 0x7777, 0, 16, 0, 0), "0x7777"),
+    ],
+)
+def test_a_malformed_message_is_refused(data: bytes, says: str) -> None:
+    with pytest.raises(wire.WireError, match=says):
+        wire.decode_message(data)

@@ -191,6 +191,9 @@ class _Connection:
         self.commands: dict[int, RemotePendingCommand] = {}
         self.devices: dict[int, RemoteServerVirtualDevice] = {}
         self.outbox: deque[bytes] = deque()
+        self.batch: list[bytes] = []  # records gathered for the next message
+        self.batch_bytes = 0
+        self.batch_scheduled = False
         self.notifier = Notifier()  # welcome, state, abort, loss
         self.writable = Notifier()  # something waits in the outbox
         # Shielded: the connection lives until the set is closed (``_finish`` cancels
@@ -956,11 +959,44 @@ class RemoteServerVirtualDeviceSet:
     # --- sending ---------------------------------------------------------------------
 
     def _send(self, conn: _Connection, record: Any) -> None:
-        """Send one record now, or queue it for the connection's task; never blocks. A
-        connection already lost takes nothing (the abort says what happened)."""
+        """Send one record, never blocking. The first record of a step of the loop goes
+        at once; those that follow in the same step go together as one message when the
+        step is done (a ``call_soon`` flush: one more wake-up of the client for all of
+        them). Outside a running loop every record goes at once. A connection already
+        lost takes nothing (the abort says what happened)."""
         if conn.lost:
             return
         data = record.encode()
+        if conn.batch_scheduled:
+            # A record already went out this step: gather the rest for one message.
+            if conn.batch_bytes + len(data) > wire.MAX_MESSAGE:
+                self._flush_batch(conn, rescheduled=True)
+            conn.batch.append(data)
+            conn.batch_bytes += len(data)
+            return
+        # The first record of a step goes at once (a lone command waits for nothing).
+        conn.batch.append(data)
+        conn.batch_bytes += len(data)
+        self._flush_batch(conn)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        conn.batch_scheduled = True
+        loop.call_soon(self._flush_batch, conn)
+
+    def _flush_batch(self, conn: _Connection, *, rescheduled: bool = False) -> None:
+        """Send the gathered records as one message, or queue it for the connection's
+        task when the socket is full (after what is queued already); ``rescheduled``:
+        the step goes on (the message was full)."""
+        conn.batch_scheduled = rescheduled
+        if not conn.batch or conn.lost:
+            conn.batch.clear()
+            conn.batch_bytes = 0
+            return
+        data = conn.batch[0] if len(conn.batch) == 1 else b"".join(conn.batch)
+        conn.batch.clear()
+        conn.batch_bytes = 0
         if not conn.outbox:
             try:
                 conn.sock.send(data, socket.MSG_NOSIGNAL)
@@ -988,6 +1024,7 @@ class RemoteServerVirtualDeviceSet:
             _log.exception("remote_set_reader_failed", set_name=conn.name)
             self._lost(conn, exc)
         finally:
+            self._flush_batch(conn)  # a last SIGNAL_ABORT or CLOSE gathered this step
             self._lost(conn, None)
             conn.outbox.clear()
             conn.sock.close()
@@ -1053,8 +1090,8 @@ class RemoteServerVirtualDeviceSet:
             if conn.lost:
                 return
             try:
-                # A longer record is cut and flagged MSG_TRUNC: a violation.
-                data, ancillary, flags, _ = sock.recvmsg(wire.MAX_RECORD, _ANCILLARY)
+                # A longer message is cut and flagged MSG_TRUNC: a violation.
+                data, ancillary, flags, _ = sock.recvmsg(wire.MAX_MESSAGE, _ANCILLARY)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -1078,6 +1115,7 @@ class RemoteServerVirtualDeviceSet:
             return
         conn.lost = True
         conn.outbox.clear()
+        conn.batch.clear()
         if not conn.closing and conn.state is not ServerState.DNE:
             detail = f": {why}" if why is not None else ""
             self._abort(
@@ -1106,6 +1144,7 @@ class RemoteServerVirtualDeviceSet:
         if not conn.aborted and conn.state is not ServerState.DNE:
             self._abort(conn, SetAbortCause.SERVER, f"protocol violation by the client: {what}")
             self._send(conn, wire.SignalAbort())
+            self._flush_batch(conn)  # now: the connection ends below
         elif conn.config is None:
             conn.refusal = VDProtocolError(
                 f"open: the client broke the protocol: {what}", set_name=conn.name
@@ -1115,17 +1154,27 @@ class RemoteServerVirtualDeviceSet:
     # --- applying records --------------------------------------------------------------
 
     def _apply(self, conn: _Connection, data: bytes, fds: list[int], flags: int) -> None:
+        """Apply the records of one message, in order."""
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            self._violation(conn, "a record longer than 4096 bytes or with too many descriptors")
+            self._violation(
+                conn,
+                f"a message longer than {wire.MAX_MESSAGE} bytes or with too many descriptors",
+            )
             return
         try:
-            record = wire.decode(data)
+            records = wire.decode_message(data)
         except wire.WireError as exc:
             self._violation(conn, str(exc))
             return
-        if fds and not isinstance(record, wire.Segment):
-            self._violation(conn, f"a {type(record).__name__} record carried file descriptors")
+        if fds and (len(records) != 1 or not isinstance(records[0], wire.Segment)):
+            self._violation(conn, "file descriptors came with a message that is not one SEGMENT")
             return
+        for record in records:
+            if conn.lost:
+                return
+            self._apply_record(conn, record, fds)
+
+    def _apply_record(self, conn: _Connection, record: wire.Record, fds: list[int]) -> None:
         if conn.config is None and not isinstance(record, wire.Welcome | wire.Refused):
             self._violation(conn, f"a {type(record).__name__} record before the WELCOME")
             return

@@ -23,7 +23,9 @@ How it runs (all inside one task group owned by ``serve_set``; nothing blocks th
   before the outstanding commands' COMPLETIONs (OPERATION_ABORTED). **One watchdog
   task** waits on the set so that its server-timeout watchdog fires on time (in-process
   the engine's own waits run it; here they are in the other process).
-* **Sending** is a non-blocking ``sendmsg``; a record that meets a full socket is queued
+* **Sending**: the records of one step of the loop go out as one message (a
+  ``call_soon`` flush: one wake-up of the engine for all of them), by a non-blocking
+  ``sendmsg``; a message that meets a full socket is queued
   (its file descriptors duplicated, so they stay valid) and **one writer task** flushes
   the queue in order. The queue is bounded (``MAX_QUEUED_RECORDS``): an engine that sends
   requests and never reads the answers aborts the set instead of growing our memory.
@@ -222,6 +224,9 @@ class _Host:
         self.segments_sent = 0
         self.features = 0  # of the final configuration
         self.outgoing: deque[tuple[bytes, list[int]]] = deque()
+        self.batch: list[bytes] = []  # records gathered for the next message
+        self.batch_bytes = 0
+        self.batch_scheduled = False
         self.outgoing_added = anyio.Event()
         self.abort_deadline: float | None = None
         self.read_scope: anyio.CancelScope | None = None
@@ -437,7 +442,7 @@ class _Host:
         for _ in range(_BATCH):
             try:
                 data, ancdata, flags, _ = conn.recvmsg(
-                    wire.MAX_RECORD + 1, _ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                    wire.MAX_MESSAGE + 1, _ANCILLARY, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 return None
@@ -449,10 +454,11 @@ class _Host:
             try:
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     raise wire.WireError(
-                        f"a record longer than {wire.MAX_RECORD} bytes, or with fds"
+                        f"a message longer than {wire.MAX_MESSAGE} bytes, or with fds"
                     )
-                if self.handle(wire.decode(data)):
-                    return _End.CLOSED
+                for record in wire.decode_message(data):
+                    if self.handle(record):
+                        return _End.CLOSED
             except wire.WireError as exc:
                 # decode's refusals and handle()'s (an id in use, an unknown buffer)
                 reason = _message(exc)
@@ -762,7 +768,46 @@ class _Host:
     # --- writing ----------------------------------------------------------------------
 
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Send one record now, or queue it for the writer if the socket is full."""
+        """Send one record. The first record of a step of the loop goes at once; those
+        that follow in the same step are gathered into one message sent when the step
+        is done (at most ``MAX_MESSAGE``: one more wake-up of the engine for all of
+        them). A record with descriptors goes alone, after what was gathered. Outside a
+        running loop every record goes at once."""
+        if self.conn is None or self.broken:
+            return
+        if fds:
+            self.flush_batch()
+            self.send_message(data, fds)
+            return
+        if self.batch_scheduled:
+            # A record already went out this step: gather the rest for one message.
+            if self.batch_bytes + len(data) > wire.MAX_MESSAGE:
+                self.flush_batch(rescheduled=True)
+            self.batch.append(data)
+            self.batch_bytes += len(data)
+            return
+        # The first record of a step goes at once (a lone completion waits for nothing).
+        self.send_message(data, ())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.batch_scheduled = True
+        loop.call_soon(self.flush_batch)
+
+    def flush_batch(self, *, rescheduled: bool = False) -> None:
+        """Send the gathered records as one message (in order, after anything queued);
+        ``rescheduled``: the step goes on (the message was full)."""
+        self.batch_scheduled = rescheduled
+        if not self.batch:
+            return
+        data = self.batch[0] if len(self.batch) == 1 else b"".join(self.batch)
+        self.batch.clear()
+        self.batch_bytes = 0
+        self.send_message(data, ())
+
+    def send_message(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send one message now, or queue it for the writer if the socket is full."""
         conn = self.conn
         if conn is None or self.broken:
             return
@@ -813,11 +858,14 @@ class _Host:
 
     async def flush(self) -> None:
         """Send what is queued (bounded): the engine's last REPLY, STATE, COMPLETIONs."""
+        self.flush_batch()
         with anyio.move_on_after(_FLUSH_TIMEOUT):
             while self.outgoing and not self.broken:
                 await self.drained.wait()
 
     def drop_outgoing(self) -> None:
+        self.batch.clear()
+        self.batch_bytes = 0
         while self.outgoing:
             _close_all(self.outgoing.popleft()[1])
 

@@ -2,8 +2,10 @@
 
 ``docs/transport.md`` is the byte-by-byte description (the one a C or Rust engine
 implements); this module is the same description as code, and nothing else: no
-sockets, no state. Every record is one ``SOCK_SEQPACKET`` message, a 16-byte header
-then a body whose layout depends on the type, all integers little-endian::
+sockets, no state. A ``SOCK_SEQPACKET`` message carries one or more records back to
+back (at most ``MAX_MESSAGE`` bytes; a message with file descriptors carries exactly
+one record). A record is a 16-byte header then a body whose layout depends on the
+type, all integers little-endian::
 
     off size field
     0   2    type      RecordType
@@ -30,6 +32,7 @@ from vdistream.protocol import ServerState, SetAbortCause, VDConfig
 
 __all__ = (
     "HEADER",
+    "MAX_MESSAGE",
     "MAX_RECORD",
     "NO_DEVICE",
     "NO_SEGMENT",
@@ -57,12 +60,14 @@ __all__ = (
     "cause_code",
     "cause_from_code",
     "decode",
+    "decode_message",
     "state_code",
     "state_from_code",
 )
 
 VERSION = 1
 MAX_RECORD = 4096
+MAX_MESSAGE = 65536  # records sent together: one wake-up of the peer for all of them
 NO_DEVICE = 0xFFFFFFFF
 NO_SEGMENT = 0xFFFFFFFF
 HEADER = struct.Struct("<HHIII")  # type, flags, length, id, device
@@ -596,3 +601,26 @@ def _welcome(body: tuple[int, ...], tail: memoryview) -> Welcome:
     if at != len(tail):
         raise WireError(f"WELCOME record has {len(tail) - at} bytes after the job label")
     return Welcome(body[0], body[1], config, strings[0], strings[1])
+
+
+def decode_message(data: bytes | bytearray | memoryview) -> list[Record]:
+    """The records of one message, in order (one or more, back to back); ``WireError``
+    if any is malformed or the message does not end where a record does."""
+    view = memoryview(data)
+    records: list[Record] = []
+    at = 0
+    while at < len(view) or not records:
+        if len(view) - at < HEADER.size:
+            raise WireError(
+                f"a message of {len(view)} bytes ends {len(view) - at} bytes into a record header"
+            )
+        (length,) = struct.unpack_from("<I", view, at + 4)
+        if length < HEADER.size or length > MAX_RECORD or at + length > len(view):
+            raw_type = struct.unpack_from("<H", view, at)[0]
+            raise WireError(
+                f"record 0x{raw_type:04x} at byte {at} of a {len(view)}-byte message says "
+                f"{length} bytes (a record is 16 to {MAX_RECORD} bytes inside its message)"
+            )
+        records.append(decode(view[at : at + length]))
+        at += length
+    return records
