@@ -5,17 +5,18 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from tests.vdi.conftest import active
-from vdistream import CommandCode, Completion, Registry
+from tests.vdi.conftest import World, active, settle
+from vdistream import CommandCode, Completion
 
 pytestmark = pytest.mark.asyncio
 
 
-async def test_error_completion_and_clear_error(registry: Registry) -> None:
-    pair = await active(registry, devices=2)
+async def test_error_completion_and_clear_error(world: World) -> None:
+    pair = await active(world, devices=2)
     sdev, cdev = pair.sdevs[0], pair.cdevs[0]
     first, second = sdev.send_command(CommandCode.FLUSH), sdev.send_command(CommandCode.FLUSH)
     queued = [sdev.send_command(CommandCode.FLUSH) for _ in range(2)]
+    await world.sync()
     a = await cdev.get_command(0)
     b = await cdev.get_command(0)
     # 1. an error completion puts the device in the I/O-error state
@@ -25,12 +26,15 @@ async def test_error_completion_and_clear_error(registry: Registry) -> None:
     assert [(await q).completion for q in queued] == [Completion.IO_DEVICE] * 2
     # 2. new commands are refused at once, except CLEAR_ERROR
     refused = sdev.send_command(CommandCode.FLUSH)
+    await world.sync()
     assert refused.done()
     assert refused.result().completion == Completion.IO_DEVICE
     clear = sdev.send_command(CommandCode.CLEAR_ERROR)
+    await world.sync()
     assert not clear.done()
     # other devices are unaffected
     other = pair.sdevs[1].send_command(CommandCode.FLUSH)
+    await world.sync()
     assert (await pair.cdevs[1].get_command(0)).code is CommandCode.FLUSH
     assert not other.done()
     # 3. CLEAR_ERROR is held back until the outstanding command completed
@@ -52,30 +56,37 @@ async def test_error_completion_and_clear_error(registry: Registry) -> None:
     cdev.complete_command(clear_cmd.command, Completion.SUCCESS)
     assert (await clear).completion == 0
     again = sdev.send_command(CommandCode.FLUSH)
+    await world.sync()
     assert (await cdev.get_command(0)).code is CommandCode.FLUSH
+    await world.sync()
     assert not again.done()
 
 
-async def test_failed_clear_error_keeps_the_device_errored(registry: Registry) -> None:
-    pair = await active(registry)
+async def test_failed_clear_error_keeps_the_device_errored(world: World) -> None:
+    pair = await active(world)
     sdev, cdev = pair.sdevs[0], pair.cdevs[0]
     sdev.send_command(CommandCode.FLUSH)
+    await world.sync()
     cdev.complete_command(await cdev.get_command(0), Completion.HANDLE_EOF)
+    await world.sync()
     clear = sdev.send_command(CommandCode.CLEAR_ERROR)
+    await world.sync()
     cdev.complete_command(await cdev.get_command(0), Completion.IO_DEVICE)
     assert (await clear).completion == Completion.IO_DEVICE
+    await world.sync()
     assert (await sdev.send_command(CommandCode.FLUSH)).completion == Completion.IO_DEVICE
 
 
-async def test_close_device_while_errored(registry: Registry) -> None:
+async def test_close_device_while_errored(world: World) -> None:
     from vdistream import VDClosedError
 
-    pair = await active(registry)
+    pair = await active(world)
     sdev, cdev = pair.sdevs[0], pair.cdevs[0]
     sdev.send_command(CommandCode.FLUSH)
+    await world.sync()
     cdev.complete_command(await cdev.get_command(0), Completion.DISK_FULL)
-    sdev.close_device()  # 5. instead of ClearError the server may close the device
+    await settle(sdev.close_device())  # 5. instead of ClearError the server may close the device
     with pytest.raises(VDClosedError):
         await cdev.get_command(0)
     assert pair.client.close() is None
-    assert pair.server.close() is None
+    assert await settle(pair.server.close()) is None

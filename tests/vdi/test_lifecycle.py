@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from tests.vdi.conftest import active, configured, device_names
+from tests.vdi.conftest import World, active, configured, device_names, settle
 from vdistream import (
     ClientState,
     ClientVirtualDeviceSet,
@@ -26,26 +26,26 @@ from vdistream.errors import VDClosedError
 pytestmark = pytest.mark.asyncio
 
 
-async def test_states_along_the_normal_path(registry: Registry) -> None:
-    client = ClientVirtualDeviceSet(registry=registry)
-    server = ServerVirtualDeviceSet(registry=registry)
+async def test_states_along_the_normal_path(world: World) -> None:
+    client = ClientVirtualDeviceSet(registry=world.registry)
+    server = world.server_set()
     assert (client.state, server.state) == (ClientState.DNE, ServerState.DNE)
     client.create("db", VDConfig(device_count=2))
     assert client.state is ClientState.CONFIGURABLE
-    server.open(None, "db")
+    await settle(server.open(None, "db"))
     assert server.state is ServerState.CONNECTED
-    server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536)
+    await settle(server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536))
     assert server.state is ServerState.CONFIGURABLE
-    server.request_buffers(65536, 0, 2)
-    server.end_configuration()
+    await settle(server.request_buffers(65536, 0, 2))
+    await settle(server.end_configuration())
     assert (client.state, server.state) == (ClientState.INITIALIZING, ServerState.INITIALIZING)
     await client.get_configuration(0)
     cdevs = [client.open_device(n) for n in device_names("db", 2)]
     assert client.state is ClientState.INITIALIZING
-    sdevs = [server.open_device(n) for n in device_names("db", 2)]
+    sdevs = [await settle(server.open_device(n)) for n in device_names("db", 2)]
     assert (client.state, server.state) == (ClientState.ACTIVE, ServerState.ACTIVE)
     for sdev in sdevs:
-        sdev.close_device()
+        await settle(sdev.close_device())
     assert server.state is ServerState.NORMALLY_TERMINATED
     assert client.state is ClientState.ACTIVE  # until the client saw every close
     for cdev in cdevs:
@@ -53,15 +53,15 @@ async def test_states_along_the_normal_path(registry: Registry) -> None:
             await cdev.get_command(0)
     assert client.state is ClientState.NORMALLY_TERMINATED
     assert client.close() is None
-    assert server.close() is None
+    assert await settle(server.close()) is None
     assert (client.state, server.state) == (ClientState.DNE, ServerState.DNE)
 
 
-async def test_get_configuration_waits_for_end_configuration(registry: Registry) -> None:
-    client = ClientVirtualDeviceSet(registry=registry)
+async def test_get_configuration_waits_for_end_configuration(world: World) -> None:
+    client = ClientVirtualDeviceSet(registry=world.registry)
     client.create("db", VDConfig(features=Features.REQUEST_COMPLETE, device_count=3))
-    server = ServerVirtualDeviceSet(registry=registry)
-    server.open(None, "db")
+    server = world.server_set()
+    await settle(server.open(None, "db"))
     got: list[VDConfig] = []
 
     async def wait() -> None:
@@ -71,10 +71,10 @@ async def test_get_configuration_waits_for_end_configuration(registry: Registry)
         tg.start_soon(wait)
         await anyio.sleep(0.02)
         assert got == []
-        server.begin_configuration(Features.WRITE_MEDIA, 4096, 0, 1024 * 1024)
+        await settle(server.begin_configuration(Features.WRITE_MEDIA, 4096, 0, 1024 * 1024))
         await anyio.sleep(0.02)
         assert got == []
-        server.end_configuration()
+        await settle(server.end_configuration())
     (cfg,) = got
     assert cfg.block_size == 4096
     assert cfg.max_transfer_size == 1024 * 1024
@@ -107,19 +107,19 @@ async def test_get_configuration_waits_for_end_configuration(registry: Registry)
     ],
 )
 async def test_final_features(
-    registry: Registry, asked: int, honour: bool, media: int, expected: int
+    world: World, asked: int, honour: bool, media: int, expected: int
 ) -> None:
-    client = ClientVirtualDeviceSet(registry=registry)
+    client = ClientVirtualDeviceSet(registry=world.registry)
     client.create("db", VDConfig(features=asked))
-    server = ServerVirtualDeviceSet(registry=registry)
-    server.open(None, "db")
-    server.begin_configuration(media, 512, 0, 65536, honour_complete=honour)
-    server.end_configuration()
+    server = world.server_set()
+    await settle(server.open(None, "db"))
+    await settle(server.begin_configuration(media, 512, 0, 65536, honour_complete=honour))
+    await settle(server.end_configuration())
     assert (await client.get_configuration(0)).features == expected
 
 
-async def test_get_configuration_timeout_leaves_the_set_alone(registry: Registry) -> None:
-    client = ClientVirtualDeviceSet(registry=registry)
+async def test_get_configuration_timeout_leaves_the_set_alone(world: World) -> None:
+    client = ClientVirtualDeviceSet(registry=world.registry)
     client.create("db", VDConfig())
     with pytest.raises(VDTimeoutError) as info:
         await client.get_configuration(0.05)
@@ -128,13 +128,14 @@ async def test_get_configuration_timeout_leaves_the_set_alone(registry: Registry
     with pytest.raises(VDTimeoutError):
         await client.get_configuration(0)  # a poll
     assert client.state is ClientState.CONFIGURABLE
-    server = ServerVirtualDeviceSet(registry=registry)
-    server.open(None, "db")
-    server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536)
-    server.end_configuration()
+    server = world.server_set()
+    await settle(server.open(None, "db"))
+    await settle(server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536))
+    await settle(server.end_configuration())
     assert (await client.get_configuration(0)).block_size == 512
 
 
+@pytest.mark.inproc_only("the client side alone: no engine side to move")
 async def test_name_in_use_is_refused_and_freed_by_close(registry: Registry) -> None:
     first = ClientVirtualDeviceSet(registry=registry)
     first.create("db", VDConfig())
@@ -150,6 +151,7 @@ async def test_name_in_use_is_refused_and_freed_by_close(registry: Registry) -> 
     assert first.name == "other"
 
 
+@pytest.mark.inproc_only("a private registry is the in-process rendezvous")
 async def test_registries_are_separate() -> None:
     mine, theirs = Registry(), Registry()
     client = ClientVirtualDeviceSet(registry=mine)
@@ -159,6 +161,7 @@ async def test_registries_are_separate() -> None:
     ServerVirtualDeviceSet(registry=mine).open(None, "db")
 
 
+@pytest.mark.inproc_only("the process-wide registry")
 async def test_default_registry_is_process_wide() -> None:
     client = ClientVirtualDeviceSet()
     client.create("default-registry-test", VDConfig())
@@ -172,6 +175,7 @@ async def test_default_registry_is_process_wide() -> None:
         client.close()
 
 
+@pytest.mark.inproc_only("the client side alone: no engine side to move")
 @pytest.mark.parametrize(
     "config",
     [
@@ -191,8 +195,8 @@ async def test_create_refuses_bad_configurations(registry: Registry, config: VDC
     assert registry.lookup(None, "db") is None
 
 
-async def test_create_refusals(registry: Registry) -> None:
-    client = ClientVirtualDeviceSet(registry=registry)
+async def test_create_refusals(world: World) -> None:
+    client = ClientVirtualDeviceSet(registry=world.registry)
     with pytest.raises(VDInstanceNameError):
         client.create_ex("MACHINE\\SQL1", "db", VDConfig())
     with pytest.raises(VDInvalidError):
@@ -204,23 +208,24 @@ async def test_create_refusals(registry: Registry) -> None:
         client.create("db2", VDConfig())
     # the instance is part of the rendezvous; instance names ignore case
     with pytest.raises(VDInvalidError):
-        ServerVirtualDeviceSet(registry=registry).open(None, "db")
-    ServerVirtualDeviceSet(registry=registry).open("sql1", "db")
+        await settle(world.server_set().open(None, "db"))
+    await settle(world.server_set().open("sql1", "db"))
 
 
-async def test_server_open_refusals(registry: Registry) -> None:
-    pair = await configured(registry)
-    with pytest.raises(VDInvalidError, match="not accessible"):
-        ServerVirtualDeviceSet(registry=registry).open(None, pair.name)
+async def test_server_open_refusals(world: World) -> None:
+    pair = await configured(world)
+    # across processes the second engine is refused by the set's publisher instead
+    with pytest.raises(VDInvalidError, match="already served" if world.xproc else "not accessible"):
+        await settle(world.server_set().open(None, pair.name))
     with pytest.raises(VDProtocolError):
-        pair.server.open(None, pair.name)
+        await settle(pair.server.open(None, pair.name))
 
 
-async def test_begin_configuration_validates(registry: Registry) -> None:
-    client = ClientVirtualDeviceSet(registry=registry)
+async def test_begin_configuration_validates(world: World) -> None:
+    client = ClientVirtualDeviceSet(registry=world.registry)
     client.create("db", VDConfig())
-    server = ServerVirtualDeviceSet(registry=registry)
-    server.open(None, "db")
+    server = world.server_set()
+    await settle(server.open(None, "db"))
     for args in [
         (0, 512, 0, 65536),
         (Features.WRITE_MEDIA, 500, 0, 65536),
@@ -229,18 +234,18 @@ async def test_begin_configuration_validates(registry: Registry) -> None:
         (Features.WRITE_MEDIA | Features.RANDOM_ACCESS, 512, 0, 65536),
     ]:
         with pytest.raises(VDInvalidError):
-            server.begin_configuration(*args)
+            await settle(server.begin_configuration(*args))
         assert server.state is ServerState.CONNECTED
     with pytest.raises(VDProtocolError):
-        server.end_configuration()  # not configurable yet
-    server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536)
+        await settle(server.end_configuration())  # not configurable yet
+    await settle(server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536))
     with pytest.raises(VDProtocolError):
-        server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536)
+        await settle(server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536))
 
 
-async def test_commands_before_active_complete_with_invalid_handle(registry: Registry) -> None:
-    pair = await configured(registry, devices=2)
-    sdev = pair.server.open_device(pair.name)
+async def test_commands_before_active_complete_with_invalid_handle(world: World) -> None:
+    pair = await configured(world, devices=2)
+    sdev = await settle(pair.server.open_device(pair.name))
     cdev = pair.client.open_device(pair.name)
     result = await sdev.send_command(CommandCode.FLUSH)
     assert result.completion == 6  # ERROR_INVALID_HANDLE
@@ -255,20 +260,22 @@ async def test_commands_before_active_complete_with_invalid_handle(registry: Reg
         await anyio.sleep(0.02)
         assert got == []
         pair.client.open_device(pair.name + "1")
-        pair.server.open_device(pair.name + "1")
+        await settle(pair.server.open_device(pair.name + "1"))
         assert pair.server.state is ServerState.ACTIVE
         pending = sdev.send_command(CommandCode.FLUSH)
         await anyio.sleep(0.02)
+        await world.sync()
         assert got == [CommandCode.FLUSH]
     assert not pending.done()
 
 
-async def test_wait_active(registry: Registry) -> None:
-    pair = await configured(registry)
+async def test_wait_active(world: World) -> None:
+    pair = await configured(world)
     with pytest.raises(VDTimeoutError):
         await pair.server.wait_active(0.01)
-    pair.server.open_device(pair.name)
+    await settle(pair.server.open_device(pair.name))
     pair.client.open_device(pair.name)
+    await world.sync()
     await pair.server.wait_active(0)
-    pair2 = await active(registry)
+    pair2 = await active(world)
     await pair2.server.wait_active(0)

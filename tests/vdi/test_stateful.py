@@ -6,20 +6,31 @@ is either queued, held by the client, or done), that no command was handed out w
 released buffer or a buffer the server had freed, and that per-device delivery kept
 stream order. At teardown it drives the set to its end and fails if that would block:
 the model must never deadlock.
+
+``TestDeviceSetAcrossProcesses`` runs the same machine with the engine side in a child
+process (``tests/transport/agent.py``, one for the whole module): every rule ends with
+``World.sync()`` (both processes quiet, nothing in flight), so the checks see what the
+in-process machine sees. Two things are told apart by their nature, not weakened: a
+delivered command is matched to the oldest undelivered one of its device (the two
+processes number commands each their own way; FIFO delivery makes that the right one,
+and its code and size are checked), and "queued" is counted per device rather than
+found by identity (the client's queue holds the host's own command objects).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import anyio
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from tests.transport.remote_proxy import AgentProcess, World, settle
 from vdistream import (
     ClientState,
     ClientVirtualDeviceSet,
@@ -28,8 +39,6 @@ from vdistream import (
     Completion,
     Features,
     PendingCommand,
-    Registry,
-    ServerVirtualDeviceSet,
     VDAbortError,
     VDClosedError,
     VDConfig,
@@ -49,25 +58,28 @@ class Sent:
     device: int
     pending: PendingCommand
     code: CommandCode
+    size: int
     buffer: memoryview | None
+    delivered: bool = False
 
 
 class DeviceSetMachine(RuleBasedStateMachine):
+    agent: AgentProcess | None = None  # set for the machine across processes
+
     def __init__(self) -> None:
         super().__init__()
         self.runner = asyncio.Runner()
-        self.registry = Registry()
+        self.world = World.inproc() if self.agent is None else self.run(World.xproc_on(self.agent))
+        self.registry = self.world.registry
         self.client = ClientVirtualDeviceSet(registry=self.registry)
-        self.server = ServerVirtualDeviceSet(registry=self.registry)
+        self.server = self.world.server_set()
         self.client.create("m", VDConfig(device_count=DEVICES, prefix_zone_size=8))
-        self.server.open(None, "m")
-        self.server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536)
-        self.server.request_buffers(4096, 0, SLOTS)
-        self.server.end_configuration()
+        self.run(self._configure())
         self.run(self.client.get_configuration(0))
         names = ["m", "m1", "m2"]
         self.cdevs = [self.client.open_device(n) for n in names]
-        self.sdevs = [self.server.open_device(n) for n in names]
+        self.sdevs = [self.run(settle(self.server.open_device(n))) for n in names]
+        self.sync()
         self.free: list[memoryview] = []
         self.allocated: list[memoryview] = []
         self.sent: list[Sent] = []
@@ -79,13 +91,27 @@ class DeviceSetMachine(RuleBasedStateMachine):
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.runner.run(coro)
 
+    async def _configure(self) -> None:
+        await settle(self.server.open(None, "m"))
+        await settle(self.server.begin_configuration(Features.WRITE_MEDIA, 512, 0, 65536))
+        await settle(self.server.request_buffers(4096, 0, SLOTS))
+        await settle(self.server.end_configuration())
+
+    async def _client_abort(self) -> None:
+        self.client.signal_abort()
+
+    def sync(self) -> None:
+        """Across processes: wait until both sides are quiet (no-op in-process)."""
+        if self.world.xproc:
+            self.run(self.world.sync())
+
     # --- server rules ------------------------------------------------------------
 
     @precondition(lambda self: not self.aborted)
     @rule()
     def allocate(self) -> None:
         try:
-            if self.server.query_available_buffers(4096) == 0:
+            if self.run(settle(self.server.query_available_buffers(4096))) == 0:
                 return
         except VDProtocolError:  # the table allows no query once terminated
             assert self.server.state.name == "NORMALLY_TERMINATED"
@@ -108,6 +134,7 @@ class DeviceSetMachine(RuleBasedStateMachine):
         assert self.aborted or not in_use
         if not self.aborted:
             self.allocated.pop(index)
+        self.sync()
 
     @rule(
         device=st.integers(0, DEVICES - 1),
@@ -125,6 +152,7 @@ class DeviceSetMachine(RuleBasedStateMachine):
             buffer = self.allocated[index]
         errored = self.cdevs[device].core.state.name == "ERRORED"
         pending = self.sdevs[device].send_command(code, size, buffer=buffer)
+        self.sync()
         if self.aborted:
             assert pending.result().completion == Completion.OPERATION_ABORTED
         elif self.closed[device]:
@@ -133,12 +161,12 @@ class DeviceSetMachine(RuleBasedStateMachine):
             assert pending.result().completion == Completion.IO_DEVICE
         else:
             assert not pending.done()
-        self.sent.append(Sent(device, pending, code, buffer))
+        self.sent.append(Sent(device, pending, code, size, buffer))
 
     @rule(device=st.integers(0, DEVICES - 1))
     def close_device(self, device: int) -> None:
         try:
-            self.sdevs[device].close_device()
+            self.run(settle(self.sdevs[device].close_device()))
         except VDClosedError:
             assert self.closed[device]
             return
@@ -146,13 +174,18 @@ class DeviceSetMachine(RuleBasedStateMachine):
             assert self.server.state.name != "ACTIVE"
             return
         self.closed[device] = True
+        self.sync()
 
     @rule(side=st.sampled_from(["client", "server"]), dice=st.integers(0, 9))
     def signal_abort(self, side: str, dice: int) -> None:
         if dice:  # rare: most sequences should get deep before an abort
             return
-        (self.client if side == "client" else self.server).signal_abort()
+        if side == "client" and self.world.xproc:
+            self.run(self._client_abort())  # from the loop, as a pump would (requests 3)
+        else:
+            (self.client if side == "client" else self.server).signal_abort()
         self.aborted = True
+        self.sync()
 
     # --- client rules --------------------------------------------------------------
 
@@ -172,7 +205,17 @@ class DeviceSetMachine(RuleBasedStateMachine):
             assert self.client.state is ClientState.NORMALLY_TERMINATED
             return
         assert not self.aborted
-        (sent,) = [s for s in self.sent if s.pending.serial == command.serial]
+        if self.world.xproc:
+            # the oldest command of this device not yet delivered nor done (module doc)
+            sent = next(
+                s
+                for s in self.sent
+                if s.device == device and not s.delivered and not s.pending.done()
+            )
+            assert (sent.code, sent.size) == (command.code, command.size)
+        else:
+            (sent,) = [s for s in self.sent if s.pending.serial == command.serial]
+        sent.delivered = True
         assert sent.device == device
         assert not sent.pending.done()
         if command.buffer is not None:
@@ -180,6 +223,7 @@ class DeviceSetMachine(RuleBasedStateMachine):
             assert any(v is sent.buffer for v in self.allocated)  # never a freed buffer
         self.delivered_serials[device].append(command.serial)
         self.held.append((device, command, sent))
+        self.sync()
 
     @rule(
         index=st.integers(0, 20),
@@ -194,6 +238,7 @@ class DeviceSetMachine(RuleBasedStateMachine):
         except VDAbortError:
             assert self.aborted
             return
+        self.sync()
         assert sent.pending.result().completion == completion
 
     @rule(device=st.integers(0, DEVICES - 1))
@@ -212,6 +257,17 @@ class DeviceSetMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_completion_lost(self) -> None:
+        if self.world.xproc:
+            held_ids = {id(sent) for _, _, sent in self.held}
+            for index, cdev in enumerate(self.cdevs):
+                queued = sum(isinstance(item, PendingCommand) for item in cdev.core.queue)
+                waiting = [
+                    s
+                    for s in self.sent
+                    if s.device == index and not s.pending.done() and id(s) not in held_ids
+                ]
+                assert len(waiting) == queued, (index, waiting, queued)
+            return
         held = {command.serial for _, command, _ in self.held}
         for sent in self.sent:
             device = self.cdevs[sent.device].core
@@ -232,7 +288,10 @@ class DeviceSetMachine(RuleBasedStateMachine):
         try:
             self.run(self._drain())
         finally:
-            self.runner.close()
+            try:
+                self.run(self.world.close())
+            finally:
+                self.runner.close()
 
     async def _drain(self) -> None:
         """Bring the set to its end; a deadlock shows up as a timeout."""
@@ -245,7 +304,7 @@ class DeviceSetMachine(RuleBasedStateMachine):
             for i, sdev in enumerate(self.sdevs):
                 if not self.closed[i]:
                     try:
-                        sdev.close_device()
+                        await settle(sdev.close_device())
                     except VDProtocolError:
                         pass
             for cdev in self.cdevs:
@@ -263,10 +322,30 @@ class DeviceSetMachine(RuleBasedStateMachine):
             for sent in self.sent:
                 await sent.pending  # every command gets its result
             self.client.close()
-            self.server.close()
+            await settle(self.server.close())
 
 
 DeviceSetMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=60, deadline=None
 )
 TestDeviceSet = DeviceSetMachine.TestCase
+
+
+class DeviceSetMachineAcrossProcesses(DeviceSetMachine):
+    """The same machine, the engine side in the module's agent process."""
+
+
+DeviceSetMachineAcrossProcesses.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=60, deadline=None
+)
+TestDeviceSetAcrossProcesses = DeviceSetMachineAcrossProcesses.TestCase
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _agent() -> Iterator[None]:
+    """One engine-side agent for every example of the machine across processes."""
+    process = AgentProcess()
+    DeviceSetMachineAcrossProcesses.agent = process
+    yield
+    DeviceSetMachineAcrossProcesses.agent = None
+    process.stop()

@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from tests.coordinator.faults import Faults, FaultyStorage
-from tests.vdi.conftest import active
+from tests.vdi.conftest import World, active
 from vdistream.coordinator import AbortCause, Job, JobKind, JobOptions, JobStatus
 from vdistream.engines import Direction, Engine, EngineResult, device_names
 from vdistream.errors import VDAbortError, VDIError, VDTimeoutError
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.asyncio
 BLOCK = 65536
 
 
-async def test_a_client_waiting_before_the_clock_starts_runs_the_watchdog() -> None:
-    pair = await active(Registry(), devices=2, server_timeout_ms=30)
+async def test_a_client_waiting_before_the_clock_starts_runs_the_watchdog(world: World) -> None:
+    pair = await active(world, devices=2, server_timeout_ms=30)
     got: list[BaseException] = []
 
     async def waiter() -> None:
@@ -93,12 +93,13 @@ async def test_the_server_timeout_ends_a_job_whose_stall_watchdog_is_off(tmp_pat
     assert [name for _, _, files in os.walk(tmp_path) for name in files] == []
 
 
-async def test_the_clock_stops_once_every_pending_command_completed() -> None:
+async def test_the_clock_stops_once_every_pending_command_completed(world: World) -> None:
     """Two commands pending on two devices, both completed: nothing is pending, so a
     long idle spell (many intervals) is no server timeout. The clock starts again with
     the next command, and fires when that one is never completed."""
-    pair = await active(Registry(), devices=2, server_timeout_ms=20)
+    pair = await active(world, devices=2, server_timeout_ms=20)
     first = [pair.sdevs[i].send_command(CommandCode.FLUSH) for i in (0, 1)]
+    await world.sync()
     for i in (0, 1):
         pair.cdevs[i].complete_command(await pair.cdevs[i].get_command(0), 0)
     for pending in first:
@@ -112,31 +113,32 @@ async def test_the_clock_stops_once_every_pending_command_completed() -> None:
         await pair.cdevs[0].get_command(None)
 
 
-async def test_the_clock_runs_while_any_command_is_pending() -> None:
+async def test_the_clock_runs_while_any_command_is_pending(world: World) -> None:
     """Two commands pending; one completes, the other never does: still a timeout."""
-    pair = await active(Registry(), devices=2, server_timeout_ms=20)
+    pair = await active(world, devices=2, server_timeout_ms=20)
     pair.sdevs[0].send_command(CommandCode.FLUSH)
     pair.sdevs[1].send_command(CommandCode.FLUSH)  # never completed
+    await world.sync()
     pair.cdevs[0].complete_command(await pair.cdevs[0].get_command(0), 0)
     with anyio.fail_after(5), pytest.raises(VDAbortError, match="server timeout"):
         await pair.cdevs[0].get_command(None)
 
 
-async def test_a_pending_commands_wait_keeps_its_own_timeout() -> None:
+async def test_a_pending_commands_wait_keeps_its_own_timeout(world: World) -> None:
     """``PendingCommand.wait(timeout)``: a command never completed is a VDTimeoutError
     naming what timed out, and the set goes on (no watchdog here)."""
-    pair = await active(Registry(), server_timeout_ms=0)
+    pair = await active(world, server_timeout_ms=0)
     pending = pair.sdevs[0].send_command(CommandCode.FLUSH)
     with anyio.fail_after(5), pytest.raises(VDTimeoutError, match="command result: timed out"):
         await pending.wait(0.05)
     assert pair.client.state is ClientState.ACTIVE
 
 
-async def test_the_server_keeps_its_buffers_until_it_closes_too() -> None:
+async def test_the_server_keeps_its_buffers_until_it_closes_too(world: World) -> None:
     """The buffer area is released only when both sides are gone: a client that
     closes first (an abort) leaves the server's buffers readable and writable, since
     its threads may still be copying into them."""
-    pair = await active(Registry(), server_timeout_ms=0)
+    pair = await active(world, server_timeout_ms=0)
     buffer = await pair.server.allocate_buffer(4096)
     with contextlib.suppress(VDIError):
         pair.client.close()
