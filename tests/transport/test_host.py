@@ -93,7 +93,8 @@ class RawEngine:
                 records = wire.decode_message(data)
                 record = records[0]
                 if isinstance(record, wire.Segment):
-                    assert len(anc) == 1 and len(records) == 1  # fds travel alone
+                    assert len(anc) == 1
+                    assert len(records) == 1  # a SEGMENT and its fd travel alone
                     fd = array.array("i", anc[0][2])[0]
                     try:
                         self.segments[record.index] = mmap.mmap(fd, record.length)
