@@ -58,7 +58,8 @@
 #define PROTOCOL_VERSION 1u
 #define HEADER_SIZE 16u
 #define MAX_RECORD 4096u
-#define MAX_MESSAGE 65536u /* a message carries one or more records back to back */
+#define MAX_MESSAGE 65536u
+#define SEGMENT_ALIGNMENT 65536u /* every segment is mapped at such a boundary */ /* a message carries one or more records back to back */
 #define NO_DEVICE 0xFFFFFFFFu
 #define NO_SEGMENT 0xFFFFFFFFu
 #define VDCONFIG_SIZE 44u
@@ -131,8 +132,10 @@ enum { C_DEVICE_COUNT, C_FEATURES, C_PREFIX_ZONE_SIZE, C_ALIGNMENT, C_SOFT_FILE_
 /* ---- state --------------------------------------------------------------------- */
 
 struct segment {
-    unsigned char *addr;
+    unsigned char *addr;    /* the memfd's first byte, at a 64 KiB boundary */
     uint64_t length;
+    void *reserved;         /* the whole range reserved for it (what munmap releases) */
+    size_t span;
 };
 
 struct cmd {                /* one SEND_COMMAND until its COMPLETION */
@@ -613,14 +616,30 @@ static void on_segment(struct record *r)
         close(r->fd);
         protocol_error("SEGMENT %" PRIu32 " sent twice", index);
     }
-    void *addr = mmap(NULL, (size_t)length, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
+    /* Map it at a 64 KiB boundary, as the client does, so that the alignment of every
+     * buffer (the client lays them out by offset) holds here too: reserve the range with
+     * room to spare, then map the memfd over its aligned part. */
+    size_t span = (size_t)length + SEGMENT_ALIGNMENT;
+    void *reserved = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *addr = MAP_FAILED;
+    if (reserved != MAP_FAILED) {
+        uintptr_t aligned = ((uintptr_t)reserved + SEGMENT_ALIGNMENT - 1) &
+                            ~(uintptr_t)(SEGMENT_ALIGNMENT - 1);
+        addr = mmap((void *)aligned, (size_t)length, PROT_READ | PROT_WRITE,
+                    MAP_SHARED | MAP_FIXED, r->fd, 0);
+    }
     int saved = errno;
     close(r->fd); /* the mapping keeps the memory; the descriptor is no longer needed */
-    if (addr == MAP_FAILED)
+    if (addr == MAP_FAILED) {
+        if (reserved != MAP_FAILED)
+            munmap(reserved, span);
         fail("mapping buffer segment %" PRIu32 " (%" PRIu64 " bytes): %s", index, length,
              strerror(saved));
+    }
     segments[index].addr = addr;
     segments[index].length = length;
+    segments[index].reserved = reserved;
+    segments[index].span = span;
 }
 
 static void on_completion(const struct record *r)
@@ -960,7 +979,7 @@ static void close_all(void)
     sock = -1;
     for (uint32_t i = 0; i < segment_count; i++)
         if (segments[i].addr)
-            munmap(segments[i].addr, (size_t)segments[i].length);
+            munmap(segments[i].reserved, segments[i].span);
 }
 
 /* Wait until `fd` is ready for `events`, handling the client's records meanwhile (an

@@ -117,6 +117,16 @@ async def _serve(client: FakeClient, local: Registry, directory: RuntimeDirector
         return exc
 
 
+def _memfd_maps() -> set[str]:
+    """The memfd mappings of this process (``/proc/self/maps``: range and inode)."""
+    with open("/proc/self/maps") as maps:
+        return {
+            f"{fields[0]} {fields[4]}"
+            for fields in (line.split() for line in maps)
+            if len(fields) >= 6 and fields[5].startswith("/memfd:")
+        }
+
+
 def _memfds() -> set[str]:
     """The memfds this process holds open (``memfd:NAME (deleted)`` and the inode)."""
     found = set()
@@ -231,7 +241,7 @@ async def test_kill_9_of_the_client_mid_backup_aborts_the_engine_within_a_second
     directory: RuntimeDirectory,
 ) -> None:
     name = "victim"
-    before = _memfds()
+    before, mapped_before = _memfds(), _memfd_maps()
     with anyio.fail_after(15):
         process = await anyio.open_process(
             [sys.executable, "-c", CLIENT, str(directory.path), name], env=_env()
@@ -256,7 +266,7 @@ async def test_kill_9_of_the_client_mid_backup_aborts_the_engine_within_a_second
                 buffer[:4] = b"data"
                 write = device.send_command(CommandCode.WRITE, CHUNK, 0, buffer)
                 assert await lines.receive_until(b"\n", 100) == b"command WRITE"
-                assert _memfds() - before  # the area is mapped here
+                assert _memfd_maps() - mapped_before  # the area is mapped here
                 process.send_signal(signal.SIGKILL)
                 killed = time.monotonic()
                 with anyio.fail_after(1):
@@ -271,3 +281,4 @@ async def test_kill_9_of_the_client_mid_backup_aborts_the_engine_within_a_second
             await process.wait()
     assert sds.state is ServerState.DNE
     assert _memfds() <= before
+    assert _memfd_maps() <= mapped_before  # unmapped at close

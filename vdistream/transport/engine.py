@@ -93,7 +93,7 @@ from vdistream.protocol.config import ALIGNMENT_MAX, is_power_of_two
 from vdistream.transport import wire
 from vdistream.transport.rendezvous import RuntimeDirectory
 from vdistream.vdi._notify import Notifier
-from vdistream.vdi.buffers import address_of
+from vdistream.vdi.buffers import address_of, map_aligned
 from vdistream.vdi.registry import Registry
 
 __all__ = (
@@ -1258,16 +1258,12 @@ class RemoteServerVirtualDeviceSet:
             self._violation(conn, f"segment {record.index} was sent twice")
             return
         try:
-            mapping = mmap.mmap(
-                fds[0],
-                record.length,
-                flags=mmap.MAP_SHARED,
-                prot=mmap.PROT_READ | mmap.PROT_WRITE,
-            )
+            # At a 64 KiB boundary, as the client maps it: its aligned offsets are
+            # aligned addresses here too.
+            mapping, view = map_aligned(fds[0], record.length)
         except (OSError, ValueError, OverflowError) as exc:
             self._violation(conn, f"segment {record.index} of {record.length} bytes: {exc}")
             return
-        view = memoryview(mapping)
         conn.segments[record.index] = _Mapped(
             record.index, mapping, view, address_of(view) or 0, record.length
         )

@@ -28,12 +28,16 @@ import fcntl
 import mmap
 import os
 import weakref
+from collections.abc import Callable
 
 from vdistream.errors import VDMemoryError
 
-__all__ = ("BufferArea", "SegmentFile", "Slot", "address_of")
+__all__ = ("ALIGNMENT", "BufferArea", "SegmentFile", "Slot", "address_of", "map_aligned")
 
-_ALIGN_SLACK = 65536  # the largest alignment we honour; the mapping is only page aligned
+#: The largest alignment honoured, and the boundary every segment is mapped at (in this
+#: process and, through ``map_aligned``, in an engine's).
+ALIGNMENT = 65536
+_ALIGN_SLACK = ALIGNMENT  # room to shift slots where a mapping is only page aligned
 
 
 def address_of(view: memoryview) -> int | None:
@@ -99,8 +103,7 @@ class _Segment:
 
     def __init__(self, index: int, length: int) -> None:
         self.index = index
-        self.fd, self.map = _map_shared(length)
-        self.view = memoryview(self.map)
+        self.fd, self.map, self.view = _map_shared(length)
         self.base = address_of(self.view) or 0
         self.length = length
         # The memfd is closed by close(), or when a set that was never closed is collected.
@@ -121,22 +124,81 @@ class _Segment:
 _SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)
 
 
-def _map_shared(length: int) -> tuple[int, mmap.mmap]:
-    """A memfd of ``length`` bytes (sealed against resizing) and its mapping; ``-1`` and
-    an anonymous mapping where memfd is missing."""
+def _map_shared(length: int) -> tuple[int, mmap.mmap, memoryview]:
+    """A memfd of ``length`` bytes (sealed against resizing), its mapping and the view of
+    its bytes (at an address aligned to 64 KiB, see ``map_aligned``); ``-1`` and an
+    anonymous mapping where memfd is missing."""
     try:
         fd = os.memfd_create("vdistream-buffer-area", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except (AttributeError, OSError):
-        return -1, mmap.mmap(-1, length)
+        anonymous = mmap.mmap(-1, length)
+        return -1, anonymous, memoryview(anonymous)
     try:
         os.ftruncate(fd, length)
         if _SEALS:
             # Another process may map this: it must not shrink it under our mapping.
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
-        return fd, mmap.mmap(fd, length)
+        mapping, view = map_aligned(fd, length)
+        return fd, mapping, view
     except BaseException:
         os.close(fd)
         raise
+
+
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FIXED = 0x10  # <sys/mman.h>, the same on every Linux architecture
+
+
+def _libc_mmap() -> Callable[..., int | None] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.mmap
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_void_p
+    function.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    )
+    return function
+
+
+_mmap_function = _libc_mmap()
+
+
+def map_aligned(fd: int, length: int) -> tuple[mmap.mmap, memoryview]:
+    """Map ``length`` bytes of ``fd`` (shared, read-write) at an address aligned to
+    ``ALIGNMENT`` (64 KiB): the mmap object that owns the mapping, and the view of the
+    file's bytes.
+
+    Both processes of a set map its memfds this way, so an offset aligned in the file is
+    aligned in both address spaces: the client lays buffers out by offset, the engine
+    finds them at the same alignment. How: an anonymous mapping of ``length`` + 64 KiB
+    reserves the range and owns it (closing it unmaps everything); the memfd is then
+    mapped over the aligned part of it with ``MAP_FIXED`` (libc's ``mmap`` through
+    ctypes). Without libc's ``mmap`` the file is mapped where the kernel chooses (page
+    aligned)."""
+    if _mmap_function is None:
+        plain = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=_PROT_RW)
+        return plain, memoryview(plain)
+    reservation = mmap.mmap(-1, length + ALIGNMENT)
+    whole = memoryview(reservation)
+    base = address_of(whole)
+    assert base is not None  # an anonymous read-write mapping
+    offset = -base % ALIGNMENT
+    got = _mmap_function(base + offset, length, _PROT_RW, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+    if got != base + offset:
+        error = ctypes.get_errno()
+        whole.release()
+        reservation.close()
+        raise OSError(error, f"mmap of the buffer area at a 64 KiB boundary: {os.strerror(error)}")
+    view = whole[offset : offset + length]
+    whole.release()
+    return reservation, view
 
 
 class BufferArea:
