@@ -332,6 +332,39 @@ async def test_eof_after_every_device_closed_is_a_normal_end(rundir: Path) -> No
         served.client.close()
 
 
+async def test_an_engine_that_never_says_close_after_the_end_is_hung_up_on(
+    rundir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every device closed, every command completed, then silence: the engine has
+    CLOSE_GRACE to say CLOSE; then the client hangs up and the set ended normally (a
+    hung engine must not hold the job). The grace starts only once nothing is
+    outstanding: a FLUSH the client holds keeps the connection open."""
+    monkeypatch.setattr(host, "CLOSE_GRACE", 0.3)
+    async with serving(rundir) as served:
+        engine, devices = await active(served)
+        try:
+            engine.send(wire.SendCommand(50, 0, CommandCode.FLUSH))
+            await engine.request(_close_device(0))
+            await engine.request(_close_device(1))
+            command = await devices[0].get_command(1)
+            await anyio.sleep(0.5)  # past the grace: but a command is still outstanding
+            assert not served.done.is_set()
+            devices[0].complete_command(command, 0)
+            assert (await engine.next(wire.CompletionRecord)).id == 50
+            started = anyio.current_time()
+            result = await served.result(2)
+            assert isinstance(result, HostResult), result
+            assert 0.2 < anyio.current_time() - started < 1.5
+            assert await engine.recv() is None  # hung up on
+            for dev in devices:
+                with pytest.raises(VDClosedError):
+                    await dev.get_command(1)
+            assert served.client.aborted_by is None
+            served.client.close()
+        finally:
+            engine.close()
+
+
 async def test_a_client_abort_reaches_the_engine_as_state(rundir: Path) -> None:
     async with serving(rundir) as served:
         engine, (dev0, _) = await active(served)

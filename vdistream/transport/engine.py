@@ -39,7 +39,9 @@ How it works, and the choices made:
   whose caller stopped waiting is still answered: its reply is applied (an opened
   device stays open), and a buffer allocated for nobody is freed at once.
 * **Close** sends CLOSE and waits (``close_timeout``) for its reply, then releases the
-  mappings: views handed out are released, as ``ServerVirtualDeviceSet.close`` does.
+  mappings: views handed out are released, as ``ServerVirtualDeviceSet.close`` does. A
+  command the client still held completes with ``OPERATION_ABORTED`` (no COMPLETION
+  can come over the closed connection: its waiter must not wait forever).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import math
 import mmap
@@ -184,6 +187,7 @@ class _Connection:
         self.abort_reason: str | None = None
         self.lost = False  # the socket is gone (EOF, error, or we closed)
         self.closing = False  # our CLOSE was sent: the end of the connection is expected
+        self.reset = False  # ECONNRESET was read: what the client sent last comes next
         self.segments: dict[int, _Mapped] = {}
         self.starts: list[int] = []  # addresses of the allocated buffers, sorted
         self.buffers: list[_Buffer] = []  # parallel to starts
@@ -882,10 +886,16 @@ class RemoteServerVirtualDeviceSet:
             )
 
     async def _finish(self, conn: _Connection) -> None:
-        """End the connection's task (it closes the socket) and unmap the area."""
+        """End the connection's task (it closes the socket) and unmap the area. A
+        command still outstanding (the client held it when the engine closed the set)
+        can get no COMPLETION any more: it completes with OPERATION_ABORTED."""
         conn.closing = True
         conn.scope.cancel()
         await conn.finished.wait()
+        commands = list(conn.commands.values())
+        conn.commands.clear()
+        for pending in commands:
+            pending._finish(CommandResult(Completion.OPERATION_ABORTED))
         conn.release_memory()
 
     # --- requests --------------------------------------------------------------------
@@ -1091,9 +1101,20 @@ class RemoteServerVirtualDeviceSet:
                 return
             try:
                 # A longer message is cut and flagged MSG_TRUNC: a violation.
-                data, ancillary, flags, _ = sock.recvmsg(wire.MAX_MESSAGE, _ANCILLARY)
+                data, ancillary, flags, _ = sock.recvmsg(
+                    wire.MAX_MESSAGE, _ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 return
+            except ConnectionResetError as exc:
+                # The client closed with records of ours unread: the kernel says so once,
+                # before the records the client sent last (its STATE, its last REPLY),
+                # which are still to be read, then EOF.
+                if conn.reset:
+                    self._lost(conn, exc)
+                    return
+                conn.reset = True
+                continue
             except OSError as exc:
                 self._lost(conn, exc)
                 return
@@ -1258,8 +1279,17 @@ class RemoteServerVirtualDeviceSet:
             self._violation(conn, f"segment {record.index} was sent twice")
             return
         try:
+            seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0  # not a memfd
+        if ~seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW):
+            # Unsealed, the client could shrink the file under our mapping: our next
+            # touch of a buffer would fault (SIGBUS) and kill this process.
+            self._violation(conn, f"segment {record.index} is not a memfd sealed against resizing")
+            return
+        try:
             # At a 64 KiB boundary, as the client maps it: its aligned offsets are
-            # aligned addresses here too.
+            # aligned addresses here too. A length beyond the file's is refused.
             mapping, view = map_aligned(fds[0], record.length)
         except (OSError, ValueError, OverflowError) as exc:
             self._violation(conn, f"segment {record.index} of {record.length} bytes: {exc}")
@@ -1273,9 +1303,15 @@ class RemoteServerVirtualDeviceSet:
         if request is None:
             self._violation(conn, f"a REPLY for request id {record.id}, not outstanding")
             return
-        self._mirror(conn, wire.state_from_code(record.state))
-        if record.hresult == HResult.NOERROR:
-            request.value = self._made(conn, request, record)
+        try:
+            self._mirror(conn, wire.state_from_code(record.state))
+            if record.hresult == HResult.NOERROR:
+                request.value = self._made(conn, request, record)
+        except BaseException:
+            # A reply we cannot apply (a violation, raised on): the set aborts, and
+            # its waiter, no longer among the requests, must still wake to see that.
+            conn.requests[record.id] = request
+            raise
         request.reply = record
         if request.abandoned:
             self._undo(conn, request)

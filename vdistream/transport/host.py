@@ -29,13 +29,18 @@ How it runs (all inside one task group owned by ``serve_set``; nothing blocks th
   (its file descriptors duplicated, so they stay valid) and **one writer task** flushes
   the queue in order. The queue is bounded (``MAX_QUEUED_RECORDS``): an engine that sends
   requests and never reads the answers aborts the set instead of growing our memory.
-* **Death**: EOF or ``ECONNRESET`` before the engine's CLOSE aborts the set at once
-  (cause ``PROCESS_DEATH``), unless the engine had already closed every device
-  (``NORMALLY_TERMINATED``: what the client still has to take is already here).
+* **Death**: EOF before the engine's CLOSE aborts the set at once (cause
+  ``PROCESS_DEATH``), unless the engine had already closed every device
+  (``NORMALLY_TERMINATED``: what the client still has to take is already here). An
+  ``ECONNRESET`` (the engine closed with records of ours unread) comes before the
+  records the engine sent last: they are read first, then the EOF.
 * **After an abort** the engine gets ``ABORT_GRACE`` seconds to send CLOSE (or
-  disconnect); then the connection is closed anyway and ``VDAbortError`` raised.
+  disconnect); then the connection is closed anyway and ``VDAbortError`` raised. After
+  a normal end (every device closed, every command completed) it gets
+  ``CLOSE_GRACE``; then the client hangs up and the set ends normally, as on an EOF.
 * A **protocol violation** (an undecodable record, a type only the client sends, an id
-  in use, FREE_BUFFER of a buffer the engine does not hold) aborts the set (cause
+  in use, FREE_BUFFER of a buffer the engine does not hold, more than
+  ``MAX_UNANSWERED`` requests waiting for their reply) aborts the set (cause
   SERVER, the reason names the violation), sends STATE and closes. A SEND_COMMAND on a
   device index never opened, or naming no buffer the engine holds, is not one: it
   completes at once with INVALID_HANDLE (OPERATION_ABORTED after an abort). Its offset
@@ -87,10 +92,13 @@ from vdistream.threads import run_sync
 from vdistream.transport import wire
 from vdistream.transport.rendezvous import Publication, RuntimeDirectory, peer_credentials
 from vdistream.vdi import PendingCommand, Registry, ServerVirtualDevice, ServerVirtualDeviceSet
+from vdistream.vdi.buffers import MAX_BUFFERS
 
 __all__ = (
     "ABORT_GRACE",
+    "CLOSE_GRACE",
     "MAX_QUEUED_RECORDS",
+    "MAX_UNANSWERED",
     "DeviceTraffic",
     "HostResult",
     "serve_set",
@@ -100,13 +108,21 @@ _log = get_logger(__name__)
 
 #: Seconds an engine has, after the set aborted, to send CLOSE before we hang up.
 ABORT_GRACE = 1.0
+#: After the last CLOSE_DEVICE, once every command completed: how long the engine has to
+#: send CLOSE (or hang up) before the client hangs up; the set ended normally anyway.
+CLOSE_GRACE = 30.0
 #: Records queued for an engine that does not read them before the set is aborted.
 MAX_QUEUED_RECORDS = 16384
+#: Requests waiting for their reply (ALLOCATE_BUFFERs waiting for a free buffer) beyond
+#: which the engine is in violation: each costs memory here, and an engine cannot need
+#: more waiting allocations than the area can have buffers.
+MAX_UNANSWERED = MAX_BUFFERS
 #: Seconds spent flushing queued records before the connection is closed.
 _FLUSH_TIMEOUT = 1.0
 #: Records handled in a row before the reader lets other tasks run.
 _BATCH = 32
 _ANCILLARY = socket.CMSG_SPACE(16 * array.array("i").itemsize)
+_I64 = 1 << 63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +192,7 @@ class _End(enum.Enum):
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _Answer:
-    """A reply in the order of requests; ``record`` is None until it is ready."""
+    """A request waiting for its reply; ``record`` is None until it is ready."""
 
     id: int
     record: wire.Reply | None = None
@@ -213,11 +229,12 @@ class _Host:
         self.conn: socket.socket | None = None
         self.broken = False  # the connection can no longer carry records
         self.overflowed = False  # the engine stopped reading: more records than we queue
+        self.reset = False  # ECONNRESET was read: what the engine sent last comes next
         self.engine: tuple[int, int, int] = (0, 0, 0)  # pid, uid, gid
         self.devices: list[ServerVirtualDevice] = []
         self.traffic: list[_Traffic] = []
         self.commands: dict[int, PendingCommand] = {}
-        self.answers: deque[_Answer] = deque()
+        self.answers: dict[int, _Answer] = {}  # unanswered requests, by id
         self.allocations: deque[tuple[_Answer, int, int]] = deque()
         self.allocations_added = anyio.Event()
         self.buffers: dict[tuple[int, int], memoryview] = {}
@@ -228,7 +245,7 @@ class _Host:
         self.batch_bytes = 0
         self.batch_scheduled = False
         self.outgoing_added = anyio.Event()
-        self.abort_deadline: float | None = None
+        self.hangup_deadline: float | None = None
         self.read_scope: anyio.CancelScope | None = None
         self.drained = anyio.Event()  # set (and replaced) each time the writer is done
         self.last_state: ServerState | None = None
@@ -382,7 +399,7 @@ class _Host:
         """Read and handle records until the engine closes the set or is lost; ends
         sooner when an aborted set's grace passes or the engine stops reading (one
         scope for the whole loop, whose deadline ``on_state`` moves in on an abort)."""
-        deadline = math.inf if self.abort_deadline is None else self.abort_deadline
+        deadline = math.inf if self.hangup_deadline is None else self.hangup_deadline
         with anyio.CancelScope(deadline=deadline) as self.read_scope:
             return await self.read_records()
         if self.overflowed:
@@ -411,7 +428,7 @@ class _Host:
                 end = self.read_batch(conn)
                 if end is not None:
                     return end
-                self.apply_abort_deadline()
+                self.apply_hangup_deadline()
                 await anyio.wait_readable(conn)
         ended: asyncio.Future[_End] = loop.create_future()
 
@@ -426,7 +443,7 @@ class _Host:
             if end is not None:
                 ended.set_result(end)
             else:
-                self.apply_abort_deadline()
+                self.apply_hangup_deadline()
 
         fd = conn.fileno()
         loop.add_reader(fd, readable)
@@ -446,7 +463,15 @@ class _Host:
                 )
             except BlockingIOError:
                 return None
-            except (ConnectionResetError, BrokenPipeError):
+            except ConnectionResetError:
+                # The engine closed its end with records of ours unread: the kernel says
+                # so once, before the records it sent last, which are still to be read
+                # (then EOF). An engine may close every device and just disconnect.
+                if self.reset:
+                    return self.lost()
+                self.reset = True
+                continue
+            except BrokenPipeError:
                 return self.lost()
             _close_fds(ancdata)
             if not data:
@@ -515,6 +540,7 @@ class _Host:
                 self.call(record.id, lambda: self.open_device(record.name))
             case wire.CloseDevice():
                 self.call(record.id, lambda: self.device(record.device).close_device())
+                self.check_finished()
             case wire.SignalAbort():
                 if server.state is not ServerState.DNE:
                     server.signal_abort()
@@ -531,10 +557,12 @@ class _Host:
 
     def request(self, ident: int) -> _Answer:
         """Register request ``ident`` as unanswered (its id is in use until the reply)."""
-        if ident == 0 or ident in self.commands or any(a.id == ident for a in self.answers):
+        if ident == 0 or ident in self.commands or ident in self.answers:
             raise wire.WireError(f"request id {ident} is 0 or already in use")
-        answer = _Answer(ident)
-        self.answers.append(answer)
+        if len(self.answers) >= MAX_UNANSWERED:
+            # Only ALLOCATE_BUFFERs wait: an engine asking for buffers without end.
+            raise wire.WireError(f"more than {MAX_UNANSWERED} requests wait for a reply")
+        answer = self.answers[ident] = _Answer(ident)
         return answer
 
     def call(self, ident: int, call: Callable[[], object], *, segments: bool = False) -> None:
@@ -565,8 +593,8 @@ class _Host:
         if answer.record is not None:
             return
         answer.record = record
-        with contextlib.suppress(ValueError):  # already dropped by a teardown
-            self.answers.remove(answer)
+        if self.answers.get(answer.id) is answer:
+            del self.answers[answer.id]
         self.send(record.encode())
 
     def end_configuration(self, ident: int) -> None:
@@ -696,7 +724,7 @@ class _Host:
 
     def send_command(self, record: wire.SendCommand) -> None:
         ident, index = record.id, record.device
-        if ident == 0 or ident in self.commands or any(a.id == ident for a in self.answers):
+        if ident == 0 or ident in self.commands or ident in self.answers:
             raise wire.WireError(f"command id {ident} is 0 or already in use")
         if not 0 <= index < len(self.devices):
             self.send(wire.CompletionRecord(ident, index, Completion.INVALID_HANDLE).encode())
@@ -729,11 +757,15 @@ class _Host:
             result: CommandResult = pending.result()
             if pending.code in BUFFER_COMMANDS:
                 traffic.bytes += result.bytes_transferred
+            # The record's position is an i64; the client's is any int: an unencodable
+            # one must not lose the completion (the engine would wait for it forever).
+            position = min(max(result.position, -_I64), _I64 - 1)
             self.send(
                 wire.CompletionRecord(
-                    ident, index, result.completion, result.bytes_transferred, result.position
+                    ident, index, result.completion, result.bytes_transferred, position
                 ).encode()
             )
+            self.check_finished()
 
         pending.add_done_callback(completed)
 
@@ -751,15 +783,29 @@ class _Host:
         self.send(_fit(record))  # first: nothing below may keep the engine from knowing
         if state is ServerState.ABORTED:
             self.aborted = (cause, reason)
-            self.abort_deadline = time.monotonic() + ABORT_GRACE
-            self.apply_abort_deadline()
+            self.hangup_deadline = time.monotonic() + ABORT_GRACE
+            self.apply_hangup_deadline()
             _log.info("set_aborted", set_name=self.name, cause=getattr(cause, "value", None))
 
-    def apply_abort_deadline(self) -> None:
+    def check_finished(self) -> None:
+        """Once the engine closed every device and every command completed, it has
+        ``CLOSE_GRACE`` to say CLOSE: an engine that hangs there must not hold the job."""
+        server = self.server
+        if (
+            server is None
+            or self.hangup_deadline is not None
+            or self.commands
+            or server.state is not ServerState.NORMALLY_TERMINATED
+        ):
+            return
+        self.hangup_deadline = time.monotonic() + CLOSE_GRACE
+        self.apply_hangup_deadline()
+
+    def apply_hangup_deadline(self) -> None:
         """Bring the reader's deadline in to the abort's grace. An abort signalled outside
         the event loop (the in-process set allows it) cannot move a cancel scope; the
         reader then applies it when it next wakes (the engine answers the STATE)."""
-        scope, deadline = self.read_scope, self.abort_deadline
+        scope, deadline = self.read_scope, self.hangup_deadline
         if scope is None or deadline is None or scope.deadline <= deadline:
             return
         with contextlib.suppress(RuntimeError):  # no running loop here
@@ -854,7 +900,10 @@ class _Host:
                 break
             self.outgoing.popleft()
             _close_all(fds)
-        self.drop_outgoing()
+        if self.broken or self.conn is None:
+            # Only then: records gathered for this step's message (flushed after this
+            # task's turn) are still to go out behind the queue just emptied.
+            self.drop_outgoing()
 
     async def flush(self) -> None:
         """Send what is queued (bounded): the engine's last REPLY, STATE, COMPLETIONs."""

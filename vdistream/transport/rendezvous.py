@@ -317,10 +317,14 @@ class RuntimeDirectory:
 
         ``VDInvalidError`` ("no virtual device set named X is published in DIR") when
         nothing listens there (absent, or the stale socket of a dead process);
-        ``VDSecurityError`` when the socket is not ours to open. ``timeout`` bounds the
-        connect (a full backlog); the socket returned is blocking.
+        ``VDSecurityError`` when the socket is not ours to open, or when someone else
+        could have published it (``_check_trusted``: the data we would send is the
+        client's to keep). ``timeout`` bounds the connect (a full backlog); the socket
+        returned is blocking.
         """
         path = self.socket_path(instance, name)
+        for directory in dict.fromkeys((self.path, path.parent)):
+            _check_trusted(directory, name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(timeout)
@@ -347,6 +351,41 @@ class RuntimeDirectory:
                 ) from exc
             raise
         return sock
+
+
+def _check_trusted(directory: Path, name: str) -> None:
+    """``VDSecurityError`` when a user we do not trust could have put a socket in
+    ``directory``: it is writable by others, or it belongs to another user (not root)
+    and lies in a directory others may write to (``/tmp/vdistream-<our uid>``, made
+    by someone else before we ever published). A publisher refuses such directories
+    too (``RuntimeDirectory._prepare``), so no set of ours is ever there. Absent or not
+    a directory: ``connect`` says that nothing is published."""
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        return
+    if info.st_mode & 0o022:
+        raise VDSecurityError(
+            f"the runtime directory {str(directory)!r} is writable by others (mode "
+            f"{stat.S_IMODE(info.st_mode):o}): anyone could have published {name!r} "
+            "there; refusing to open it",
+            set_name=name,
+        )
+    if info.st_uid in (os.geteuid(), 0):
+        return
+    try:
+        parent = os.stat(directory.parent)
+    except OSError:
+        return
+    if parent.st_mode & 0o022:
+        raise VDSecurityError(
+            f"the runtime directory {str(directory)!r} belongs to uid {info.st_uid} and "
+            f"lies in {str(directory.parent)!r}, which others may write to: anyone could "
+            f"have made it and published {name!r} there; refusing to open it",
+            set_name=name,
+        )
 
 
 def _read_pid(fd: int) -> str:

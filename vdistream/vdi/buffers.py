@@ -32,12 +32,23 @@ from collections.abc import Callable
 
 from vdistream.errors import VDMemoryError
 
-__all__ = ("ALIGNMENT", "BufferArea", "SegmentFile", "Slot", "address_of", "map_aligned")
+__all__ = (
+    "ALIGNMENT",
+    "MAX_BUFFERS",
+    "BufferArea",
+    "SegmentFile",
+    "Slot",
+    "address_of",
+    "map_aligned",
+)
 
 #: The largest alignment honoured, and the boundary every segment is mapped at (in this
 #: process and, through ``map_aligned``, in an engine's).
 ALIGNMENT = 65536
 _ALIGN_SLACK = ALIGNMENT  # room to shift slots where a mapping is only page aligned
+#: The most buffers one area holds: 64 devices with 1024 commands outstanding each. A
+#: larger count is refused (``VDMemoryError``) before anything is laid out.
+MAX_BUFFERS = 64 * 1024
 
 
 def address_of(view: memoryview) -> int | None:
@@ -181,7 +192,12 @@ def map_aligned(fd: int, length: int) -> tuple[mmap.mmap, memoryview]:
     reserves the range and owns it (closing it unmaps everything); the memfd is then
     mapped over the aligned part of it with ``MAP_FIXED`` (libc's ``mmap`` through
     ctypes). Without libc's ``mmap`` the file is mapped where the kernel chooses (page
-    aligned)."""
+    aligned). ``ValueError`` when the file is shorter than ``length`` (the pages past
+    its end would fault when touched)."""
+    size = os.fstat(fd).st_size
+    if size < length:
+        # Pages past the end of the file would fault (SIGBUS) when touched.
+        raise ValueError(f"the file has {size} bytes, fewer than the {length} to map")
     if _mmap_function is None:
         plain = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=_PROT_RW)
         return plain, memoryview(plain)
@@ -218,6 +234,7 @@ class BufferArea:
     # --- sizing ----------------------------------------------------------------
 
     def declare(self, size: int, alignment: int, count: int) -> None:
+        self._check_count(count)
         self._declared.append((size, alignment, count))
 
     def materialize(self) -> None:
@@ -227,7 +244,19 @@ class BufferArea:
             self._add_segment(declared)
 
     def extend(self, size: int, alignment: int, count: int) -> None:
+        self._check_count(count)
         self._add_segment([(size, alignment, count)])
+
+    def _check_count(self, count: int) -> None:
+        """``VDMemoryError`` when ``count`` more buffers would exceed ``MAX_BUFFERS``
+        (checked before anything is laid out: the layout costs time and memory per
+        buffer, and a count comes from the server, in another process too)."""
+        total = len(self._slots) + sum(declared[2] for declared in self._declared) + count
+        if total > MAX_BUFFERS:
+            raise VDMemoryError(
+                f"request_buffers: {count} more buffers would make {total}; a buffer area "
+                f"holds at most {MAX_BUFFERS}"
+            )
 
     def _add_segment(self, requests: list[tuple[int, int, int]]) -> None:
         layout: list[tuple[int, int, int]] = []  # (capacity, alignment, relative offset)
