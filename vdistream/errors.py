@@ -77,7 +77,8 @@
      │    └── DaemonError               [cli.client] the daemon refused a request
      │         └── DaemonUnreachableError  nothing answers at the socket or URL
      ├── CommandError                   [cli.framework] a command's own one-line failure
-     └── ShortBody                      [storage.s3.errors] a short ranged GET; retried, internal
+     ├── ShortBody                      [storage.s3.errors] a short ranged GET; retried, internal
+     └── SetAbortedError                [engines.external] a wait of feed or drain ended by an abort
 
     click.BadParameter
      └── OptionValueError               [cli.params] a value an option does not accept

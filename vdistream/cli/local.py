@@ -136,7 +136,12 @@ _EXTERNAL_ONLY = ("runtime_dir", "wait")
 
 def _external_options(params: Params, url: str) -> ExternalOptions | None:
     """The ``external:`` options, refused (exit 2) for any other source or target."""
-    from vdistream.engines.external import DEFAULT_CONNECT_TIMEOUT, ExternalOptions
+    from vdistream.engines.external import (
+        DEFAULT_CONNECT_TIMEOUT,
+        ExternalOptions,
+        check_socket_path,
+        external_name,
+    )
 
     if not url.lower().startswith("external:"):
         given = ["--" + n.replace("_", "-") for n in _EXTERNAL_ONLY if params[n] is not None]
@@ -147,10 +152,14 @@ def _external_options(params: Params, url: str) -> ExternalOptions | None:
             )
         return None
     directory = params["runtime_dir"]
-    return ExternalOptions(
+    options = ExternalOptions(
         directory=Path(directory).absolute() if directory is not None else None,
         connect_timeout=params["wait"] if params["wait"] is not None else DEFAULT_CONNECT_TIMEOUT,
     )
+    # a bad name or a socket path too long for its directory: a usage error (exit 2),
+    # told before anything is created
+    check_socket_path(external_name(url), options.directory)
+    return options
 
 
 _DEST = click.argument("dest", help="A directory or a storage URL.")

@@ -28,9 +28,11 @@ set's devices exactly as ``StripedBackup`` does, read from a file descriptor: st
 input for the command line) and ``drain`` (``StripedRestore`` into a file descriptor),
 both run over ``vdistream.transport.engine.RemoteRegistry``. ``FdProducer`` and
 ``FdConsumer`` are their ends: a pipe, socket or terminal is waited on in the event
-loop (a pool thread must never wait for another process), so an abort interrupts a
-feed whose writer is silent; a regular file or a device that cannot be waited on is
-read or written in the data path's thread pool.
+loop (a pool thread must never wait for another process), and that wait checks the
+set's state every ``_STOP_POLL`` seconds: an abort by the client (or its death) ends a
+feed whose writer is silent, or a drain whose reader stopped reading, at once; a
+regular file or a device that cannot be waited on is read or written in the data
+path's thread pool.
 
 ``vdistream.transport`` is imported when a job runs, not when this module is.
 """
@@ -43,6 +45,7 @@ import os
 import re
 import select
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,6 +82,8 @@ __all__ = (
     "FdConsumer",
     "FdProducer",
     "FeedSummary",
+    "SetAbortedError",
+    "check_socket_path",
     "drain",
     "external_name",
     "feed",
@@ -91,15 +96,35 @@ DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 def external_name(url: str) -> str:
-    """The set name of ``external:NAME``; ``ConfigError`` when there is none. The name's
-    own rules (length, characters) are the rendezvous' and are checked when it is used."""
+    """The set name of ``external:NAME``; ``ConfigError`` (a usage error) when there is
+    none or it breaks the rendezvous' rules (1..100 bytes of UTF-8, no '/', '\\' or
+    NUL, not starting with '.'). Whether its socket path fits under the runtime
+    directory is ``check_socket_path``'s."""
     name = url[len(SCHEME) :] if url.lower().startswith(SCHEME) else ""
     if not name or name != name.strip():
         raise ConfigError(
             f"{url!r} names no virtual device set: write external:NAME (NAME: the set's "
             "name, as the engine opens it, e.g. `vdistream feed NAME`)"
         )
+    from vdistream.transport.rendezvous import RuntimeDirectory
+
+    try:  # the shortest directory: only the name's own rules can fail
+        RuntimeDirectory(Path("/")).socket_path(None, name)
+    except VDIError as exc:
+        raise ConfigError(f"{url!r}: {_reason(exc)}") from None
     return name
+
+
+def check_socket_path(name: str, directory: Path | None = None) -> Path:
+    """The socket path the set ``name`` is published at in ``directory`` (``None``:
+    the default runtime directory); ``ConfigError`` naming both when the name is not
+    valid or the path does not fit in a Unix socket address."""
+    from vdistream.transport.rendezvous import RuntimeDirectory
+
+    try:
+        return RuntimeDirectory(directory).socket_path(None, name)
+    except VDIError as exc:
+        raise ConfigError(_reason(exc)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +230,9 @@ class _External(Engine):
             failed = "failed" if listening.path is not None else "could not be published"
             raise EngineError(f"the set {self.name!r} {failed}: {_reason(exc)}") from exc
         except OSError as exc:
-            raise EngineError(f"cannot publish the set {self.name!r} at {socket}: {exc}") from exc
+            raise EngineError(
+                f"cannot publish the set {self.name!r} at {socket}: {_os_reason(exc)}"
+            ) from exc
         return self._result(set_name, host)
 
     def _result(self, set_name: str, host: HostResult) -> ExternalResult:
@@ -235,7 +262,10 @@ def _abort_reason(exc: VDAbortError) -> str:
     protocol; the client's own abort), without the codes and places around it."""
     text = _reason(exc)
     match = _ABORTED.search(text)
-    return match["reason"] if match else text
+    reason = match["reason"] if match else text
+    if reason == "the server signalled abort":  # the core's words for an engine's abort
+        return "the engine in the other process aborted it (its own output says why)"
+    return reason
 
 
 _WHERE = re.compile(r" \(set '[^']*'(?:, [^()]*)?\)$")
@@ -247,6 +277,13 @@ def _reason(exc: VDIError) -> str:
     text = _WHERE.sub("", str(exc))
     head, sep, rest = text.partition(": ")
     return rest if sep and (head.startswith("VD_E_") or head.startswith("HRESULT")) else text
+
+
+def _os_reason(exc: OSError) -> str:
+    """``PATH: No such file or directory``, without Python's ``[Errno N]``."""
+    if exc.strerror is None:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
 
 
 class _Listening:
@@ -278,6 +315,30 @@ class ExternalRestore(_External):
 # --- file descriptors as producer and consumer ---------------------------------------
 
 
+#: How often a wait on a pipe, socket or terminal checks whether the set was aborted.
+_STOP_POLL = 0.05
+
+
+class SetAbortedError(Exception):
+    """A wait on a file descriptor gave up: the set it feeds or drains was aborted."""
+
+
+async def _wait(fd: int, readable: bool, stopped: Callable[[], bool] | None) -> None:
+    """Until ``fd`` is readable (writable); ``SetAbortedError`` as soon as ``stopped()``
+    says so (checked every ``_STOP_POLL`` s): a silent writer or a reader that stopped
+    reading must not keep an aborted feed or drain alive."""
+    wait = anyio.wait_readable if readable else anyio.wait_writable
+    if stopped is None:
+        await wait(fd)
+        return
+    while not stopped():
+        with anyio.move_on_after(_STOP_POLL) as scope:
+            await wait(fd)
+        if not scope.cancelled_caught:
+            return
+    raise SetAbortedError("the set was aborted")
+
+
 def _pollable(fd: int, events: int) -> bool:
     """Whether ``fd`` can be waited on (a pipe, a socket, a terminal); a regular file
     or a device like ``/dev/null`` or ``/dev/urandom`` cannot (``EPERM``), and never
@@ -299,8 +360,10 @@ class FdProducer(ByteProducer):
     ``bytes_read`` counts what was produced.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, stopped: Callable[[], bool] | None = None) -> None:
         self.fd = fd
+        #: when it returns true, a wait for input raises ``SetAbortedError``
+        self.stopped = stopped
         self.bytes_read = 0
         self._threaded: bool | None = None
         self._done = False
@@ -314,7 +377,7 @@ class FdProducer(ByteProducer):
             count = await threads.run_sync(os.readv, self.fd, [view])
         else:
             while True:
-                await anyio.wait_readable(self.fd)
+                await _wait(self.fd, True, self.stopped)
                 try:
                     count = os.readv(self.fd, [view])
                     break
@@ -338,8 +401,10 @@ class FdConsumer(ByteConsumer):
     taken.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, stopped: Callable[[], bool] | None = None) -> None:
         self.fd = fd
+        #: when it returns true, a wait for the reader raises ``SetAbortedError``
+        self.stopped = stopped
         self.bytes_written = 0
         self._threaded: bool | None = None
         self._flags: int | None = None
@@ -369,7 +434,7 @@ class FdConsumer(ByteConsumer):
                 try:
                     done += os.write(self.fd, view[done:])
                 except BlockingIOError:
-                    await anyio.wait_writable(self.fd)
+                    await _wait(self.fd, False, self.stopped)
         self.bytes_written += view.nbytes
 
     async def finish(self) -> None:
@@ -412,7 +477,40 @@ class _CheckedBackup(StripedBackup):
         if self.devices is not None and s.device_count != self.devices:
             self.found = s.device_count
             raise s.error(f"the set has {s.device_count} devices, not {self.devices}")
+        _stop_on_abort(self.producer, s)
         return await super()._backup(s)
+
+    async def _fill(self, s: ServerSession, buffer: memoryview) -> int:
+        try:
+            return await super()._fill(s, buffer)
+        except EngineError as exc:
+            if isinstance(exc.__cause__, SetAbortedError):
+                raise s.aborted_error() from None
+            raise
+
+
+class _CheckedRestore(StripedRestore):
+    """``StripedRestore`` whose wait for a stalled reader ends when the set aborts."""
+
+    async def _restore(self, s: ServerSession) -> EngineResult:
+        _stop_on_abort(self.consumer, s)
+        return await super()._restore(s)
+
+    async def _deliver(self, s: ServerSession, view: memoryview) -> None:
+        try:
+            await super()._deliver(s, view)
+        except EngineError as exc:
+            if isinstance(exc.__cause__, SetAbortedError):
+                raise s.aborted_error() from None
+            raise
+
+
+def _stop_on_abort(end: object, s: ServerSession) -> None:
+    """Make an ``FdProducer``'s or ``FdConsumer``'s waits end once the set is aborted
+    (by the other side, or its death): nothing else would interrupt them."""
+    if isinstance(end, FdProducer | FdConsumer):
+        sds = s.sds
+        end.stopped = lambda: sds.abort_reason is not None
 
 
 def _remote(directory: Path | None) -> Registry:
@@ -463,7 +561,7 @@ async def drain(
     """Open the published set ``name`` as the engine of a restore and write the
     reassembled, verified stream to ``fd`` (``StripedRestore``). The bytes reach ``fd``
     as they are reassembled: a failure after some of them cannot take them back."""
-    engine = StripedRestore(FdConsumer(fd), options or StripingOptions())
+    engine = _CheckedRestore(FdConsumer(fd), options or StripingOptions())
     started = time.monotonic()
     result = await engine.run(name, registry=_remote(directory))
     return FeedSummary(
