@@ -352,7 +352,7 @@ class Job:
         elif why.error is not None and first.error is None and first.cause is why.cause:
             self._abort_record = dataclasses.replace(first, error=why.error)
         if self._vds.state not in (ClientState.DNE, ClientState.ABORTED):
-            self._vds.signal_abort()
+            self._vds.signal_abort(why.reason)
         if self._decided_event is not None:
             self._decided_event.set()
         if self._scope is not None:

@@ -116,6 +116,7 @@ def _check_name(params: Params) -> None:
 _BLOCK_SIZE = re.compile(r"written with BLOCKSIZE=(?P<size>\d+), this restore uses \d+")
 #: the core's words for the client's side of an abort, in a feed's or drain's terms
 _CLIENT_WORDS = (
+    ("the client signalled abort: ", "the {job} that published it aborted it: "),
     ("the client signalled abort", "the {job} that published it aborted it (its output says why)"),
     ("the client stopped serving the set", "the {job} that published it stopped"),
     ("the client process died", "the {job} that published it ended or died"),

@@ -413,9 +413,12 @@ class SqlVdiDeviceSet:
 
     # --- abort and close -------------------------------------------------------------
 
-    def signal_abort(self) -> None:
-        """Abort the whole set: every call blocked in it returns ``VD_E_ABORT``; idempotent."""
-        self._signal_abort("the client signalled abort")
+    def signal_abort(self, reason: str | None = None) -> None:
+        """Abort the whole set: every call blocked in it returns ``VD_E_ABORT``; idempotent.
+        ``reason`` is kept in this object's ``abort_reason`` (SQL Server is not told)."""
+        self._signal_abort(
+            f"the client signalled abort: {reason}" if reason else "the client signalled abort"
+        )
 
     def _signal_abort(self, reason: str) -> None:
         live = self._require("signal_abort")

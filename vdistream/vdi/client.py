@@ -50,6 +50,10 @@ __all__ = ("ClientVirtualDevice", "ClientVirtualDeviceSet")
 _U32 = 0xFFFFFFFF
 
 
+def _client_abort_reason(reason: str | None) -> str:
+    return f"the client signalled abort: {reason}" if reason else "the client signalled abort"
+
+
 def _check_name(name: object, what: str) -> str:
     if not isinstance(name, str) or not name or "\\" in name:
         raise VDInvalidError(f"{what} must be a non-empty string without backslashes: {name!r}")
@@ -153,10 +157,13 @@ class ClientVirtualDeviceSet(SetFacade[ClientState, ClientCall]):
 
     # --- abort and close -----------------------------------------------------------
 
-    def signal_abort(self) -> None:
-        """Abort the whole set at once; idempotent, never blocks."""
+    def signal_abort(self, reason: str | None = None) -> None:
+        """Abort the whole set at once; idempotent, never blocks. ``reason`` (beyond
+        api.md) says why in the client's words; it follows "the client signalled
+        abort" in the set's ``abort_reason``, which an engine in another process gets
+        too (so ``vdistream feed`` can say why its backup stopped)."""
         core = self._enter(ClientCall.SIGNAL_ABORT)
-        core.abort(SetAbortCause.CLIENT, "the client signalled abort")
+        core.abort(SetAbortCause.CLIENT, _client_abort_reason(reason))
 
     def close(self) -> None:
         """Release the set (decision 3 of api.md).

@@ -96,7 +96,8 @@ class ClientSet(Protocol):
       ``None`` waits as long as the set lives); ``VDTimeoutError`` when it passes,
       ``VDAbortError`` once the set is aborted. Cancellation ends it promptly.
     * ``open_device(name)``: the device the server opened under ``name``.
-    * ``signal_abort()``: abort the whole set at once; idempotent; never blocks.
+    * ``signal_abort(reason=None)``: abort the whole set at once; idempotent; never
+      blocks; ``reason`` (the job's own words) follows "the client signalled abort".
     * ``close()``: release the set, after every call on it returned; ``VDOpenError``
       when devices were still open (the set is aborted and released anyway).
     * ``state``: the client's view (``ClientState``), ``DNE`` before create and after
@@ -119,7 +120,7 @@ class ClientSet(Protocol):
 
     def open_device(self, name: str) -> ClientDevice: ...
 
-    def signal_abort(self) -> None: ...
+    def signal_abort(self, reason: str | None = None) -> None: ...
 
     def close(self) -> None: ...
 
