@@ -1367,14 +1367,16 @@ static void usage(const char *why)
     exit(2);
 }
 
-static unsigned long number(const char *option, const char *value, unsigned long max)
+static unsigned long number(const char *option, const char *value, unsigned long min,
+                            unsigned long max)
 {
     char *end;
     errno = 0;
     unsigned long v = strtoul(value, &end, 10);
-    if (errno || end == value || *end || value[0] == '-' || v > max) {
+    if (errno || end == value || *end || value[0] == '-' || v < min || v > max) {
         char why[256];
-        snprintf(why, sizeof why, "%s: '%s' is not a number in 0..%lu", option, value, max);
+        snprintf(why, sizeof why, "%s: '%s' is not a number in %lu..%lu", option, value, min,
+                 max);
         usage(why);
     }
     return v;
@@ -1416,11 +1418,11 @@ int main(int argc, char **argv)
         else if (!strcmp(opt, "--instance"))
             instance = val;
         else if (!strcmp(opt, "--chunk"))
-            chunk = (uint32_t)number(opt, val, TRANSFER_MAX);
+            chunk = (uint32_t)number(opt, val, 0, TRANSFER_MAX);
         else if (!strcmp(opt, "--depth"))
-            depth = (uint32_t)number(opt, val, MAX_DEPTH);
+            depth = (uint32_t)number(opt, val, 1, MAX_DEPTH);
         else if (!strcmp(opt, "--timeout"))
-            timeout_ms = (int)number(opt, val, INT_MAX / 1000) * 1000;
+            timeout_ms = (int)number(opt, val, 0, INT_MAX / 1000) * 1000;
         else
             usage("unknown option");
     }

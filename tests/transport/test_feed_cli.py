@@ -237,3 +237,38 @@ def test_kill_9_of_the_feed_fails_the_backup_at_once_and_keeps_nothing(tmp_path:
     assert listed(dest) == []
     assert [p for p in stream_files(dest) if p.suffix in (".vdi", ".json")] == []
     assert not (rt / "victim.sock").exists()
+
+
+def test_drain_with_a_larger_block_size_than_the_backups_says_what_to_give(
+    tmp_path: Path,
+) -> None:
+    """A backup written with BLOCKSIZE 4K whose second device holds only its header
+    and trailer (8 KiB), drained with the default 64K: the one line says what to do."""
+    rt, dest = tmp_path / "rt", tmp_path / "dest"
+    (tmp_path / "data.bin").write_bytes(os.urandom(100_000))
+    made = subprocess.run(
+        cli(
+            "backup",
+            f"cmd:cat {tmp_path / 'data.bin'}",
+            dest,
+            "--devices",
+            "2",
+            "--block-size",
+            "4K",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    restore = start("restore", dest / made.stdout.strip(), "external:bs", "--runtime-dir", rt)
+    wait_for(rt / "bs.sock", restore)
+    drained = subprocess.run(
+        cli("drain", "bs", "--runtime-dir", rt), capture_output=True, text=True, timeout=60
+    )
+    assert drained.returncode == 1
+    (line,) = drained.stderr.splitlines()
+    assert "give" in line, line
+    assert "--block-size" in line, line
+    code, _, err = finish(restore)
+    assert code == 1, err

@@ -659,7 +659,7 @@ async def test_an_engine_that_never_reads_is_aborted_not_buffered(
                         await anyio.lowlevel.checkpoint()
             result = await served.result()
             assert isinstance(result, VDAbortError)
-            assert "left more than 50 records unread" in str(result)
+            assert "left more than 50 messages unread" in str(result)
             assert served.client.aborted_by is SetAbortCause.SERVER
             with pytest.raises(VDAbortError):
                 await dev0.get_command(0)

@@ -114,6 +114,8 @@ def _check_name(params: Params) -> None:
 
 
 _BLOCK_SIZE = re.compile(r"written with BLOCKSIZE=(?P<size>\d+), this restore uses \d+")
+#: a stream shorter than this drain's block size: fed with a smaller --block-size?
+_BEFORE_HEADER = re.compile(r"the stream ends after \d+ bytes, before its header block")
 #: the core's words for the client's side of an abort, in a feed's or drain's terms
 _CLIENT_WORDS = (
     ("the client signalled abort: ", "the {job} that published it aborted it: "),
@@ -136,6 +138,9 @@ def _failed(name: str, exc: VdistreamError, job: str, io: str = "") -> CommandEr
         text = text.replace(words, ours.format(job=job))
     # the BLOCKSIZE is the engine's choice, made before it reads the stream's header
     text = _BLOCK_SIZE.sub(r"\g<0> (give --block-size \g<size>)", text)
+    text = _BEFORE_HEADER.sub(
+        r"\g<0> (fed with a smaller --block-size? give drain the same)", text
+    )
     text = text.replace(f" (set {name!r})", "")  # the VDI error and the engine's both add it
     return CommandError(text if repr(name) in text else f"{text} (set {name!r})")
 

@@ -25,8 +25,8 @@ How it works, and the choices made:
 * **Zero copy.** Each SEGMENT's memfd is mapped ``MAP_SHARED``; ``allocate_buffer``
   returns a view of this process's mapping at the (segment, offset) the client chose,
   and commands name buffers by (segment, offset) again. Data never crosses the socket.
-  The mapping is only page aligned here, so a buffer is aligned to at most 4 KiB in
-  this process whatever the alignment asked for (the client's addresses honour it).
+  Each segment is mapped at a 64 KiB boundary (``vdi.buffers.map_aligned``), as the
+  client maps it, so a buffer has here the alignment the client laid it out with.
 * **Abort is local first.** ``signal_abort`` aborts this side at once (every waiter
   raises ``VDAbortError``, every outstanding command completes with
   ``OPERATION_ABORTED``), then tells the client. A STATE (ABORTED) from the client does

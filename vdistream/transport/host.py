@@ -1,4 +1,4 @@
-"""The client side of a set served to an engine in another process (protocol.md).
+"""The client side of a set served to an engine in another process (docs/transport.md).
 
 ``serve_set`` publishes a name, waits for one engine that passes the peer check, and
 then drives an in-process ``ServerVirtualDeviceSet`` on the local client set on the
@@ -42,8 +42,9 @@ How it runs (all inside one task group owned by ``serve_set``; nothing blocks th
   in use, FREE_BUFFER of a buffer the engine does not hold, more than
   ``MAX_UNANSWERED`` requests waiting for their reply) aborts the set (cause
   SERVER, the reason names the violation), sends STATE and closes. A SEND_COMMAND on a
-  device index never opened, or naming no buffer the engine holds, is not one: it
-  completes at once with INVALID_HANDLE (OPERATION_ABORTED after an abort). Its offset
+  device index never opened is not one: it completes at once with INVALID_HANDLE; one
+  naming no buffer the engine holds completes with INVALID_HANDLE, or OPERATION_ABORTED
+  after an abort. Its offset
   may point inside a buffer the engine holds (the data then starts there).
 
 Device names: the engine opens devices under the published name's names (``name``,
@@ -403,7 +404,7 @@ class _Host:
         with anyio.CancelScope(deadline=deadline) as self.read_scope:
             return await self.read_records()
         if self.overflowed:
-            reason = f"the engine left more than {MAX_QUEUED_RECORDS} records unread"
+            reason = f"the engine left more than {MAX_QUEUED_RECORDS} messages unread"
             self.abort(SetAbortCause.SERVER, reason)
             return _End.VIOLATION
         return _End.GRACE
@@ -701,7 +702,7 @@ class _Host:
         try:
             server.free_buffer(view)
         except VDIError as exc:
-            # protocol.md: a refused FREE_BUFFER aborts the set
+            # docs/transport.md: a refused FREE_BUFFER aborts the set
             self.abort(SetAbortCause.SERVER, f"the engine's free_buffer failed: {_message(exc)}")
 
     def command_buffer(self, record: wire.SendCommand) -> tuple[memoryview | None, bool]:

@@ -1,5 +1,5 @@
 """Rendezvous by name: where a client publishes a set and an engine in another process
-finds it (protocol.md §1, docs/transport.md).
+finds it (docs/transport.md §1).
 
 A set ``NAME`` of the default instance is the socket ``DIR/NAME.sock``; of a named
 instance, ``DIR/<instance, lower-cased>/NAME.sock``. Beside it, ``NAME.lock`` is held
@@ -61,7 +61,7 @@ _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 def default_runtime_dir() -> Path:
     """``$VDISTREAM_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/vdistream``, else
-    ``/tmp/vdistream-<uid>`` (protocol.md §1)."""
+    ``/tmp/vdistream-<uid>`` (docs/transport.md §1)."""
     explicit = os.environ.get("VDISTREAM_RUNTIME_DIR")
     if explicit:
         return Path(explicit)
