@@ -138,9 +138,7 @@ def _failed(name: str, exc: VdistreamError, job: str, io: str = "") -> CommandEr
         text = text.replace(words, ours.format(job=job))
     # the BLOCKSIZE is the engine's choice, made before it reads the stream's header
     text = _BLOCK_SIZE.sub(r"\g<0> (give --block-size \g<size>)", text)
-    text = _BEFORE_HEADER.sub(
-        r"\g<0> (fed with a smaller --block-size? give drain the same)", text
-    )
+    text = _BEFORE_HEADER.sub(r"\g<0> (fed with a smaller --block-size? give drain the same)", text)
     text = text.replace(f" (set {name!r})", "")  # the VDI error and the engine's both add it
     return CommandError(text if repr(name) in text else f"{text} (set {name!r})")
 
