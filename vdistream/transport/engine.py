@@ -56,7 +56,6 @@ import math
 import mmap
 import os
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Generator
@@ -95,6 +94,7 @@ from vdistream.protocol.commands import BUFFER_COMMANDS
 from vdistream.protocol.config import ALIGNMENT_MAX, is_power_of_two
 from vdistream.transport import wire
 from vdistream.transport.rendezvous import RuntimeDirectory
+from vdistream.transport.sockets import Gatherer, received_fds
 from vdistream.vdi._notify import Notifier
 from vdistream.vdi.buffers import address_of, map_aligned
 from vdistream.vdi.registry import Registry
@@ -109,7 +109,6 @@ __all__ = (
 _log = get_logger(__name__)
 
 _U32 = 0xFFFFFFFF
-_FD = struct.Struct("i")  # a descriptor in SCM_RIGHTS data (native int)
 _I64 = 1 << 63
 #: Room for the descriptors one record may carry (SEGMENT: one); extras are closed.
 _ANCILLARY = socket.CMSG_SPACE(4 * 4)
@@ -173,7 +172,13 @@ class _Request:
 class _Connection:
     """The state of one opened set: everything the reader applies, the calls read."""
 
-    def __init__(self, sock: socket.socket, instance: str | None, name: str) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        instance: str | None,
+        name: str,
+        send_message: Callable[[_Connection, bytes], None],
+    ) -> None:
         self.sock = sock
         self.instance = instance
         self.name = name
@@ -195,9 +200,8 @@ class _Connection:
         self.commands: dict[int, RemotePendingCommand] = {}
         self.devices: dict[int, RemoteServerVirtualDevice] = {}
         self.outbox: deque[bytes] = deque()
-        self.batch: list[bytes] = []  # records gathered for the next message
-        self.batch_bytes = 0
-        self.batch_scheduled = False
+        #: the records of one step of the loop, sent as one message by ``send_message``
+        self.gatherer = Gatherer(lambda data: send_message(self, data))
         self.notifier = Notifier()  # welcome, state, abort, loss
         self.writable = Notifier()  # something waits in the outbox
         # Shielded: the connection lives until the set is closed (``_finish`` cancels
@@ -616,7 +620,7 @@ class RemoteServerVirtualDeviceSet:
             except BaseException:
                 sock.close()
                 raise
-            conn = _Connection(sock, instance, name)
+            conn = _Connection(sock, instance, name, self._send_message)
             self._group.start_soon(self._serve, conn, name=f"vdistream set {name!r} reader")
             try:
                 await self._await_welcome(conn, timeout)
@@ -969,44 +973,18 @@ class RemoteServerVirtualDeviceSet:
     # --- sending ---------------------------------------------------------------------
 
     def _send(self, conn: _Connection, record: Any) -> None:
-        """Send one record, never blocking. The first record of a step of the loop goes
-        at once; those that follow in the same step go together as one message when the
-        step is done (a ``call_soon`` flush: one more wake-up of the client for all of
-        them). Outside a running loop every record goes at once. A connection already
-        lost takes nothing (the abort says what happened)."""
+        """Send one record, never blocking, with the others of this step of the loop
+        (``Gatherer``). A connection already lost takes nothing (the abort says what
+        happened)."""
         if conn.lost:
             return
-        data = record.encode()
-        if conn.batch_scheduled:
-            # A record already went out this step: gather the rest for one message.
-            if conn.batch_bytes + len(data) > wire.MAX_MESSAGE:
-                self._flush_batch(conn, rescheduled=True)
-            conn.batch.append(data)
-            conn.batch_bytes += len(data)
-            return
-        # The first record of a step goes at once (a lone command waits for nothing).
-        conn.batch.append(data)
-        conn.batch_bytes += len(data)
-        self._flush_batch(conn)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        conn.batch_scheduled = True
-        loop.call_soon(self._flush_batch, conn)
+        conn.gatherer.add(record.encode())
 
-    def _flush_batch(self, conn: _Connection, *, rescheduled: bool = False) -> None:
-        """Send the gathered records as one message, or queue it for the connection's
-        task when the socket is full (after what is queued already); ``rescheduled``:
-        the step goes on (the message was full)."""
-        conn.batch_scheduled = rescheduled
-        if not conn.batch or conn.lost:
-            conn.batch.clear()
-            conn.batch_bytes = 0
+    def _send_message(self, conn: _Connection, data: bytes) -> None:
+        """Send one message, or queue it for the connection's task when the socket is
+        full (after what is queued already)."""
+        if conn.lost:
             return
-        data = conn.batch[0] if len(conn.batch) == 1 else b"".join(conn.batch)
-        conn.batch.clear()
-        conn.batch_bytes = 0
         if not conn.outbox:
             try:
                 conn.sock.send(data, socket.MSG_NOSIGNAL)
@@ -1034,7 +1012,7 @@ class RemoteServerVirtualDeviceSet:
             _log.exception("remote_set_reader_failed", set_name=conn.name)
             self._lost(conn, exc)
         finally:
-            self._flush_batch(conn)  # a last SIGNAL_ABORT or CLOSE gathered this step
+            conn.gatherer.flush()  # a last SIGNAL_ABORT or CLOSE gathered this step
             self._lost(conn, None)
             conn.outbox.clear()
             conn.sock.close()
@@ -1118,7 +1096,7 @@ class RemoteServerVirtualDeviceSet:
             except OSError as exc:
                 self._lost(conn, exc)
                 return
-            fds = _descriptors(ancillary)
+            fds = received_fds(ancillary)
             if not data and not fds:
                 self._lost(conn, None)  # EOF: the client closed, or its process died
                 return
@@ -1136,7 +1114,7 @@ class RemoteServerVirtualDeviceSet:
             return
         conn.lost = True
         conn.outbox.clear()
-        conn.batch.clear()
+        conn.gatherer.clear()
         if not conn.closing and conn.state is not ServerState.DNE:
             detail = f": {why}" if why is not None else ""
             self._abort(
@@ -1165,7 +1143,7 @@ class RemoteServerVirtualDeviceSet:
         if not conn.aborted and conn.state is not ServerState.DNE:
             self._abort(conn, SetAbortCause.SERVER, f"protocol violation by the client: {what}")
             self._send(conn, wire.SignalAbort())
-            self._flush_batch(conn)  # now: the connection ends below
+            conn.gatherer.flush()  # now: the connection ends below
         elif conn.config is None:
             conn.refusal = VDProtocolError(
                 f"open: the client broke the protocol: {what}", set_name=conn.name
@@ -1370,12 +1348,3 @@ class RemoteRegistry(Registry):
 
 def _u32(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U32
-
-
-def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % _FD.size
-            fds.extend(fd for (fd,) in _FD.iter_unpack(data[:usable]))
-    return fds

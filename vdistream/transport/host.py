@@ -92,6 +92,7 @@ from vdistream.protocol.commands import BUFFER_COMMANDS
 from vdistream.threads import run_sync
 from vdistream.transport import wire
 from vdistream.transport.rendezvous import Publication, RuntimeDirectory, peer_credentials
+from vdistream.transport.sockets import Gatherer, received_fds
 from vdistream.vdi import PendingCommand, Registry, ServerVirtualDevice, ServerVirtualDeviceSet
 from vdistream.vdi.buffers import MAX_BUFFERS
 
@@ -242,9 +243,7 @@ class _Host:
         self.segments_sent = 0
         self.features = 0  # of the final configuration
         self.outgoing: deque[tuple[bytes, list[int]]] = deque()
-        self.batch: list[bytes] = []  # records gathered for the next message
-        self.batch_bytes = 0
-        self.batch_scheduled = False
+        self.gatherer = Gatherer(lambda data: self.send_message(data, ()))
         self.outgoing_added = anyio.Event()
         self.hangup_deadline: float | None = None
         self.read_scope: anyio.CancelScope | None = None
@@ -474,7 +473,7 @@ class _Host:
                 continue
             except BrokenPipeError:
                 return self.lost()
-            _close_fds(ancdata)
+            _close_all(received_fds(ancdata))  # an engine has no reason to send any
             if not data:
                 return self.lost()
             try:
@@ -815,43 +814,15 @@ class _Host:
     # --- writing ----------------------------------------------------------------------
 
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Send one record. The first record of a step of the loop goes at once; those
-        that follow in the same step are gathered into one message sent when the step
-        is done (at most ``MAX_MESSAGE``: one more wake-up of the engine for all of
-        them). A record with descriptors goes alone, after what was gathered. Outside a
-        running loop every record goes at once."""
+        """Send one record, with the others of this step of the loop (``Gatherer``); a
+        record with descriptors goes alone, after what was gathered."""
         if self.conn is None or self.broken:
             return
         if fds:
-            self.flush_batch()
+            self.gatherer.flush()
             self.send_message(data, fds)
             return
-        if self.batch_scheduled:
-            # A record already went out this step: gather the rest for one message.
-            if self.batch_bytes + len(data) > wire.MAX_MESSAGE:
-                self.flush_batch(rescheduled=True)
-            self.batch.append(data)
-            self.batch_bytes += len(data)
-            return
-        # The first record of a step goes at once (a lone completion waits for nothing).
-        self.send_message(data, ())
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self.batch_scheduled = True
-        loop.call_soon(self.flush_batch)
-
-    def flush_batch(self, *, rescheduled: bool = False) -> None:
-        """Send the gathered records as one message (in order, after anything queued);
-        ``rescheduled``: the step goes on (the message was full)."""
-        self.batch_scheduled = rescheduled
-        if not self.batch:
-            return
-        data = self.batch[0] if len(self.batch) == 1 else b"".join(self.batch)
-        self.batch.clear()
-        self.batch_bytes = 0
-        self.send_message(data, ())
+        self.gatherer.add(data)
 
     def send_message(self, data: bytes, fds: Sequence[int]) -> None:
         """Send one message now, or queue it for the writer if the socket is full."""
@@ -908,14 +879,13 @@ class _Host:
 
     async def flush(self) -> None:
         """Send what is queued (bounded): the engine's last REPLY, STATE, COMPLETIONs."""
-        self.flush_batch()
+        self.gatherer.flush()
         with anyio.move_on_after(_FLUSH_TIMEOUT):
             while self.outgoing and not self.broken:
                 await self.drained.wait()
 
     def drop_outgoing(self) -> None:
-        self.batch.clear()
-        self.batch_bytes = 0
+        self.gatherer.clear()
         while self.outgoing:
             _close_all(self.outgoing.popleft()[1])
 
@@ -947,15 +917,6 @@ def _sendmsg(conn: socket.socket, data: bytes, fds: Sequence[int]) -> None:
         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     )
     conn.sendmsg([data], ancillary, socket.MSG_NOSIGNAL)
-
-
-def _close_fds(ancdata: list[tuple[int, int, bytes]]) -> None:
-    """Close file descriptors an engine sent (it has no reason to)."""
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            _close_all(list(fds))
 
 
 def _close_all(fds: list[int]) -> None:
