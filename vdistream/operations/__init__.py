@@ -15,13 +15,13 @@ from vdistream.operations.core import BackupOutcome as BackupOutcome
 from vdistream.operations.core import BackupSettings as BackupSettings
 from vdistream.operations.core import Check as Check
 from vdistream.operations.core import JobHook as JobHook
-from vdistream.operations.core import KeySource as KeySource
 from vdistream.operations.core import VerifyReport as VerifyReport
 from vdistream.operations.core import list_backups as list_backups
 from vdistream.operations.core import opened_storage as opened_storage
 from vdistream.operations.core import run_backup as run_backup
 from vdistream.operations.core import run_restore as run_restore
 from vdistream.operations.core import run_verify as run_verify
+from vdistream.operations.keys import KeySource as KeySource
 
 if _typing.TYPE_CHECKING:
     from vdistream.operations.chains import ChainOutcome as ChainOutcome

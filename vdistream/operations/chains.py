@@ -17,7 +17,8 @@ import datetime
 from vdistream.catalog import list_manifests
 from vdistream.catalog.chain import RestorePlan, RestoreStep, plan_restore
 from vdistream.coordinator import JobResult
-from vdistream.operations.core import JobHook, KeySource, opened_storage, restore_sqlserver
+from vdistream.operations.core import JobHook, opened_storage, restore_sqlserver
+from vdistream.operations.keys import KeySource
 from vdistream.operations.sqlserver import (
     SqlRestoreOptions,
     check_target,

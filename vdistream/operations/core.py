@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -72,13 +71,12 @@ from vdistream.engines.external import ExternalOptions
 from vdistream.engines.workdir import claim_workdir, release_workdir, sweep_workdir
 from vdistream.errors import (
     ConfigError,
-    KeyMissingError,
-    KeyNotNeededError,
     PipelineError,
     StorageError,
     VdistreamError,
 )
 from vdistream.log import get_logger
+from vdistream.operations.keys import KeySource, backup_key, pipeline_for
 from vdistream.ownership import OwnerLock
 from vdistream.pipeline.chain import PipelineConfig, SourceChain
 from vdistream.pipeline.spec import CompressionSpec
@@ -88,7 +86,6 @@ from vdistream.storage import Storage
 if TYPE_CHECKING:  # SQL Server, encryption and files mode are imported when used (start-up)
     from vdistream.engines.pgfiles.layout import FileRecord
     from vdistream.operations.sqlserver import SqlRestoreOptions
-    from vdistream.pipeline.keys import Key
     from vdistream.sqlserver.source import SqlServerSource
 
 __all__ = (
@@ -97,7 +94,6 @@ __all__ = (
     "BackupSettings",
     "Check",
     "JobHook",
-    "KeySource",
     "VerifyReport",
     "list_backups",
     "opened_storage",
@@ -113,51 +109,6 @@ JobHook = Callable[[Job], None]
 VERIFY_WORKDIR_PREFIX = "vdistream-verify-"
 
 _log = get_logger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class KeySource:
-    """Where the encryption key comes from: a key file, an environment variable holding
-    the key, or one holding a passphrase (stretched with scrypt; the salt and
-    parameters are recorded in the manifest so a restore derives the same key)."""
-
-    key_file: str | None = None
-    env: str | None = None
-    passphrase_env: str | None = None
-    #: a key configured for every job (the daemon's), used only when a backup is
-    #: encrypted; a key given for one job (False) is refused for an unencrypted backup
-    optional: bool = False
-
-    @property
-    def given(self) -> bool:
-        return any(v is not None for v in (self.key_file, self.env, self.passphrase_env))
-
-    @property
-    def option(self) -> str:
-        """How the user gave the key, as the command line spells it."""
-        if self.key_file is not None:
-            return "--encrypt-key-file"
-        if self.env is not None:
-            return "--encrypt-key-env"
-        return "--encrypt-passphrase-env"
-
-    async def load(self, kdf: dict[str, Any] | None = None) -> Key:
-        passphrase = None
-        from vdistream.pipeline.keys import ScryptParams, load_key
-
-        if self.passphrase_env is not None:
-            passphrase = os.environ.get(self.passphrase_env)
-            if passphrase is None:
-                raise KeyMissingError(
-                    f"the environment variable {self.passphrase_env} holds no passphrase"
-                )
-        params = ScryptParams.from_dict(kdf) if kdf and passphrase is not None else None
-        # scrypt takes a noticeable fraction of a second: keep it off the event loop
-        return await anyio.to_thread.run_sync(
-            lambda: load_key(
-                key_file=self.key_file, env=self.env, passphrase=passphrase, kdf=params
-            )
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +131,10 @@ class BackupSettings:
     #: ``external:NAME``: the runtime directory the set is published in, who may open
     #: it, how long it waits for its engine (``vdistream.engines.external``)
     external: ExternalOptions | None = None
+    #: the job's bandwidth limit in bytes per second, shared by its devices (None: none)
+    max_rate: int | None = None
+    #: a second destination written in the same pass (``--mirror``): a storage URL
+    mirror: str | None = None
 
     def striping(self) -> StripingOptions:
         return StripingOptions(
@@ -242,9 +197,7 @@ async def run_backup(
     async with opened_storage(destination) as storage:
         versions = {"vdistream": __version__, "python": platform.python_version()}
         versions.update(await source.describe())
-        key = None
-        if settings.encryption is not None and settings.encryption.given:
-            key = await settings.encryption.load()
+        key = await backup_key(settings.encryption)
         pipeline = PipelineConfig(compression=settings.compression, key=key)
         # Decided here, not by the job: the preflight and the in-progress marker need it.
         backup_id = settings.backup_id or new_backup_id()
@@ -390,27 +343,6 @@ async def _backup_job(
     return BackupOutcome(result, manifest, url)
 
 
-async def _pipeline_for(manifest: Manifest, keys: KeySource | None) -> PipelineConfig:
-    """The manifest's stages, with the key loaded and checked against its fingerprint:
-    a wrong or missing key is reported as such before any byte is read."""
-    encryption = (manifest.pipeline or {}).get("encryption")
-    key = None
-    if not encryption and keys is not None and keys.given and not keys.optional:
-        raise KeyNotNeededError(
-            f"backup {manifest.backup_id} is not encrypted: leave out {keys.option}"
-        )
-    if encryption:
-        if keys is None or not keys.given:
-            raise KeyMissingError(
-                f"backup {manifest.backup_id} is encrypted: give its key "
-                "(--encrypt-key-file, --encrypt-key-env or --encrypt-passphrase-env)"
-            )
-        recorded = encryption.get("key", {})
-        key = await keys.load(recorded.get("kdf"))
-        key.check_fingerprint(str(recorded.get("fingerprint", "")), where=manifest.backup_id)
-    return PipelineConfig.from_manifest(manifest.pipeline, key)
-
-
 def _file_records(manifest: Manifest) -> list[FileRecord] | None:
     """The files a PostgreSQL files-mode backup holds, from its manifest (None for
     other backups)."""
@@ -447,7 +379,7 @@ async def _restore_job(
     """One restore job of ``manifest`` into ``target``; ``engine`` (SQL Server's) stands
     in for the one ``restore_engine`` would build from the target."""
     await check_streams(storage, manifest)
-    pipeline = await _pipeline_for(manifest, keys)
+    pipeline = await pipeline_for(manifest, keys)
     if verify_first:
         checks = await _reread_all(storage, manifest, pipeline)
         bad = [c for c in checks if not c.ok]
@@ -718,7 +650,7 @@ async def _verify(
         return VerifyReport(backup_id, tuple(checks))
 
     try:
-        pipeline = await _pipeline_for(manifest, keys)
+        pipeline = await pipeline_for(manifest, keys)
     except PipelineError as exc:
         checks.append(Check("key", False, str(exc)))
         return VerifyReport(backup_id, tuple(checks))
