@@ -25,6 +25,15 @@ Each device's life (its stage chain, its commands, its commit or abort) belongs 
 the outcomes into its ``DeviceResult``\\ s. A restore's target is published only after
 every stream passed every check (see ``vdistream.pump``).
 
+Bandwidth: a job has its own limit, ``job.throttle`` (a
+:class:`~vdistream.throttle.RateLimit` of ``JobOptions.max_rate`` bytes per second,
+``None``: none), which ``job.throttle.set_rate(n)`` changes while the job runs (within
+a second: at once for a device already waiting). Its devices share it fairly (first
+come, first served), together with ``JobOptions.limits`` and the limits a caller put in
+effect with :func:`vdistream.throttle.sharing` when the job was created (a daemon's
+global one). A device waiting on a limit counts as moving for the stall watchdog; an
+abort lets every waiting device go at once.
+
 A restore's errors are told in the user's terms: an engine's error names the device by
 its index and the stored stream it read (the storage's actual location, not the set's
 internal device names).
@@ -66,6 +75,7 @@ from vdistream.progress import JobProgress
 from vdistream.protocol import ClientState, Features, SetAbortCause, VDConfig
 from vdistream.pump import DeviceOutcome, ExpectedStream, Pump, PumpEnd
 from vdistream.storage import OrphanUploadsError, Storage, open_storage
+from vdistream.throttle import Limits, RateLimit, shared_limits
 from vdistream.vdi import Registry, SetStatistics
 
 __all__ = (
@@ -160,6 +170,11 @@ class JobOptions:
     stall_timeout: float = 60.0
     #: VDConfig.server_timeout_ms: the set aborts itself when commands stay pending.
     server_timeout_ms: int = 0
+    #: the job's bandwidth limit in bytes per second, shared by its devices (``None``:
+    #: none); ``Job.throttle`` changes it while the job runs
+    max_rate: int | None = None
+    #: limits shared with other jobs that this job respects too (a daemon's global one)
+    limits: tuple[RateLimit, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +307,9 @@ class Job:
         if self.pipeline.any and self.options.disk_like:
             raise ValueError("compression and encryption need pipe-like (sequential) devices")
         self._hash_limiter = anyio.CapacityLimiter(max(2, count))
+        #: the job's own bandwidth limit (module doc); ``set_rate`` changes it live
+        self.throttle = RateLimit(self.options.max_rate, name="job")
+        self._limits = Limits((self.throttle, *self.options.limits, *shared_limits()))
         self._storage_arg = storage
         self.storage: Storage | None = None
         self.status = JobStatus.PENDING
@@ -325,6 +343,11 @@ class Job:
     def aborted(self) -> bool:
         return self._abort_record is not None
 
+    @property
+    def limits(self) -> tuple[RateLimit, ...]:
+        """Every bandwidth limit the job's devices respect: its own first."""
+        return self._limits.limits
+
     def statistics(self) -> SetStatistics | None:
         """The set's buffers in use and commands outstanding per device; ``None`` while
         the job has no set (before it starts, after it ended)."""
@@ -353,6 +376,7 @@ class Job:
             self._abort_record = dataclasses.replace(first, error=why.error)
         if self._vds.state not in (ClientState.DNE, ClientState.ABORTED):
             self._vds.signal_abort(why.reason)
+        self._limits.release()  # no device waits for tokens to learn of the abort
         if self._decided_event is not None:
             self._decided_event.set()
         if self._scope is not None:
@@ -487,6 +511,7 @@ class Job:
                 disk_like=self.options.disk_like,
                 drain_timeout=self.options.drain_timeout,
                 expected=self.expected[index] if self.expected is not None else None,
+                limits=self._limits,
             )
             self._pumps.append(pump)
             tg.start_soon(pump.run)
@@ -529,9 +554,10 @@ class Job:
             with anyio.move_on_after(min(1.0, timeout / 4)):
                 await self._decided.wait()
             moved = self.progress.moved()
-            if self.engine.busy or self._only_engine_left():
-                # silent work the engine vouches for (a snapshot, ...), or its end after
-                # every device closed (SQL Server's history, a restore's recovery)
+            if self.engine.busy or self._only_engine_left() or self._limits.waiting:
+                # silent work the engine vouches for (a snapshot, ...), its end after
+                # every device closed (SQL Server's history, a restore's recovery), or
+                # a device held back by a bandwidth limit (bounded: it moves at its rate)
                 since = anyio.current_time()
             if moved != last:
                 last, since = moved, anyio.current_time()

@@ -22,6 +22,11 @@ GET/SET_POSITION  disk-like devices only
 anything else NOT_SUPPORTED
 ============  ==============================================================
 
+Bandwidth: a WRITE waits for its bytes under the job's limits (``vdistream.throttle``)
+before its sink write, a READ after its source read (for the bytes it got), before the
+command completes, so the engine moves no faster than the limits allow. With no limit
+set the cost is one check of the limits' rates per command.
+
 A storage or pipeline failure (a corrupt or undecryptable stream) completes the command
 with an error code the engine understands (DISK_FULL when the medium is full, else a
 read or write ``Fault``) and is then raised, so that the job aborts with the storage
@@ -58,6 +63,7 @@ from vdistream.pipeline.chain import PipelineConfig, SinkChain, SourceChain
 from vdistream.progress import DeviceProgress
 from vdistream.protocol import Command, CommandCode, CommandResult, Completion, Fault, Whence
 from vdistream.storage import Storage
+from vdistream.throttle import Limits
 from vdistream.vdi.contract import ClientDevice
 
 if TYPE_CHECKING:  # structlog loads rich: 60 ms of every command's start-up
@@ -145,6 +151,8 @@ class Pump:
     disk_like: bool = False
     drain_timeout: float = 10.0
     expected: ExpectedStream | None = None
+    #: the bandwidth limits the job's devices share (none: ``Limits(())``)
+    limits: Limits = dataclasses.field(default_factory=lambda: Limits(()))
     sink: SinkChain | None = dataclasses.field(default=None, init=False)
     source: SourceChain | None = dataclasses.field(default=None, init=False)
     position: int = dataclasses.field(default=0, init=False)
@@ -252,12 +260,16 @@ class Pump:
         sink = self.sink.outer if self.sink is not None else None
         if code is CommandCode.WRITE and sink is not None:
             assert command.buffer is not None
+            if self.limits.active:
+                await self.limits.take(command.size)
             await sink.write(command.buffer, position=at)
             self.position = (self.position if at is None else at) + command.size
             return CommandResult(Completion.SUCCESS, command.size)
         if code is CommandCode.READ and self.source is not None:
             assert command.buffer is not None
             got = await self.source.outer.readinto(command.buffer, position=at)
+            if self.limits.active:
+                await self.limits.take(got)
             self.position = (self.position if at is None else at) + got
             if got == command.size:
                 return CommandResult(Completion.SUCCESS, got)

@@ -87,6 +87,7 @@ def test_backup_json_fields(backed_up: tuple[Path, Path, str]) -> None:
         "seconds",
         "error",
         "aborted_by",
+        "debris_removed",
     }
     made = summary["id"]
     assert isinstance(made, str)

@@ -664,7 +664,7 @@ def test_every_problem_is_one_line_the_first_as_the_checks_meet_them(tmp_path: P
         f"{path}, line 3: service.max_job: unknown key in [service]; did you mean 'max_jobs'? "
         "(known: state_dir, socket, socket_mode, listen, token_file, max_jobs, max_queued, "
         "grace_period, job_history, log_format, log_level, timezone, sqlvdi, runtime_dir, "
-        "runtime_group)",
+        "runtime_group, max_rate, webhooks)",
         f"{path}, line 2: service.log_level: expected one of debug, info, warning, error, "
         "got 'loud'",
         f"{path}, line 10: databases.app.devices: expected an integer from 1 to 64, got 0",

@@ -38,13 +38,13 @@ def test_bad_urls_name_the_url_and_the_known_schemes(url: str, reason: str) -> N
         open_storage(url)
     message = str(caught.value)
     assert reason in message
-    assert "known schemes: file, memory, null" in message
+    assert "known schemes: azure, file, memory, null" in message
     assert caught.value.url == url
     assert message.endswith(f"({url})")
 
 
 def test_builtin_schemes_case_insensitive(tmp_path: Path) -> None:
-    assert default_registry.schemes == ("file", "memory", "null", "s3")
+    assert default_registry.schemes == ("azure", "file", "memory", "null", "s3")
     assert isinstance(open_storage(tmp_path.as_uri().replace("file:", "FILE:")), FileStorage)
     assert isinstance(open_storage("Memory://m"), MemoryStorage)
     assert isinstance(open_storage("null://"), NullStorage)
@@ -76,7 +76,7 @@ def test_factory_errors_gain_the_schemes_and_keep_the_cause() -> None:
     with pytest.raises(StorageURLError) as caught:
         open_storage("memory://")
     assert str(caught.value) == (
-        "expected memory://store-name[/prefix]; known schemes: file, memory, null, s3 (memory://)"
+        "expected memory://store-name[/prefix]; known schemes: azure, file, memory, null, s3 (memory://)"
     )
     assert isinstance(caught.value.__cause__, StorageURLError)
 

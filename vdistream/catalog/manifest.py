@@ -104,6 +104,26 @@ class Manifest:
             devices=tuple(dataclasses.replace(d, url=f"{base}/{d.key}") for d in self.devices),
         )
 
+    @property
+    def key_block(self) -> dict[str, Any] | None:
+        """What the manifest records about the encryption key (``pipeline.encryption.key``:
+        a fingerprint and KDF before envelopes, the wrapped data key since); None when
+        the backup is not encrypted. Nothing in it is secret."""
+        encryption = (self.pipeline or {}).get("encryption")
+        if not encryption:
+            return None
+        block = encryption.get("key")
+        return block if isinstance(block, dict) else None
+
+    def with_key_block(self, block: dict[str, Any]) -> Manifest:
+        """This manifest with another key block and nothing else changed (the key
+        commands' rewrap); its checksum is computed anew by ``to_json``."""
+        if self.key_block is None:
+            raise CatalogError(f"backup {self.backup_id} is not encrypted: it has no key block")
+        assert self.pipeline is not None  # it has a key block
+        encryption = {**self.pipeline["encryption"], "key": block}
+        return dataclasses.replace(self, pipeline={**self.pipeline, "encryption": encryption})
+
     def _body(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
         body["devices"] = [dataclasses.asdict(d) for d in self.devices]

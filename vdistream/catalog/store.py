@@ -15,6 +15,7 @@ __all__ = (
     "list_manifests",
     "parse_backup_ref",
     "read_manifest",
+    "replace_manifest",
     "write_manifest",
 )
 
@@ -54,6 +55,26 @@ async def write_manifest(storage: Storage, manifest: Manifest) -> str:
             f"backup {manifest.backup_id} already exists in {storage.url}; not replacing it"
         ) from exc
     return f"{storage.url.rstrip('/')}/{key}"
+
+
+async def replace_manifest(storage: Storage, manifest: Manifest) -> str:
+    """Replace a committed manifest with ``manifest`` (same backup) atomically, through
+    ``Storage.replace_bytes``: a reader sees the old manifest or the new one, never
+    neither and never a mix, and the old one stays until the new one is durable (file:
+    temporary, fsync, rename, directory fsync; S3: one PutObject). Returns its URL.
+
+    For the key commands, which rewrap a backup's data key and change nothing else; the
+    caller holds the backup's ``Storage.in_progress`` mark, so two replacements of one
+    manifest cannot interleave. ``CatalogError`` if there is no manifest to replace;
+    the storage's ``StorageError`` if it cannot replace (then the old one is intact).
+    """
+    key = manifest_key(manifest.backup_id)
+    where = f"{storage.url.rstrip('/')}/{key}"
+    try:
+        await storage.replace_bytes(key, manifest.to_json())
+    except StorageNotFoundError as exc:
+        raise CatalogError(f"no manifest to replace at {where}") from exc
+    return where
 
 
 async def read_manifest(storage: Storage, backup_id: str) -> Manifest:

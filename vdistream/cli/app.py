@@ -45,6 +45,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("local", "list_"),
     "storage": ("local", "storage"),
     "keygen": ("local", "keygen"),
+    "key": ("keys", "key"),
     "demo": ("local", "demo"),
     "feed": ("external", "feed"),
     "drain": ("external", "drain"),
@@ -69,6 +70,10 @@ def _load(name: str) -> click.Command:
         from vdistream.cli import prune
 
         command = getattr(prune, attr)
+    elif module == "keys":
+        from vdistream.cli import keys
+
+        command = keys.key
     elif module == "external":
         from vdistream.cli import external
 

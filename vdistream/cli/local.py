@@ -29,6 +29,7 @@ from vdistream.cli.params import (
     MIN_AGE,
     MOVE,
     POINT_IN_TIME,
+    RATE,
     SECONDS,
     TIME_OR_LATEST,
     Duration,
@@ -72,6 +73,9 @@ _DAEMON_OWNS = (
     "encrypt_passphrase_env",
     "runtime_dir",
     "wait",
+    "mirror",
+    "encrypt_recipients",
+    "max_rate",
 )
 
 _JSON = click.option(
@@ -176,6 +180,31 @@ _KEYS = (
 )
 
 
+_RECIPIENT = click.option(
+    "--encrypt-recipient",
+    "encrypt_recipients",
+    metavar="FILE",
+    multiple=True,
+    help="Also (or only) encrypt for this X25519 public key (PEM; `vdistream key generate` "
+    "makes a pair); repeatable. Whoever holds the private key can restore; this host "
+    "need not.",
+)
+_IDENTITY = click.option(
+    "--decrypt-identity",
+    "decrypt_identity",
+    metavar="FILE",
+    help="The key of an encrypted backup: the X25519 private key of one of its recipients.",
+)
+_MAX_RATE = click.option(
+    "--max-rate",
+    type=RATE,
+    default=None,
+    metavar="RATE",
+    help="Bandwidth limit for the whole job, bytes per second shared by its devices: "
+    "200M, 1.5G, 500K (powers of 1024; MB = 10^6), or off. [default: off]",
+)
+
+
 def _key_options(what: str) -> Callable[[Any], Any]:
     """The three ways to give a key; ``what`` starts each option's help."""
     return options(*(click.option(o, metavar=m, help=f"{what} {text}") for o, m, text in _KEYS))
@@ -186,6 +215,8 @@ def _key_source(params: Params) -> KeySource | None:
         key_file=params["encrypt_key_file"],
         env=params["encrypt_key_env"],
         passphrase_env=params["encrypt_passphrase_env"],
+        recipients=tuple(params.get("encrypt_recipients") or ()),
+        identity_file=params.get("decrypt_identity"),
     )
     return source if source.given else None
 
@@ -287,6 +318,15 @@ async def backups_in(storage: Storage) -> list[Manifest]:
 )
 @click.option("--id", "backup_id", help="The backup's id in DEST. [default: time + random]")
 @click.option(
+    "--mirror",
+    "mirror",
+    metavar="DEST2",
+    help="Write the same backup to DEST2 too, in the same pass (its own manifest); it is "
+    "complete only when both destinations committed, a failure of either leaves nothing in "
+    "either, and restore and verify read from either alone.",
+)
+@_MAX_RATE
+@click.option(
     "--compress",
     type=COMPRESSION,
     default="none",
@@ -294,6 +334,7 @@ async def backups_in(storage: Storage) -> list[Manifest]:
     help="none, zstd (level 3), zstd:1 .. zstd:19, or lz4.",
 )
 @_key_options("Encrypt with")
+@_RECIPIENT
 @_RUNTIME_DIR
 @_WAIT
 @_JSON
@@ -353,7 +394,10 @@ async def _backup(params: Params) -> int:
 
     as_given = ("devices", "block_size", "max_transfer_size", "buffer_count", "stall_timeout")
     settings = BackupSettings(
-        **{name: params[name] for name in (*as_given, "mode", "backup_id", "sqlvdi")},
+        **{
+            name: params[name]
+            for name in (*as_given, "mode", "backup_id", "sqlvdi", "mirror", "max_rate")
+        },
         compression=params["compress"],
         encryption=_key_source(params),
         external=_external_options(params, params["source"]),
@@ -373,7 +417,8 @@ async def _backup(params: Params) -> int:
         f"backup {result.backup_id} complete: "
         f"{byte_counts(manifest.stream_bytes, manifest.stored_bytes)} on "
         f"{len(result.devices)} devices in {result.duration:.1f} s; "
-        f"manifest {outcome.manifest_url}",
+        f"manifest {outcome.manifest_url}"
+        + (f", mirror {outcome.mirror_manifest_url}" if outcome.mirror_manifest_url else ""),
         err=True,
     )
     return 0
@@ -455,6 +500,8 @@ async def _backup(params: Params) -> int:
     "(for cmd: consumers, which cannot be undone). Reads the backup twice.",
 )
 @_key_options("The key of an encrypted backup:")
+@_IDENTITY
+@_MAX_RATE
 @_RUNTIME_DIR
 @_WAIT
 @_JSON
@@ -490,6 +537,7 @@ async def restore(params: Params) -> int:
             on_job=hook,
             sqlserver=sqlserver,
             external=external,
+            max_rate=params["max_rate"],
             **flags,
         ),
     )
@@ -635,6 +683,8 @@ async def _restore_chain(params: Params, dest: str, target: str) -> int:
 @_TRIGGER
 @_SQLVDI
 @_key_options("The key of an encrypted backup:")
+@_IDENTITY
+@_MAX_RATE
 @_JSON
 @logging_options
 @runs("the verification was stopped")
@@ -655,6 +705,7 @@ async def verify(params: Params) -> int:
         server=with_trigger(params["server"], params["trigger"]) if params["server"] else None,
         sqlvdi=params["sqlvdi"],
         trigger=params["trigger"],
+        max_rate=params["max_rate"],
     )
     lines = [f"{'ok ' if c.ok else 'BAD'} {c.name}: {c.detail}" for c in report.checks]
     lines.append(f"backup {report.backup_id}: {'verified' if report.ok else 'FAILED'}")

@@ -219,6 +219,17 @@ def _compression(text: str) -> CompressionSpec:
         raise OptionValueError(text, str(exc).removeprefix(f"--compress={text!r}: ")) from None
 
 
+def _rate(text: str) -> int | None:
+    """``--max-rate``: bytes per second (``vdistream.throttle.parse_rate``); None: off."""
+    from vdistream.throttle import parse_rate
+
+    try:
+        return parse_rate(text, what="--max-rate")
+    except ConfigError as exc:
+        reason = str(exc).removeprefix("--max-rate: ").removeprefix(f"{text!r} ")
+        raise OptionValueError(text, reason) from None
+
+
 DEVICES = _Checked("devices", _count(1, DEVICE_COUNT_MAX))
 BUFFER_COUNT = _Checked("count", _count(1, BUFFER_COUNT_MAX))
 MAX_TRANSFER_SIZE = _Checked(
@@ -238,6 +249,7 @@ DURATION = _Checked("duration", _duration())
 MIN_AGE = _Checked("duration", _duration(zero_ok=True))
 COMPRESSION = _Checked("compression", _compression)
 KEEP_LAST = _Checked("count", _count(1, 1_000_000))
+RATE = _Checked("rate", _rate)
 JOB_LIMIT = _Checked("count", _count(1, 1000))
 
 

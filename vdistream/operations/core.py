@@ -25,6 +25,7 @@ says they were written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import platform
@@ -73,6 +74,8 @@ from vdistream.errors import (
     ConfigError,
     PipelineError,
     StorageError,
+    StorageIntegrityError,
+    StorageNotFoundError,
     VdistreamError,
 )
 from vdistream.log import get_logger
@@ -82,6 +85,7 @@ from vdistream.pipeline.chain import PipelineConfig, SourceChain
 from vdistream.pipeline.spec import CompressionSpec
 from vdistream.sqlserver.url import is_sqlserver_url
 from vdistream.storage import Storage
+from vdistream.storage.mirror import MirrorStorage
 
 if TYPE_CHECKING:  # SQL Server, encryption and files mode are imported when used (start-up)
     from vdistream.engines.pgfiles.layout import FileRecord
@@ -133,8 +137,9 @@ class BackupSettings:
     external: ExternalOptions | None = None
     #: the job's bandwidth limit in bytes per second, shared by its devices (None: none)
     max_rate: int | None = None
-    #: a second destination written in the same pass (``--mirror``): a storage URL
-    mirror: str | None = None
+    #: a second destination written in the same pass (``--mirror``): a storage URL (or
+    #: an open ``Storage``, the caller's to close); see ``run_backup``
+    mirror: str | Storage | None = None
 
     def striping(self) -> StripingOptions:
         return StripingOptions(
@@ -144,21 +149,36 @@ class BackupSettings:
         )
 
     def job(self) -> JobOptions:
-        return JobOptions(devices=self.devices, stall_timeout=self.stall_timeout)
+        # One limit for the job, mirrored or not: each byte the engine produces counts
+        # once, where the pump takes it, however many destinations it goes to.
+        return JobOptions(
+            devices=self.devices, stall_timeout=self.stall_timeout, max_rate=self.max_rate
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class BackupOutcome:
+    """A backup's end: the job's result, and once complete its manifest and where it is
+    (``mirror_manifest_url``: the mirror's own manifest, for a mirrored backup)."""
+
     result: JobResult
     manifest: Manifest | None = None
     manifest_url: str | None = None
+    mirror_manifest_url: str | None = None
+    #: whether the backup was mirrored (the summary then has ``"mirror_manifest"``)
+    mirrored: bool = False
+    #: the keys of dead owners' debris the preflight sweep removed (in both destinations
+    #: when mirrored); the summary counts them (``"debris_removed"``), the log names them
+    debris_removed: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.result.ok and self.manifest is not None
 
     def summary(self) -> dict[str, Any]:
-        return {
+        """The JSON summary; ``"mirror_manifest"`` (the mirror's manifest URL, ``None``
+        when it failed) only for a mirrored backup, so unmirrored output is unchanged."""
+        summary: dict[str, Any] = {
             "id": self.result.backup_id,
             "status": self.result.status.value,
             "manifest": self.manifest_url,
@@ -170,7 +190,11 @@ class BackupOutcome:
             "seconds": round(self.result.duration, 3),
             "error": None if self.result.ok else str(self.result.error),
             "aborted_by": self.result.aborted_by.value if self.result.aborted_by else None,
+            "debris_removed": len(self.debris_removed),
         }
+        if self.mirrored:
+            summary["mirror_manifest"] = self.mirror_manifest_url
+        return summary
 
 
 def _now() -> str:
@@ -184,7 +208,18 @@ async def run_backup(
     *,
     on_job: JobHook | None = None,
 ) -> BackupOutcome:
-    """Back up ``source_url`` into ``destination``; the manifest is written last."""
+    """Back up ``source_url`` into ``destination``; the manifest is written last.
+
+    With ``settings.mirror`` (``--mirror DEST2``) every device stream is written to both
+    destinations in the same pass (``vdistream.storage.mirror``: the engine produces
+    once, the stages run once, the stored bytes are teed), and each destination gets a
+    manifest of its own, naming its own streams, so that restore and verify work from
+    either alone. SQL Server's rule for ``MIRROR TO``: the backup is complete only when
+    both committed every stream and both manifests are durable; a failure of either
+    (preflight, a stream, a commit, a manifest) leaves nothing of it in either. Both
+    destinations are swept and probed, both hold the in-progress mark, and the id must
+    be free in both.
+    """
     settings = settings or BackupSettings()
     source: DatabaseSource | SqlServerSource
     if is_sqlserver_url(source_url):
@@ -194,38 +229,61 @@ async def run_backup(
         source.preflight()
     else:
         source = resolve_source(source_url, mode=settings.mode)
-    async with opened_storage(destination) as storage:
+    async with contextlib.AsyncExitStack() as stack:
+        storage = await stack.enter_async_context(opened_storage(destination))
+        mirror = None
+        if settings.mirror is not None:
+            mirror = await stack.enter_async_context(opened_storage(settings.mirror))
+            _check_mirror(storage, mirror)
         versions = {"vdistream": __version__, "python": platform.python_version()}
         versions.update(await source.describe())
         key = await backup_key(settings.encryption)
         pipeline = PipelineConfig(compression=settings.compression, key=key)
         # Decided here, not by the job: the preflight and the in-progress marker need it.
         backup_id = settings.backup_id or new_backup_id()
-        await _preflight(storage)
-        async with storage.in_progress(backup_id):
-            # under the marker: no other backup with this id can start between check and use
-            await _check_id_free(storage, backup_id)
-            return await _backup_job(
-                source, storage, settings, on_job, backup_id, pipeline, versions
-            )
+        destinations = (storage,) if mirror is None else (storage, mirror)
+        swept: list[str] = []
+        for each in destinations:
+            swept += await _preflight(each)
+        for each in destinations:
+            await stack.enter_async_context(each.in_progress(backup_id))
+        # under the markers: no other backup with this id can start between check and use
+        for each in destinations:
+            await _check_id_free(each, backup_id)
+        target = storage if mirror is None else MirrorStorage(storage, mirror)
+        outcome = await _backup_job(source, target, settings, on_job, backup_id, pipeline, versions)
+        return dataclasses.replace(outcome, debris_removed=tuple(swept))
+    raise AssertionError("unreachable")  # mypy: the block above returns or raises
 
 
-async def _sweep(storage: Storage) -> None:
+def _check_mirror(storage: Storage, mirror: Storage) -> None:
+    """``ConfigError`` when the mirror is the destination itself (one copy, not two)."""
+    if storage.url.rstrip("/") == mirror.url.rstrip("/"):
+        raise ConfigError(
+            f"the mirror {mirror.url} is the destination itself: give another destination"
+        )
+
+
+async def _sweep(storage: Storage) -> list[str]:
     """Remove debris of killed jobs in ``storage`` (only that of owners provably gone)
-    and log it; a failing sweep is logged and left to the next run or ``storage audit``."""
+    and log it; the keys removed. A failing sweep is logged and left to the next run or
+    ``storage audit`` (nothing removed)."""
     try:
         removed = await storage.sweep()
     except StorageError as exc:
         _log.warning("debris_sweep_failed", storage=storage.url, error=str(exc))
-        return
+        return []
     if removed:
         _log.info("debris_swept", storage=storage.url, removed=list(removed))
+    return list(removed)
 
 
-async def _preflight(storage: Storage) -> None:
-    """Before the engine starts: debris swept, the destination reachable and writable."""
-    await _sweep(storage)
+async def _preflight(storage: Storage) -> list[str]:
+    """Before the engine starts: debris swept (the keys removed are returned), the
+    destination reachable and writable."""
+    removed = await _sweep(storage)
     await storage.probe()
+    return removed
 
 
 async def _check_id_free(storage: Storage, backup_id: str) -> None:
@@ -277,14 +335,17 @@ async def _backup_job(
     if on_job is not None:
         on_job(job)
     result = await job.run()
+    mirrored = isinstance(storage, MirrorStorage)
     if not result.ok:
-        return BackupOutcome(result)
+        return BackupOutcome(result, mirrored=mirrored)
+    destinations = storage.storages if isinstance(storage, MirrorStorage) else (storage,)
+    written: list[tuple[Storage, str]] = []
     try:
         devices = []
         for index, device in enumerate(result.devices):
             stored_bytes, sha256 = device.stored_bytes, device.stored_sha256
             if sha256 is None or stored_bytes is None:  # written out of order: read it back
-                stored_bytes, sha256 = await hash_stream(storage, device.key)
+                stored_bytes, sha256 = await _hash_everywhere(destinations, device.key)
             devices.append(
                 DeviceEntry(
                     index,
@@ -329,18 +390,69 @@ async def _backup_job(
             sqlserver=sqlserver,
             postgresql=postgresql,
         )
-        url = await write_manifest(storage, manifest)
+        # One manifest per destination, each naming its own streams (a mirror is
+        # restored from alone); the backup exists only once every one is durable.
+        for each in destinations:
+            url = await write_manifest(each, manifest.relocated(each.url))
+            written.append((each, url))  # one by one: a later failure takes these back
     except (CatalogError, StorageError) as exc:
-        # Streams without a manifest are no backup: take them away again.
+        # Streams without a manifest (in either destination) are no backup: take them
+        # away again, and the manifest one destination already got with them.
         with anyio.CancelScope(shield=True):
-            for device in result.devices:
-                try:
-                    await storage.delete(device.key)
-                except StorageError:
-                    pass
+            left = await _take_back(storage, result, written)
+        if left:
+            exc.args = (f"{exc}; left behind: {', '.join(left)}",)
         failed = dataclasses.replace(result, status=JobStatus.FAILED, aborted_by=AbortCause.SINK)
-        return BackupOutcome(dataclasses.replace(failed, reason=str(exc), error=exc))
-    return BackupOutcome(result, manifest, url)
+        return BackupOutcome(
+            dataclasses.replace(failed, reason=str(exc), error=exc), mirrored=mirrored
+        )
+    urls = [url for _, url in written]
+    return BackupOutcome(
+        result,
+        manifest,
+        urls[0],
+        mirror_manifest_url=urls[1] if mirrored else None,
+        mirrored=mirrored,
+    )
+
+
+async def _hash_everywhere(destinations: tuple[Storage, ...], key: str) -> tuple[int, str]:
+    """A stream written out of order, read back: its size and SHA-256, which must be
+    the same in every destination of a mirror (``StorageIntegrityError`` otherwise)."""
+    found = [await hash_stream(each, key) for each in destinations]
+    for each, other in zip(destinations[1:], found[1:], strict=True):
+        if other != found[0]:
+            raise StorageIntegrityError(
+                f"the mirror's copy differs: {other[0]} bytes with SHA-256 {other[1]}, the "
+                f"destination's has {found[0][0]} bytes with {found[0][1]}",
+                url=f"{each.url.rstrip('/')}/{key}",
+            )
+    return found[0]
+
+
+async def _take_back(
+    storage: Storage, result: JobResult, manifests: list[tuple[Storage, str]]
+) -> list[str]:
+    """Delete the manifests written and every stream of ``result`` (in every destination
+    of a mirror); the URLs of what could not be deleted (logged)."""
+    left: list[str] = []
+    for each, url in manifests:
+        try:
+            await each.delete(manifest_key(result.backup_id))
+        except StorageNotFoundError:
+            pass
+        except StorageError as exc:
+            _log.error("manifest_not_removed", url=url, error=str(exc))
+            left.append(url)
+    for device in result.devices:
+        try:
+            await storage.delete(device.key)
+        except StorageNotFoundError:
+            pass
+        except StorageError as exc:
+            _log.error("stream_not_removed", url=device.url, error=str(exc))
+            left.append(device.url)
+    return left
 
 
 def _file_records(manifest: Manifest) -> list[FileRecord] | None:
@@ -375,9 +487,12 @@ async def _restore_job(
     delta: bool = False,
     tablespaces_under: Path | None = None,
     external: ExternalOptions | None = None,
+    max_rate: int | None = None,
 ) -> JobResult:
     """One restore job of ``manifest`` into ``target``; ``engine`` (SQL Server's) stands
-    in for the one ``restore_engine`` would build from the target."""
+    in for the one ``restore_engine`` would build from the target. ``max_rate`` (bytes
+    per second, the job's, shared by its devices) applies to whatever options it runs
+    with."""
     await check_streams(storage, manifest)
     pipeline = await pipeline_for(manifest, keys)
     if verify_first:
@@ -408,12 +523,15 @@ async def _restore_job(
             external=external,
             job=manifest.backup_id,
         )
+    running = job_options or JobOptions(devices=len(manifest.devices))
+    if max_rate is not None:
+        running = dataclasses.replace(running, max_rate=max_rate)
     job = Job(
         JobKind.RESTORE,
         engine,
         storage,
         backup_id=manifest.backup_id,
-        options=job_options or JobOptions(devices=len(manifest.devices)),
+        options=running,
         keys=[d.key for d in manifest.devices],
         expected=[
             ExpectedStream(d.bytes, d.sha256, d.logical_bytes, d.logical_sha256)
@@ -439,8 +557,12 @@ async def run_restore(
     sqlserver: SqlRestoreOptions | None = None,
     delta: bool = False,
     external: ExternalOptions | None = None,
+    max_rate: int | None = None,
 ) -> JobResult:
     """Restore ``backup`` (``DEST/ID`` or a manifest's location) into ``target``.
+
+    ``max_rate`` limits the job to that many bytes per second (``--max-rate``), shared
+    by its devices.
 
     ``overwrite`` replaces an existing SQLite file (``--clean`` for a PostgreSQL dump);
     ``create`` creates the target database of a PostgreSQL dump first; ``owner`` gives a
@@ -485,6 +607,7 @@ async def run_restore(
                 keys=keys,
                 on_job=on_job,
                 verify_first=verify_first,
+                max_rate=max_rate,
             )
         return await _restore_job(
             storage,
@@ -498,6 +621,7 @@ async def run_restore(
             verify_first=verify_first,
             delta=delta,
             external=external,
+            max_rate=max_rate,
         )
 
 
@@ -511,6 +635,7 @@ async def restore_sqlserver(
     on_job: JobHook | None = None,
     verify_first: bool = False,
     existed: bool | None = None,
+    max_rate: int | None = None,
 ) -> JobResult:
     """One SQL Server restore job (``vdistream.operations.sqlserver``'s rules): a target
     that exists needs ``replace``; one that did not (``existed`` False, asked of the
@@ -543,6 +668,7 @@ async def restore_sqlserver(
             verify_first=verify_first,
             engine=engine,
             job_options=restore_job_options(manifest),
+            max_rate=max_rate,
         )
     finally:
         # failed, or interrupted (Ctrl-C, SIGTERM): a database it made goes again
@@ -597,8 +723,12 @@ async def run_verify(
     server: str | None = None,
     sqlvdi: str | None = None,
     trigger: str | None = None,
+    max_rate: int | None = None,
 ) -> VerifyReport:
     """Re-read every stream and check it; then, where the engine allows, the content.
+
+    ``max_rate`` (bytes per second) limits the trial restore's job and SQL Server's
+    ``RESTORE VERIFYONLY`` job; the checksum re-read is not limited.
 
     A SQL Server backup's content is checked by SQL Server itself, and only with
     ``engine``: ``RESTORE VERIFYONLY`` reads every stream back through the devices, on
@@ -621,6 +751,7 @@ async def run_verify(
             server=server,
             sqlvdi=sqlvdi,
             trigger=trigger,
+            max_rate=max_rate,
         )
 
 
@@ -635,6 +766,7 @@ async def _verify(
     server: str | None = None,
     sqlvdi: str | None = None,
     trigger: str | None = None,
+    max_rate: int | None = None,
 ) -> VerifyReport:
     checks: list[Check] = []
     try:
@@ -661,7 +793,9 @@ async def _verify(
         return VerifyReport(backup_id, tuple(checks))
     if manifest.engine == "mssql":
         if engine:
-            checks.append(await _verifyonly(storage, manifest, server, keys, sqlvdi, trigger))
+            checks.append(
+                await _verifyonly(storage, manifest, server, keys, sqlvdi, trigger, max_rate)
+            )
         return VerifyReport(backup_id, tuple(checks))
     if manifest.engine == "external":
         # the stream's format is the external engine's own: what vdistream can check of
@@ -685,6 +819,7 @@ async def _verify(
             keys=keys,
             # a files backup's tablespaces stay in the scratch directory too
             tablespaces_under=scratch / "tablespaces",
+            max_rate=max_rate,
         )
         if not result.ok:
             checks.append(Check("restore", False, str(result.error)))
@@ -714,6 +849,7 @@ async def _verifyonly(
     keys: KeySource | None,
     sqlvdi: str | None,
     trigger: str | None = None,
+    max_rate: int | None = None,
 ) -> Check:
     """SQL Server's own check: ``RESTORE VERIFYONLY`` through the devices."""
     from vdistream.operations.sqlserver import restore_job_options, sqlserver_verify_engine
@@ -735,6 +871,7 @@ async def _verifyonly(
         keys=keys,
         engine=verify_engine,
         job_options=restore_job_options(manifest),
+        max_rate=max_rate,
     )
     if not result.ok:
         return Check("sqlserver", False, str(result.error))

@@ -41,9 +41,12 @@ import string
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Final, NoReturn
+from typing import TYPE_CHECKING, ClassVar, Final, NoReturn
 
 from vdistream.errors import ConfigError, KeyMissingError, PipelineError, WrongKeyError
+
+if TYPE_CHECKING:
+    from vdistream.pipeline.envelope import Recipient
 
 __all__ = (
     "KEY_SIZE",
@@ -51,6 +54,7 @@ __all__ = (
     "ScryptParams",
     "generate_key_file",
     "load_key",
+    "load_public_key",
 )
 
 KEY_SIZE: Final = 32
@@ -284,3 +288,12 @@ def generate_key_file(path: str | os.PathLike[str]) -> Key:
         raise PipelineError(f"cannot write key file {target}: {exc.strerror or exc}") from exc
     os.close(fd)
     return key
+
+
+def load_public_key(path: str | os.PathLike[str]) -> Recipient:
+    """The X25519 public key (a backup's *recipient*) in ``path``, PEM; see
+    ``vdistream.pipeline.envelope``. ``KeyMissingError`` if the file does not exist,
+    ``PipelineError`` if it holds no X25519 public key (a private key included)."""
+    from vdistream.pipeline.envelope import load_recipient
+
+    return load_recipient(path)

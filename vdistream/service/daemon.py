@@ -12,6 +12,15 @@ cancelled the task) shuts down cleanly: ``shutdown()``. ``vdistream serve`` is t
 plus signal handling and logging configuration; ``Service`` itself installs no signal
 handler and configures no logging.
 
+systemd (``notify=``, a ``vdistream.service.sdnotify.SystemdNotifier``; ``vdistream
+serve`` passes one when systemd gave ``NOTIFY_SOCKET``, a host only if it wants to):
+``STATUS=`` while starting (recovery), ``READY=1`` once the API listens (after the
+recovery), ``STATUS=`` with the jobs running and queued every few seconds while it
+changes, ``RELOADING=1`` then ``READY=1`` around ``reload()``, and ``STOPPING=1`` when
+``shutdown()`` begins. The watchdog pings are the caller's (``vdistream serve`` runs
+``run_watchdog`` around the whole service, start-up included). Without ``notify``
+nothing is sent.
+
 Starting
 --------
 
@@ -25,8 +34,15 @@ Starting
    ``async with`` that starts the service, i.e. every job's);
 2. open the state database, mark the jobs a previous run left unfinished as failed
    and remove their partial backups (``JobManager.recover``);
-3. start the manager, the schedules (``Scheduler``, one schedule per database and
-   backup kind: see Schedules), the event-loop lag probe and the API (``ApiServer``).
+3. start the manager, the webhook notifier (``vdistream.service.notify``), the
+   schedules (``Scheduler``, one schedule per database and backup kind: see
+   Schedules), the event-loop lag probe and the API (``ApiServer``).
+
+Metrics (``vdistream.service.metrics``): besides what the manager counts, the service
+computes at scrape time the last-verified and last-successful backups (from the state
+database) and each schedule's next fire; each schedule's interval (the longest gap
+between two fires over the next 400 days or 2000 fires) is computed when the
+schedules start (start, reload).
 
 Schedules
 ---------
@@ -95,7 +111,7 @@ import functools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Self
 
@@ -111,7 +127,10 @@ from vdistream.service.api import ApiServer
 from vdistream.service.jobs import JobRequest, ServiceError
 from vdistream.service.manager import JobManager
 from vdistream.service.metrics import Metrics
-from vdistream.service.schedule import CronExpr, Scheduler
+from vdistream.service.notify import Notifier
+from vdistream.service.runners import Outcome
+from vdistream.service.schedule import CronExpr, Scheduler, next_fire
+from vdistream.service.sdnotify import SystemdNotifier
 from vdistream.service.settings import SCHEDULE_KINDS, Settings, settings_summary
 from vdistream.service.state import (
     JobRecord,
@@ -129,6 +148,11 @@ LOCK_NAME = "vdistream.lock"
 #: after force_stop(): how long jobs and the API get before being left behind
 _FORCED_WAIT = 3.0
 _LAG_INTERVAL = 0.05
+#: how often the systemd STATUS= line is refreshed (only sent when it changed)
+_STATUS_EVERY = 2.0
+#: how far ahead a schedule's interval is looked for (days, fires)
+_INTERVAL_DAYS = 400
+_INTERVAL_FIRES = 2000
 
 
 class Service:
@@ -136,6 +160,7 @@ class Service:
 
     ``registry``: where the metrics go (default: a new ``CollectorRegistry``, never
     the global one). ``api=False`` runs without the control API (embedding only).
+    ``notify``: tell systemd (module doc); ``None``, the default, tells nobody.
     """
 
     def __init__(
@@ -147,11 +172,17 @@ class Service:
         process_metrics: bool = True,
         schedule_speedup: float | None = None,
         tick: float = 1.0,
+        notify: SystemdNotifier | None = None,
     ) -> None:
         if schedule_speedup is not None and not schedule_speedup > 0:
             raise ValueError("schedule_speedup must be > 0")
         self._settings = settings
         self.metrics = Metrics(registry, process=process_metrics)
+        #: the webhooks (``vdistream.service.notify``): one per Service, restartable
+        self.notifier = Notifier(settings, self.metrics.registry)
+        self._notify = notify
+        #: (database, kind) -> the schedule's interval in seconds (metrics)
+        self._intervals: dict[tuple[str, str], float] = {}
         self._use_api = api
         self._speedup = schedule_speedup
         self._tick = tick
@@ -261,11 +292,19 @@ class Service:
         return await self.store.get(job_id)
 
     async def metrics_text(self) -> bytes:
-        """The Prometheus exposition, with the last-verified gauges computed now."""
+        """The Prometheus exposition, with the gauges computed at scrape time (module
+        doc: Metrics) computed now."""
         if self._store is not None:
             with contextlib.suppress(StateError):
                 verified = await self._store.all_verified()
                 self.metrics.set_verified(self._settings.databases, verified, datetime.now(UTC))
+                self.metrics.set_successes(await self._store.last_successes())
+        fires = {
+            (database, kind): when
+            for database, kinds in self.next_fires().items()
+            for kind, when in kinds.items()
+        }
+        self.metrics.set_schedules(self._intervals, fires)
         return self.metrics.render()
 
     # --- lifecycle --------------------------------------------------------------------
@@ -290,6 +329,8 @@ class Service:
         """Start (module doc), yield while the host runs, then shut down and release
         everything in reverse order."""
         service = self._settings.service
+        self._tell_status("starting: taking the state directory, recovering interrupted jobs")
+        self.metrics.set_databases(self._settings.databases)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 lock = await anyio.to_thread.run_sync(_lock, service.state_dir / LOCK_NAME)
@@ -316,6 +357,8 @@ class Service:
                         await self._stop_background()
                         raise
                     log.info("service_started", **_started_fields(self._settings, self.addresses))
+                    if self._notify is not None:
+                        self._notify.ready(self._status_line())
                     try:
                         yield
                     finally:
@@ -335,7 +378,10 @@ class Service:
             async with anyio.create_task_group() as tg:
                 self._bg_tg = tg
                 await tg.start(self._manager.run)
+                await tg.start(self.notifier.run, name="vdistream notifications")
                 tg.start_soon(self._lag_probe, name="vdistream event-loop lag")
+                if self._notify is not None:
+                    tg.start_soon(self._status_updates, name="vdistream systemd status")
                 task_status.started()
         self._bg_tg = None
 
@@ -363,6 +409,8 @@ class Service:
             await self._shutdown_complete.wait()
             return
         self._shutting_down = True
+        if self._notify is not None:
+            self._notify.stopping(f"stopping: {reason}")
         manager = self._manager
         grace = self._settings.service.grace_period if grace is None else grace
         deadline = anyio.current_time() + grace
@@ -394,6 +442,8 @@ class Service:
 
     async def reload(self, settings: Settings) -> list[str]:
         """Apply new settings (module doc); returns the changes that need a restart."""
+        if self._notify is not None:
+            self._notify.reloading("reloading the settings")
         old = self._settings.service
         kept = {
             name: getattr(old, name) for name in ("state_dir", "socket", "socket_mode", "listen")
@@ -403,11 +453,15 @@ class Service:
             log.warning("reload_needs_restart", keys=[f"service.{n}" for n in fixed])
         service = dataclasses.replace(settings.service, **kept)
         self._settings = dataclasses.replace(settings, service=service)
+        self.notifier.update_settings(self._settings)
+        self.metrics.set_databases(self._settings.databases)
         if self._manager is not None:
             self._manager.update_settings(self._settings)
         if not self._shutting_down:
             self._stop_scheduler()
             self._start_scheduler()
+            if self._notify is not None:
+                self._notify.ready(self._status_line())
         log.info(
             "settings_reloaded",
             databases=sorted(self._settings.databases),
@@ -419,6 +473,11 @@ class Service:
 
     def _start_scheduler(self) -> None:
         found = _schedules(self._settings)
+        tz = self._settings.service.tzinfo()
+        now = datetime.now(UTC)
+        self._intervals = {
+            (database, kind): _interval(cron, tz, now) for cron, database, kind in found.values()
+        }
         if not found or self._bg_tg is None:
             return
         schedules = {name: cron for name, (cron, _, _) in found.items()}
@@ -477,6 +536,41 @@ class Service:
                 error=str(exc),
             )
 
+    # --- systemd ----------------------------------------------------------------------
+
+    def _job_event(self, record: JobRecord, outcome: Outcome) -> None:
+        """The manager's job-end hook: the per-database metrics, then the webhooks.
+        Never raises (a job's end is recorded whatever happens here)."""
+        try:
+            self.metrics.job_recorded(record)
+        except Exception:
+            log.exception("job_metrics_failed", job_id=record.id)
+        self.notifier.job_event(record, outcome)
+
+    def _status_line(self) -> str:
+        counts = self._manager.counts if self._manager is not None else {}
+        running, queued = counts.get("running", 0), counts.get("queued", 0)
+        where = ", ".join(self.addresses) or "no API"
+        return (
+            f"ready: {running} job(s) running, {queued} queued; "
+            f"{len(self._settings.databases)} database(s); API {where}"
+        )
+
+    def _tell_status(self, text: str) -> None:
+        if self._notify is not None:
+            self._notify.status(text)
+
+    async def _status_updates(self) -> None:
+        last = ""
+        while True:
+            await anyio.sleep(_STATUS_EVERY)
+            if self._shutting_down:
+                continue  # the STOPPING status stays
+            line = self._status_line()
+            if line != last:
+                self._tell_status(line)
+                last = line
+
     # --- event-loop lag -----------------------------------------------------------
 
     async def _lag_probe(self) -> None:
@@ -498,6 +592,21 @@ def _schedules(settings: Settings) -> dict[str, tuple[CronExpr, str, str]]:
             name = database if kind == "full" else f"{database}:{kind}"
             found[name] = (cron, database, kind)
     return found
+
+
+def _interval(cron: CronExpr, tz: tzinfo, now: datetime) -> float:
+    """The longest gap (seconds) between two consecutive fires of ``cron`` in ``tz``
+    over the next ``_INTERVAL_DAYS`` days or ``_INTERVAL_FIRES`` fires (module doc)."""
+    end = now + timedelta(days=_INTERVAL_DAYS)
+    previous = next_fire(cron, now, tz)
+    longest = 0.0
+    for _ in range(_INTERVAL_FIRES):
+        if previous > end:
+            break
+        following = next_fire(cron, previous, tz)
+        longest = max(longest, (following - previous).total_seconds())
+        previous = following
+    return longest
 
 
 def _clock_and_sleep(

@@ -1,16 +1,20 @@
 """The running jobs' progress: sampled every tick into their live view and the metrics.
 
-``JobProgress`` is one job's last sample (the ``progress`` of its JSON form) and what
-of its device counters the metrics already counted. ``ProgressTicker.run`` samples
-every running job each ``tick`` seconds, sets the per-database throughput and
-buffers-in-use gauges, cancels jobs still running ``abort_fallback`` seconds after
-their abort (``LiveJob.force_if_overdue``) and writes the progress to the store every
+``JobProgress`` is one job's last sample (the ``progress`` of its JSON form), what
+of its device counters the metrics already counted, and when it last moved a byte.
+``ProgressTicker.run`` samples every running job each ``tick`` seconds, sets the
+per-database throughput and buffers-in-use gauges and the running jobs' own series
+(``Metrics.set_running``: last progress, per-device bytes and rate; a job counts as
+progressing from its start, so one stuck before its first byte is seen too), cancels
+jobs still running ``abort_fallback`` seconds after their abort
+(``LiveJob.force_if_overdue``) and writes the progress to the store every
 ``persist_every`` seconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -19,7 +23,7 @@ import anyio
 
 from vdistream.coordinator import Job, JobStatus
 from vdistream.log import get_logger
-from vdistream.service.metrics import Metrics
+from vdistream.service.metrics import Metrics, RunningJob
 from vdistream.service.state import WRITE_TIMEOUT, JobStore, StateError
 
 if TYPE_CHECKING:
@@ -40,6 +44,24 @@ class JobProgress:
     live: dict[str, Any] | None = None
     #: per device index: (bytes, commands) already counted in the metrics
     counted: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    #: the bytes moved at the last progress, and when (Unix seconds; None: not seen yet)
+    progressed_bytes: int = 0
+    progressed_at: float | None = None
+
+    def running(self, job_id: str, database: str, kind: str, now: float) -> RunningJob:
+        """The metrics' view of the running job (``Metrics.set_running``) as of the
+        last sample; ``now`` (Unix seconds) is its last progress if it moved since."""
+        devices = () if self.live is None else self.live["devices"]
+        moved = sum(d["bytes"] for d in devices)
+        if self.progressed_at is None or moved > self.progressed_bytes:
+            self.progressed_bytes, self.progressed_at = moved, now
+        return RunningJob(
+            job_id,
+            database,
+            kind,
+            self.progressed_at,
+            tuple((d["index"], d["bytes"], d["rate"]) for d in devices),
+        )
 
     def sample(self, job: Job | None, database: str, metrics: Metrics) -> dict[str, Any] | None:
         """Take the coordinator job's progress into ``live`` and the device counters."""
@@ -105,8 +127,11 @@ class ProgressTicker:
     def _gauge(self, jobs: list[LiveJob], databases: Iterable[str]) -> None:
         rates: dict[str, float] = defaultdict(float)
         buffers: dict[str, int] = defaultdict(int)
+        now = time.time()
+        running: list[RunningJob] = []
         for job in jobs:
             live = job.sample(self.metrics)
+            running.append(job.progress.running(job.id, job.database, job.record.kind.value, now))
             coordinator = job.coordinator
             if live is not None and coordinator is not None and coordinator.status in MOVING:
                 rates[job.database] += live["rate"]
@@ -115,6 +140,7 @@ class ProgressTicker:
         for name in set(databases) | set(rates):
             self.metrics.throughput.labels(name).set(rates.get(name, 0.0))
             self.metrics.buffers_in_use.labels(name).set(buffers.get(name, 0))
+        self.metrics.set_running(running)
 
     async def _persist(self, jobs: list[LiveJob]) -> None:
         for job in jobs:

@@ -13,10 +13,14 @@ cancelled (``force_if_overdue``).
 
 ``JobRunner.run(job, settings)`` records the job ``running`` (with its backup id,
 destination and the keys it will write, *before* writing anything) and runs it with
-its database's pipeline: ``compress`` and ``encrypt_key_file`` for a backup; the key
-file again for restore and verify (the manifest says the rest). The key is read from
-its file when a job starts, so a rotated key file is picked up without a reload, and
-it is never kept in the daemon or the state database.
+its database's pipeline: ``compress``, ``encrypt_key_file`` and ``encrypt_recipients``
+(X25519 public keys) for a backup; the key file or ``decrypt_identity_file`` for
+restore and verify (the manifest says the rest). Keys are read from their files when
+a job starts, so a rotated key file is picked up without a reload, and they are never
+kept in the daemon or the state database. A backup of a database with ``mirror`` is
+written to that destination too, in the same pass (its result names it:
+``"mirror"``). ``max_rate`` is not the runner's: the manager puts the database's and
+the service's limits in effect around the run (``vdistream.throttle.sharing``).
 
 SQL Server databases run the same jobs through the same coordinator (so abort,
 shutdown and the watchdogs are the other engines'): a backup of the request's
@@ -269,9 +273,12 @@ class JobRunner:
             workdir=settings.service.work_dir,
             sqlvdi=_library(database),
             external=_external(database, settings) if database.kind == "external" else None,
+            mirror=None if database.mirror is None else settings.destinations[database.mirror].url,
         )
         outcome = await run_backup(database.url, destination.url, options, on_job=job.attach)
         result = {**outcome.summary(), "destination": destination.name}
+        if database.mirror is not None:
+            result["mirror"] = database.mirror
         if sqlserver:
             result["mode"] = options.mode
             if outcome.manifest is not None and outcome.manifest.sqlserver is not None:
@@ -442,11 +449,22 @@ async def _pick_backup(
 
 
 def _keys(database: DatabaseSettings) -> KeySource | None:
-    """The database's key source; the key itself is read per job, never kept. It is
-    optional: the database's older, unencrypted backups still restore and verify."""
-    if database.encrypt_key_file is None:
+    """The database's key source; the keys themselves are read per job, never kept. It
+    is optional: the database's older, unencrypted backups still restore and verify."""
+    identity = database.decrypt_identity_file
+    if not database.encrypted and identity is None:
         return None
-    return KeySource(key_file=str(database.encrypt_key_file), optional=True)
+    # recipients and identity_file: KeySource's envelope encryption ("keys"); given
+    # only when set, so a database without them needs nothing new of KeySource
+    envelope: dict[str, Any] = {}
+    if database.encrypt_recipients:
+        envelope["recipients"] = tuple(str(p) for p in database.encrypt_recipients)
+    if identity is not None:
+        envelope["identity_file"] = str(identity)
+    key_file = database.encrypt_key_file
+    return KeySource(
+        key_file=None if key_file is None else str(key_file), optional=True, **envelope
+    )
 
 
 def _check_sqlserver_target(database: DatabaseSettings, target: str) -> None:

@@ -22,6 +22,17 @@ Only here are signal handlers installed and logging configured (``logconfig``):
 The receiver is opened before the service starts, so a signal that arrives while it
 starts (cleaning up after a crash, say) is handled as soon as it runs.
 
+systemd (``contrib/systemd/vdistream.service``, ``Type=notify``): when ``NOTIFY_SOCKET``
+is set, ``serve`` takes it and ``WATCHDOG_USEC``/``WATCHDOG_PID`` out of the
+environment (the engines' tools do not inherit them) and hands a
+``sdnotify.SystemdNotifier`` to the service: ``READY=1`` once the control socket
+listens after the recovery, ``STATUS=`` lines, ``RELOADING=1``/``READY=1`` around a
+SIGHUP, ``STOPPING=1`` when the shutdown starts (``Service`` module doc). With
+``WatchdogSec=``, ``WATCHDOG=1`` is sent from the event loop every half
+``WATCHDOG_USEC``, from before the recovery to the end: a loop that is stuck stops
+pinging, and systemd kills and restarts the daemon. A service that cannot start says
+why in ``STATUS=`` before the exit. Without ``NOTIFY_SOCKET`` nothing of this happens.
+
 Exit codes: 0 after a graceful shutdown, 1 after a forced one or when the service
 cannot start (the state directory is locked by another daemon, the socket is in
 use...), 2 for invalid settings.
@@ -64,6 +75,7 @@ from vdistream.errors import VdistreamError
 from vdistream.log import get_logger
 from vdistream.service.daemon import Service
 from vdistream.service.logconfig import configure_logging
+from vdistream.service.sdnotify import SystemdNotifier
 from vdistream.service.settings import (
     DEFAULT_SETTINGS_PATH,
     Settings,
@@ -147,22 +159,56 @@ def serve(config: str | None = None, *, check: bool = False) -> int:
     if os.environ.get(TRACEMALLOC_ENV):
         tracemalloc.start()
     configure_logging(settings.service.log_format, settings.service.log_level)
+    notifier = SystemdNotifier.from_environment()
     for problem in problems:
         log.warning("sqlserver_not_ready", problem=problem)
     try:
-        code: int = anyio.run(_serve, path, settings, speedup, trim, backend="asyncio")
+        code: int = anyio.run(_serve, path, settings, speedup, trim, notifier, backend="asyncio")
     except (VdistreamError, OSError) as exc:
         log.error("service_failed", error=str(exc))
         sys.stderr.write(f"vdistream serve: {exc}\n")
+        if notifier is not None:
+            notifier.status(f"failed: {exc}")
         return 1
+    finally:
+        if notifier is not None:
+            notifier.close()
     return code
 
 
 async def _serve(
-    path: Path, settings: Settings, speedup: float | None, trim: Callable[[], object] | None
+    path: Path,
+    settings: Settings,
+    speedup: float | None,
+    trim: Callable[[], object] | None,
+    notifier: SystemdNotifier | None,
+) -> int:
+    if notifier is None:
+        return await _run_service(path, settings, speedup, trim, notifier)
+    failure: VdistreamError | OSError | None = None
+    code = EXIT_FORCED
+    # The watchdog pings from the start (recovery may take a while) to the end.
+    async with anyio.create_task_group() as watchdog:
+        watchdog.start_soon(notifier.run_watchdog, name="vdistream systemd watchdog")
+        try:
+            code = await _run_service(path, settings, speedup, trim, notifier)
+        except (VdistreamError, OSError) as exc:
+            failure = exc  # raised outside the group, so ``serve`` sees it unwrapped
+        watchdog.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return code
+
+
+async def _run_service(
+    path: Path,
+    settings: Settings,
+    speedup: float | None,
+    trim: Callable[[], object] | None,
+    notifier: SystemdNotifier | None,
 ) -> int:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with Service(settings, schedule_speedup=speedup) as service:
+        async with Service(settings, schedule_speedup=speedup, notify=notifier) as service:
             log.info("daemon_ready", pid=os.getpid(), config=str(path))
             timers: list[threading.Timer] = []
             async with anyio.create_task_group() as tg:

@@ -2,7 +2,7 @@
 
 ``store = await JobStore.open(state_dir / "state.db")`` (or ``async with``), then
 ``add``, ``update``, ``get``, ``list``, ``mark_interrupted``, the last-verified-backup
-records, and ``await store.close()``.
+records, the newest successful backups (``last_successes``), and ``await store.close()``.
 
 Contracts
 ---------
@@ -241,6 +241,8 @@ CREATE TABLE last_verified (
 """
 
 _COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))
+#: A backup job's mode as SQL: the request's ``mode`` (SQL Server), else ``full``.
+_MODE = "coalesce(json_extract(params, '$.mode'), 'full')"
 
 
 def _time(value: datetime) -> str:
@@ -551,7 +553,10 @@ class JobStore:
 
         The latest finished verification of each backup is kept whatever its age:
         retention asks it whether a backup was verified (``verify_outcomes``), and a
-        verified backup forgotten as unverified could be deleted too early."""
+        verified backup forgotten as unverified could be deleted too early. So is the
+        newest successful backup of each database and mode (``last_successes``): the
+        metric that alerts on a missing backup must not see "never" because the
+        history is short."""
         return await self._change(
             "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'aborted') "
             "AND ended IS NOT NULL AND ended < ? AND id NOT IN ("
@@ -561,9 +566,27 @@ class JobStore:
             "    ) AS n FROM jobs WHERE kind = 'verify' AND backup_id IS NOT NULL"
             "    AND state IN ('succeeded', 'failed')"
             "  ) WHERE n = 1"
+            ") AND id NOT IN ("
+            "  SELECT id FROM ("
+            "    SELECT id, row_number() OVER ("
+            f"      PARTITION BY database, {_MODE} ORDER BY ended DESC, id DESC"
+            "    ) AS n FROM jobs WHERE kind = 'backup' AND state = 'succeeded'"
+            "  ) WHERE n = 1"
             ")",
             _time(before),
         )
+
+    async def last_successes(self) -> dict[tuple[str, str], datetime]:
+        """The end time of the newest successful backup of each database, by mode:
+        ``{(database, mode): ended}``. The mode is the request's (SQL Server: ``full``,
+        ``diff``, ``log``, ``copy-only``), ``full`` for the other engines' backups."""
+        rows = await self._select(
+            lambda row: (row["database"], row["mode"], row["ended"]),
+            f"SELECT database, {_MODE} AS mode, max(ended) AS ended FROM jobs "
+            "WHERE kind = 'backup' AND state = 'succeeded' AND ended IS NOT NULL "
+            "GROUP BY database, mode",
+        )
+        return {(db, mode): datetime.fromisoformat(ended) for db, mode, ended in rows}
 
     # --- last verified backup per database --------------------------------------------
 

@@ -639,6 +639,18 @@ class Storage(abc.ABC):
                 result += chunk[:count]
         return bytes(result)
 
+    async def replace_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Replace the committed object ``key`` with ``data`` atomically: a reader sees
+        the old bytes or the new bytes, never nothing and never a mix, and the old bytes
+        stay until the new ones are durable. For small objects (a manifest rewrapped by
+        ``vdistream key rotate``). ``StorageNotFoundError`` when ``key`` does not exist.
+
+        The default refuses (``StorageError``): only a backend that can keep that promise
+        overrides it (``write_bytes(overwrite=True)`` cannot: it deletes first).
+        """
+        await anyio.lowlevel.checkpoint()
+        raise StorageError("this storage cannot replace an object atomically", url=self.url)
+
     async def write_bytes(
         self,
         key: str,

@@ -111,6 +111,12 @@ class MemoryStorage(Storage):
         self._committed(key)
         del self.store.objects[self._full_key(key)]
 
+    async def replace_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """One assignment: atomic for every reader (nothing here is durable anyway)."""
+        await anyio.lowlevel.checkpoint()
+        self._committed(key)
+        self.store.objects[self._full_key(key)] = bytes(data)
+
 
 class MemorySink(SinkBase):
     """Buffers in a private ``bytearray``; ``commit`` moves it into the store."""

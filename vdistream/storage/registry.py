@@ -40,6 +40,14 @@ def _open_s3(url: str) -> Storage:
     return S3Storage.from_url(url)
 
 
+def _open_azure(url: str) -> Storage:
+    """``azure://account/container/prefix?...``; the Azure backend (and its SDK) is
+    imported here."""
+    from vdistream.storage.azure import AzureStorage
+
+    return AzureStorage.from_url(url)
+
+
 class StorageRegistry:
     """Maps URL schemes to storage factories."""
 
@@ -48,14 +56,15 @@ class StorageRegistry:
 
     @classmethod
     def with_builtins(cls) -> StorageRegistry:
-        """A registry knowing ``file``, ``memory`` (its own named stores), ``null`` and
-        ``s3`` (``file`` and ``s3`` imported on first use, so that aiofiles and
-        aiobotocore load only when needed)."""
+        """A registry knowing ``file``, ``memory`` (its own named stores), ``null``,
+        ``s3`` and ``azure`` (``file``, ``s3`` and ``azure`` imported on first use, so
+        that aiofiles, aiobotocore and the Azure SDK load only when needed)."""
         registry = cls()
         registry.register("file", _open_file)
         registry.register("memory", MemoryStores().open_storage)
         registry.register("null", NullStorage.from_url)
         registry.register("s3", _open_s3)
+        registry.register("azure", _open_azure)
         return registry
 
     @property

@@ -67,7 +67,49 @@ Decisions
   is loopback and comes with a token; the socket mode grants nothing to "others" and
   fits in 0o777; the socket path fits in ``sun_path``; ``encrypt_key_file`` and
   ``token_file`` exist, and the key file holds a key (``vdistream.pipeline.keys``;
-  the key itself is not kept); ``compress`` is parsed by ``vdistream.pipeline.spec``.
+  the key itself is not kept); ``compress`` is parsed by ``vdistream.pipeline.spec``;
+  each ``encrypt_recipients`` file holds an X25519 public key
+  (``vdistream.pipeline.keys.load_public_key``) and ``decrypt_identity_file`` exists;
+  a ``mirror`` names a destination other than ``destination``; a webhook's secret is
+  found (see Webhooks).
+* **Arrays of tables** (``[[service.webhooks]]``): an element's keys are named with
+  its 0-based index, ``service.webhooks[1].url``, at the line of the key, else of the
+  element's ``[[...]]`` header.
+
+Throttling, mirrors, recipients, Azure
+---------------------------------------
+
+``max_rate`` (``[service]``: all running jobs together; ``[databases.NAME]``: each
+job of the database, shared by its devices) is bytes per second as
+``vdistream.throttle.parse_rate`` reads it: an integer, or ``"200M"``, ``"1.5G"``,
+``"10MB"`` (K M G T: powers of 1024; KB MB GB TB: of 1000; optional ``/s``); ``0``,
+``"off"`` and ``""`` are no limit (``None``). The job manager puts them in effect
+(``vdistream throttle`` changes a running job's). ``mirror = "NAME"`` names a
+second ``[destinations.NAME]`` every backup of the database is written to in the
+same pass (``BackupSettings.mirror``: its URL). ``encrypt_recipients = ["a.pub",
+...]`` (paths relative to the file, duplicates dropped) encrypts each backup's data
+key for those X25519 public keys too, so the host can write backups it cannot read;
+``decrypt_identity_file`` is the private key restores and verifications read them
+with (without it, the verification after a recipients-only backup fails its key
+check: set ``verify_after_backup = false`` and verify where the private key is).
+A destination URL may be ``azure://ACCOUNT/CONTAINER/PREFIX`` (account and container
+required; credentials never in the file).
+
+Webhooks
+--------
+
+``[[service.webhooks]]`` (every database's events) and ``[[databases.NAME.webhooks]]``
+(that database's, besides the service's) are arrays of tables (or ``webhooks = [{...}]``)
+with ``url`` (``http://`` or ``https://``, required; shown with its password and
+query masked), ``events`` (an array of ``WEBHOOK_EVENTS``, default all), the HMAC key
+from exactly one of ``secret_file`` (first line, stripped; not accessible to others; at
+least 16 characters; relative to the file) or ``secret_env`` (the name of an
+environment variable of ``env`` holding it, at least 16 characters), ``timeout``
+(seconds or a duration per attempt, default 10), ``attempts`` (1 to 20, default 5) and
+``deadline`` (seconds or a duration after the event when retrying stops, default 300).
+The secret is read at load (and reload), kept in a ``Secret``; with
+``check_passwords=False`` it is not looked for. ``vdistream.service.notify`` says what
+is sent and how a receiver checks it.
 
 SQL Server
 ----------
@@ -126,6 +168,7 @@ __all__ = (
     "DEFAULT_SETTINGS_PATH",
     "SCHEDULE_KINDS",
     "TOKEN_ENV",
+    "WEBHOOK_EVENTS",
     "DatabaseSettings",
     "DestinationSettings",
     "RetentionPolicy",
@@ -133,6 +176,7 @@ __all__ = (
     "ServiceSettings",
     "Settings",
     "SettingsError",
+    "WebhookSettings",
     "load_settings",
     "parse_duration",
     "settings_summary",
@@ -148,6 +192,9 @@ TOKEN_ENV = "VDISTREAM_API_TOKEN"
 LogFormat = Literal["json", "console", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 DatabaseKind = Literal["sqlite", "postgresql", "cmd", "mssql", "external"]
+#: The job events a webhook may be told of (``vdistream.service.notify``), in the
+#: order ``events`` lists them by default.
+WEBHOOK_EVENTS = ("finished", "failed", "verify_failed", "retention_pruned")
 #: The backup kinds a database may have a schedule for, in the order they run when
 #: several fire at once (``DatabaseSettings.schedules``).
 SCHEDULE_KINDS = ("full", "diff", "log")
@@ -196,6 +243,29 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """One ``[[service.webhooks]]`` or ``[[databases.NAME.webhooks]]``: where job events
+    are POSTed (``vdistream.service.notify``), signed with ``secret``."""
+
+    #: ``http://`` or ``https://``; may carry a token in its query, so not in ``repr``
+    url: str = field(repr=False)
+    #: the HMAC-SHA256 key (from ``secret_file`` or the variable ``secret_env``)
+    secret: Secret = field(repr=False)
+    #: the ``WEBHOOK_EVENTS`` this receiver wants (default: all)
+    events: frozenset[str] = frozenset(WEBHOOK_EVENTS)
+    #: seconds one attempt (connect, send, answer) may take
+    timeout: float = 10.0
+    #: attempts at most per notification (the first one and the retries)
+    attempts: int = 5
+    #: seconds from the event after which a notification is given up, retries or not
+    deadline: float = 300.0
+    #: ``url`` with any password and query masked: what may be logged and shown
+    display_url: str = ""
+    #: where the secret came from, for the summary (the file, or ``$NAME``)
+    secret_source: str = ""
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     """``[service]``: the daemon itself. Defaults are those of ``config/vdistream.toml``."""
 
@@ -225,6 +295,10 @@ class ServiceSettings:
     #: a group (name or number) whose members may open those sets too (sockets 0660);
     #: ``None``: the daemon's user (and root) only
     runtime_group: str | None = None
+    #: bytes per second for all running jobs together (``None``: no limit)
+    max_rate: int | None = None
+    #: receivers of every database's job events
+    webhooks: tuple[WebhookSettings, ...] = ()
 
     @property
     def socket_path(self) -> Path:
@@ -272,6 +346,11 @@ class DatabaseSettings:
     #: the pipeline's compression (``vdistream.pipeline.spec``); ``none`` by default
     compress: CompressionSpec = field(default_factory=lambda: CompressionSpec("none"))
     encrypt_key_file: Path | None = None
+    #: X25519 public key files: a backup is readable by the private key of any of them
+    encrypt_recipients: tuple[Path, ...] = ()
+    #: the X25519 private key file that reads backups made for recipients (restore,
+    #: verify); usually absent on a database host: that is the point of recipients
+    decrypt_identity_file: Path | None = None
     max_jobs: int = 1
     #: when to back up (SQL Server: a full backup)
     schedule: CronExpr | None = None
@@ -286,6 +365,17 @@ class DatabaseSettings:
     sqlvdi: Path | None = None
     #: ``external:NAME`` only: seconds the published set waits for its engine
     connect_timeout: float = 60.0
+    #: bytes per second for one job of this database (``None``: no limit of its own)
+    max_rate: int | None = None
+    #: a second destination's name: every backup is written to both in one pass
+    mirror: str | None = None
+    #: receivers of this database's job events (besides ``service.webhooks``)
+    webhooks: tuple[WebhookSettings, ...] = ()
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether backups are encrypted (a key file or recipients)."""
+        return self.encrypt_key_file is not None or bool(self.encrypt_recipients)
 
     @property
     def external_name(self) -> str | None:
@@ -372,6 +462,8 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
             "sqlvdi": None if service.sqlvdi is None else str(service.sqlvdi),
             "runtime_dir": str(service.runtime_dir),
             "runtime_group": service.runtime_group,
+            "max_rate": service.max_rate,
+            "webhooks": [_webhook(w) for w in service.webhooks],
         },
         "destinations": {n: d.display_url for n, d in settings.destinations.items()},
         "databases": {
@@ -382,7 +474,8 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
                 "destination": d.destination,
                 "devices": d.devices,
                 "compress": str(d.compress),
-                "encrypted": d.encrypt_key_file is not None,
+                "encrypted": d.encrypted,
+                "encrypt_recipients": [str(p) for p in d.encrypt_recipients],
                 "max_jobs": d.max_jobs,
                 "schedule": None if d.schedule is None else d.schedule.text,
                 "schedule_diff": None if d.schedule_diff is None else d.schedule_diff.text,
@@ -392,9 +485,23 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
                 "keep_within": _seconds(d.retention.keep_within),
                 "verify_after_backup": d.verify_after_backup,
                 **({"connect_timeout": d.connect_timeout} if d.kind == "external" else {}),
+                "max_rate": d.max_rate,
+                "mirror": d.mirror,
+                "webhooks": [_webhook(w) for w in d.webhooks],
             }
             for n, d in settings.databases.items()
         },
+    }
+
+
+def _webhook(webhook: WebhookSettings) -> dict[str, Any]:
+    return {
+        "url": webhook.display_url,
+        "events": [e for e in WEBHOOK_EVENTS if e in webhook.events],
+        "secret": webhook.secret_source,
+        "timeout": webhook.timeout,
+        "attempts": webhook.attempts,
+        "deadline": webhook.deadline,
     }
 
 

@@ -13,6 +13,7 @@ KeyPath = tuple[str, ...]
 _PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
 _DOTTED = rf"{_PART}(?:\s*\.\s*{_PART})*"
 _HEADER = re.compile(rf"^\s*\[\s*({_DOTTED})\s*\]")
+_ARRAY_HEADER = re.compile(rf"^\s*\[\[\s*({_DOTTED})\s*\]\]")
 _KEY = re.compile(rf"^\s*({_DOTTED})\s*=")
 
 
@@ -28,10 +29,19 @@ class Locator:
         self._lines: dict[KeyPath, int] = {}
         table: KeyPath = ()
         in_multiline: str | None = None
+        arrays: dict[KeyPath, int] = {}  # an array of tables -> its elements so far
         for number, line in enumerate(text.splitlines(), start=1):
             if in_multiline is not None:
                 if line.count(in_multiline) % 2 == 1:
                     in_multiline = None
+                continue
+            array = _ARRAY_HEADER.match(line)
+            if array:  # [[service.webhooks]]: element N is the key path (..., "N")
+                at = _split_key(array[1])
+                arrays[at] = arrays.get(at, -1) + 1
+                self._lines.setdefault(at, number)
+                table = (*at, str(arrays[at]))
+                self._lines.setdefault(table, number)
                 continue
             header = _HEADER.match(line)
             if header and not line.lstrip().startswith("[["):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -32,6 +33,7 @@ from vdistream.service.settings import (
     ServiceSettings,
     Settings,
     SettingsError,
+    WebhookSettings,
 )
 from vdistream.service.settings._lines import KeyPath, Locator
 from vdistream.service.settings._schema import (
@@ -41,6 +43,7 @@ from vdistream.service.settings._schema import (
     DestinationIn,
     FileIn,
     ServiceIn,
+    WebhookIn,
     database_url,
     destination_url,
     given,
@@ -83,6 +86,8 @@ def load(file: Path | None, env: Mapping[str, str], *, check_passwords: bool = T
     where = _Where(file, text)
     # Without the check, a stand-in password: no variable or file is looked at.
     where.password_env = env if check_passwords else {PASSWORD_VARIABLES[0]: "-"}
+    where.environ = env
+    where.read_secrets = check_passwords  # webhooks' secrets likewise
     applied = _overlay(raw, env, where)
     try:
         parsed = FileIn.model_validate(raw)
@@ -114,6 +119,10 @@ class _Where:
         self.env: dict[KeyPath, str] = {}  # key path -> variable that set it
         #: where SQL Server URLs' passwords are looked for (``load``'s ``check_passwords``)
         self.password_env: Mapping[str, str] = {}
+        #: the environment (webhooks' ``secret_env``)
+        self.environ: Mapping[str, str] = {}
+        #: whether webhooks' secrets are read (``load``'s ``check_passwords``)
+        self.read_secrets = True
 
     def from_env(self, path: KeyPath) -> str | None:
         """The variable that set ``path`` or a table above it."""
@@ -131,7 +140,7 @@ class _Where:
         return value if value.is_absolute() else self.base_dir(path) / value
 
     def error(self, path: KeyPath, problem: str) -> SettingsError:
-        key = ".".join(path)
+        key = _dotted(path)
         variable = self.from_env(path)
         variables = [variable] if variable is not None else []
         line = self.locator.line_of(path) if self.file is not None and not variables else None
@@ -170,7 +179,7 @@ def _all_problems(
     ]
     refused = {_path(e) for e in errors}
     for error in _later_checks(raw, refused, where, env):
-        path = tuple(error.key.split("."))  # a valid name has no dot
+        path = _key_path(error.key)
         if path not in refused:  # a refused key's stand-in: its problem is known
             found.append((_rank(raw, path, False), error))
     found.sort(key=lambda f: f[0])
@@ -186,14 +195,20 @@ _ORDER = {
         *("state_dir", "socket", "socket_mode", "listen", "token_file", "token"),
         *("grace_period", "job_history", "timezone", "max_jobs", "max_queued"),
         *("log_format", "log_level", "sqlvdi", "runtime_dir", "runtime_group"),
+        *("max_rate", "webhooks"),
     ),
     "destinations": ("url",),
     "databases": (
-        *("url", "mode", "destination", "compress", "encrypt_key_file", "sqlvdi"),
+        *("url", "mode", "destination", "mirror", "compress", "encrypt_key_file"),
+        *("encrypt_recipients", "decrypt_identity_file", "sqlvdi"),
         *("schedule", "schedule_diff", "schedule_log"),
         *("retention", "devices", "max_jobs", "verify_after_backup", "connect_timeout"),
+        *("max_rate", "webhooks"),
     ),
     "retention": ("keep_within", "keep_last"),
+    "webhooks": (
+        *("url", "events", "secret_file", "secret_env", "timeout", "attempts", "deadline"),
+    ),
 }
 
 
@@ -208,6 +223,14 @@ def _rank(raw: dict[str, Any], path: KeyPath, name: bool) -> tuple[int, ...]:
             return 1, order.index(key)
         return 0, list(table).index(key) if isinstance(table, dict) and key in table else 0
 
+    def element(hooks: Any, rest: KeyPath) -> tuple[int, ...]:
+        """A webhook's problem: by element, its unknown keys first, then its values."""
+        if not rest or not rest[0].isdigit():
+            return ()
+        i = int(rest[0])
+        table = hooks[i] if isinstance(hooks, list) and i < len(hooks) else None
+        return i, *(at(table, rest[1], _ORDER["webhooks"]) if len(rest) > 1 else ())
+
     section = path[0]
     if section not in _SECTIONS:
         return 0, *at(raw, section, ())
@@ -215,7 +238,8 @@ def _rank(raw: dict[str, Any], path: KeyPath, name: bool) -> tuple[int, ...]:
         return 1, _SECTIONS.index(section)
     tables = raw.get(section)
     if section == "service":
-        return 2, *at(tables, path[1], _ORDER[section])
+        hooks = tables.get("webhooks") if isinstance(tables, dict) else None
+        return 2, *at(tables, path[1], _ORDER[section]), *element(hooks, path[2:])
     group = 3 if section == "destinations" else 4
     names = list(tables) if isinstance(tables, dict) else []
     i = names.index(path[1]) if path[1] in names else 0
@@ -228,6 +252,8 @@ def _rank(raw: dict[str, Any], path: KeyPath, name: bool) -> tuple[int, ...]:
     if len(path) == 3:
         return group, 1, i, slot
     inner = table.get(path[2]) if isinstance(table, dict) else None  # retention's keys
+    if path[2] == "webhooks":
+        return group, 1, i, slot, *element(inner, path[3:])
     return group, 1, i, slot, *at(inner, path[3], _ORDER["retention"])
 
 
@@ -284,6 +310,16 @@ def _later_checks(
     return found
 
 
+def _dotted(path: KeyPath) -> str:
+    """A key as the user reads it: ``databases.app.webhooks[0].url``."""
+    return "".join(f"[{p}]" if p.isdigit() and i else f".{p}" for i, p in enumerate(path))[1:]
+
+
+def _key_path(key: str) -> KeyPath:
+    """``_dotted``'s inverse (a valid name has no dot and no bracket)."""
+    return tuple(re.findall(r"[^.\[\]]+", key))
+
+
 def _path(error: ErrorDetails) -> KeyPath:
     return tuple(str(p) for p in error["loc"] if p != "[key]")  # "[key]": a table's name
 
@@ -297,7 +333,7 @@ def _problem(path: KeyPath, error: ErrorDetails) -> str:
         known = tuple(model.model_fields) if model is not None else ()
         close = difflib.get_close_matches(path[-1], known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        where = f"in [{'.'.join(path[:-1])}]" if len(path) > 1 else "at the top level"
+        where = f"in [{_dotted(path[:-1])}]" if len(path) > 1 else "at the top level"
         return f"unknown key {where}{hint} (known: {', '.join(known)})"
     if kind == "missing" and field is not None:
         return f"missing: {field.description}"
@@ -307,6 +343,8 @@ def _problem(path: KeyPath, error: ErrorDetails) -> str:
         if len(path) == 2:  # a named table
             return f"expected a table [{'.'.join(path)}], got {type_name(value)}"
         return f"expected a table, got {type_name(value)} {show(value)}"
+    if kind == "list_type":
+        return f"expected an array, got {type_name(value)} {show(value)}"
     if kind == "string_type" or (kind == "literal_error" and not isinstance(value, str)):
         return f"expected a string, got {type_name(value)} {show(value)}"
     if kind == "bool_type":
@@ -326,6 +364,8 @@ def _model(path: KeyPath) -> type[BaseModel] | None:
     """The model of the table at ``path``."""
     if path[:1] in (("databases",), ("destinations",)) and len(path) > 1:
         path = (path[0], "*", *path[2:])  # a named table
+    # an element of an array of tables ([[service.webhooks]])
+    path = tuple("*" if p.isdigit() and i else p for i, p in enumerate(path))
     return TABLES.get(path)
 
 
@@ -452,7 +492,8 @@ def _service(s: ServiceIn | None, where: _Where, env: Mapping[str, str]) -> Serv
         )
     if (library := service.sqlvdi) is not None:
         where.check(("service", "sqlvdi"), lambda: _check_library(library))
-    return dataclasses.replace(service, token=token)
+    hooks = _webhooks(("service", "webhooks"), s.webhooks if s is not None else None, where)
+    return dataclasses.replace(service, token=token, webhooks=hooks)
 
 
 def _check_library(path: Path) -> None:
@@ -465,7 +506,51 @@ def _check_library(path: Path) -> None:
         )
 
 
-def _read_token(path: Path) -> Secret:
+def _webhooks(
+    at: KeyPath, tables: list[WebhookIn] | None, where: _Where
+) -> tuple[WebhookSettings, ...]:
+    return tuple(_webhook((*at, str(i)), w, where) for i, w in enumerate(tables or ()))
+
+
+def _webhook(at: KeyPath, w: WebhookIn, where: _Where) -> WebhookSettings:
+    """One webhook: its secret found (module doc: Secrets), its URL masked."""
+    fields = given(w)
+    fields.pop("secret_file", None)
+    fields.pop("secret_env", None)
+    secret = Secret("")
+    if w.secret_file is not None and w.secret_env is not None:
+        raise where.error(
+            (*at, "secret_env"), "give secret_file or secret_env, not both (the HMAC key)"
+        )
+    if w.secret_file is not None:
+        path = where.path((*at, "secret_file"), w.secret_file)
+        source = str(path)
+        if where.read_secrets:
+            secret = where.check((*at, "secret_file"), lambda: _read_token(path, "webhook secret"))
+    elif w.secret_env is not None:
+        name, source = w.secret_env, f"${w.secret_env}"
+        if where.read_secrets:
+            value = where.environ.get(name, "").strip()
+            if len(value) < _MIN_TOKEN:
+                problem = "is not set" if not value else f"is shorter than {_MIN_TOKEN} characters"
+                raise where.error(
+                    (*at, "secret_env"),
+                    f"the environment variable {name} {problem}: it holds the webhook's "
+                    f"HMAC key (at least {_MIN_TOKEN} characters)",
+                )
+            secret = Secret(value)
+    else:
+        raise where.error(
+            at,
+            "missing: secret_file or secret_env, the key every request is signed with "
+            '(HMAC-SHA256), e.g. secret_file = "/etc/vdistream/webhook.secret"',
+        )
+    parts = urlsplit(mask(w.url))
+    display = urlunsplit(parts._replace(query="***" if parts.query else ""))
+    return WebhookSettings(secret=secret, secret_source=source, display_url=display, **fields)
+
+
+def _read_token(path: Path, what: str = "token") -> Secret:
     try:
         info = path.stat()
         if info.st_mode & 0o007:
@@ -478,7 +563,7 @@ def _read_token(path: Path) -> Secret:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     token = next(iter(text.splitlines()), "").strip()
     if len(token) < _MIN_TOKEN:
-        raise ValueError(f"the token in {path} must have at least {_MIN_TOKEN} characters")
+        raise ValueError(f"the {what} in {path} must have at least {_MIN_TOKEN} characters")
     return Secret(token)
 
 
@@ -486,6 +571,18 @@ def _destination(name: str, d: DestinationIn, where: _Where) -> DestinationSetti
     at = ("destinations", name, "url")
     url = where.check(at, lambda: destination_url(d.url, where.base_dir(at)))
     return DestinationSettings(name=name, url=url, display_url=mask(url))
+
+
+def _check_public_key(path: Path) -> None:
+    """``ValueError`` unless ``path`` holds an X25519 public key (then dropped)."""
+    from vdistream.pipeline.keys import load_public_key
+
+    load_public_key(path)
+
+
+def _check_readable(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
 
 
 def _database(
@@ -538,11 +635,37 @@ def _database(
         raise where.error(
             at("destination"), f"no [destinations.{d.destination}] table (defined: {defined})"
         )
+    if d.mirror is not None:
+        if d.mirror not in destinations:
+            defined = ", ".join(sorted(destinations)) or "none"
+            raise where.error(
+                at("mirror"), f"no [destinations.{d.mirror}] table (defined: {defined})"
+            )
+        if d.mirror == d.destination:
+            raise where.error(
+                at("mirror"),
+                f"the mirror is the database's destination itself ({d.mirror}): name another "
+                "[destinations.NAME]",
+            )
     if d.encrypt_key_file is not None:
         key_file = fields["encrypt_key_file"] = where.path(
             at("encrypt_key_file"), d.encrypt_key_file
         )
         where.check(at("encrypt_key_file"), lambda: load_key(key_file=key_file))  # then dropped
+    if d.encrypt_recipients is not None:
+        recipients = []
+        for i, text in enumerate(d.encrypt_recipients):
+            spot = (*at("encrypt_recipients"), str(i))
+            recipient = where.path(spot, text)
+            where.check(spot, functools.partial(_check_public_key, recipient))
+            recipients.append(recipient)
+        fields["encrypt_recipients"] = tuple(dict.fromkeys(recipients))
+    if d.decrypt_identity_file is not None:
+        identity = fields["decrypt_identity_file"] = where.path(
+            at("decrypt_identity_file"), d.decrypt_identity_file
+        )
+        where.check(at("decrypt_identity_file"), functools.partial(_check_readable, identity))
+    fields["webhooks"] = _webhooks(at("webhooks"), d.webhooks, where)
     if d.sqlvdi is not None:
         if kind != "mssql":
             raise where.error(

@@ -23,7 +23,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from vdistream.errors import VdistreamError
 from vdistream.pipeline.spec import CompressionSpec, parse_compression
 from vdistream.service.schedule import CronExpr, resolve_timezone
-from vdistream.service.settings import DatabaseKind, LogFormat, LogLevel, parse_duration
+from vdistream.service.settings import (
+    WEBHOOK_EVENTS,
+    DatabaseKind,
+    LogFormat,
+    LogLevel,
+    parse_duration,
+)
+from vdistream.throttle import parse_rate
 
 __all__ = (
     "BLANK",
@@ -34,12 +41,14 @@ __all__ = (
     "FileIn",
     "RetentionIn",
     "ServiceIn",
+    "WebhookIn",
     "database_url",
     "destination_url",
     "given",
     "mask",
     "show",
     "type_name",
+    "webhook_url",
 )
 
 _T = TypeVar("_T")
@@ -154,6 +163,42 @@ def _connect_timeout(value: Any) -> float:
     return seconds
 
 
+def _positive_seconds(value: Any) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError(f"expected more than 0 seconds, got {value!r}")
+    return seconds
+
+
+def _events(value: Any) -> frozenset[str]:
+    known = ", ".join(WEBHOOK_EVENTS)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected an array of event names ({known}), got {show(value)}")
+    unknown = [v for v in value if v not in WEBHOOK_EVENTS]
+    if unknown:
+        raise ValueError(f"unknown event {unknown[0]!r} (known: {known})")
+    if not value:
+        raise ValueError(f"name at least one event ({known}), or leave events out for all")
+    return frozenset(value)
+
+
+def webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{show(mask(url))} is not an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 -- raises for a bad port
+    except ValueError as exc:
+        raise ValueError(f"{show(mask(url))}: {exc}") from None
+    return url
+
+
+def _variable(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"{name!r} is not an environment variable name")
+    return name
+
+
 def _group(name: str) -> str:
     """A group that exists on this system (a name, or a number)."""
     import grp
@@ -209,7 +254,7 @@ def _name(name: str) -> str:
     return name
 
 
-_DESTINATION_SCHEMES = ("file", "s3", "memory", "null")
+_DESTINATION_SCHEMES = ("file", "s3", "azure", "memory", "null")
 
 
 def destination_url(url: str, base: Path) -> str:
@@ -226,6 +271,10 @@ def destination_url(url: str, base: Path) -> str:
     parts = urlsplit(url)
     if name == "s3" and not parts.hostname:
         raise ValueError(f"{mask(url)} names no bucket: s3://BUCKET/PREFIX")
+    if name == "azure" and (not parts.netloc or not parts.path.strip("/")):
+        raise ValueError(
+            f"{mask(url)} names no storage account and container: azure://ACCOUNT/CONTAINER/PREFIX"
+        )
     if name == "file" and not parts.path.startswith("/"):
         raise ValueError(f"{url!r}: a file URL needs an absolute path (file:///dir)")
     return url
@@ -233,6 +282,7 @@ def destination_url(url: str, base: Path) -> str:
 
 def mask(url: str) -> str:
     """``url`` with the password of its user info replaced by ``***``."""
+    # (a webhook's query, which may hold a token, is masked by ``_load``)
     try:
         parts = urlsplit(url)
         if parts.password is None:
@@ -315,6 +365,31 @@ class _Table(BaseModel):
 # settings' dataclasses, which document every key; the ``None`` here only means that.
 
 
+def _rate(value: Any) -> int | None:
+    """``vdistream.throttle.parse_rate``: "200M", "1.5G", an integer; 0 or "off": none."""
+    try:
+        return parse_rate(value, what="max_rate")
+    except VdistreamError as exc:  # the key is named in front already
+        raise ValueError(str(exc).removeprefix("max_rate: ")) from None
+
+
+_Rate = Annotated[int | None, BLANK, PlainValidator(_rate)]
+
+
+class WebhookIn(_Table):
+    """``[[service.webhooks]]``, ``[[databases.NAME.webhooks]]``."""
+
+    url: Annotated[str, TEXT, AfterValidator(webhook_url)] = Field(
+        description='the receiver\'s URL, e.g. url = "https://hooks.example.com/vdistream"'
+    )
+    events: Annotated[frozenset[str] | None, PlainValidator(_events)] = None
+    secret_file: Annotated[str | None, TEXT] = None
+    secret_env: Annotated[str | None, TEXT, AfterValidator(_variable)] = None
+    timeout: Annotated[float | None, PlainValidator(_positive_seconds)] = None
+    attempts: Annotated[int | None, Field(ge=1, le=20)] = None
+    deadline: Annotated[float | None, PlainValidator(_positive_seconds)] = None
+
+
 class ServiceIn(_Table):
     state_dir: Annotated[str | None, TEXT] = None
     socket: Annotated[str | None, TEXT] = None
@@ -331,6 +406,8 @@ class ServiceIn(_Table):
     sqlvdi: Annotated[str | None, TEXT] = None
     runtime_dir: Annotated[str | None, TEXT] = None
     runtime_group: Annotated[str | None, TEXT, AfterValidator(_group)] = None
+    max_rate: _Rate = None
+    webhooks: list[WebhookIn] | None = None
 
 
 class DestinationIn(_Table):
@@ -356,10 +433,13 @@ class DatabaseIn(_Table):
     devices: Annotated[int | None, Field(ge=1, le=64)] = None
     compress: Annotated[CompressionSpec | None, BLANK, PlainValidator(_rule(_compression))] = None
     encrypt_key_file: Annotated[str | None, TEXT] = None
+    encrypt_recipients: list[str] | None = None
+    decrypt_identity_file: Annotated[str | None, TEXT] = None
     max_jobs: Annotated[int | None, Field(ge=1, le=64)] = None
     destination: Annotated[str, TEXT] = Field(
         description='the name of a [destinations.NAME] table, e.g. destination = "local"'
     )
+    mirror: Annotated[str | None, TEXT] = None
     schedule: _Cron = None
     #: SQL Server only, like ``mode`` (``_load`` checks the URL's kind)
     schedule_diff: _Cron = None
@@ -369,6 +449,8 @@ class DatabaseIn(_Table):
     sqlvdi: Annotated[str | None, TEXT] = None
     #: external:NAME only, like ``mode`` (``_load`` checks the URL's kind)
     connect_timeout: Annotated[float | None, PlainValidator(_connect_timeout)] = None
+    max_rate: _Rate = None
+    webhooks: list[WebhookIn] | None = None
 
 
 _Name = Annotated[str, AfterValidator(_name)]
@@ -389,4 +471,6 @@ TABLES: dict[tuple[str, ...], type[BaseModel]] = {
     ("destinations", "*"): DestinationIn,
     ("databases", "*"): DatabaseIn,
     ("databases", "*", "retention"): RetentionIn,
+    ("service", "webhooks", "*"): WebhookIn,
+    ("databases", "*", "webhooks", "*"): WebhookIn,
 }

@@ -226,6 +226,20 @@ class S3Storage(S3Connection, Storage):
     async def _delete(self, full_key: str, *, device: str | None = None) -> None:
         await self._call("delete", "delete_object", Key=full_key, device=device)
 
+    async def replace_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """``HeadObject`` (``StorageNotFoundError``), then one unconditional ``PutObject``:
+        S3 replaces an object atomically (readers see the old or the new one, and the new
+        one only once it is stored), then its size is checked."""
+        full_key = self._full_key(key)
+        with memoryview(data) as view, view.cast("B") as flat:
+            body = bytes(flat)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True):
+            await self._head(full_key, what="replace")
+            sha256 = await digest(hashlib.sha256, body)
+            await self._call("replace (put)", "put_object", Key=full_key, body=body, sha256=sha256)
+            await self._verify_size(full_key, len(body), device=None)
+
     async def write_bytes(
         self,
         key: str,

@@ -1,0 +1,160 @@
+"""Azure debris against Azurite: owner marks, the sweep of dead owners' debris (staged
+blocks included), ``storage audit`` of abandoned blocks, ``probe`` and clear errors."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.azure.azurite import Azurite
+from tests.azure.conftest import StorageFactory
+from vdistream.catalog.audit import audit
+from vdistream.errors import StorageError
+from vdistream.ownership import owner_record
+from vdistream.storage import BackupInProgressError, StorageProbeError
+from vdistream.storage.azure import MARK_NAME, AzureStorage
+
+pytestmark = pytest.mark.asyncio
+
+BLOCK = 64 << 10
+
+
+def dead_owner() -> dict[str, object]:
+    """The owner record of a process of this host that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = owner_record(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    return record
+
+
+def put_mark(azurite: Azurite, container: str, backup_id: str, record: dict[str, object]) -> None:
+    body = json.dumps({**record, "backup_id": backup_id, "started": "2026-01-01T00:00:00+00:00"})
+    blob = azurite.service.get_blob_client(container, f"backups/{backup_id}/{MARK_NAME}")
+    blob.upload_blob(body.encode())
+
+
+async def abandoned_sink(storage: AzureStorage, key: str) -> None:
+    """Staged blocks of a sink whose process died: never committed nor aborted."""
+    sink = await storage.open_sink(key)
+    await sink.write(memoryview(os.urandom(2 * BLOCK)))
+    await sink.flush()
+
+
+async def test_a_dead_owners_debris_is_swept(
+    make_storage: StorageFactory, azurite: Azurite, container: str
+) -> None:
+    storage = make_storage()
+    put_mark(azurite, container, "dead", dead_owner())
+    await storage.write_bytes("dead/stream-01-of-02.vdi", b"a stream without a manifest")
+    await abandoned_sink(storage, "dead/stream-02-of-02.vdi")
+    put_mark(azurite, container, "done", dead_owner())
+    await storage.write_bytes("done/stream-01-of-01.vdi", b"stream")
+    await storage.write_bytes("done/manifest.json", b"{}")
+
+    removed = await storage.sweep()
+
+    assert sorted(removed) == sorted(
+        [
+            "upload dead/stream-02-of-02.vdi uncommitted-blocks",
+            "dead/stream-01-of-02.vdi",
+            f"dead/{MARK_NAME}",
+            f"done/{MARK_NAME}",
+        ]
+    )
+    assert azurite.blobs(container) == [
+        "backups/done/manifest.json",
+        "backups/done/stream-01-of-01.vdi",
+    ]
+    assert azurite.blobs(container, uncommitted=True) == []
+
+
+async def test_live_and_foreign_marks_are_kept(
+    make_storage: StorageFactory, azurite: Azurite, container: str
+) -> None:
+    storage = make_storage()
+    put_mark(azurite, container, "foreign", {**owner_record(), "host": "elsewhere.example"})
+    with pytest.raises(BackupInProgressError, match=r"elsewhere\.example"):
+        async with storage.in_progress("foreign"):
+            pass
+    assert await storage.sweep() == []  # another host's: kept
+    async with storage.in_progress("live"):
+        mark = json.loads(azurite.get(container, f"backups/live/{MARK_NAME}"))
+        assert mark["pid"] == owner_record()["pid"]
+        await abandoned_sink(storage, "live/stream-01-of-01.vdi")
+        assert await storage.sweep() == []
+        assert await storage.list() == []  # marks and staged blocks are no objects
+        report = await audit(storage, clean=True, min_age=datetime.timedelta(hours=1))
+        assert report.in_progress == ("foreign", "live")
+        assert report.aborted_uploads == ()
+        assert azurite.blobs(container, uncommitted=True) == ["backups/live/stream-01-of-01.vdi"]
+        with pytest.raises(BackupInProgressError, match=r"backup live is being written"):
+            async with make_storage().in_progress("live"):
+                pass
+    assert f"backups/live/{MARK_NAME}" not in azurite.blobs(container)
+
+
+async def test_the_audit_finds_and_cleans_abandoned_blocks(
+    make_storage: StorageFactory, azurite: Azurite, container: str
+) -> None:
+    storage = make_storage()
+    await storage.write_bytes("b1/dev0.bak", b"an orphan stream")
+    await abandoned_sink(storage, "b1/dev1.bak")
+    other = make_storage("other")  # outside the prefix: none of this audit's business
+    await abandoned_sink(other, "x/dev0.bak")
+
+    report = await audit(storage)
+    assert report.orphan_objects == ("b1/dev0.bak",)
+    assert [(u.key, u.upload_id) for u in report.orphan_uploads] == [
+        ("b1/dev1.bak", "uncommitted-blocks")
+    ]
+    assert report.orphan_uploads[0].initiated is not None
+    assert report.debris_left
+
+    cleaned = await audit(storage, clean=True)
+    assert [u.key for u in cleaned.aborted_uploads] == ["b1/dev1.bak"]
+    assert cleaned.removed_objects == ("b1/dev0.bak",)
+    assert cleaned.clean
+    assert azurite.blobs(container, "backups/") == []
+    assert azurite.blobs(container, "backups/", uncommitted=True) == []
+    assert azurite.blobs(container, uncommitted=True) == ["other/x/dev0.bak"]
+    assert (await audit(storage)).clean
+
+
+async def test_probe(make_storage: StorageFactory, azurite: Azurite, container: str) -> None:
+    await make_storage("some/prefix").probe()
+    assert azurite.blobs(container) == []
+    with pytest.raises(StorageProbeError) as caught:
+        await make_storage("p", container="no-such-container").probe()
+    assert str(caught.value) == "azure://devstoreaccount1/no-such-container/p: no such container"
+
+
+async def test_bad_credentials_and_no_server_are_one_line_errors(
+    make_storage: StorageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = make_storage(credential={"account_name": "devstoreaccount1", "account_key": "a" * 88})
+    with pytest.raises(StorageProbeError) as caught:
+        await wrong.probe()
+    assert str(caught.value) == (
+        "azure://devstoreaccount1/" + wrong.container + "/backups: access denied: the account "
+        "key, SAS or connection string is not accepted"
+    )
+    with pytest.raises(StorageError) as failed:
+        await wrong.list()
+    assert "\n" not in str(failed.value)
+    assert "AuthorizationFailure (HTTP 403)" in str(failed.value)
+
+    nowhere = make_storage(endpoint="http://127.0.0.1:9/devstoreaccount1", max_attempts=1)
+    with pytest.raises(StorageProbeError, match=r"^azure://\S+: cannot connect to http://127"):
+        await nowhere.probe()
+
+    monkeypatch.delenv("AZURE_STORAGE_KEY")
+    with pytest.raises(StorageError, match=r"^no Azure credentials: set AZURE_STORAGE_CONN"):
+        await make_storage().list()

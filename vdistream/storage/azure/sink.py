@@ -1,0 +1,243 @@
+"""``AzureSink``: one device stream as one block blob, staged block by block and
+committed with its block list only at ``commit``.
+
+``write`` copies the caller's bytes into a private block buffer. A full buffer becomes
+the next block, staged (``Put Block``) by a call in the sink's task group (S3's
+``tasks``) while ``write`` fills a fresh buffer; at most ``max_blocks_in_flight`` (4)
+are staged at a time, and a write that fills a block while that many are in flight
+waits for one. So a sink holds at most ``max_blocks_in_flight + 1`` block buffers.
+Block sizes follow ``blocks.block_size_for``; block 50,001 is ``StorageFullError``.
+Staged blocks are *uncommitted*: no listing, ``stat`` or read shows them, so nothing of
+an unfinished stream is ever visible as a backup.
+
+``flush`` waits until every block cut so far is staged. ``commit`` stages the last
+block, waits for all, then ``Put Block List`` with ``If-None-Match: *`` and the sink's
+token in the blob's metadata (``vdistream_writer``): a blob already there makes it
+``StorageExistsError`` and keeps the sink sealed. A stream that ends before filling a
+block is sent at ``commit`` as one conditional ``Put Blob`` instead, so it stays in
+memory until then (a refused commit of it may be retried after the old object is
+deleted; staged blocks, in contrast, go with a deleted blob on Azure, so that retry
+fails with ``InvalidBlockList``). A conditional request replayed by the SDK's retries
+after a lost answer meets its own earlier attempt: a refusal counts as success when
+the blob there carries our token and our size. ``get_blob_properties`` then checks the
+size (else the blob is deleted again and ``StorageIntegrityError`` raised).
+
+``abort`` cancels blocks in flight and removes the uncommitted blocks: Azure has no
+call that drops them, and ``Delete Blob`` of a blob without committed data is refused
+by the service, so abort commits an *empty* block list on the key (``If-None-Match: *``;
+that discards every uncommitted block of the blob) and deletes that empty blob at once
+(``If-Match`` its ETag, so nothing else is ever deleted). When a blob was committed on
+the key meanwhile by someone else, the blocks cannot be removed without touching that
+blob: Azure discards them with that blob's next commit or after 7 days, and nothing
+lists them. If a commit's outcome was unknown, abort deletes the blob under the key if
+it carries our token. What the store refuses to remove raises ``OrphanUploadsError``
+naming ``vdistream storage audit --clean URL`` (which finds blobs holding only
+uncommitted blocks, ``AzureStorage.list_uploads``).
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from typing import TYPE_CHECKING
+
+from vdistream.errors import (
+    StorageError,
+    StorageExistsError,
+    StorageFullError,
+    StorageIntegrityError,
+)
+from vdistream.log import get_logger
+from vdistream.storage.azure.blocks import MAX_BLOCKS, block_id, block_size_for
+from vdistream.storage.azure.errors import is_ambiguous
+from vdistream.storage.base import OrphanUploadsError, SinkBase, SinkState
+from vdistream.storage.s3.tasks import Call, TaskOwner
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from vdistream.storage.azure.storage import AzureStorage
+
+__all__ = ("AzureSink",)
+
+_log = get_logger(__name__)
+
+
+class AzureSink(TaskOwner, SinkBase):
+    """One device stream as one block blob; see the module docstring."""
+
+    random_access = False
+
+    def __init__(
+        self, storage: AzureStorage, full_key: str, *, device: str | None, initial_block_size: int
+    ) -> None:
+        super().__init__(storage._url(full_key), device)
+        self.key = full_key
+        #: written into the blob's metadata at commit; also the prefix of its block ids
+        self.token = secrets.token_hex(8)
+        self._storage = storage
+        self._shared = storage.current_background()
+        self._initial = initial_block_size
+        self._buffer = bytearray()
+        self._capacity = self._block_size(1)
+        self._next_block = 1
+        self._in_flight: dict[int, Call[int]] = {}
+        self._staged: dict[int, int] = {}  # block number -> size
+        self._peak = 0
+        #: a block was (or may have been) staged: abort has blocks to remove
+        self._blocks_sent = False
+        #: the commit was sent and its outcome is unknown: abort looks for our blob
+        self._commit_unsure = False
+
+    async def _finish(self) -> None:
+        await self.abort()
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The sizes of the blocks staged so far, in order."""
+        return tuple(self._staged[number] for number in sorted(self._staged))
+
+    @property
+    def blocks_in_flight(self) -> int:
+        """Blocks being staged right now (at most ``max_blocks_in_flight``)."""
+        return len(self._in_flight)
+
+    @property
+    def peak_blocks_in_flight(self) -> int:
+        """The most blocks this sink had in flight at once."""
+        return self._peak
+
+    def _block_size(self, number: int) -> int:
+        return block_size_for(
+            number, initial=self._initial, growth_interval=self._storage.block_growth_interval
+        )
+
+    def _harvest(self) -> None:
+        """Collect finished stagings; re-raise the first failure."""
+        for number, call in list(self._in_flight.items()):
+            if call.done:
+                del self._in_flight[number]
+                self._staged[number] = call.result(url=self.url, device=self.device)
+
+    async def _wait_in_flight(self, *, below: int) -> None:
+        while len(self._in_flight) >= max(below, 1):
+            await self._wait_any(self._in_flight.values())
+            self._harvest()
+
+    async def _write(self, view: memoryview, start: int) -> None:
+        self._harvest()
+        async with self._tasks() as group:
+            done = 0
+            while done < view.nbytes:
+                take = min(self._capacity - len(self._buffer), view.nbytes - done)
+                with view[done : done + take] as piece:
+                    self._buffer += piece  # copies: the caller's buffer is not retained
+                done += take
+                if len(self._buffer) >= self._capacity:
+                    await self._ship(group)
+        self._harvest()
+
+    async def _ship(self, group: TaskGroup) -> None:
+        """Hand the filled buffer to a background staging; start a new buffer."""
+        number = self._next_block
+        if number > MAX_BLOCKS:
+            raise StorageFullError(
+                f"the stream needs more than {MAX_BLOCKS} blocks (Azure's limit)",
+                url=self.url,
+                device=self.device,
+            )
+        await self._wait_in_flight(below=self._storage.max_blocks_in_flight)
+        data = bytes(self._buffer)  # immutable, so the SDK's retries resend it as is
+        self._buffer = bytearray()
+        self._blocks_sent = True
+        stage = functools.partial(self._stage, number, data)
+        self._in_flight[number] = self._start(group, stage, f"staging of block {number}")
+        self._peak = max(self._peak, len(self._in_flight))
+        self._next_block = number + 1
+        self._capacity = self._block_size(self._next_block)
+
+    async def _stage(self, number: int, data: bytes) -> int:
+        storage = self._storage
+        blob = await storage._blob(self.key)
+        await storage._call(
+            f"stage block {number}",
+            blob.stage_block,
+            block_id(self.token, number),
+            data,
+            length=len(data),
+            blob=self.key,
+            device=self.device,
+        )
+        return len(data)
+
+    async def _flush(self) -> None:
+        await self._wait_in_flight(below=1)
+
+    async def _seal(self) -> None:
+        """Stage the last block and wait for all: the data is final from here on."""
+        if not self._blocks_sent:
+            return
+        async with self._tasks() as group:
+            if self._buffer:
+                await self._ship(group)
+            await self._wait_in_flight(below=1)
+        stored = sum(self._staged.values())
+        if stored != self._size or sorted(self._staged) != list(range(1, len(self._staged) + 1)):
+            raise StorageIntegrityError(
+                f"commit refused: {len(self._staged)} blocks hold {stored} bytes, "
+                f"the sink wrote {self._size}",
+                url=self.url,
+                device=self.device,
+            )
+
+    async def _publish(self) -> None:
+        storage = self._storage
+        if not self._blocks_sent:
+            await storage._put_new(self.key, bytes(self._buffer), self.token, device=self.device)
+            self._buffer = bytearray()
+            return
+        blob = await storage._blob(self.key)
+        ids = [block_id(self.token, number) for number in sorted(self._staged)]
+
+        def failed(exc: BaseException) -> None:
+            if is_ambiguous(exc):
+                self._commit_unsure = True
+
+        try:
+            await storage._call(
+                "commit (put block list)",
+                blob.commit_block_list,
+                ids,
+                metadata={storage.WRITER: self.token},
+                blob=self.key,
+                device=self.device,
+                failed=failed,
+                **storage.if_missing(),
+            )
+        except StorageExistsError:
+            # An SDK retry may meet its own earlier, successful attempt.
+            if not await storage._is_ours(self.key, self.token, self._size):
+                raise
+        self._commit_unsure = True  # until the size is verified
+        await storage._verify_size(self.key, self._size, self.token, device=self.device)
+        self._commit_unsure = False
+
+    async def _discard(self) -> None:
+        """See the module docstring: blocks in flight, uncommitted blocks, our blob."""
+        await self._cancel(self._in_flight.values())
+        self._in_flight.clear()
+        self._buffer = bytearray()
+        self._state = SinkState.FAILED  # until everything is confirmed gone
+        storage = self._storage
+        left = [f"upload {storage._relative(self.key)} {storage.UPLOAD_ID}"]
+        try:
+            if self._commit_unsure:
+                await storage._take_back(self.key, self.token)
+                self._commit_unsure = False
+            if self._blocks_sent:
+                await storage._drop_uncommitted(self.key, device=self.device)
+                self._blocks_sent = False
+        except OrphanUploadsError:
+            raise
+        except StorageError as exc:
+            raise OrphanUploadsError(storage.url, left, reason=str(exc)) from exc

@@ -1,0 +1,591 @@
+"""``AzureStorage``: the storage operations on a container and prefix, and the
+maintenance of uncommitted blocks.
+
+Objects are block blobs committed with ``If-None-Match: *`` (``Put Block List``, or
+``Put Blob`` for a small one), so a replayed or concurrent job never replaces one
+(``StorageExistsError``). Each committed blob carries its writer's random token in its
+metadata (``vdistream_writer``): after a request whose answer was lost, that is how a
+blob is told to be ours (the SDK's retry met its own attempt) or someone else's, and
+only ours is ever taken back. What the store refuses to remove raises
+``OrphanUploadsError``, naming what is left and ``vdistream storage audit --clean URL``.
+
+Uncommitted blocks (a sink's staged stream; see ``sink``) are invisible to ``list``,
+``stat`` and reads. A killed job leaves blobs holding only uncommitted blocks: Azure
+garbage-collects them after 7 days, and ``list_uploads`` finds them before that (a
+listing with ``include=["uncommittedblobs"]`` minus the committed blobs), each as an
+``AzureUpload`` with the upload id ``"uncommitted-blocks"``; ``abort_upload`` removes
+them (an empty block list committed on the key, then that empty blob deleted by its
+ETag). ``vdistream.catalog.audit`` uses those two methods as it does S3's uploads.
+
+Owner marks: ``in_progress(backup_id)`` writes ``<backup_id>/.vdistream-owner.json``
+(host, boot id, pid, process start, start of the backup) conditionally and deletes it
+at exit; ``sweep()`` removes the debris of backups whose owner is provably gone (same
+host and boot, pid gone or reused), uncommitted blocks included; other hosts' marks are
+kept. Names starting with ``.vdistream-`` are not keys (``list`` skips them).
+``probe()`` reads the container's properties, then puts and deletes
+``<prefix>/.vdistream-probe-<random>``. Every call that started runs to its end,
+shielded: the SDK's retries delay a cancellation by up to their bound.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import json
+import secrets
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+import anyio.lowlevel
+from azure.core import MatchConditions
+
+from vdistream.errors import (
+    StorageError,
+    StorageExistsError,
+    StorageIntegrityError,
+    StorageNotFoundError,
+    StorageURLError,
+)
+from vdistream.log import get_logger
+from vdistream.ownership import owner_record, record_owner_gone, record_owner_state
+from vdistream.storage._common import (
+    INTERNAL_PREFIX,
+    MANIFEST_NAME,
+    OwnerMark,
+    check_backup_id,
+    check_key,
+    join_url,
+    owner_text,
+)
+from vdistream.storage.azure.blocks import block_id, initial_block_size
+from vdistream.storage.azure.client import AzureConnection
+from vdistream.storage.azure.errors import is_ambiguous, probe_reason
+from vdistream.storage.azure.sink import AzureSink
+from vdistream.storage.azure.source import AzureSource
+from vdistream.storage.base import (
+    BackupInProgressError,
+    OrphanUploadsError,
+    Storage,
+    StorageProbeError,
+)
+from vdistream.storage.s3.tasks import BACKGROUNDS, Background
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+    from azure.storage.blob import BlobProperties
+
+__all__ = ("MARK_NAME", "AzureObject", "AzureStorage", "AzureUpload")
+
+_log = get_logger(__name__)
+
+#: the owner mark ``in_progress`` writes under ``<backup_id>/``
+MARK_NAME = ".vdistream-owner.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class AzureObject:
+    """A committed blob (``key`` relative to the storage)."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AzureUpload:
+    """A blob holding only uncommitted blocks (``key`` relative to the storage); the
+    audit treats it like an S3 multipart upload."""
+
+    key: str
+    upload_id: str
+    initiated: datetime | None
+
+
+class AzureStorage(AzureConnection, Storage):
+    """The blobs under ``prefix`` in ``container`` of ``account``; options as
+    ``AzureConnection`` (URL form and credentials in ``vdistream.storage.azure``).
+    Sinks are append-only (``random_access`` is False)."""
+
+    #: the metadata entry holding a committed blob's writer token
+    WRITER: ClassVar[str] = "vdistream_writer"
+    #: the upload id ``list_uploads`` gives a blob of uncommitted blocks
+    UPLOAD_ID: ClassVar[str] = "uncommitted-blocks"
+
+    @staticmethod
+    def if_missing() -> dict[str, Any]:
+        """The SDK's arguments for ``If-None-Match: *``."""
+        return {"match_condition": MatchConditions.IfMissing}
+
+    @staticmethod
+    def if_unchanged() -> dict[str, Any]:
+        """The SDK's arguments for ``If-Match: <etag>`` (with ``etag=``)."""
+        return {"match_condition": MatchConditions.IfNotModified}
+
+    # --- the Storage contract ---
+
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Block stagings and read-ahead of the sinks and sources opened in this block
+        run in one task group of the storage's (as ``S3Storage.background``)."""
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+            block = Background(self, group)
+            token = BACKGROUNDS.set((block, *BACKGROUNDS.get()))
+            try:
+                yield
+            except Exception as exc:
+                failure = exc
+            finally:
+                block.open = False
+                BACKGROUNDS.reset(token)
+        if failure is not None:
+            raise failure
+
+    def current_background(self) -> Background | None:
+        """The innermost ``background()`` block of this storage the caller runs in."""
+        return next((b for b in BACKGROUNDS.get() if b.storage is self and b.open), None)
+
+    @property
+    def background_group(self) -> TaskGroup | None:
+        block = self.current_background()
+        return block.group if block is not None else None
+
+    async def open_sink(
+        self, key: str, *, device: str | None = None, expected_size: int | None = None
+    ) -> AzureSink:
+        """A sink for ``key``; nothing is sent until the first block fills (or commit).
+        ``expected_size`` (optional) picks the first block size."""
+        full_key = self._full_key(key)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return AzureSink(
+            self,
+            full_key,
+            device=device,
+            initial_block_size=initial_block_size(expected_size, default=self.block_size),
+        )
+
+    async def open_source(self, key: str) -> AzureSource:
+        full_key = self._full_key(key)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True):
+            props = await self._props(full_key, what="open")
+        return AzureSource(self, full_key, size=int(props.size), etag=str(props.etag))
+
+    async def _props(self, full_key: str, *, what: str) -> BlobProperties:
+        blob = await self._blob(full_key)
+        return await self._call(what, blob.get_blob_properties, blob=full_key)
+
+    async def list(self, prefix: str = "") -> builtins.list[str]:
+        return [obj.key for obj in await self.list_objects(prefix)]
+
+    async def list_objects(self, prefix: str = "") -> builtins.list[AzureObject]:
+        """The committed blobs whose key starts with ``prefix``, sorted by key, with
+        size, ETag and modification time (every page)."""
+        found: builtins.list[AzureObject] = []
+        for obj in await self._list_raw(prefix):
+            try:
+                check_key(obj.key, url=self.url)
+            except StorageURLError:
+                continue  # an owner mark, a foreign name: no object our keys name
+            found.append(obj)
+        return found
+
+    async def _list_raw(
+        self, prefix: str = "", *, uncommitted: bool = False
+    ) -> builtins.list[AzureObject]:
+        """Every blob under the storage's prefix + ``prefix``, internal names too; with
+        ``uncommitted`` also the blobs holding only uncommitted blocks."""
+        container = await self._client()
+        include = ["uncommittedblobs"] if uncommitted else None
+
+        async def collect(**options: Any) -> builtins.list[AzureObject]:
+            listed = container.list_blobs(
+                name_starts_with=self._root() + prefix,
+                include=include,
+                results_per_page=self.list_page_size,
+                **options,
+            )
+            return [
+                AzureObject(
+                    key=self._relative(item.name),
+                    size=int(item.size or 0),
+                    etag=str(item.etag or ""),
+                    last_modified=item.last_modified or item.creation_time,
+                )
+                async for item in listed
+            ]
+
+        found = await self._call("list uncommitted blobs" if uncommitted else "list", collect)
+        return sorted(found, key=lambda obj: obj.key)
+
+    async def stat(self, key: str) -> int:
+        return int((await self._props(self._full_key(key), what="stat")).size)
+
+    async def delete(self, key: str) -> None:
+        """Delete the committed blob ``key`` (its properties first: a blob of only
+        uncommitted blocks is no object, ``StorageNotFoundError``)."""
+        full_key = self._full_key(key)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with anyio.CancelScope(shield=True):
+            await self._props(full_key, what="delete")
+            await self._delete(full_key)
+
+    async def _delete(
+        self, full_key: str, *, device: str | None = None, etag: str | None = None
+    ) -> None:
+        """Delete the blob (and snapshots); with ``etag`` only that version of it."""
+        blob = await self._blob(full_key)
+        match = {"etag": etag, **self.if_unchanged()} if etag is not None else {}
+        await self._call(
+            "delete",
+            blob.delete_blob,
+            delete_snapshots="include",
+            blob=full_key,
+            device=device,
+            **match,
+        )
+
+    async def write_bytes(
+        self,
+        key: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        overwrite: bool = False,
+        device: str | None = None,
+    ) -> None:
+        """One conditional ``Put Blob`` (``If-None-Match: *``); with ``overwrite`` the old
+        blob is deleted and the put repeated once."""
+        full_key = self._full_key(key)
+        with memoryview(data) as view, view.cast("B") as flat:
+            body = bytes(flat)  # a copy: the caller's buffer is not retained
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        token = secrets.token_hex(8)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._put_new(full_key, body, token, device=device)
+            except StorageExistsError:
+                if not overwrite:
+                    raise
+                with contextlib.suppress(StorageNotFoundError):
+                    await self.delete(key)  # someone else may have removed it first
+                await self._put_new(full_key, body, token, device=device)
+
+    async def _put_new(self, full_key: str, body: bytes, token: str, *, device: str | None) -> None:
+        """Conditional put of a whole small blob carrying ``token``, then check its
+        size. A put whose outcome is unknown publishes nothing (``_take_back``)."""
+        blob = await self._blob(full_key)
+        unsure: builtins.list[BaseException] = []
+        try:
+            await self._call(
+                "commit (put blob)",
+                blob.upload_blob,
+                body,
+                length=len(body),
+                overwrite=False,  # If-None-Match: *
+                metadata={self.WRITER: token},
+                blob=full_key,
+                device=device,
+                failed=lambda exc: unsure.extend([exc] if is_ambiguous(exc) else []),
+            )
+        except StorageExistsError:
+            if not await self._is_ours(full_key, token, len(body)):
+                if not await self._only_uncommitted(full_key):
+                    raise
+                await self._put_as_block(full_key, body, token, device=device)
+        except StorageError:
+            if unsure:  # an attempt may have landed
+                await self._take_back(full_key, token)
+            raise
+        await self._verify_size(full_key, len(body), token, device=device)
+
+    async def _only_uncommitted(self, full_key: str) -> bool:
+        """Whether the blob that refused a conditional put holds no committed data (only
+        someone's staged blocks: Azurite refuses ``Put Blob`` with ``If-None-Match: *``
+        there, though no object exists)."""
+        try:
+            await self._props(full_key, what="check a refused put")
+        except StorageNotFoundError:
+            return True
+        except StorageError:
+            return False
+        return False
+
+    async def _put_as_block(
+        self, full_key: str, body: bytes, token: str, *, device: str | None
+    ) -> None:
+        """A small blob as one staged block and a conditional block list (what a put
+        is refused for; see ``_only_uncommitted``)."""
+        blob = await self._blob(full_key)
+        ids = [block_id(token, 1)]
+        await self._call(
+            "commit (stage block)",
+            blob.stage_block,
+            ids[0],
+            body,
+            length=len(body),
+            blob=full_key,
+            device=device,
+        )
+        try:
+            await self._call(
+                "commit (put block list)",
+                blob.commit_block_list,
+                ids,
+                metadata={self.WRITER: token},
+                blob=full_key,
+                device=device,
+                **self.if_missing(),
+            )
+        except StorageExistsError:
+            if not await self._is_ours(full_key, token, len(body)):
+                raise
+
+    async def _ours(self, full_key: str, token: str, size: int | None) -> BlobProperties | None:
+        """The blob's properties if it carries ``token`` (and has ``size``), else None."""
+        try:
+            props = await self._props(full_key, what="check ownership")
+        except StorageNotFoundError:
+            return None
+        metadata = {name.lower(): value for name, value in (props.metadata or {}).items()}
+        if metadata.get(self.WRITER) != token or size not in (None, int(props.size)):
+            return None
+        return props
+
+    async def _is_ours(self, full_key: str, token: str, size: int) -> bool:
+        """After a refused conditional write: is the blob there exactly ours?"""
+        try:
+            return await self._ours(full_key, token, size) is not None
+        except StorageError:
+            return False
+
+    async def _take_back(self, full_key: str, token: str) -> None:
+        """After a write whose outcome is unknown: delete the blob under ``full_key`` if
+        it carries ``token``, never someone else's. ``OrphanUploadsError`` if that
+        cannot be done."""
+        left = [f"object {self._relative(full_key)}"]
+        try:
+            props = await self._ours(full_key, token, None)
+            if props is None:
+                return
+            await self._delete(full_key, etag=str(props.etag))
+        except StorageNotFoundError:
+            return
+        except StorageError as exc:
+            raise OrphanUploadsError(self.url, left, reason=str(exc)) from exc
+        _log.info("lost_write_removed", container=self.container, key=full_key)
+
+    async def _verify_size(
+        self, full_key: str, size: int, token: str, *, device: str | None
+    ) -> None:
+        """The committed blob holds ``size`` bytes, else it is removed again."""
+        props = await self._props(full_key, what="verify commit")
+        if int(props.size) == size:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._delete(full_key, device=device, etag=str(props.etag))
+            except StorageError as exc:
+                _log.error("azure_discard_failed", key=full_key, error=str(exc))
+        raise StorageIntegrityError(
+            f"commit refused: Azure holds {props.size} bytes, the sink wrote {size}; "
+            f"container {self.container!r}, blob {full_key!r}",
+            url=self._url(full_key),
+            device=device,
+        )
+
+    async def _drop_uncommitted(self, full_key: str, *, device: str | None = None) -> None:
+        """Remove the uncommitted blocks of the blob ``full_key``: commit an empty block
+        list (``If-None-Match: *``, which discards every uncommitted block), then delete
+        that empty blob by its ETag. When a committed blob is there, its blocks stay for
+        Azure to discard (see ``sink``); nothing committed is ever touched."""
+        blob = await self._blob(full_key)
+        token = secrets.token_hex(8)
+        try:
+            result = await self._call(
+                "remove uncommitted blocks (commit an empty block list)",
+                blob.commit_block_list,
+                [],
+                metadata={self.WRITER: token},
+                blob=full_key,
+                device=device,
+                **self.if_missing(),
+            )
+            etag = str(result["etag"])
+        except StorageExistsError:
+            props = await self._ours(full_key, token, 0)  # our own replayed commit?
+            if props is None:
+                _log.info("azure_blocks_left_to_expire", container=self.container, key=full_key)
+                return
+            etag = str(props.etag)
+        with contextlib.suppress(StorageNotFoundError, StorageExistsError):
+            # gone already, or replaced by someone else's blob since: not ours to delete
+            await self._delete(full_key, device=device, etag=etag)
+
+    # --- debris: owner marks, sweep, probe ---
+
+    @contextlib.asynccontextmanager
+    async def in_progress(self, backup_id: str) -> AsyncIterator[None]:
+        """The owner mark (see the module docstring and ``Storage.in_progress``)."""
+        check_backup_id(backup_id, url=self.url)
+        full_key = f"{self._root()}{backup_id}/{MARK_NAME}"
+        token = secrets.token_hex(8)
+        body = json.dumps(
+            {
+                **owner_record(),
+                "backup_id": backup_id,
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                "token": token,
+            }
+        ).encode()
+        with anyio.CancelScope(shield=True):
+            await self._place_mark(backup_id, full_key, body, token)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._delete(full_key)
+                except StorageError as exc:
+                    _log.warning("owner_mark_not_removed", key=full_key, error=str(exc))
+
+    async def _place_mark(self, backup_id: str, full_key: str, body: bytes, token: str) -> None:
+        for _ in range(3):
+            try:
+                await self._put_new(full_key, body, token, device=None)
+                return
+            except StorageExistsError:
+                pass
+            record = await self._read_mark(full_key)
+            if not record_owner_gone(record):
+                raise BackupInProgressError(
+                    f"backup {backup_id} is being written by another process "
+                    f"({owner_text(record)})",
+                    url=join_url(self.url, backup_id),
+                )
+            with contextlib.suppress(StorageNotFoundError):
+                await self._delete(full_key)  # a dead owner's: ours now
+        raise BackupInProgressError(
+            f"backup {backup_id} is being started by another process at the same time",
+            url=join_url(self.url, backup_id),
+        )
+
+    async def _read_mark(self, full_key: str) -> dict[str, Any] | None:
+        blob = await self._blob(full_key)
+        try:
+            downloader = await self._call("read owner mark", blob.download_blob, blob=full_key)
+            data = await self._call(
+                "read owner mark", lambda **_: downloader.readall(), blob=full_key
+            )
+            record = json.loads(data)
+        except (StorageNotFoundError, ValueError):
+            return None  # gone, or unreadable: no proof of anything
+        return record if isinstance(record, dict) else None
+
+    async def owner_marks(self) -> builtins.list[OwnerMark]:
+        """Every backup's owner mark: ``alive`` False when its owner is provably gone,
+        True when it is this host's and runs, None when it cannot be told."""
+        marks: builtins.list[OwnerMark] = []
+        for obj in await self._list_raw():
+            backup_id, _, name = obj.key.partition("/")
+            if name != MARK_NAME:
+                continue
+            record = await self._read_mark(self._root() + obj.key)
+            marks.append(
+                OwnerMark(backup_id, obj.key, record_owner_state(record), obj.last_modified, record)
+            )
+        return marks
+
+    async def remove_mark(self, mark: OwnerMark) -> None:
+        """Delete an owner mark (``vdistream.catalog.audit`` decides which)."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(StorageNotFoundError):
+            await self._delete(self._root() + mark.name)
+
+    async def sweep(self) -> builtins.list[str]:
+        """``Storage.sweep``: for each backup whose mark proves its owner gone, remove
+        the uncommitted blocks under ``<backup_id>/``, its blobs unless a committed
+        manifest is there, then the mark. Other hosts' marks are kept."""
+        removed: builtins.list[str] = []
+        with anyio.CancelScope(shield=True):
+            for mark in await self.owner_marks():
+                if mark.alive is not False:
+                    continue
+                try:
+                    removed += await self._sweep_backup(mark)
+                except StorageError as exc:
+                    _log.warning("debris_not_removed", storage=self.url, error=str(exc))
+        return removed
+
+    async def _sweep_backup(self, mark: OwnerMark) -> builtins.list[str]:
+        prefix = f"{mark.backup_id}/"
+        removed: builtins.list[str] = []
+
+        def gone(item: str) -> None:
+            removed.append(item)
+            _log.info("debris_removed", storage=self.url, item=item)
+
+        async def still_dead() -> bool:
+            # a new backup with the same id may take the dead mark over at any time
+            return await self._read_mark(self._root() + mark.name) == mark.record
+
+        uploads = await self.list_uploads(prefix)
+        if not await still_dead():
+            return removed
+        for upload in uploads:
+            await self.abort_upload(upload.key, upload.upload_id)
+            gone(f"upload {upload.key} {upload.upload_id}")
+        keys = await self.list(prefix)
+        if f"{prefix}{MANIFEST_NAME}" not in keys:
+            if not await still_dead():
+                return removed
+            for key in keys:
+                with contextlib.suppress(StorageNotFoundError):
+                    await self._delete(self._full_key(key))
+                gone(key)
+        if await still_dead():
+            await self.remove_mark(mark)
+            gone(mark.name)
+        return removed
+
+    async def probe(self) -> None:
+        """The container's properties, then a tiny put and delete of
+        ``<prefix>/.vdistream-probe-<random>`` (see ``Storage.probe``)."""
+        container = await self._client()  # a client that cannot be made is no probe result
+        endpoint = self._endpoint()
+        try:
+            await self._call("check the container", container.get_container_properties)
+        except StorageError as exc:
+            raise StorageProbeError(self.url, probe_reason(exc, endpoint)) from exc
+        key = self._root() + f"{INTERNAL_PREFIX}probe-{secrets.token_hex(8)}"
+        with anyio.CancelScope(shield=True):
+            try:
+                blob = await self._blob(key)
+                await self._call(
+                    "write a probe object", blob.upload_blob, b"probe", overwrite=True, blob=key
+                )
+                await self._delete(key)
+            except StorageError as exc:
+                raise StorageProbeError(self.url, probe_reason(exc, endpoint, "write")) from exc
+
+    # --- uncommitted blocks (used by sinks and vdistream.catalog.audit) ---
+
+    async def list_uploads(self, prefix: str = "") -> builtins.list[AzureUpload]:
+        """The blobs under ``prefix`` that hold only uncommitted blocks (a killed
+        sink's staged stream), as uploads with the id ``UPLOAD_ID``."""
+        committed = {obj.key for obj in await self._list_raw(prefix)}
+        return [
+            AzureUpload(obj.key, self.UPLOAD_ID, obj.last_modified)
+            for obj in await self._list_raw(prefix, uncommitted=True)
+            if obj.key not in committed
+        ]
+
+    async def abort_upload(self, key: str, upload_id: str = UPLOAD_ID) -> None:
+        """Remove the uncommitted blocks of the blob ``key`` (see ``_drop_uncommitted``);
+        idempotent, runs to completion. ``upload_id`` is ``UPLOAD_ID``: a blob's
+        uncommitted blocks go together."""
+        full_key = self._full_key(key)
+        with anyio.CancelScope(shield=True):
+            await self._drop_uncommitted(full_key)
