@@ -29,7 +29,7 @@ def sha256(data: bytes) -> str:
 def vdistream(*args: str, check: int | None = 0, env: dict[str, str] | None = None) -> Any:
     """The command line in a subprocess; ``check``: the exit code it must have."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.keys._main", *args],
+        [sys.executable, "-m", "vdistream", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -62,7 +62,7 @@ async def backup(
 
 async def restore(ref: str, keys: KeySource | None, out: Path) -> bytes:
     """Restore ``ref`` into ``out`` and return the bytes (raises the job's error)."""
-    out.unlink(missing_ok=True)
+    await anyio.Path(out).unlink(missing_ok=True)
     result = await run_restore(ref, f"cmd:sh -c 'cat > {out}'", keys=keys)
     if not result.ok:
         assert result.error is not None

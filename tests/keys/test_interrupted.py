@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.keys.conftest import ROOT, backup, restore, sha256, streams
@@ -83,7 +85,23 @@ async def test_a_fault_before_the_rename_leaves_the_old_manifest(
     assert again.changed == ["b2"]
     assert again.unchanged == [("b1", "already rotated"), ("b3", "already rotated")]
     data = await restore(f"{dest}/b2", keys["new"], tmp_path / "o")
-    assert sha256(data) == sha256(source.read_bytes())
+    assert sha256(data) == sha256(await anyio.Path(source).read_bytes())
+
+
+def _kill_when_changed(command: list[str], watched: Path, first: bytes) -> int:
+    """Run ``command``; SIGKILL it as soon as ``watched`` is no longer ``first``."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while watched.read_bytes() == first:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate()
+    return process.returncode
 
 
 async def test_kill_9_in_the_middle(tmp_path: Path, source: Path, pair: tuple[Path, Path]) -> None:
@@ -104,20 +122,10 @@ async def test_kill_9_in_the_middle(tmp_path: Path, source: Path, pair: tuple[Pa
     watched = dest / f"b{random.randrange(count // 2):03d}" / "manifest.json"
     first = watched.read_bytes()
 
-    command = [sys.executable, "-m", "tests.keys._main", "key", "rotate", str(dest)]
+    command = [sys.executable, "-m", "vdistream", "key", "rotate", str(dest)]
     command += ["--old", str(old), "--new", str(new)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while watched.read_bytes() == first:
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.communicate()
-    assert process.returncode == -signal.SIGKILL
+    returncode = await anyio.to_thread.run_sync(_kill_when_changed, command, watched, first)
+    assert returncode == -signal.SIGKILL
 
     keys = {"old": KeySource(key_file=str(old)), "new": KeySource(key_file=str(new))}
     ids = [f"b{i:03d}" for i in range(count)]
@@ -136,4 +144,35 @@ async def test_kill_9_in_the_middle(tmp_path: Path, source: Path, pair: tuple[Pa
     await FileStorage(dest).sweep()
     assert not list(dest.rglob("*.tmp"))
     data = await restore(f"{dest}/b000", keys["new"], tmp_path / "o")
-    assert sha256(data) == sha256(source.read_bytes())
+    assert sha256(data) == sha256(await anyio.Path(source).read_bytes())
+
+
+async def test_two_rotations_at_once(tmp_path: Path, source: Path, pair: tuple[Path, Path]) -> None:
+    """Each manifest is rewrapped under its backup's mark: two concurrent rotations
+    rewrap each backup once between them, and neither loses the other's work."""
+    old, new = pair
+    dest = tmp_path / "dest"
+    await backup(source, str(dest), KeySource(key_file=str(old)), "b000")
+    template = Manifest.from_json((dest / "b000" / "manifest.json").read_bytes(), where="b000")
+    count = 60
+    for i in range(1, count):
+        (dest / f"b{i:03d}").mkdir()
+        copy = dataclasses.replace(template, backup_id=f"b{i:03d}")
+        (dest / f"b{i:03d}" / "manifest.json").write_bytes(copy.to_json())
+    command = [sys.executable, "-m", "vdistream", "key", "rotate", str(dest), "--json"]
+    command += ["--old", str(old), "--new", str(new)]
+
+    def both() -> list[subprocess.CompletedProcess[bytes]]:
+        running = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE) for _ in range(2)]
+        return [
+            subprocess.CompletedProcess(p.args, p.wait(60), p.communicate()[0], b"")
+            for p in running
+        ]
+
+    results = await anyio.to_thread.run_sync(both)
+    assert [r.returncode for r in results] == [0, 0]
+    reports = [json.loads(r.stdout) for r in results]
+    changed = sorted(reports[0]["changed"] + reports[1]["changed"])
+    assert changed == [f"b{i:03d}" for i in range(count)]  # each exactly once
+    keys = {"old": KeySource(key_file=str(old)), "new": KeySource(key_file=str(new))}
+    assert {await _opens_with(dest, f"b{i:03d}", keys) for i in range(count)} == {"new"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.keys.conftest import (
@@ -54,7 +55,7 @@ async def test_rotate_key_file_to_key_file(tmp_path: Path, source: Path) -> None
         with pytest.raises(WrongKeyError, match=WRONG):
             await restore(f"{dest}/{backup_id}", KeySource(key_file=str(old)), tmp_path / "o")
         data = await restore(f"{dest}/{backup_id}", KeySource(key_file=str(new)), tmp_path / "o")
-        assert sha256(data) == sha256(source.read_bytes())
+        assert sha256(data) == sha256(await anyio.Path(source).read_bytes())
     assert not list(dest.rglob("*.tmp"))
 
     # the old key refused by restore on the command line too: one line, exit 1
@@ -94,7 +95,7 @@ async def test_rotate_passphrase_to_key_file(
     with pytest.raises(WrongKeyError, match=WRONG):
         await restore(f"{dest}/b1", KeySource(passphrase_env="OLD_PASSPHRASE"), tmp_path / "o")
     data = await restore(f"{dest}/b1", KeySource(key_file=str(new)), tmp_path / "o")
-    assert sha256(data) == sha256(source.read_bytes())
+    assert sha256(data) == sha256(await anyio.Path(source).read_bytes())
 
 
 async def test_rotate_with_the_wrong_old_key_changes_nothing(tmp_path: Path, source: Path) -> None:
@@ -116,7 +117,7 @@ async def test_add_and_remove_recipients(tmp_path: Path, source: Path) -> None:
     dest = tmp_path / "dest"
     await backup(source, str(dest), KeySource(key_file=str(key)), "b1")
     before = streams(dest, "b1")
-    original = sha256(source.read_bytes())
+    original = sha256(await anyio.Path(source).read_bytes())
 
     vdistream("key", "add", str(dest), "--key", str(key), "--recipient", str(public))
     listed = json.loads(vdistream("key", "list", str(dest), "--json").stdout)["backups"]
@@ -152,9 +153,11 @@ async def test_x25519_recipient_only(tmp_path: Path, source: Path) -> None:
     assert identity.read_text().splitlines()[1] not in manifest
 
     data = await restore(f"{dest}/b1", KeySource(identity_file=str(identity)), tmp_path / "o")
-    assert sha256(data) == sha256(source.read_bytes())
+    assert sha256(data) == sha256(await anyio.Path(source).read_bytes())
 
-    with pytest.raises(KeyMissingError, match="a public key .* cannot decrypt it"):
+    with pytest.raises(
+        KeyMissingError, match=r"a public key \(--encrypt-recipient\) cannot decrypt it"
+    ):
         await restore(f"{dest}/b1", KeySource(recipients=(str(public),)), tmp_path / "o")
     with pytest.raises(KeyMissingError, match="is encrypted: give its key"):
         await restore(f"{dest}/b1", None, tmp_path / "o")
@@ -165,3 +168,55 @@ async def test_x25519_recipient_only(tmp_path: Path, source: Path) -> None:
     # a public key given where the private one belongs: said so
     with pytest.raises(Exception, match="holds a public key, which can encrypt but never decrypt"):
         await restore(f"{dest}/b1", KeySource(identity_file=str(public)), tmp_path / "o")
+
+
+async def test_command_line_recipient_and_identity(tmp_path: Path, source: Path) -> None:
+    """backup --encrypt-recipient on the writer, restore --decrypt-identity elsewhere."""
+    identity = tmp_path / "restore.pem"
+    vdistream("key", "generate", str(identity))
+    dest = tmp_path / "dest"
+    made = vdistream(
+        "backup",
+        f"cmd:cat {source}",
+        str(dest),
+        "--encrypt-recipient",
+        f"{identity}.pub",
+        "--json",
+    )
+    backup_id = json.loads(made.stdout)["id"]
+    out = tmp_path / "out.bin"
+    missing = vdistream("restore", f"{dest}/{backup_id}", f"cmd:cat > {out}", check=1)
+    assert missing.stderr == (
+        f"vdistream: error: backup {backup_id} is encrypted: give its key (--encrypt-key-file, "
+        "--encrypt-key-env or --encrypt-passphrase-env) or the private key of one of its "
+        "recipients (--decrypt-identity)\n"
+    )
+    vdistream(
+        "restore",
+        f"{dest}/{backup_id}",
+        f"cmd:sh -c 'cat > {out}'",
+        "--decrypt-identity",
+        str(identity),
+    )
+    assert sha256(await anyio.Path(out).read_bytes()) == sha256(
+        await anyio.Path(source).read_bytes()
+    )
+    verified = vdistream(
+        "verify", f"{dest}/{backup_id}", "--decrypt-identity", str(identity), "--json"
+    )
+    assert json.loads(verified.stdout)["status"] == "verified"
+
+
+async def test_unencrypted_backups_and_a_missing_destination(tmp_path: Path, source: Path) -> None:
+    old, new = keyfile(tmp_path, "old.key"), keyfile(tmp_path, "new.key")
+    dest = tmp_path / "dest"
+    await backup(source, str(dest), None, "plain")
+    manifest = (dest / "plain" / "manifest.json").read_bytes()
+    report = json.loads(
+        vdistream("key", "rotate", str(dest), "--old", str(old), "--new", str(new), "--json").stdout
+    )
+    assert report["unchanged"] == [{"id": "plain", "reason": "not encrypted"}]
+    assert (dest / "plain" / "manifest.json").read_bytes() == manifest
+    assert vdistream("key", "list", str(dest)).stdout == "plain  not encrypted\n"
+    missing = vdistream("key", "list", str(tmp_path / "nowhere"), check=1)
+    assert missing.stderr == f"vdistream: error: {tmp_path / 'nowhere'}: no such directory\n"

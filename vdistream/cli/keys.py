@@ -39,7 +39,11 @@ _BACKUPS = click.option(
     multiple=True,
     help="Only this backup (repeatable); default: every backup in DEST.",
 )
-_DEST = click.argument("dest", metavar="DEST")
+_DEST = click.argument(
+    "dest",
+    metavar="DEST",
+    help="The destination holding the backups (a directory, file://, s3://, ...).",
+)
 
 
 def _refs(prefix: str, what: str, *, fingerprint: bool = False) -> Callable[[Any], Any]:
@@ -146,7 +150,11 @@ def key() -> None:
 
 
 @key.command("generate", short_help="Write a new X25519 key pair (private key mode 0600).")
-@click.argument("private", metavar="PRIVATE")
+@click.argument(
+    "private",
+    metavar="PRIVATE",
+    help="The new private key file (mode 0600); an existing file is never overwritten.",
+)
 @click.option(
     "--public",
     "public",
@@ -185,7 +193,8 @@ async def generate(params: Params) -> int:
 async def rotate(params: Params) -> int:
     """Open each backup's data key in DEST with the old key, wrap it for the new keys and
     drop the old key's wrap: afterwards the old key opens none of them. Backups already
-    rotated (a rerun) are left as they are. No stream is touched."""
+    rotated (a rerun) are left as they are. No stream is touched, so a copy of an old
+    manifest still opens with the old key: after a compromise, make new backups too."""
     from vdistream.operations.keys import rotate_keys
 
     old = _collect(params, "old", "the old key (--old, --old-key-env or --old-passphrase-env)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -388,13 +388,17 @@ async def _openers(refs: Sequence[KeyRef]) -> list[Key | Identity | Passphrase]:
     return openers
 
 
+#: a manifest -> its new key block, or None (nothing to do) with the reason; the note
+#: "legacy" marks a pre-envelope backup rewrapped
+_Change = Callable[[Manifest], Awaitable[tuple[dict[str, Any] | None, str]]]
+
+
 async def _rewrap(
-    dest: str, change: Callable[[Manifest], Any], *, done: str, backups: Sequence[str] = ()
+    dest: str, change: _Change, *, done: str, backups: Sequence[str] = ()
 ) -> RewrapReport:
-    """Apply ``change`` (async: manifest -> (new key block or None, note)) to every
-    backup in ``dest`` (or those named in ``backups``), each under its mark; a block
-    that comes back the same is reported unchanged, as ``done``."""
-    from vdistream.catalog.store import replace_manifest
+    """Apply ``change`` to every backup in ``dest`` (or those named in ``backups``), one
+    after the other, each under its mark; a block that comes back the same is reported
+    unchanged, as ``done``. A backup's failure is reported and the others go on."""
     from vdistream.operations.core import opened_storage
 
     report = RewrapReport()
@@ -406,7 +410,7 @@ async def _rewrap(
             ids = [m.backup_id for m in manifests]
         for backup_id in ids:
             try:
-                await _rewrap_one(storage, backup_id, change, report, replace_manifest, done)
+                await _rewrap_one(storage, backup_id, change, report, done)
             except (PipelineError, CatalogError, StorageError, ConfigError) as exc:
                 report.failed.append((backup_id, str(exc)))
     return report
@@ -415,11 +419,12 @@ async def _rewrap(
 async def _rewrap_one(
     storage: Storage,
     backup_id: str,
-    change: Callable[[Manifest], Any],
+    change: _Change,
     report: RewrapReport,
-    replace: Callable[[Storage, Manifest], Any],
     done: str,
 ) -> None:
+    from vdistream.catalog.store import replace_manifest
+
     # the mark: a concurrent rewrap of this backup (or a prune's) cannot interleave
     async with storage.in_progress(backup_id):
         manifest = await read_manifest(storage, backup_id)  # again, under the mark
@@ -430,7 +435,7 @@ async def _rewrap_one(
         if block is None or block == manifest.key_block:
             report.unchanged.append((backup_id, note if block is None else done))
             return
-        await replace(storage, manifest.with_key_block(block))
+        await replace_manifest(storage, manifest.with_key_block(block))
     report.changed.append(backup_id)
     if note == "legacy":
         report.legacy.append(backup_id)

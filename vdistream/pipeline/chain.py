@@ -48,8 +48,10 @@ ORDER = ("compress", "encrypt", "store")
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """The stages of a backup. For a restore, ``encrypted`` says the stored streams are
-    encrypted (from the manifest) whether or not a ``key`` was given."""
+    """The stages of a backup. ``key`` is what the streams are encrypted with: a new
+    backup's ``envelope.DataKey`` (its ``describe`` is the manifest's key block), or a
+    restored one's unwrapped data key. For a restore, ``encrypted`` says the stored
+    streams are encrypted (from the manifest) whether or not a ``key`` was given."""
 
     compression: CompressionSpec | None = None
     key: Key | None = None

@@ -24,7 +24,10 @@ Stream format, version 1 (all integers big-endian)
       4   n  ciphertext
     4+n  16  GCM tag
 
-Keys: ``data_key = HKDF-SHA256(key, salt, info="vdistream/v1/aes-256-gcm/data-key")``
+``key`` is the backup's own random data key (``vdistream.pipeline.envelope``: the
+manifest keeps it wrapped for the user's keys), or for a backup made before envelopes
+the user's key itself; the stream format is the same. Keys:
+``data_key = HKDF-SHA256(key, salt, info="vdistream/v1/aes-256-gcm/data-key")``
 and ``check_key = HKDF-SHA256(key, salt, info="vdistream/v1/key-check")``. A fresh salt
 makes every stream's data key unique, so the deterministic nonce
 ``nonce_prefix || u64(i)`` is never reused under one key (the random prefix is defence

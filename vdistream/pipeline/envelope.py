@@ -72,9 +72,11 @@ from vdistream.pipeline.keys import KEY_SIZE, Key, ScryptParams
 
 __all__ = (
     "ENVELOPE_VERSION",
+    "MAX_WRAPS",
     "DataKey",
     "Envelope",
     "Identity",
+    "Opener",
     "Passphrase",
     "Recipient",
     "Wrap",
@@ -83,6 +85,9 @@ __all__ = (
     "load_recipient",
     "new_data_key",
     "read_key_or_recipient",
+    "recipient_fingerprint",
+    "wrap_for_key",
+    "wrap_for_recipient",
 )
 
 ENVELOPE_VERSION: Final = 1

@@ -1,6 +1,11 @@
 """Encryption keys: where they come from, and what may be written down about them.
 
-A ``Key`` is 32 secret bytes (AES-256). ``load_key`` takes exactly one source:
+A ``Key`` is 32 secret bytes (AES-256). Since envelope encryption
+(``vdistream.pipeline.envelope``) the keys users hold are *key-encryption keys*: each
+backup's streams are encrypted with its own random data key, which the manifest keeps
+wrapped for them. Backups made before that were encrypted with the user's key itself
+and still open with it (``describe`` and ``check_fingerprint`` below are theirs).
+``load_key`` takes exactly one source:
 
 * ``key_file``: a file holding the key as 32 raw bytes, 64 hex digits, or the base64
   of 32 bytes (surrounding whitespace ignored for the text forms). ``generate_key_file``
