@@ -67,6 +67,20 @@ GROUPS = [
         ("--gib", "2", "--rss-gib"),
     ),
     Group(
+        "mirror",
+        "mirror.py",
+        "a backup mirrored to two local directories (--mirror) beside the same to one",
+        ("--gib", "0.5"),
+        ("--gib", "2"),
+    ),
+    Group(
+        "throttle",
+        "throttle.py",
+        "a backup under --max-rate: the worst 5-second window, and a live change",
+        (),
+        (),
+    ),
+    Group(
         "rss",
         "file_backup.py",
         "peak RSS of backups of growing size",

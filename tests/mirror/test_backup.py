@@ -23,7 +23,7 @@ from vdistream.errors import ConfigError, StorageError, StorageFullError
 from vdistream.operations import BackupSettings, KeySource, run_backup, run_restore, run_verify
 from vdistream.pipeline.keys import generate_key_file
 from vdistream.pipeline.spec import parse_compression
-from vdistream.storage import StorageProbeError
+from vdistream.storage import BackupInProgressError, FileStorage, StorageProbeError
 
 pytestmark = pytest.mark.asyncio
 
@@ -273,3 +273,22 @@ async def test_an_aborted_mirrored_backup_leaves_nothing(tmp_path: Path) -> None
     assert outcome.result.aborted_by is AbortCause.USER
     assert files_under(one) == []
     assert files_under(two) == []
+
+
+async def test_a_backup_in_progress_in_the_mirror_is_refused(
+    tmp_path: Path, source: tuple[Path, bytes]
+) -> None:
+    """The mirror's in-progress mark is taken like the destination's: a live writer of
+    the same id there refuses the backup before the engine starts."""
+    path, _ = source
+    one, two = tmp_path / "one", tmp_path / "two"
+    async with FileStorage(two).in_progress("b"):
+        with pytest.raises(BackupInProgressError) as caught:
+            await run_backup(
+                f"cmd:cat {path}",
+                str(one),
+                BackupSettings(devices=2, backup_id="b", mirror=str(two), **SMALL),
+            )
+    assert str(caught.value).startswith("backup b is being written by another process (")
+    assert (two / "b").as_uri() in str(caught.value)
+    assert files_under(one) == []

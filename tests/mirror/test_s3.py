@@ -19,6 +19,8 @@ from vdistream.coordinator import AbortCause, JobStatus
 from vdistream.errors import StorageError
 from vdistream.operations import BackupSettings, KeySource, run_backup, run_restore, run_verify
 from vdistream.pipeline.keys import generate_key_file
+from vdistream.storage import FileStorage, OrphanUploadsError
+from vdistream.storage.mirror import MirrorStorage
 
 pytestmark = pytest.mark.asyncio
 
@@ -103,3 +105,55 @@ async def test_s3_failing_midway_leaves_nothing_in_either(
     assert files_under(local) == []
     assert moto_server.keys(bucket) == []
     assert moto_server.uploads(bucket) == []
+
+
+async def test_a_commit_failing_on_one_side_takes_back_the_other(
+    tmp_path: Path,
+    faulty: StorageFactory,
+    proxy: FaultProxy,
+    moto_server: MotoServer,
+    bucket: str,
+) -> None:
+    """S3's CompleteMultipartUpload keeps failing while the directory's commit succeeds
+    (both run at once): the directory's committed object is deleted again, S3 keeps no
+    object and no upload, and the error is S3's."""
+    proxy.add("reset", r"^POST /\S*[?&]uploadId=", count=10**6)
+    storage = MirrorStorage(FileStorage(tmp_path / "local"), faulty(max_attempts=2))
+    sink = await storage.open_sink("b/s", device="dev0")
+    await sink.write(memoryview(os.urandom(3 * TEST_PART_SIZE)))
+    with pytest.raises(StorageError, match=r"complete upload.*backups/b/s") as caught:
+        await sink.commit()
+    assert not isinstance(caught.value, OrphanUploadsError)
+    assert files_under(tmp_path / "local") == []
+    await sink.abort()
+    assert files_under(tmp_path / "local") == []
+    assert moto_server.keys(bucket) == []
+    assert moto_server.uploads(bucket) == []
+
+
+async def test_what_the_s3_mirror_could_not_remove_is_named_with_its_remedy(
+    tmp_path: Path,
+    faulty: StorageFactory,
+    proxy: FaultProxy,
+    moto_server: MotoServer,
+    bucket: str,
+) -> None:
+    """The producer fails midway and S3 refuses to abort the mirror's uploads: the
+    directory keeps nothing, and the job's one-line error is S3's leftovers with the
+    command that removes them (as for an S3 destination alone)."""
+    proxy.add("error", r"^DELETE /\S*[?&]uploadId=", status=403, code="AccessDenied", count=10**6)
+    local = tmp_path / "local"
+    outcome = await run_backup(
+        f"cmd:sh -c 'head -c {6 * TEST_PART_SIZE} /dev/urandom; exit 3'",
+        str(local),
+        BackupSettings(devices=2, backup_id="b", mirror=faulty(max_attempts=2)),
+    )
+    assert not outcome.ok
+    error = outcome.result.error
+    assert isinstance(error, OrphanUploadsError), repr(error)
+    message = str(error)
+    assert "\n" not in message
+    assert f"run `vdistream storage audit --clean s3://{bucket}/backups`" in message
+    assert "the job failed first: " in message
+    assert moto_server.uploads(bucket)  # left, as the message says
+    assert files_under(local) == []

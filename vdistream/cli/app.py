@@ -55,6 +55,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("daemon", "jobs"),
     "job": ("daemon", "job"),
     "abort": ("daemon", "abort"),
+    "throttle": ("daemon", "throttle"),
     "submit": ("daemon", "submit"),
 }
 

@@ -130,6 +130,8 @@ def job_details(job: Mapping[str, Any]) -> str:
         lines.append(f"  backup {job['backup_id']} in {job.get('storage_url')}")
     if job.get("queue_position") is not None:
         lines.append(f"  position {job['queue_position'] + 1} in the queue")
+    if job.get("max_rate") is not None:
+        lines.append(f"  bandwidth limit {job['max_rate']:,} bytes/s")
     if amount := job_bytes(job.get("result") or {}):
         lines.append(f"  {amount}")
     progress = job.get("progress") or {}

@@ -14,6 +14,10 @@ owner is provably gone is swept away (and logged), the storage answers a small p
 storage's in-progress marker (``Storage.in_progress``), so that a backup killed midway
 leaves debris the next run can prove dead. A restore sweeps its destination too.
 
+A mirrored backup (``BackupSettings.mirror``, ``--mirror``) does all of that in both
+destinations, writes every stream to both in the same pass
+(``vdistream.storage.mirror``) and a manifest to each; it exists in both or in neither.
+
 A restore publishes its target only once every stream passed every check (the pumps
 check each stream at its end, before the engine hears of it: see ``vdistream.pump``).
 What a ``cmd:`` consumer did with the bytes before a failure cannot be undone:
@@ -218,7 +222,9 @@ async def run_backup(
     both committed every stream and both manifests are durable; a failure of either
     (preflight, a stream, a commit, a manifest) leaves nothing of it in either. Both
     destinations are swept and probed, both hold the in-progress mark, and the id must
-    be free in both.
+    be free in both. The manifests are written one after the other (the destination's
+    first): a process killed between the two leaves the destination's backup complete
+    and the mirror's streams as debris, which the mirror's next sweep removes.
     """
     settings = settings or BackupSettings()
     source: DatabaseSource | SqlServerSource

@@ -29,8 +29,10 @@ Everything else of the storage goes to both where it writes or marks (``delete``
 ``in_progress``, ``sweep``, ``probe``, ``background``, ``aclose``) and to the primary
 where it reads (``open_source``, ``list``, ``stat``): a mirrored backup is restored and
 verified from either destination alone, each opened by its own URL, never through a
-``MirrorStorage``. ``url`` is the primary's, so device URLs and errors of the job name
-the primary; errors of a sink name the side that failed.
+``MirrorStorage``. ``replace_bytes`` keeps the default refusal: two objects cannot be
+replaced as one atomically (``vdistream key rotate`` rewraps each destination's
+manifests by that destination's own URL). ``url`` is the primary's, so device URLs
+and errors of the job name the primary; errors of a sink name the side that failed.
 
 The manifests are not this module's business: ``vdistream.operations`` writes one to
 each destination (each with its own device URLs), after both sides committed every
@@ -206,6 +208,9 @@ class MirrorSink(Sink):
         if left:
             errors.append(self._orphans(left, "the delete was refused"))
         if errors:
+            # What is left first: the job reports leftovers by this type (and the line
+            # still names the other side's error).
+            errors.sort(key=lambda error: not isinstance(error, OrphanUploadsError))
             raise _combined(errors)
         self._state = SinkState.ABORTED
 

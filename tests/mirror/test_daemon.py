@@ -1,0 +1,64 @@
+"""The daemon's ``mirror = "NAME"`` (``[databases.X]``): every backup of the database
+goes to its destination and to the mirror destination in one pass, the job's result
+names both manifests, and the mirror alone restores it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.conftest import make_sqlite
+from tests.storage.test_file import files_under
+from vdistream.operations import run_restore
+from vdistream.service import Service
+from vdistream.service.settings import load_settings
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_a_database_with_a_mirror_is_backed_up_to_both(tmp_path: Path) -> None:
+    source = make_sqlite(tmp_path / "app.db", rows=2_000)
+    local, offsite = tmp_path / "local", tmp_path / "offsite"
+    config = tmp_path / "vdistream.toml"
+    config.write_text(
+        "\n".join(
+            [
+                "[service]",
+                f'state_dir = "{tmp_path / "state"}"',
+                'timezone = "UTC"',
+                "[destinations.local]",
+                f'url = "{local}"',
+                "[destinations.offsite]",
+                f'url = "{offsite}"',
+                "[databases.app]",
+                f'url = "sqlite://{source}"',
+                'destination = "local"',
+                'mirror = "offsite"',
+                "devices = 2",
+            ]
+        )
+        + "\n"
+    )
+    settings = load_settings(config, env={})
+    async with Service(settings, api=False) as service:
+        record = await service.submit("backup", "app", verify=False)
+        done = await service.wait(record.id)
+        await service.shutdown()
+    assert done.state.value == "succeeded", done.error
+    backup_id = done.backup_id
+    assert backup_id is not None
+    assert done.result is not None
+    assert done.result["mirror"] == "offsite"
+    assert done.result["manifest"] == (local / backup_id / "manifest.json").as_uri()
+    assert done.result["mirror_manifest"] == (offsite / backup_id / "manifest.json").as_uri()
+    assert files_under(local) == files_under(offsite)
+    assert f"{backup_id}/manifest.json" in files_under(offsite)
+
+    restored = tmp_path / "restored.db"
+    result = await run_restore(f"{offsite}/{backup_id}", f"sqlite://{restored}")
+    assert result.ok, result.error
+    with sqlite3.connect(restored) as db, sqlite3.connect(source) as original:
+        query = "SELECT id, name FROM items ORDER BY id"
+        assert db.execute(query).fetchall() == original.execute(query).fetchall()
