@@ -72,3 +72,25 @@ async def test_rotate_on_s3(
             await restore(ref, KeySource(key_file=str(old)), tmp_path / "o")
         data = await restore(ref, KeySource(key_file=str(new)), tmp_path / "o")
         assert sha256(data) == sha256(await anyio.Path(source).read_bytes())
+
+
+async def test_a_backup_being_written_on_s3_is_reported(
+    tmp_path: Path, source: Path, moto_server: MotoServer, bucket: str
+) -> None:
+    """A live owner mark without a manifest (a backup being written, here by this
+    process) fails the rotation, named; the backups with a manifest are rotated."""
+    from vdistream.operations import opened_storage
+
+    old, new = tmp_path / "old.key", tmp_path / "new.key"
+    generate_key_file(old)
+    generate_key_file(new)
+    dest = f"s3://{bucket}/db1?endpoint_url={moto_server.endpoint}"
+    await backup(source, dest, KeySource(key_file=str(old)), "b1")
+    rotate = ("key", "rotate", dest, "--old", str(old), "--new", str(new), "--json")
+    async with opened_storage(dest) as storage, storage.in_progress("b2"):
+        done = await anyio.to_thread.run_sync(lambda: vdistream(*rotate, check=1))
+    report = json.loads(done.stdout)
+    assert report["changed"] == ["b1"]
+    assert [r["id"] for r in report["running"]] == ["b2"]
+    assert done.stderr.startswith("vdistream: backup b2 is being written (")
+    assert "db1/b2/.vdistream-owner.json" not in moto_server.keys(bucket)

@@ -124,6 +124,16 @@ class Manifest:
         encryption = {**self.pipeline["encryption"], "key": block}
         return dataclasses.replace(self, pipeline={**self.pipeline, "encryption": encryption})
 
+    def carries(self, data: bytes) -> bool:
+        """Whether ``to_json`` says all that the stored manifest ``data`` (this one, as
+        read) says. False when it holds fields this version does not know (a newer
+        vdistream wrote it): rewriting it would drop them, under a fresh checksum."""
+        try:
+            stored = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return bool(json.loads(self.to_json()) == stored)
+
     def _body(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
         body["devices"] = [dataclasses.asdict(d) for d in self.devices]

@@ -67,9 +67,29 @@ async def replace_manifest(storage: Storage, manifest: Manifest) -> str:
     caller holds the backup's ``Storage.in_progress`` mark, so two replacements of one
     manifest cannot interleave. ``CatalogError`` if there is no manifest to replace;
     the storage's ``StorageError`` if it cannot replace (then the old one is intact).
+
+    The manifest in place is read first (the caller's mark keeps it as it is): it must
+    be valid, say nothing that this version's ``Manifest`` would drop (fields of a newer
+    version), and differ from ``manifest`` in its key block only; else ``CatalogError``
+    and nothing is written.
     """
     key = manifest_key(manifest.backup_id)
     where = f"{storage.url.rstrip('/')}/{key}"
+    try:
+        data = await storage.read_bytes(key)
+    except StorageNotFoundError as exc:
+        raise CatalogError(f"no manifest to replace at {where}") from exc
+    current = Manifest.from_json(data, where=where)
+    if not current.carries(data):
+        raise CatalogError(
+            f"manifest {where} holds fields this vdistream does not know (a newer version "
+            "wrote it): not rewriting it; use that version"
+        )
+    block = manifest.key_block
+    if block is None or current.key_block is None or current.with_key_block(block) != manifest:
+        raise CatalogError(
+            f"refusing to replace manifest {where}: the new one differs in more than its key"
+        )
     try:
         await storage.replace_bytes(key, manifest.to_json())
     except StorageNotFoundError as exc:

@@ -102,11 +102,17 @@ def _collect(params: Params, prefix: str, option: str) -> list[KeyRef]:
     return refs
 
 
-def _report(params: Params, report: RewrapReport, verb: str) -> int:
+def _report(params: Params, report: RewrapReport, verb: str, command: str) -> int:
     """The result on stdout, failures on stderr; the exit code."""
     dest = params["dest"]
     for backup_id, error in report.failed:
         say(f"vdistream: backup {backup_id}: {error}", err=True)
+    for backup_id, owner in report.running:
+        say(
+            f"vdistream: backup {backup_id} is being written ({owner}): it keeps the keys "
+            f"its job was given; run `vdistream key {command}` again once it has finished",
+            err=True,
+        )
     for problem in report.unreadable:
         say(f"vdistream: warning: {problem}", err=True)
     parts = [f"{verb} {len(report.changed)} backup{'s' if len(report.changed) != 1 else ''}"]
@@ -117,11 +123,14 @@ def _report(params: Params, report: RewrapReport, verb: str) -> int:
         parts.append(", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())))
     if report.failed:
         parts.append(f"{len(report.failed)} failed")
+    if report.running:
+        parts.append(f"{len(report.running)} being written")
     text = f"{'; '.join(parts)} in {dest}"
     if report.legacy:
         text += (
-            f"; {len(report.legacy)} made before envelope encryption still open with "
-            "their old key too (their streams are encrypted with it)"
+            f"; {len(report.legacy)} made before envelope encryption: their streams stay "
+            "encrypted with the old key, which still decrypts them and which whoever holds "
+            "a new key can now recover"
         )
     emit(params["json_output"], report.to_dict(), text)
     return 0 if report.ok else 1
@@ -201,7 +210,7 @@ async def rotate(params: Params) -> int:
     new = _collect(params, "new", "the new key (--new, --new-key-env or --new-passphrase-env)")
     await _check_dest(params["dest"])
     report = await rotate_keys(params["dest"], old, new, backups=params["backups"])
-    return _report(params, report, "rotated")
+    return _report(params, report, "rotated", "rotate")
 
 
 @key.command("add", short_help="Wrap every backup's data key for one more key or recipient.")
@@ -234,7 +243,7 @@ async def add(params: Params) -> int:
         )
     await _check_dest(params["dest"])
     report = await add_keys(params["dest"], opener, new, backups=params["backups"])
-    return _report(params, report, "added the key to")
+    return _report(params, report, "added the key to", "add")
 
 
 @key.command("remove", short_help="Remove a key or recipient from every backup's wraps.")
@@ -254,7 +263,7 @@ async def remove(params: Params) -> int:
     )
     await _check_dest(params["dest"])
     report = await remove_keys(params["dest"], old, backups=params["backups"])
-    return _report(params, report, "removed the key from")
+    return _report(params, report, "removed the key from", "remove")
 
 
 @key.command("list", short_help="Show what opens each backup in a destination.")

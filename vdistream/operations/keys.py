@@ -13,7 +13,11 @@ envelopes (their streams encrypted with the key itself) still open with that key
 a destination (``KeyRef`` names a key for them): only the manifest's key block changes,
 each manifest is replaced atomically (``catalog.store.replace_manifest``) under the
 backup's in-progress mark, and a rerun after an interruption finishes the job (a backup
-already done is reported as such). No stream is read or written.
+already done is reported as such). No stream is read or written. A backup still being
+written when the command runs gets the keys its job was given, not these: one that
+commits meanwhile is rewrapped too, one still running at the end is reported
+(``RewrapReport.running``) and fails the command, so that nobody retires a key that
+such a backup still needs.
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 import anyio.to_thread
 
-from vdistream.catalog import CatalogError, Manifest, list_manifests, read_manifest
+from vdistream.catalog import (
+    MANIFEST_NAME,
+    CatalogError,
+    Manifest,
+    list_manifests,
+    read_manifest,
+)
 from vdistream.errors import (
     ConfigError,
     KeyMissingError,
@@ -109,7 +119,7 @@ class KeySource:
         if self.passphrase_env is None:
             return None
         passphrase = os.environ.get(self.passphrase_env)
-        if passphrase is None:
+        if not passphrase:  # unset or empty: name the variable
             raise KeyMissingError(
                 f"the environment variable {self.passphrase_env} holds no passphrase"
             )
@@ -297,10 +307,13 @@ class RewrapReport:
     #: backups made before envelopes, now rewrapped: their pre-envelope key still opens
     #: them (their streams are encrypted with it)
     legacy: list[str] = dataclasses.field(default_factory=list)
+    #: (backup, its owner "host, pid N"): being written when the command ended, so not
+    #: rewrapped; its manifest will hold the keys its job was given
+    running: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.unreadable
+        return not self.failed and not self.unreadable and not self.running
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -310,7 +323,22 @@ class RewrapReport:
             "failed": [{"id": i, "error": e} for i, e in self.failed],
             "unreadable": self.unreadable,
             "legacy": self.legacy,
+            "running": [{"id": i, "owner": o} for i, o in self.running],
         }
+
+
+class _Mark(Protocol):
+    backup_id: str
+    alive: bool | None
+
+    def owner(self) -> str: ...
+
+
+@runtime_checkable
+class _MarkedStorage(Protocol):
+    """A storage whose ``in_progress`` leaves owner marks (file, S3, Azure)."""
+
+    async def owner_marks(self) -> Sequence[_Mark]: ...
 
 
 @dataclasses.dataclass
@@ -398,22 +426,57 @@ async def _rewrap(
 ) -> RewrapReport:
     """Apply ``change`` to every backup in ``dest`` (or those named in ``backups``), one
     after the other, each under its mark; a block that comes back the same is reported
-    unchanged, as ``done``. A backup's failure is reported and the others go on."""
+    unchanged, as ``done``. A backup's failure is reported and the others go on.
+
+    Backups being written meanwhile (every backup, not ``backups``): their marks are read
+    after the first pass, then the destination is listed again and what was committed
+    since is done too; a marked backup still without a manifest by then is reported in
+    ``running``. So a backup that was running at any time before the marks were read is
+    either rewrapped or reported, never silently left with the old keys."""
     from vdistream.operations.core import opened_storage
 
     report = RewrapReport()
     async with opened_storage(dest) as storage:
         if backups:
-            ids = list(backups)
-        else:
-            manifests, report.unreadable = await list_manifests(storage)
-            ids = [m.backup_id for m in manifests]
-        for backup_id in ids:
-            try:
-                await _rewrap_one(storage, backup_id, change, report, done)
-            except (PipelineError, CatalogError, StorageError, ConfigError) as exc:
-                report.failed.append((backup_id, str(exc)))
+            for backup_id in backups:
+                await _rewrap_guarded(storage, backup_id, change, report, done)
+            return report
+        seen = await _manifest_ids(storage)
+        manifests, report.unreadable = await list_manifests(storage)
+        for manifest in manifests:
+            seen.add(manifest.backup_id)
+            await _rewrap_guarded(storage, manifest.backup_id, change, report, done)
+        marks = list(await storage.owner_marks()) if isinstance(storage, _MarkedStorage) else []
+        for backup_id in sorted(await _manifest_ids(storage) - seen):
+            seen.add(backup_id)  # committed while the first pass ran
+            await _rewrap_guarded(storage, backup_id, change, report, done)
+        report.running = sorted(
+            {
+                (m.backup_id, m.owner())
+                for m in marks
+                if m.alive is not False and m.backup_id not in seen
+            }
+        )
     return report
+
+
+async def _manifest_ids(storage: Storage) -> set[str]:
+    """The ids of the backups with a committed manifest (names only: nothing is read)."""
+    ids = set()
+    for key in await storage.list():
+        backup_id, _, name = key.rpartition("/")
+        if name == MANIFEST_NAME and backup_id and "/" not in backup_id:
+            ids.add(backup_id)
+    return ids
+
+
+async def _rewrap_guarded(
+    storage: Storage, backup_id: str, change: _Change, report: RewrapReport, done: str
+) -> None:
+    try:
+        await _rewrap_one(storage, backup_id, change, report, done)
+    except (PipelineError, CatalogError, StorageError, ConfigError) as exc:
+        report.failed.append((backup_id, str(exc)))
 
 
 async def _rewrap_one(
@@ -425,7 +488,9 @@ async def _rewrap_one(
 ) -> None:
     from vdistream.catalog.store import replace_manifest
 
-    # the mark: a concurrent rewrap of this backup (or a prune's) cannot interleave
+    # the mark: a concurrent rewrap of this backup cannot interleave (a prune takes no
+    # mark: deleting a backup meanwhile makes the replace fail, or, in the moment
+    # between its check and its write, leaves a manifest without streams)
     async with storage.in_progress(backup_id):
         manifest = await read_manifest(storage, backup_id)  # again, under the mark
         if manifest.key_block is None:
@@ -488,7 +553,7 @@ async def rotate_keys(
         raise ConfigError("key rotate needs the old key and the new one")
     openers = await _openers(old)
     new_keks = await _new_keks(new)
-    old_keys = [await ref.resolve() for ref in old]
+    old_keys = openers  # the same objects: a passphrase derives once per salt
 
     async def change(manifest: Manifest) -> tuple[dict[str, Any] | None, str]:
         try:
@@ -500,7 +565,10 @@ async def rotate_keys(
             raise
 
         def rewrapped() -> dict[str, Any]:
-            added, _ = envelope.added(data_key, [n.kek for n in new_keks])
+            # a new passphrase comes with a fresh salt, so its wrap never equals one made
+            # before: ask whether it already opens the backup (else each rerun adds one)
+            missing = [n.kek for n in new_keks if not n.present(envelope)]
+            added, _ = envelope.added(data_key, missing)
             old_wraps = [w for key in old_keys for w in _matching(added, key)]
             # a key given as both old and new stays
             gone = [w for w in old_wraps if not any(n.present(_only(w)) for n in new_keks)]
@@ -544,7 +612,7 @@ async def add_keys(
             return None, "already has the new key"
         envelope, data_key, legacy = await _unlocked(manifest, openers)
         added, _ = await anyio.to_thread.run_sync(
-            lambda: envelope.added(data_key, [n.kek for n in new_keks])
+            lambda: envelope.added(data_key, [n.kek for n in new_keks if not n.present(envelope)])
         )
         return added.to_dict(), "legacy" if legacy else ""
 
@@ -563,6 +631,18 @@ async def remove_keys(
 
     async def change(manifest: Manifest) -> tuple[dict[str, Any] | None, str]:
         envelope = _parse(manifest)
+        recorded = manifest.key_block or {}
+        # the key a pre-envelope backup's streams are encrypted with cannot be removed
+        streams_key = str(recorded.get("fingerprint") if envelope is None else envelope.data_key)
+        kdf = recorded.get("kdf") if envelope is None else None
+        if (envelope is None or envelope.legacy) and await anyio.to_thread.run_sync(
+            lambda: any(_is_streams_key(streams_key, kdf, key) for key in keys)
+        ):
+            raise PipelineError(
+                f"made before envelope encryption: its streams are encrypted with key "
+                f"{streams_key} itself, which therefore cannot be removed from it (only a "
+                "new backup is beyond it)"
+            )
         if envelope is None:
             return None, "made before envelope encryption: its key is not wrapped"
 
@@ -576,6 +656,21 @@ async def remove_keys(
         return block, "" if block is not None else "has none of these keys"
 
     return await _rewrap(dest, change, done="has none of these keys", backups=backups)
+
+
+def _is_streams_key(
+    fingerprint: str, kdf: object, key: Key | Recipient | Identity | Passphrase | str
+) -> bool:
+    """Whether ``key`` (a key, a passphrase under the block's ``kdf``, or a fingerprint)
+    is the key with ``fingerprint``: a pre-envelope backup's own (blocking: scrypt)."""
+    from vdistream.pipeline.envelope import Passphrase
+    from vdistream.pipeline.keys import Key, ScryptParams
+
+    if isinstance(key, str):
+        return key == fingerprint
+    if isinstance(key, Passphrase) and isinstance(kdf, dict):
+        return key.key_for(ScryptParams.from_dict(kdf)).fingerprint == fingerprint
+    return isinstance(key, Key) and key.fingerprint == fingerprint
 
 
 async def list_keys(dest: str) -> tuple[list[dict[str, Any]], list[str]]:

@@ -99,6 +99,7 @@ _WRAPPED = KEY_SIZE + 16  # the data key and the GCM tag
 _KINDS = ("key", "passphrase", "x25519")
 _PEM_PUBLIC = b"-----BEGIN PUBLIC KEY-----"
 _PEM_PRIVATE = b"-----BEGIN PRIVATE KEY-----"
+_PEM_ENCRYPTED = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 #: the most wraps a manifest may list (a damaged or hostile one must not cost hours)
 MAX_WRAPS: Final = 64
 
@@ -218,7 +219,7 @@ class Wrap:
             fingerprint = str(entry["fingerprint"])
             nonce = bytes.fromhex(str(entry["nonce"]))
             wrapped = bytes.fromhex(str(entry["wrapped"]))
-            kdf = ScryptParams.from_dict(entry["kdf"]) if kind == "passphrase" else None
+            kdf = _scrypt(entry["kdf"]) if kind == "passphrase" else None
             public = bytes.fromhex(str(entry["public_key"])) if kind == "x25519" else None
             ephemeral = bytes.fromhex(str(entry["ephemeral"])) if kind == "x25519" else None
         except (KeyError, ValueError, TypeError) as exc:
@@ -232,6 +233,12 @@ class Wrap:
         if ephemeral is not None and len(ephemeral) != 32:
             raise PipelineError("malformed X25519 wrap in the manifest: ephemeral key")
         return cls(kind, fingerprint, nonce, wrapped, kdf, public, ephemeral)
+
+
+def _scrypt(kdf: object) -> ScryptParams:
+    if not isinstance(kdf, Mapping):
+        raise PipelineError("malformed passphrase wrap in the manifest: its kdf is not an object")
+    return ScryptParams.from_dict(kdf)
 
 
 def _kind_of(key: Key) -> str:
@@ -250,11 +257,22 @@ def wrap_for_key(data_key: Key, kek: Key) -> Wrap:
     return Wrap(kind, kek.fingerprint, nonce, sealed, kdf=kek.kdf)
 
 
+def _shared(private: X25519PrivateKey, peer: bytes) -> bytes | None:
+    """The X25519 shared secret; None for a low-order ``peer`` (the library refuses the
+    all-zero secret such a point gives: nobody's private key could open that wrap)."""
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(peer))
+    except ValueError:
+        return None
+
+
 def wrap_for_recipient(data_key: Key, recipient: Recipient) -> Wrap:
     """The data key wrapped for an X25519 public key (a fresh ephemeral key per wrap)."""
     ephemeral = X25519PrivateKey.generate()
     ephemeral_public = _raw_public(ephemeral.public_key())
-    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient.public_key))
+    shared = _shared(ephemeral, recipient.public_key)
+    if shared is None:
+        raise PipelineError(f"{recipient.origin} is not a usable X25519 public key")
     wrap_key = _hkdf(shared, ephemeral_public + recipient.public_key, _X25519_LABEL)
     nonce = secrets.token_bytes(_NONCE)
     aad = _aad("x25519", recipient.fingerprint, data_key.fingerprint)
@@ -499,7 +517,12 @@ def _parse_public(data: bytes, path: Path) -> Recipient:
         raise PipelineError(f"{path} does not hold an X25519 public key (PEM)") from exc
     if not isinstance(public, X25519PublicKey):
         raise PipelineError(f"{path} holds a public key that is not X25519")
-    return Recipient(_raw_public(public), origin=origin)
+    raw = _raw_public(public)
+    if _shared(X25519PrivateKey.generate(), raw) is None:
+        raise PipelineError(
+            f"{path} holds an X25519 public key of low order, which no private key matches"
+        )
+    return Recipient(raw, origin=origin)
 
 
 def load_identity(path: str | os.PathLike[str]) -> Identity:
@@ -510,6 +533,12 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
 
 
 def _parse_private(data: bytes, path: Path) -> Identity:
+    if _PEM_ENCRYPTED in data:
+        raise PipelineError(
+            f"{path} holds a passphrase-protected private key; vdistream reads an "
+            "unprotected one (PKCS#8 PEM, as `vdistream key generate` writes): keep it "
+            "mode 0600 where only restores can read it"
+        )
     if _PEM_PUBLIC in data and _PEM_PRIVATE not in data:
         raise PipelineError(
             f"{path} holds a public key, which can encrypt but never decrypt: give the "
@@ -530,7 +559,7 @@ def read_key_or_recipient(path: str | os.PathLike[str]) -> Key | Recipient | Ide
     (PEM is told by its label). For the ``key`` commands' ``--old``/``--new``."""
     target = Path(path)
     data = _read(target, "key file")
-    if _PEM_PRIVATE in data:
+    if _PEM_PRIVATE in data or _PEM_ENCRYPTED in data:
         return _parse_private(data, target)
     if _PEM_PUBLIC in data:
         return _parse_public(data, target)

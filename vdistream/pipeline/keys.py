@@ -66,6 +66,7 @@ KEY_SIZE: Final = 32
 _FINGERPRINT_LABEL = b"vdistream/v1/key-fingerprint"
 _FINGERPRINT_BYTES = 16
 _HEX_DIGITS = frozenset(string.hexdigits)
+_SCRYPT_MAX_MEMORY = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,13 @@ class ScryptParams:
             raise PipelineError(f"scrypt n must be a power of two up to 2**22, got {self.n}")
         if not 1 <= self.r <= 32 or not 1 <= self.p <= 16:
             raise PipelineError(f"scrypt r={self.r}, p={self.p} out of range (1..32, 1..16)")
+        # n and r alone allow 16 GiB; one derivation may ask for 1 GiB at most (the
+        # default needs 32 MiB), and an envelope may hold 64 passphrase wraps
+        if 128 * self.r * self.n > _SCRYPT_MAX_MEMORY:
+            raise PipelineError(
+                f"scrypt n={self.n}, r={self.r} needs {128 * self.r * self.n >> 20} MiB of "
+                f"memory; at most {_SCRYPT_MAX_MEMORY >> 20} MiB is allowed"
+            )
 
     @classmethod
     def new(cls) -> ScryptParams:
@@ -99,6 +107,8 @@ class ScryptParams:
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> ScryptParams:
         """Parameters read back from a manifest; ``PipelineError`` if malformed."""
+        if not isinstance(data, Mapping):  # JSON of any shape may come here
+            raise PipelineError("malformed scrypt parameters in the manifest: not an object")
         if data.get("name") != cls.NAME:
             raise PipelineError(f"unknown key derivation {data.get('name')!r}; expected scrypt")
         try:
