@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
 from vdistream.storage.azure.client import DEVELOPMENT_KEY
@@ -88,11 +89,21 @@ class Azurite:
         """Blob names under ``prefix``; with ``uncommitted`` only the blobs holding
         nothing but uncommitted blocks (what a staged, never committed stream leaves)."""
         client = self.service.get_container_client(container)
-        committed = [blob.name for blob in client.list_blobs(name_starts_with=prefix)]
         if not uncommitted:
-            return sorted(committed)
+            return sorted(blob.name for blob in client.list_blobs(name_starts_with=prefix))
         listed = client.list_blobs(name_starts_with=prefix, include=["uncommittedblobs"])
-        return sorted(blob.name for blob in listed if blob.name not in committed)
+        return sorted(blob.name for blob in listed if self._only_blocks(container, blob.name))
+
+    def _only_blocks(self, container: str, name: str) -> bool:
+        """Uncommitted blocks and no committed data (a blob committed or deleted while
+        the listing ran, a probe say, is neither)."""
+        try:
+            committed, uncommitted = self.service.get_blob_client(container, name).get_block_list(
+                "all"
+            )
+        except ResourceNotFoundError:
+            return False
+        return bool(uncommitted) and not committed
 
     def get(self, container: str, name: str) -> bytes:
         return self.service.get_blob_client(container, name).download_blob().readall()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import anyio
 import pytest
 
 from tests.azure.azurite import Azurite
@@ -110,12 +111,31 @@ async def test_a_blob_replaced_under_a_reader_is_detected(
 async def test_a_large_stream_reads_back_through_read_ahead(
     make_storage: StorageFactory,
 ) -> None:
-    storage = make_storage(read_ahead=3)
-    data = os.urandom(9 * BLOCK + 7)
-    await storage.write_bytes("big", data)
+    storage = make_storage(read_ahead=3, read_chunk_size=256 << 10)
+    data = os.urandom((2 << 20) + 7)
+    await storage.write_bytes("big", data)  # > 1 MiB: one staged block and its list
     out = bytearray()
     buffer = memoryview(bytearray(100_000))
     async with storage.background(), await storage.open_source("big") as source:
         while count := await source.readinto(buffer):
             out += buffer[:count]
     assert out == data
+
+
+async def test_an_abort_outlasts_a_staging_that_lands_late(
+    make_storage: StorageFactory, azurite: Azurite, container: str, proxy: FaultProxy
+) -> None:
+    """The abort stops waiting for the block in flight (``abort_wait``) and cancels it,
+    but the proxy already holds the whole request and hands it to Azurite 0.3 s later,
+    after the abort's first removal: its checks see the block land and remove it too."""
+    held = proxy.add("delay", STAGE, count=1, seconds=0.3)
+    storage = make_storage(endpoint=f"{proxy.endpoint}/devstoreaccount1", abort_wait=0.05)
+    async with await storage.open_sink("late.vdi") as sink:
+        await sink.write(memoryview(os.urandom(BLOCK)))  # staged in the sink's group
+        with anyio.fail_after(10):
+            while not held.hits:  # noqa: ASYNC110 (the proxy counts, it has no event)
+                await anyio.sleep(0.01)
+        await sink.abort()
+    await anyio.sleep(1.0)  # anything still on its way has landed by now
+    assert azurite.blobs(container, uncommitted=True) == []
+    assert azurite.blobs(container) == []

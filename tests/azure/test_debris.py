@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
 from tests.azure.azurite import Azurite
 from tests.azure.conftest import StorageFactory
@@ -158,3 +159,46 @@ async def test_bad_credentials_and_no_server_are_one_line_errors(
     monkeypatch.delenv("AZURE_STORAGE_KEY")
     with pytest.raises(StorageError, match=r"^no Azure credentials: set AZURE_STORAGE_CONN"):
         await make_storage().list()
+
+
+async def test_credentials_from_a_connection_string(
+    azurite: Azurite, container: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``AZURE_STORAGE_CONNECTION_STRING`` alone (its BlobEndpoint), and with the
+    endpoint in the URL (its key, the URL's endpoint); the account key variable unset."""
+    monkeypatch.delenv("AZURE_STORAGE_KEY")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    for storage in (
+        AzureStorage.from_url(f"azure://devstoreaccount1/{container}/cs"),
+        AzureStorage.from_url(azurite.url(container, "cs")),
+    ):
+        async with storage:
+            await storage.write_bytes(f"k{id(storage)}", b"v")
+            assert await storage.read_bytes(f"k{id(storage)}") == b"v"
+    assert len(azurite.blobs(container, "cs/")) == 2
+
+
+async def test_credentials_from_a_sas_token(
+    azurite: Azurite, container: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    permission = ContainerSasPermissions(
+        read=True, add=True, create=True, write=True, delete=True, list=True
+    )
+    sas = generate_container_sas(
+        azurite.account,
+        container,
+        account_key=azurite.key,
+        permission=permission,
+        expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1),
+    )
+    monkeypatch.delenv("AZURE_STORAGE_KEY")
+    monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", "?" + sas)
+    async with AzureStorage.from_url(azurite.url(container, "sas")) as storage:
+        async with await storage.open_sink("s.vdi") as sink:
+            await sink.write(memoryview(os.urandom(3 << 20)))  # < one 8 MiB block, > 1 MiB
+            await sink.commit()
+        assert await storage.list() == ["s.vdi"]
+        report = await audit(storage)  # lists uncommitted blobs and block lists too
+        assert (report.orphan_objects, report.orphan_uploads) == (("s.vdi",), ())
+    blob = azurite.service.get_blob_client(container, "sas/s.vdi")
+    assert len(blob.get_block_list()[0]) == 1  # sent as one staged block, not a 3 MiB put

@@ -28,6 +28,7 @@ __all__ = (
     "DEFAULT_BLOCK_SIZE",
     "MAX_BLOCKS",
     "MAX_BLOCK_SIZE",
+    "SINGLE_PUT_LIMIT",
     "block_id",
     "block_size_for",
     "initial_block_size",
@@ -41,6 +42,11 @@ MAX_BLOCK_SIZE = 4000 * MiB
 MAX_BLOCKS = 50_000
 #: The first block size when nothing else is known.
 DEFAULT_BLOCK_SIZE = 8 * MiB
+#: The largest blob written with one ``Put Blob`` from bytes; larger ones (a stream that
+#: ended before filling its first block, a big ``write_bytes``) go as one staged block
+#: sent as a stream, then a block list: aiohttp warns that a bytes body above 1 MiB may
+#: hold up the event loop, and the SDK reads a stream given to ``Put Blob`` into bytes.
+SINGLE_PUT_LIMIT = 1 * MiB
 #: The block size doubles after every this many blocks.
 BLOCK_GROWTH_INTERVAL = 5_000
 _HINT_BLOCKS = 10_000

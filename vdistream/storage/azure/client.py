@@ -20,12 +20,15 @@ variables to set. The endpoint is the URL's ``endpoint=`` query option, else
 One client per storage (``BlobServiceClient`` of ``azure.storage.blob.aio``, on aiohttp),
 created on first use, closed by ``aclose()``. Retries are the SDK's own exponential
 policy, bounded: at most ``max_attempts`` attempts in all (connect, read and status
-retries included), ``backoff_base`` seconds before the first retry and
-``backoff_base + backoff_increment**n`` before later ones, with jitter. Every retry is
+retries included); before retry ``n`` (1, 2, ...) it sleeps ``backoff_base +
+backoff_increment**n`` seconds, give or take ``backoff_base / 2`` (defaults 0.25 and
+1.5: about 13 s over the four retries). Every retry is
 logged (``azure_request_retry``) and told to ``vdistream.storage.s3.observe_retries``
-(the daemon's retry metric counts both backends). A request that keeps failing, or any
-other failure, raises a one-line ``StorageError`` naming the operation, the service's
-error code, the container and the blob (``errors.translate_azure_error``).
+(the daemon's retry metric counts both backends) as ``"azure: OPERATION"`` without
+block numbers or byte ranges (``"azure: stage block"``), so metric labels stay few. A
+request that keeps failing, or any other failure, raises a one-line ``StorageError``
+naming the operation, the service's error code, the container and the blob
+(``errors.translate_azure_error``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import binascii
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -65,6 +69,10 @@ _T = TypeVar("_T")
 _ACCOUNT = re.compile(r"[a-z0-9]{3,24}")
 _CONTAINER = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]|\$root")
 _URL_OPTIONS = frozenset({"endpoint"})
+_NUMBERED = re.compile(r" [0-9][0-9-]*$")
+#: A logger outside the logging tree (no parent, no handlers, WARNING): where the SDK's
+#: per-request HTTP log goes (``_connect``). Not configuration: nothing global changes.
+_SDK_HTTP_LOG = logging.Logger("vdistream.storage.azure.sdk_http", logging.WARNING)
 _POSITIVE = (
     "block_growth_interval",
     "max_blocks_in_flight",
@@ -101,7 +109,8 @@ class AzureConnection:
     interval``, ``max_blocks_in_flight`` (per sink, 4), ``read_chunk_size`` (ranged
     reads, 8 MiB), ``read_ahead`` (ranges in flight per source, 2), ``max_attempts``
     (5), ``backoff_base``/``backoff_increment`` (seconds), ``connect_timeout``/
-    ``read_timeout`` (seconds), ``list_page_size``; ``credential`` overrides the
+    ``read_timeout`` (seconds), ``list_page_size``, ``abort_wait`` (seconds an abort
+    lets blocks in flight finish before cancelling them); ``credential`` overrides the
     environment (anything the SDK accepts: a key dict, a SAS, a token credential).
     """
 
@@ -116,11 +125,12 @@ class AzureConnection:
     read_chunk_size: int = 8 << 20
     read_ahead: int = 2
     max_attempts: int = 5
-    backoff_base: float = 0.5
-    backoff_increment: float = 2.0
+    backoff_base: float = 0.25
+    backoff_increment: float = 1.5
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     list_page_size: int = 1_000
+    abort_wait: float = 10.0
     credential: Any = None
 
     def __post_init__(self) -> None:
@@ -148,8 +158,9 @@ class AzureConnection:
         for name in _POSITIVE:
             if (value := getattr(self, name)) < 1:
                 raise StorageURLError(f"{name} must be at least 1, not {value}", url=self.url)
-        if self.read_ahead < 0:
-            raise StorageURLError(f"read_ahead must be >= 0, not {self.read_ahead}", url=self.url)
+        for name in ("read_ahead", "abort_wait", "backoff_base", "backoff_increment"):
+            if (value := getattr(self, name)) < 0:
+                raise StorageURLError(f"{name} must be >= 0, not {value}", url=self.url)
         if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
             raise StorageURLError(
                 f"endpoint {self.endpoint!r} must be an http:// or https:// URL", url=self.url
@@ -232,6 +243,10 @@ class AzureConnection:
                 retry_status=self.max_attempts - 1,
                 random_jitter_range=self.backoff_base / 2,  # type: ignore[arg-type]
             ),
+            # the SDK logs every request and answer, headers and all, at INFO: a daemon
+            # logging at INFO would print several lines per block. Its HTTP log goes to a
+            # logger outside the logging tree instead (vdistream logs retries and failures).
+            "logger": _SDK_HTTP_LOG,
             "connection_timeout": self.connect_timeout,
             "read_timeout": self.read_timeout,
             # a sink sends a stream smaller than one block as one put, never chunked
@@ -311,7 +326,8 @@ class AzureConnection:
                 error=cause,
             )
             if (observer := retry_observer.get()) is not None:
-                observer(f"azure: {what}")
+                # a metric label: "azure: stage block", not one label per block number
+                observer("azure: " + _NUMBERED.sub("", what))
 
         return hook
 

@@ -14,32 +14,40 @@ an unfinished stream is ever visible as a backup.
 block, waits for all, then ``Put Block List`` with ``If-None-Match: *`` and the sink's
 token in the blob's metadata (``vdistream_writer``): a blob already there makes it
 ``StorageExistsError`` and keeps the sink sealed. A stream that ends before filling a
-block is sent at ``commit`` as one conditional ``Put Blob`` instead, so it stays in
-memory until then (a refused commit of it may be retried after the old object is
-deleted; staged blocks, in contrast, go with a deleted blob on Azure, so that retry
-fails with ``InvalidBlockList``). A conditional request replayed by the SDK's retries
-after a lost answer meets its own earlier attempt: a refusal counts as success when
-the blob there carries our token and our size. ``get_blob_properties`` then checks the
+block is sent at ``commit`` as one conditional ``Put Blob`` instead (up to 1 MiB; a
+larger one as one staged block), so it stays in memory until then. A refused commit may
+be retried after the old object is deleted when the stream is held in memory; staged
+blocks go with a deleted blob on Azure, so that retry fails with ``InvalidBlockList``.
+(Where Azurite refuses the put because someone's staged blocks are on the key, it is
+committed as one block instead.) A conditional request replayed by the SDK's retries
+after a lost answer meets its own earlier attempt: a refusal counts as success when the
+blob there carries our token and our size. ``get_blob_properties`` then checks the
 size (else the blob is deleted again and ``StorageIntegrityError`` raised).
 
-``abort`` cancels blocks in flight and removes the uncommitted blocks: Azure has no
-call that drops them, and ``Delete Blob`` of a blob without committed data is refused
-by the service, so abort commits an *empty* block list on the key (``If-None-Match: *``;
-that discards every uncommitted block of the blob) and deletes that empty blob at once
-(``If-Match`` its ETag, so nothing else is ever deleted). When a blob was committed on
-the key meanwhile by someone else, the blocks cannot be removed without touching that
-blob: Azure discards them with that blob's next commit or after 7 days, and nothing
-lists them. If a commit's outcome was unknown, abort deletes the blob under the key if
-it carries our token. What the store refuses to remove raises ``OrphanUploadsError``
-naming ``vdistream storage audit --clean URL`` (which finds blobs holding only
-uncommitted blocks, ``AzureStorage.list_uploads``).
+``abort`` lets the blocks in flight finish (at most ``abort_wait``, 10 s; then they are
+cancelled, and the removal below is checked again a few times, for a request that
+still lands) and removes the uncommitted blocks. Azure has no call that drops them, and
+``Delete Blob`` is documented for blobs with committed data only (Azurite accepts it
+for the others, the service may not), so abort commits an *empty* block list on the
+key (``If-None-Match: *``; a commit discards every uncommitted block of the blob, which
+Azure documents) and deletes that empty blob at once (``If-Match`` its ETag, so nothing
+else is ever deleted); for that moment an empty blob is visible under the key. When a
+blob was committed on the key meanwhile by someone else, the blocks cannot be removed
+without touching that blob: Azure discards them with that blob's next commit or after
+7 days, and nothing lists them. If a commit's outcome was unknown, abort deletes the
+blob under the key if it carries our token. What the store refuses to remove raises
+``OrphanUploadsError`` naming ``vdistream storage audit --clean URL`` (which finds
+blobs holding only uncommitted blocks, ``AzureStorage.list_uploads``).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import secrets
 from typing import TYPE_CHECKING
+
+import anyio
 
 from vdistream.errors import (
     StorageError,
@@ -47,8 +55,12 @@ from vdistream.errors import (
     StorageFullError,
     StorageIntegrityError,
 )
-from vdistream.log import get_logger
-from vdistream.storage.azure.blocks import MAX_BLOCKS, block_id, block_size_for
+from vdistream.storage.azure.blocks import (
+    MAX_BLOCKS,
+    SINGLE_PUT_LIMIT,
+    block_id,
+    block_size_for,
+)
 from vdistream.storage.azure.errors import is_ambiguous
 from vdistream.storage.base import OrphanUploadsError, SinkBase, SinkState
 from vdistream.storage.s3.tasks import Call, TaskOwner
@@ -59,8 +71,6 @@ if TYPE_CHECKING:
     from vdistream.storage.azure.storage import AzureStorage
 
 __all__ = ("AzureSink",)
-
-_log = get_logger(__name__)
 
 
 class AzureSink(TaskOwner, SinkBase):
@@ -163,8 +173,8 @@ class AzureSink(TaskOwner, SinkBase):
             f"stage block {number}",
             blob.stage_block,
             block_id(self.token, number),
-            data,
-            length=len(data),
+            io.BytesIO(data),  # a stream: aiohttp sends it in pieces (and the SDK rewinds it
+            length=len(data),  # for a retry); BytesIO shares the bytes, it does not copy
             blob=self.key,
             device=self.device,
         )
@@ -174,8 +184,10 @@ class AzureSink(TaskOwner, SinkBase):
         await self._wait_in_flight(below=1)
 
     async def _seal(self) -> None:
-        """Stage the last block and wait for all: the data is final from here on."""
-        if not self._blocks_sent:
+        """Stage the last block and wait for all: the data is final from here on. A
+        stream that never filled a block is sent by ``_publish`` in one ``Put Blob``, if
+        it is small enough (``SINGLE_PUT_LIMIT``); else it is staged here as one block."""
+        if not self._blocks_sent and len(self._buffer) <= SINGLE_PUT_LIMIT:
             return
         async with self._tasks() as group:
             if self._buffer:
@@ -224,6 +236,13 @@ class AzureSink(TaskOwner, SinkBase):
 
     async def _discard(self) -> None:
         """See the module docstring: blocks in flight, uncommitted blocks, our blob."""
+        # Stagings in flight are let finish (bounded): one cancelled after its request
+        # went out may still land after the blocks were dropped, and leave a blob of
+        # uncommitted blocks behind.
+        with anyio.move_on_after(self._storage.abort_wait):
+            for call in self._in_flight.values():
+                await call.wait()
+        cut_short = not all(call.done for call in self._in_flight.values())
         await self._cancel(self._in_flight.values())
         self._in_flight.clear()
         self._buffer = bytearray()
@@ -235,7 +254,7 @@ class AzureSink(TaskOwner, SinkBase):
                 await storage._take_back(self.key, self.token)
                 self._commit_unsure = False
             if self._blocks_sent:
-                await storage._drop_uncommitted(self.key, device=self.device)
+                await storage._drop_uncommitted(self.key, device=self.device, settle=cut_short)
                 self._blocks_sent = False
         except OrphanUploadsError:
             raise
