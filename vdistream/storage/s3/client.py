@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = ("FAILURES", "S3Connection", "backoff_delay")
 
+#: " 17" (a part) or " 0-8388607" (a range) at the end of an operation's name
+_NUMBERED = re.compile(r" [0-9][0-9-]*$")
 _log = get_logger(__name__)
 
 _POSITIVE = (
@@ -312,7 +314,9 @@ class S3Connection:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 if (observer := retry_observer.get()) is not None:
-                    observer(what)
+                    # the operation without its part number or byte range: a metric
+                    # label must not get one value per part of a long job
+                    observer(_NUMBERED.sub("", what))
             await anyio.sleep(delay)
             attempts += 1
 
