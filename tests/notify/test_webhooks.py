@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from tests.daemon.conftest import Daemon, make_sqlite, wait_for, wait_job
@@ -245,6 +246,9 @@ async def test_verifications_post_retention_pruned_and_verify_failed(
     assert (await submit(daemon, kind="verify", database="app", backup_id=first["backup_id"]))[
         "state"
     ] == "succeeded"
+    # a backup's end is recorded to the second, and one that ended in the same second
+    # as the newest verified one is kept: the second backup starts a second later
+    await anyio.sleep(1.1)
     second = await submit(daemon, kind="backup", database="app")
     verify = await submit(daemon, kind="verify", database="app", backup_id=second["backup_id"])
     assert verify["state"] == "succeeded", verify["error"]

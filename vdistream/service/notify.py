@@ -362,7 +362,11 @@ class Notifier:
         while True:
             item = await self._next()
             self._in_flight.add(item)
-            await self._deliver(session, item)
+            try:
+                await self._deliver(session, item)
+            except Exception as exc:  # a bug here must not take the service down
+                log.exception("notification_crashed", notify_event=item.event)
+                self._count(item, "failed", repr(exc))
             self._in_flight.discard(item)
 
     async def _deliver(self, session: aiohttp.ClientSession, item: _Delivery) -> None:
