@@ -378,6 +378,27 @@ def test_bad_recipients_and_identity(tmp_path: Path, x25519: tuple[Path, Path]) 
     assert os.path.exists(public)
 
 
+def test_recipients_alone_need_verify_after_backup_off(
+    tmp_path: Path, x25519: tuple[Path, Path]
+) -> None:
+    """A host that holds no key of its backups cannot verify them after each backup:
+    refused at load, not by a failed verification after every backup."""
+    public, _ = x25519
+    text = BASE + f'encrypt_recipients = ["{public}"]\n'
+    assert error(tmp_path, text) == (
+        f"{write(tmp_path, text)}, line {line_of(text, 'encrypt_recipients')}: "
+        "databases.app.encrypt_recipients: backups encrypted only for recipients cannot be "
+        "verified after each backup without a private key: give decrypt_identity_file (or "
+        "encrypt_key_file), or set verify_after_backup = false and verify where the private "
+        "key is"
+    )
+    app = load_settings(write(tmp_path, text + "verify_after_backup = false\n"), env={}).databases[
+        "app"
+    ]
+    assert app.encrypt_recipients == (public,)
+    assert app.verify_after_backup is False
+
+
 def test_the_example_file_documents_every_new_key() -> None:
     from vdistream.service.settings import _schema
 

@@ -90,8 +90,9 @@ same pass (``BackupSettings.mirror``: its URL). ``encrypt_recipients = ["a.pub",
 ...]`` (paths relative to the file, duplicates dropped) encrypts each backup's data
 key for those X25519 public keys too, so the host can write backups it cannot read;
 ``decrypt_identity_file`` is the private key restores and verifications read them
-with (without it, the verification after a recipients-only backup fails its key
-check: set ``verify_after_backup = false`` and verify where the private key is).
+with (recipients without it, nor an ``encrypt_key_file``, are refused at load unless
+``verify_after_backup = false``: the verification after each backup could not open
+it; verify where the private key is).
 A destination URL may be ``azure://ACCOUNT/CONTAINER/PREFIX`` (account and container
 required; credentials never in the file).
 

@@ -665,6 +665,19 @@ def _database(
             at("decrypt_identity_file"), d.decrypt_identity_file
         )
         where.check(at("decrypt_identity_file"), functools.partial(_check_readable, identity))
+    if (
+        d.encrypt_recipients
+        and d.encrypt_key_file is None
+        and d.decrypt_identity_file is None
+        and d.verify_after_backup is not False
+    ):
+        # refused here rather than failing every verification after a backup
+        raise where.error(
+            at("encrypt_recipients"),
+            "backups encrypted only for recipients cannot be verified after each backup "
+            "without a private key: give decrypt_identity_file (or encrypt_key_file), or "
+            "set verify_after_backup = false and verify where the private key is",
+        )
     fields["webhooks"] = _webhooks(at("webhooks"), d.webhooks, where)
     if d.sqlvdi is not None:
         if kind != "mssql":
