@@ -45,7 +45,7 @@ from vdistream.errors import StorageError, StorageNotFoundError
 from vdistream.log import get_logger
 from vdistream.service.retention import BackupInfo, RetentionPlan, RetentionPolicy, plan_retention
 from vdistream.service.state import JobStore
-from vdistream.storage import Storage
+from vdistream.storage import BackupInProgressError, Storage
 from vdistream.storage.file import FileStorage
 
 __all__ = (
@@ -98,7 +98,18 @@ class DeletedBackup:
 
 
 async def delete_backup(storage: Storage, backup_id: str) -> DeletedBackup:
-    """Delete ``backup_id``: its manifest first, then every object under its id."""
+    """Delete ``backup_id``: its manifest first, then every object under its id, under
+    the backup's owner mark (``Storage.in_progress``), so that a ``vdistream key``
+    rewrap of the same manifest cannot put it back over deleted streams. A backup whose
+    mark another live process holds is kept, and the reason says so."""
+    try:
+        async with storage.in_progress(backup_id):
+            return await _delete_marked(storage, backup_id)
+    except BackupInProgressError as exc:
+        return DeletedBackup(backup_id, (), f"in use by another process, kept: {exc}")
+
+
+async def _delete_marked(storage: Storage, backup_id: str) -> DeletedBackup:
     removed: list[str] = []
     key = manifest_key(backup_id)
     with anyio.CancelScope(shield=True):
