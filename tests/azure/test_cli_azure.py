@@ -5,6 +5,7 @@ clear line each."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
 from tests.azure.azurite import Azurite
 from tests.cli.test_cli import vdistream
@@ -164,3 +167,26 @@ def test_bad_credentials_and_a_missing_container_are_one_clear_line(azurite: Azu
     assert done.stderr.count("\n") == 1, done.stderr
     assert "no Azure credentials: set AZURE_STORAGE_CONNECTION_STRING" in done.stderr
     assert azurite.blobs(container) == []
+
+
+def test_a_backup_with_a_container_sas(azurite: Azurite) -> None:
+    """A container SAS (the credential a backup host is usually given) passes the probe
+    every backup starts with, and the backup lists afterwards."""
+    container = azurite.new_container()
+    dest = azurite.url(container, "db")
+    sas = generate_container_sas(
+        azurite.account,
+        container,
+        account_key=azurite.key,
+        permission=ContainerSasPermissions(
+            read=True, add=True, create=True, write=True, delete=True, list=True
+        ),
+        expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1),
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AZURE_STORAGE_")}
+    env["AZURE_STORAGE_SAS_TOKEN"] = sas
+    done = run("backup", "cmd:head -c 1000 /dev/urandom", dest, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    backup_id = json.loads(done.stdout)["id"]
+    listed = run("list", dest, "--json", env=env)
+    assert [row["id"] for row in json.loads(listed.stdout)] == [backup_id]

@@ -3,22 +3,28 @@ blocks included), ``storage audit`` of abandoned blocks, ``probe`` and clear err
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
+import anyio
 import pytest
 from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
 from tests.azure.azurite import Azurite
 from tests.azure.conftest import StorageFactory
+from tests.s3.proxy import FaultProxy
 from vdistream.catalog.audit import audit
 from vdistream.errors import StorageError
 from vdistream.ownership import owner_record
 from vdistream.storage import BackupInProgressError, StorageProbeError
 from vdistream.storage.azure import MARK_NAME, AzureStorage
+from vdistream.storage.base import OrphanUploadsError
 
 pytestmark = pytest.mark.asyncio
 
@@ -155,6 +161,10 @@ async def test_bad_credentials_and_no_server_are_one_line_errors(
     nowhere = make_storage(endpoint="http://127.0.0.1:9/devstoreaccount1", max_attempts=1)
     with pytest.raises(StorageProbeError, match=r"^azure://\S+: cannot connect to http://127"):
         await nowhere.probe()
+    with pytest.raises(StorageError) as refused:  # never sent: nothing to take back
+        await nowhere.write_bytes("k", b"v")
+    assert not isinstance(refused.value, OrphanUploadsError), refused.value
+    assert str(refused.value).startswith("commit (put blob) failed: ServiceRequestError")
 
     monkeypatch.delenv("AZURE_STORAGE_KEY")
     with pytest.raises(StorageError, match=r"^no Azure credentials: set AZURE_STORAGE_CONN"):
@@ -194,6 +204,7 @@ async def test_credentials_from_a_sas_token(
     monkeypatch.delenv("AZURE_STORAGE_KEY")
     monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", "?" + sas)
     async with AzureStorage.from_url(azurite.url(container, "sas")) as storage:
+        await storage.probe()  # what every backup does first: a container SAS passes
         async with await storage.open_sink("s.vdi") as sink:
             await sink.write(memoryview(os.urandom(3 << 20)))  # < one 8 MiB block, > 1 MiB
             await sink.commit()
@@ -202,3 +213,84 @@ async def test_credentials_from_a_sas_token(
         assert (report.orphan_objects, report.orphan_uploads) == (("s.vdi",), ())
     blob = azurite.service.get_blob_client(container, "sas/s.vdi")
     assert len(blob.get_block_list()[0]) == 1  # sent as one staged block, not a 3 MiB put
+
+
+async def test_a_sas_never_shows_in_errors_or_logs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint that answers no HTTP (a wrong port, a middlebox): aiohttp's error names
+    the request's whole URL, whose query holds the SAS. Neither the one-line errors nor
+    the retry log may carry its signature."""
+    secret = "c2VjcmV0LXNpZ25hdHVyZQ%3D%3D"
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    for name in ("KEY", "CONNECTION_STRING", "ENDPOINT"):
+        monkeypatch.delenv(f"AZURE_STORAGE_{name}", raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", f"sv=2022-11-02&sp=rwdl&sig={secret}")
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    storage = AzureStorage(
+        "devstoreaccount1",
+        "backups",
+        "p",
+        endpoint=f"http://127.0.0.1:{port}/devstoreaccount1",
+        max_attempts=2,
+        backoff_base=0.01,
+        backoff_increment=0.01,
+    )
+    failures: list[StorageError] = []
+    caplog.set_level(logging.WARNING, logger="vdistream.storage.azure")
+    try:
+        for operation in (storage.list(), storage.write_bytes("k", b"v"), storage.probe()):
+            with pytest.raises(StorageError) as caught:
+                await operation
+            failures.append(caught.value)
+    finally:
+        await storage.aclose()
+        server.close()
+        await server.wait_closed()
+    retries = [r for r in caplog.records if r.getMessage() == "azure_request_retry"]
+    assert retries  # the log was written, and is checked below
+    for text in [str(failure) for failure in failures] + [str(r.__dict__) for r in retries]:
+        assert secret not in text, text
+        assert "\n" not in text
+    assert "?..." in str(failures[0])  # the URL is still named, without its query
+
+
+async def test_a_dead_mark_taken_over_meanwhile_is_not_deleted(
+    make_storage: StorageFactory, azurite: Azurite, container: str, proxy: FaultProxy
+) -> None:
+    """Two backups of one id start over a dead owner's mark. The first one's delete of
+    the dead mark is held 2 s; meanwhile the second deletes it and places its own. The
+    first one's delete (If-Match the dead mark's ETag) must not remove that live mark:
+    it finds the backup being written, instead of both writing it."""
+    put_mark(azurite, container, "b", dead_owner())
+    held = proxy.add("delay", rf"^DELETE \S+/b/{re.escape(MARK_NAME)}", count=1, seconds=2.0)
+    first = make_storage(endpoint=f"{proxy.endpoint}/devstoreaccount1")
+    outcome: list[BaseException | None] = []
+
+    async def enter_first() -> None:
+        try:
+            async with first.in_progress("b"):
+                outcome.append(None)
+        except BackupInProgressError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(enter_first)
+        with anyio.fail_after(10):
+            while not held.hits:  # noqa: ASYNC110 (the proxy counts, it has no event)
+                await anyio.sleep(0.01)
+        async with make_storage().in_progress("b"):  # the second takes the mark over
+            second = json.loads(azurite.get(container, f"backups/b/{MARK_NAME}"))
+            with anyio.fail_after(10):
+                while not outcome:  # noqa: ASYNC110 (until the first has decided)
+                    await anyio.sleep(0.01)
+            assert json.loads(azurite.get(container, f"backups/b/{MARK_NAME}")) == second
+    assert isinstance(outcome[0], BackupInProgressError), outcome
+    assert "is being written by another process" in str(outcome[0])

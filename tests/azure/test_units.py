@@ -74,3 +74,14 @@ def test_block_schedule() -> None:
     ids = {block_id("0123456789abcdef", n) for n in (1, 99, MAX_BLOCKS)}
     assert len(ids) == 3
     assert {len(i) for i in ids} == {32}  # Azure wants one length per blob
+
+
+def test_url_errors_never_show_credentials_put_in_the_url() -> None:
+    for url in (
+        "azure://c2VjcmV0@acct1/backups",
+        "azure://acct1/backups?endpoint=https://h.example/?sv=1&sig=c2VjcmV0",
+    ):
+        with pytest.raises(StorageURLError) as caught:
+            AzureStorage.from_url(url)
+        assert "c2VjcmV0" not in str(caught.value), str(caught.value)
+        assert "azure://acct1/backups" in str(caught.value)

@@ -41,7 +41,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Self, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import anyio
 from azure.core.exceptions import AzureError
@@ -55,7 +55,7 @@ from vdistream.storage.azure.blocks import (
     DEFAULT_BLOCK_SIZE,
     MAX_BLOCK_SIZE,
 )
-from vdistream.storage.azure.errors import translate_azure_error
+from vdistream.storage.azure.errors import one_line, translate_azure_error
 from vdistream.storage.s3.hooks import retry_observer
 
 if TYPE_CHECKING:
@@ -171,8 +171,10 @@ class AzureConnection:
 
     @classmethod
     def from_url(cls, url: str) -> Self:
-        """``azure://account/container[/prefix][?endpoint=...]``."""
+        """``azure://account/container[/prefix][?endpoint=...]``. Errors show the URL
+        without user info and without a SAS (credentials someone put in it)."""
         parts = urlsplit(url)
+        url = one_line(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
         for wrong, problem in (
             (parts.scheme.lower() != "azure", "expected an azure:// URL"),
             (not parts.netloc, "an azure URL needs an account: azure://account/container/prefix"),
@@ -266,7 +268,8 @@ class AzureConnection:
                 return BlobServiceClient(self._endpoint(), credential=sas.lstrip("?"), **options)
         except FAILURES as exc:
             raise StorageError(
-                f"cannot create the Azure client: {type(exc).__name__}: {exc}", url=self.url
+                f"cannot create the Azure client: {type(exc).__name__}: {one_line(exc)}",
+                url=self.url,
             ) from exc
         raise StorageError(
             "no Azure credentials: set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_KEY "
@@ -313,7 +316,7 @@ class AzureConnection:
         def hook(*, retry_count: int, error: BaseException | None = None, **rest: Any) -> None:
             response = rest.get("response")
             cause = (
-                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                f"{type(error).__name__}: {one_line(error)}"  # no SAS: see one_line
                 if error is not None
                 else f"HTTP {getattr(response, 'status_code', '?')}"
             )

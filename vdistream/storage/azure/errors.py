@@ -5,11 +5,16 @@ ids and XML bodies on further lines, which are dropped."""
 
 from __future__ import annotations
 
+import re
+import socket
+
+import aiohttp
 from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
     HttpResponseError,
     ServiceRequestError,
+    ServiceRequestTimeoutError,
 )
 
 from vdistream.errors import (
@@ -20,7 +25,11 @@ from vdistream.errors import (
     StorageNotFoundError,
 )
 
-__all__ = ("error_code", "is_ambiguous", "probe_reason", "translate_azure_error")
+__all__ = ("error_code", "is_ambiguous", "one_line", "probe_reason", "translate_azure_error")
+
+#: a URL's query (``_URL_QUERY``) and a ``sig=`` value anywhere (``_SIGNATURE``)
+_URL_QUERY = re.compile(r"(\bhttps?://[^\s'\"?#<>]*)\?[^\s'\"#<>]*", re.IGNORECASE)
+_SIGNATURE = re.compile(r"(\bsig=)[^&\s'\"<>]+", re.IGNORECASE)
 
 _NOT_FOUND = frozenset({"BlobNotFound", "ContainerNotFound", "ResourceNotFound"})
 _EXISTS = frozenset({"BlobAlreadyExists", "ConditionNotMet"})
@@ -53,18 +62,37 @@ def _status(exc: BaseException) -> int | None:
     return exc.status_code if isinstance(exc, HttpResponseError) else None
 
 
-def _first_line(text: object) -> str:
-    return str(text).strip().splitlines()[0] if str(text).strip() else ""
+def one_line(text: object) -> str:
+    """The first line of ``text``, with every URL's query and any ``sig=`` value left
+    out: a SAS travels in the query of each request (its ``sig`` is the credential), and
+    aiohttp's ``ClientResponseError`` (a malformed answer: an endpoint that speaks no
+    HTTP) names the request's whole URL."""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return _SIGNATURE.sub(r"\1<redacted>", _URL_QUERY.sub(r"\1?...", line))
 
 
 def is_ambiguous(exc: BaseException) -> bool:
     """Whether a failed request may have been carried out all the same: its answer was
     lost, or it failed with a 5xx. A 4xx answer, or a request never sent (refused
-    connection, name lookup), is not ambiguous."""
+    connection, name lookup, connect timeout, a request that could not be signed), is
+    not ambiguous.
+
+    ``ServiceRequestError`` alone proves nothing: azure-core raises it for every aiohttp
+    ``ClientError`` that is not a ``ClientResponseError``, a connection reset or a
+    server that hung up after the request went out (``ClientOSError``,
+    ``ServerDisconnectedError``) included. Only a failed connect proves that nothing
+    was sent (as ``vdistream.storage.s3.errors.is_ambiguous`` decides)."""
+    if isinstance(exc, ClientAuthenticationError) and exc.response is None:
+        return False  # the SDK could not sign the request (AzureSigningError): not sent
     if isinstance(exc, HttpResponseError):
         status = _status(exc)
         return status is None or status >= 500
-    return not isinstance(exc, ServiceRequestError)
+    if isinstance(exc, ServiceRequestTimeoutError):
+        return False  # the connection was never made
+    if isinstance(exc, ServiceRequestError):
+        cause = exc.inner_exception or exc.__cause__
+        return not isinstance(cause, aiohttp.ClientConnectorError | socket.gaierror)
+    return True  # a lost or undecodable answer; unproven either way counts as maybe
 
 
 def translate_azure_error(
@@ -98,13 +126,13 @@ def translate_azure_error(
             if status == 404:
                 cls = StorageNotFoundError
         reason = f"Azure {code or 'error'}" + (f" (HTTP {status})" if status else "")
-        message = _first_line(exc.reason or "") if code else _first_line(exc.message)
+        message = one_line(exc.reason or "") if code else one_line(exc.message)
         if message and message != code:
             reason += f": {message}"
     elif isinstance(exc, AzureError):
-        reason = f"{type(exc).__name__}: {_first_line(exc.message)}"
+        reason = f"{type(exc).__name__}: {one_line(exc.message)}"
     else:
-        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        reason = f"{type(exc).__name__}: {one_line(exc)}"
     return cls(f"{what} failed: {reason}; {where}", url=url, device=device)
 
 
@@ -125,5 +153,6 @@ def probe_reason(exc: StorageError, endpoint: str, doing: str = "reach") -> str:
         http = f" (HTTP {status})" if status else ""
         return f"cannot {doing} it: Azure {code or 'error'}{http}"
     if cause is not None:
-        return f"cannot connect to {endpoint}: {type(cause).__name__}: {_first_line(cause)}"
+        where = one_line(endpoint)
+        return f"cannot connect to {where}: {type(cause).__name__}: {one_line(cause)}"
     return str(exc).removesuffix(f" ({exc.url})") if exc.url else str(exc)

@@ -21,8 +21,10 @@ blocks go with a deleted blob on Azure, so that retry fails with ``InvalidBlockL
 (Where Azurite refuses the put because someone's staged blocks are on the key, it is
 committed as one block instead.) A conditional request replayed by the SDK's retries
 after a lost answer meets its own earlier attempt: a refusal counts as success when the
-blob there carries our token and our size. ``get_blob_properties`` then checks the
-size (else the blob is deleted again and ``StorageIntegrityError`` raised).
+blob there carries our token and our size (when that cannot be checked, the commit
+fails, never "exists"). ``get_blob_properties`` then checks the size (else the blob is
+deleted again and ``StorageIntegrityError`` raised). From the moment the block list is
+sent until then, the outcome counts as unknown.
 
 ``abort`` lets the blocks in flight finish (at most ``abort_wait``, 10 s; then they are
 cancelled, and the removal below is checked again a few times, for a request that
@@ -61,7 +63,6 @@ from vdistream.storage.azure.blocks import (
     block_id,
     block_size_for,
 )
-from vdistream.storage.azure.errors import is_ambiguous
 from vdistream.storage.base import OrphanUploadsError, SinkBase, SinkState
 from vdistream.storage.s3.tasks import Call, TaskOwner
 
@@ -210,11 +211,10 @@ class AzureSink(TaskOwner, SinkBase):
             return
         blob = await storage._blob(self.key)
         ids = [block_id(self.token, number) for number in sorted(self._staged)]
-
-        def failed(exc: BaseException) -> None:
-            if is_ambiguous(exc):
-                self._commit_unsure = True
-
+        # Unsure from the moment the list is sent until the blob is verified ours: a
+        # lost answer, or a refusal that cannot be told from our own replayed attempt,
+        # leaves abort to take back the blob if (and only if) it carries our token.
+        self._commit_unsure = True
         try:
             await storage._call(
                 "commit (put block list)",
@@ -223,14 +223,14 @@ class AzureSink(TaskOwner, SinkBase):
                 metadata={storage.WRITER: self.token},
                 blob=self.key,
                 device=self.device,
-                failed=failed,
                 **storage.if_missing(),
             )
         except StorageExistsError:
-            # An SDK retry may meet its own earlier, successful attempt.
+            # An SDK retry may meet its own earlier, successful attempt. If the blob
+            # cannot be checked, that error stands (not "exists": it may be ours).
             if not await storage._is_ours(self.key, self.token, self._size):
+                self._commit_unsure = False  # someone else's blob: nothing of ours there
                 raise
-        self._commit_unsure = True  # until the size is verified
         await storage._verify_size(self.key, self._size, self.token, device=self.device)
         self._commit_unsure = False
 

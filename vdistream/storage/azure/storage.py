@@ -19,10 +19,12 @@ ETag). ``vdistream.catalog.audit`` uses those two methods as it does S3's upload
 
 Owner marks: ``in_progress(backup_id)`` writes ``<backup_id>/.vdistream-owner.json``
 (host, boot id, pid, process start, start of the backup) conditionally and deletes it
-at exit; ``sweep()`` removes the debris of backups whose owner is provably gone (same
+at exit; a dead owner's mark is taken over by deleting exactly the version read
+(``If-Match``), so of two processes taking it over at once one finds the other's live
+mark. ``sweep()`` removes the debris of backups whose owner is provably gone (same
 host and boot, pid gone or reused), uncommitted blocks included; other hosts' marks are
 kept. Names starting with ``.vdistream-`` are not keys (``list`` skips them).
-``probe()`` reads the container's properties, then puts and deletes
+``probe()`` lists one blob under the prefix, then puts and deletes
 ``<prefix>/.vdistream-probe-<random>``. Every call that started runs to its end,
 shielded: the SDK's retries delay a cancellation by up to their bound.
 """
@@ -228,12 +230,15 @@ class AzureStorage(AzureConnection, Storage):
 
     async def delete(self, key: str) -> None:
         """Delete the committed blob ``key`` (its properties first: a blob of only
-        uncommitted blocks is no object, ``StorageNotFoundError``)."""
+        uncommitted blocks is no object, ``StorageNotFoundError``). Once the blob was
+        seen, a 404 from the delete is success: the SDK's replay of a delete whose
+        answer was lost meets its own work (or someone else removed it meanwhile)."""
         full_key = self._full_key(key)
         await anyio.lowlevel.checkpoint_if_cancelled()
         with anyio.CancelScope(shield=True):
             await self._props(full_key, what="delete")
-            await self._delete(full_key)
+            with contextlib.suppress(StorageNotFoundError):
+                await self._delete(full_key)
 
     async def _delete(
         self, full_key: str, *, device: str | None = None, etag: str | None = None
@@ -320,8 +325,13 @@ class AzureStorage(AzureConnection, Storage):
                 await self._write_whole(
                     full_key, body, token, "commit", self.if_missing(), device=device, failed=failed
                 )
-            except StorageExistsError:
-                if await self._is_ours(full_key, token, len(body)):
+            except StorageExistsError as refused:
+                try:
+                    ours = await self._is_ours(full_key, token, len(body))
+                except StorageError:
+                    unsure.append(refused)  # maybe our own replayed put: take it back
+                    raise
+                if ours:
                     pass  # a replay met its own earlier, successful attempt
                 elif await self._only_uncommitted(full_key) and len(body) <= SINGLE_PUT_LIMIT:
                     # Azurite refuses Put Blob where only someone's staged blocks are
@@ -418,11 +428,10 @@ class AzureStorage(AzureConnection, Storage):
         return props
 
     async def _is_ours(self, full_key: str, token: str, size: int) -> bool:
-        """After a refused conditional write: is the blob there exactly ours?"""
-        try:
-            return await self._ours(full_key, token, size) is not None
-        except StorageError:
-            return False
+        """After a refused conditional write: is the blob there exactly ours? A check
+        that fails raises (``StorageError``): a refusal that may be our own replayed
+        write must not pass for someone else's blob."""
+        return await self._ours(full_key, token, size) is not None
 
     async def _take_back(self, full_key: str, token: str) -> None:
         """After a write whose outcome is unknown: delete the blob under ``full_key`` if
@@ -550,31 +559,38 @@ class AzureStorage(AzureConnection, Storage):
                 return
             except StorageExistsError:
                 pass
-            record = await self._read_mark(full_key)
+            record, etag = await self._read_mark_version(full_key)
             if not record_owner_gone(record):
                 raise BackupInProgressError(
                     f"backup {backup_id} is being written by another process "
                     f"({owner_text(record)})",
                     url=join_url(self.url, backup_id),
                 )
-            with contextlib.suppress(StorageNotFoundError):
-                await self._delete(full_key)  # a dead owner's: ours now
+            # A dead owner's: ours now. Only that version of the mark (If-Match): a
+            # process that took it over meanwhile placed a live mark, never deleted.
+            with contextlib.suppress(StorageNotFoundError, StorageExistsError):
+                await self._delete(full_key, etag=etag)
         raise BackupInProgressError(
             f"backup {backup_id} is being started by another process at the same time",
             url=join_url(self.url, backup_id),
         )
 
     async def _read_mark(self, full_key: str) -> dict[str, Any] | None:
+        return (await self._read_mark_version(full_key))[0]
+
+    async def _read_mark_version(self, full_key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The owner record and the ETag of the mark it was read from."""
         blob = await self._blob(full_key)
         try:
             downloader = await self._call("read owner mark", blob.download_blob, blob=full_key)
+            etag = str(downloader.properties.etag)
             data = await self._call(
                 "read owner mark", lambda **_: downloader.readall(), blob=full_key
             )
             record = json.loads(data)
         except (StorageNotFoundError, ValueError):
-            return None  # gone, or unreadable: no proof of anything
-        return record if isinstance(record, dict) else None
+            return None, None  # gone, or unreadable: no proof of anything
+        return (record if isinstance(record, dict) else None), etag
 
     async def owner_marks(self) -> builtins.list[OwnerMark]:
         """Every backup's owner mark: ``alive`` False when its owner is provably gone,
@@ -642,12 +658,24 @@ class AzureStorage(AzureConnection, Storage):
         return removed
 
     async def probe(self) -> None:
-        """The container's properties, then a tiny put and delete of
-        ``<prefix>/.vdistream-probe-<random>`` (see ``Storage.probe``)."""
+        """A listing of one blob under the prefix, then a tiny put and delete of
+        ``<prefix>/.vdistream-probe-<random>`` (see ``Storage.probe``).
+
+        A listing, not ``Get Container Properties``: a container SAS (a service SAS)
+        grants no container-level operation, only the blob operations and the listing a
+        backup needs, so the properties would refuse a credential that works."""
         container = await self._client()  # a client that cannot be made is no probe result
         endpoint = self._endpoint()
+
+        async def list_one(**options: Any) -> None:
+            root = self._root()
+            async for _ in container.list_blobs(
+                name_starts_with=root, results_per_page=1, **options
+            ):
+                break
+
         try:
-            await self._call("check the container", container.get_container_properties)
+            await self._call("check the container", list_one)
         except StorageError as exc:
             raise StorageProbeError(self.url, probe_reason(exc, endpoint)) from exc
         key = self._root() + f"{INTERNAL_PREFIX}probe-{secrets.token_hex(8)}"
