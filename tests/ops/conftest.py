@@ -1,4 +1,4 @@
-"""Helpers of tests/ops: the daemon tests' ``Daemon`` (``daemon_factory``), plain
+"""Helpers of tests/ops over the daemon tests' ``Daemon`` (tests/daemon/conftest.py): plain
 synchronous requests over its socket, and a job's end."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from tests.daemon.conftest import Daemon, _UnixHTTPConnection
-from tests.daemon.conftest import daemon_factory as daemon_factory  # the fixture
 
 TERMINAL = ("succeeded", "failed", "aborted")
 

@@ -115,6 +115,12 @@ def _die_holding_a_backup(dest: Path, backup_id: str) -> None:
     assert done.returncode == 9
 
 
+def _moved(scrape: Scrape) -> bool:
+    """Whether every device of the running job has moved bytes."""
+    moved = [v for (name, _), v in scrape.samples().items() if name == "vdistream_job_device_bytes"]
+    return bool(moved) and all(v > 0 for v in moved)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("prometheus")
@@ -155,8 +161,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         slow = submit(daemon, kind="backup", database="slow")
         wait_job(daemon, slow, ("running",))
         deadline = time.monotonic() + 30
-        while "vdistream_job_device_bytes{" not in (s1 := _scrape(daemon)).text:
-            assert time.monotonic() < deadline, "no per-device series of the running job"
+        while not _moved(s1 := _scrape(daemon)):
+            assert time.monotonic() < deadline, "no per-device bytes of the running job"
             time.sleep(0.2)
         status, _ = request(daemon, "POST", f"/v1/jobs/{slow}/abort", {"reason": "test"})
         assert status == 202
@@ -220,11 +226,12 @@ def test_the_metrics_the_rules_need_are_in_the_real_scrape(run: Run) -> None:
     assert [dict(labels) for _, labels in progress] == [
         {"database": "slow", "job_id": run.slow_job, "kind": "backup"}
     ]
-    assert (
-        value(s1, "vdistream_job_device_bytes", database="slow", job_id=run.slow_job, device="0")
-        > 0
-    )
-    assert not [k for k in s2 if k[0].startswith("vdistream_job_")]  # gone with the job
+    for index in ("0", "1"):  # two devices
+        device = {"database": "slow", "job_id": run.slow_job, "device": index}
+        assert value(s1, "vdistream_job_device_bytes", **device) > 0
+        assert value(s1, "vdistream_job_device_rate_bytes_per_second", **device) > 0
+    gone = ("vdistream_job_last_progress", "vdistream_job_device_")
+    assert not [k for k in s2 if k[0].startswith(gone)]  # gone with the job
 
 
 def _selector(name: str, labels: dict[str, str]) -> str:
@@ -516,6 +523,28 @@ def test_dashboard_is_valid_and_uses_only_exported_metrics(run: Run) -> None:
     used = {name for expr in exprs for name in _names_in(expr)}
     assert "vdistream_job_device_bytes" in used
     assert "vdistream_last_success_timestamp_seconds" in used
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """Every panel's query, Grafana's variables given values, parses as PromQL:
+    ``promtool check rules`` on them as recording rules."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    values = {"$__rate_interval": "2m", "$__range": "1d", "$instance": ".*", "$database": ".*"}
+    exprs = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", ()):
+            expr = target["expr"]
+            for variable, value in values.items():
+                expr = expr.replace(variable, value)
+            exprs.append(expr)
+    rules = [{"record": f"dashboard:query{i}", "expr": e} for i, e in enumerate(exprs)]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = subprocess.run(
+        [_promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in done.stdout
 
 
 def test_rules_use_only_exported_metrics(run: Run) -> None:

@@ -285,6 +285,16 @@ class Service:
         """Abort a job (``JobManager.abort``)."""
         return await self.manager.abort(job_id, reason)
 
+    async def throttle(self, job_id: str, rate: int | None) -> dict[str, Any]:
+        """Set a queued or running job's bandwidth limit, bytes per second (``None``:
+        none); its view (``JobManager.throttle``: ``UnknownJobError``,
+        ``JobFinishedError``)."""
+        return await self.manager.throttle(job_id, rate)
+
+    def throttle_global(self, rate: int | None) -> None:
+        """Set the global bandwidth limit until the next reload (``JobManager``)."""
+        self.manager.throttle_global(rate)
+
     async def wait(self, job_id: str, *, poll: float = 0.2) -> JobRecord:
         """Wait until the job ended (``UnknownJobError``); its final record."""
         async for _ in self.manager.watch(job_id, poll):
@@ -340,10 +350,26 @@ class Service:
                 await anyio.to_thread.run_sync(ledger.end_survivors)
                 stack.callback(reset_child_observer, observe_children(ledger))
                 self._store = await stack.enter_async_context(await JobStore.open(service.state_db))
+                # Every job's end, whoever records it (recovery included): the
+                # per-database metrics of the alert rules.
+                self._store.observe_ends(self.metrics.job_recorded)
                 self._manager = JobManager(
-                    self._store, self._settings, self.metrics, tick=self._tick
+                    self._store,
+                    self._settings,
+                    self.metrics,
+                    tick=self._tick,
+                    on_event=self.notifier.job_event,
                 )
-                await self._manager.recover()
+                for record in await self._manager.recover():
+                    # the previous run never told anyone: its interrupted jobs failed
+                    self.notifier.job_event(
+                        record,
+                        Outcome(
+                            record.state,
+                            None if record.result is None else dict(record.result),
+                            record.error,
+                        ),
+                    )
                 async with anyio.create_task_group() as tg:
                     try:
                         await tg.start(self._background, name="vdistream service")
@@ -538,15 +564,6 @@ class Service:
 
     # --- systemd ----------------------------------------------------------------------
 
-    def _job_event(self, record: JobRecord, outcome: Outcome) -> None:
-        """The manager's job-end hook: the per-database metrics, then the webhooks.
-        Never raises (a job's end is recorded whatever happens here)."""
-        try:
-            self.metrics.job_recorded(record)
-        except Exception:
-            log.exception("job_metrics_failed", job_id=record.id)
-        self.notifier.job_event(record, outcome)
-
     def _status_line(self) -> str:
         counts = self._manager.counts if self._manager is not None else {}
         running, queued = counts.get("running", 0), counts.get("queued", 0)
@@ -604,7 +621,8 @@ def _interval(cron: CronExpr, tz: tzinfo, now: datetime) -> float:
         if previous > end:
             break
         following = next_fire(cron, previous, tz)
-        longest = max(longest, (following - previous).total_seconds())
+        # timestamps: two datetimes of one zone subtract as wall times (DST ignored)
+        longest = max(longest, following.timestamp() - previous.timestamp())
         previous = following
     return longest
 

@@ -40,9 +40,10 @@ test checks every name they use against the daemon's real ``/metrics``):
 
 * ``vdistream_database_jobs_total`` counts ended jobs like ``vdistream_jobs_total``
   with the database too (``kind`` backup, restore, verify; ``outcome`` succeeded,
-  failed, aborted), told by the service's job-end hook (``job_recorded``). Every
-  configured database's series start at 0 (``set_databases``), so ``increase()`` sees
-  the first failure.
+  failed, aborted), told by the state store whenever it records a job's end
+  (``JobStore.observe_ends`` -> ``job_recorded``; the jobs a restart finds
+  interrupted count as failed). Every configured database's series start at 0
+  (``set_databases``), so ``increase()`` sees the first failure.
 * ``vdistream_last_success_timestamp_seconds``: the end time (Unix seconds) of the
   newest successful backup of each database and backup kind (SQL Server's mode
   ``full``, ``diff``, ``log``, ``copy-only``; ``full`` for the other engines), read
@@ -316,8 +317,9 @@ class Metrics:
             self._databases.add(name)
 
     def job_recorded(self, record: JobRecord) -> None:
-        """Count a job's end from its final record (the service's job-end hook):
-        ``vdistream_database_jobs_total`` and the debris its backup swept."""
+        """Count a job's end from its final record (``JobStore.observe_ends``):
+        ``vdistream_database_jobs_total`` and the debris its backup swept; its running
+        series go at once."""
         if not record.state.terminal:
             return
         self._forget_job(record.id)  # at once, not at the next progress tick

@@ -25,6 +25,12 @@ Contracts
   changing it raises ``StateError``, while other fields (result, error, keys) may
   still be written. Entering ``running`` sets ``started`` and entering a terminal
   state sets ``ended`` (the store's clock) unless the call gives them.
+* **Ends observed.** ``observe_ends(callback)``: ``callback(record)`` is called for
+  every job a call of this store moved into a terminal state (``update``,
+  ``mark_interrupted``), with the record as stored, in the caller's thread right after
+  the write (the service's per-database metrics: one place sees every end, whoever
+  wrote it). It must not block; its exceptions are logged (``job_end_observer_failed``)
+  and never fail the write.
 * **Restart.** ``mark_interrupted()`` (call it once at start, before accepting jobs)
   marks every ``queued`` or ``running`` job ``failed`` with ``INTERRUPTED_REASON``
   ("the daemon stopped while the job was running"; ``INTERRUPTED_QUEUED_REASON`` for
@@ -62,6 +68,7 @@ import anyio
 import anyio.to_thread
 
 from vdistream.errors import VdistreamError
+from vdistream.log import get_logger
 
 __all__ = (
     "APPLICATION_ID",
@@ -89,6 +96,8 @@ INTERRUPTED_QUEUED_REASON = "the daemon stopped while the job was queued"
 WRITE_TIMEOUT = 30.0
 
 _T = TypeVar("_T")
+
+log = get_logger(__name__)
 
 
 class StateError(VdistreamError):
@@ -325,6 +334,7 @@ class JobStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(1)
+        self._ended: Callable[[JobRecord], None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -385,6 +395,21 @@ class JobStore:
         _time(now)  # refuses naive
         return now
 
+    def observe_ends(self, callback: Callable[[JobRecord], None] | None) -> None:
+        """Tell ``callback`` of every job this store ends from now on (module doc:
+        Ends observed); ``None`` stops it."""
+        self._ended = callback
+
+    def _tell_ended(self, records: Iterable[JobRecord]) -> None:
+        callback = self._ended
+        if callback is None:
+            return
+        for record in records:
+            try:
+                callback(record)
+            except Exception:  # an observer never fails a write
+                log.exception("job_end_observer_failed", job_id=record.id)
+
     # --- jobs -----------------------------------------------------------------------
 
     async def add(self, job: JobRecord) -> JobRecord:
@@ -433,7 +458,12 @@ class JobStore:
         add_keys = list(given.pop("add_storage_keys", ()))
         changes = {name: _ENCODE.get(name, _same)(value) for name, value in given.items()}
         new_state = None if state is None else JobState(state)
-        return await self._call(self._update, job_id, new_state, changes, replace_keys, add_keys)
+        record, ended = await self._call(
+            self._update, job_id, new_state, changes, replace_keys, add_keys
+        )
+        if ended:
+            self._tell_ended((record,))
+        return record
 
     def _update(
         self,
@@ -442,8 +472,10 @@ class JobStore:
         changes: dict[str, Any],
         replace_keys: builtins.list[str] | None,
         add_keys: builtins.list[str],
-    ) -> JobRecord:
+    ) -> tuple[JobRecord, bool]:
+        """The job as stored now, and whether this call ended it."""
         db = self._conn()
+        ended = False
         with db:
             db.execute("BEGIN IMMEDIATE")
             current = self._get(job_id)
@@ -459,6 +491,7 @@ class JobStore:
                     changes["started"] = _opt_time(current.started) or now
                 if state.terminal and "ended" not in changes:
                     changes["ended"] = now
+                ended = state.terminal
             if replace_keys is not None or add_keys:
                 keys = list(current.storage_keys) if replace_keys is None else replace_keys
                 keys += [k for k in dict.fromkeys(add_keys) if k not in keys]
@@ -468,7 +501,7 @@ class JobStore:
                 db.execute(
                     f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id)
                 )
-            return self._get(job_id)
+            return self._get(job_id), ended
 
     async def list(
         self,
@@ -507,7 +540,9 @@ class JobStore:
     async def mark_interrupted(self) -> builtins.list[JobRecord]:
         """Mark every queued or running job failed (module doc) and return them, oldest
         first, as stored now."""
-        return await self._call(self._mark_interrupted)
+        records = await self._call(self._mark_interrupted)
+        self._tell_ended(records)
+        return records
 
     def _mark_interrupted(self) -> builtins.list[JobRecord]:
         db = self._conn()
