@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
+from vdistream import threads
 from vdistream._version import __version__
 from vdistream.catalog import (
     CatalogError,
@@ -90,6 +92,7 @@ from vdistream.pipeline.spec import CompressionSpec
 from vdistream.sqlserver.url import is_sqlserver_url
 from vdistream.storage import Storage
 from vdistream.storage.mirror import MirrorStorage
+from vdistream.throttle import Limits, RateLimit, shared_limits
 
 if TYPE_CHECKING:  # SQL Server, encryption and files mode are imported when used (start-up)
     from vdistream.engines.pgfiles.layout import FileRecord
@@ -502,7 +505,7 @@ async def _restore_job(
     await check_streams(storage, manifest)
     pipeline = await pipeline_for(manifest, keys)
     if verify_first:
-        checks = await _reread_all(storage, manifest, pipeline)
+        checks = await _reread_all(storage, manifest, pipeline, max_rate)
         bad = [c for c in checks if not c.ok]
         if bad:
             raise CatalogError(
@@ -733,8 +736,8 @@ async def run_verify(
 ) -> VerifyReport:
     """Re-read every stream and check it; then, where the engine allows, the content.
 
-    ``max_rate`` (bytes per second) limits the trial restore's job and SQL Server's
-    ``RESTORE VERIFYONLY`` job; the checksum re-read is not limited.
+    ``max_rate`` (bytes per second) limits the checksum re-read (all streams together),
+    the trial restore's job and SQL Server's ``RESTORE VERIFYONLY`` job, each on its own.
 
     A SQL Server backup's content is checked by SQL Server itself, and only with
     ``engine``: ``RESTORE VERIFYONLY`` reads every stream back through the devices, on
@@ -794,7 +797,7 @@ async def _verify(
         return VerifyReport(backup_id, tuple(checks))
     if pipeline.encrypted:
         checks.append(Check("key", True, "matches the backup's key fingerprint"))
-    checks.extend(await _reread_all(storage, manifest, pipeline))
+    checks.extend(await _reread_all(storage, manifest, pipeline, max_rate))
     if not content or not all(c.ok for c in checks):
         return VerifyReport(backup_id, tuple(checks))
     if manifest.engine == "mssql":
@@ -890,15 +893,20 @@ async def _verifyonly(
 
 
 async def _reread_all(
-    storage: Storage, manifest: Manifest, pipeline: PipelineConfig
+    storage: Storage, manifest: Manifest, pipeline: PipelineConfig, max_rate: int | None = None
 ) -> list[Check]:
-    """Every device stream read back and checked (``_reread``), in device order."""
+    """Every device stream read back and checked (``_reread``), in device order; at most
+    ``max_rate`` bytes per second in all, and within the limits a daemon shares with
+    its jobs (``vdistream.throttle.sharing``), like a job's devices."""
     hashed: dict[int, Check] = {}
     limiter = anyio.CapacityLimiter(max(2, len(manifest.devices)))
+    limits = Limits((RateLimit(max_rate, name="job"), *shared_limits()))
 
     async def reread(device: DeviceEntry) -> None:
         try:
-            hashed[device.index] = await _reread(storage, manifest, device, pipeline, limiter)
+            hashed[device.index] = await _reread(
+                storage, manifest, device, pipeline, limiter, limits
+            )
         except (StorageError, PipelineError) as exc:
             hashed[device.index] = Check(f"device {device.index}", False, str(exc))
 
@@ -914,13 +922,17 @@ async def _reread(
     device: DeviceEntry,
     pipeline: PipelineConfig,
     limiter: anyio.CapacityLimiter,
+    limits: Limits,
 ) -> Check:
     """Read one stream back through every stage: stored SHA-256, authentication tags,
     decompression, logical SHA-256. Nothing is written. ``device.url`` is where the
-    stream is now (``Manifest.relocated``)."""
+    stream is now (``Manifest.relocated``); every read waits for ``limits``."""
     name = f"device {device.index}"
     if not pipeline.any:
-        size, sha256 = await hash_stream(storage, device.key)
+        if limits.active:
+            size, sha256 = await _hash_limited(storage, device.key, limits)
+        else:
+            size, sha256 = await hash_stream(storage, device.key)
         if size == device.bytes and sha256 == device.sha256:
             return Check(name, True, f"{size} bytes stored (no stages), sha256 {sha256[:16]}...")
         return Check(
@@ -937,8 +949,9 @@ async def _reread(
     )
     scratch = memoryview(bytearray(1 << 20))
     try:
-        while await chain.outer.readinto(scratch):
-            pass
+        while got := await chain.outer.readinto(scratch):
+            if limits.active:
+                await limits.take(got)
     finally:
         await chain.outer.close()
     stored, logical = chain.stored, chain.logical
@@ -978,6 +991,20 @@ async def _reread(
         True,
         f"{stored.bytes_read} bytes stored, {logical.bytes_read} {stages}, {matched}",
     )
+
+
+async def _hash_limited(storage: Storage, key: str, limits: Limits) -> tuple[int, str]:
+    """``hash_stream`` with a wait for ``limits`` after each read."""
+    hasher = hashlib.sha256()
+    size = 0
+    view = memoryview(bytearray(1 << 20))
+    async with await storage.open_source(key) as source:
+        while got := await source.readinto(view):
+            await threads.run_sync(hasher.update, view[:got])
+            size += got
+            if limits.active:
+                await limits.take(got)
+    return size, hasher.hexdigest()
 
 
 async def list_backups(destination: str) -> tuple[list[Manifest], list[str]]:
