@@ -4,17 +4,19 @@ A :class:`RateLimit` is a token bucket on anyio's clock, in bytes per second
 (``None``: no limit). Whoever moves ``n`` bytes first ``await limit.acquire(n)``:
 
 * **Fair.** Waiters are served first come, first served (one FIFO lock): the devices
-  of a job that all wait get equal shares, whatever their speed.
+  of a job that all wait get equal turns, whatever their speed. Under a limit shared
+  by several jobs the turns are the devices', so a job with more devices gets more.
 * **Live.** ``set_rate(n | None)`` applies at once, also to a waiter already asleep:
   it is woken and recomputes its wait at the new rate (no polling).
 * **Bounded burst.** The bucket holds at most ``burst`` seconds of the rate (0.25 s);
   a request larger than that waits for a full bucket and leaves the bucket in debt,
   which the next waiter pays back first. Over any window of ``T`` seconds at most
-  ``rate * (T + burst) + largest request`` bytes pass, so a 5-second window is
-  honoured within 10 % when ``rate * 5 s`` is at least ~15 times the largest request
-  (a 1 MiB transfer: from 3 MiB/s up).
-* **Bounded and cancellable.** Every wait is an anyio wait for a computed time
-  (``request / rate`` at most), cancelled by the caller's scope like any other.
+  ``rate * T + max(rate * burst, largest request)`` bytes pass, so a 5-second window
+  is honoured within 10 % when the rate is at least twice the largest request per
+  second (1 MiB transfers: from 2 MiB/s up).
+* **Bounded and cancellable.** Every wait is an anyio wait for a computed time (the
+  debt before it and its own bytes, at the rate: a few requests' worth), cancelled by
+  the caller's scope like any other.
 
 A transfer that must respect several limits at once (the job's own and the daemon's
 global one) takes them in turn (:class:`Limits`): each is held only while it is
@@ -189,7 +191,7 @@ class RateLimit:
                 while (rate := self._rate) is not None:
                     self._refill()
                     need = min(float(amount), rate * self._burst)
-                    if self._tokens >= need:
+                    if self._tokens + 1 >= need:  # a byte short is float rounding
                         self._tokens -= amount
                         return
                     changed = self._changed

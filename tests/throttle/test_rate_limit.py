@@ -116,8 +116,8 @@ def test_one_taker_moves_at_the_rate() -> None:
             await limit.acquire(MIB)
         return anyio.current_time() - start
 
-    # the bucket starts empty; the last request leaves it in debt: 99 MiB paid before
-    assert run(main) == pytest.approx(9.9, abs=0.05)
+    # the bucket starts empty and holds 2.5 MiB at most: each request waits for its bytes
+    assert run(main) == pytest.approx(10.0, abs=0.01)
 
 
 def test_devices_share_fairly_and_every_5s_window_is_honoured() -> None:
@@ -167,27 +167,31 @@ def test_unequal_devices_get_equal_turns() -> None:
 
 
 def test_raising_the_rate_wakes_a_sleeping_waiter() -> None:
-    """At 1 KiB/s a 1 MiB transfer waits ~17 minutes; a new rate set 2 s into the wait
-    lets it go right away."""
+    """At 1 KiB/s a 1 MiB transfer leaves the bucket ~17 minutes in debt; the next one
+    waits for it, and a new rate set 2 s into that wait lets it go right away."""
 
     async def main() -> float:
         limit = RateLimit(KIB)
         done = anyio.Event()
 
         async def wait() -> None:
-            await limit.acquire(MIB)
+            await limit.acquire(MIB)  # passes once the bucket is full (256 bytes)
+            await limit.acquire(MIB)  # pays the debt first
             done.set()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(wait)
             await anyio.sleep(2)
-            assert not done.is_set() and limit.waiting == 1
+            assert not done.is_set()
+            assert limit.waiting == 1
             limit.set_rate(100 * MIB)
             start = anyio.current_time()
             await done.wait()
-            return anyio.current_time() - start
+            waited = anyio.current_time() - start
+        return waited
 
-    assert run(main) < 0.01
+    # at the new rate: the debt (~1 MiB) and the request (1 MiB), 2 MiB at 100 MiB/s
+    assert run(main) == pytest.approx(0.02, abs=0.001)
 
 
 def test_removing_the_limit_releases_every_waiter() -> None:

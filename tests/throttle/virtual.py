@@ -14,7 +14,7 @@ __all__ = ("run",)
 _T = TypeVar("_T")
 
 
-class _Selector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _Selector(selectors.DefaultSelector):
     now = 1000.0
 
     def select(self, timeout: float | None = None) -> list[Any]:
@@ -22,8 +22,10 @@ class _Selector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
         if ready or (timeout is not None and timeout <= 0):
             return ready
         if timeout is None:  # nothing scheduled: only I/O (a thread) can wake the loop
-            return super().select(None)  # type: ignore[no-any-return]
-        self.now += timeout
+            return super().select(None)
+        # at least the loop's clock resolution: a timer due in less than a float step
+        # of ``now`` must still come due
+        self.now += max(timeout, 1e-9)
         return []
 
 

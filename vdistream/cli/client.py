@@ -182,6 +182,18 @@ class ApiClient:
         body = {"reason": reason} if reason else None
         return await self._json("POST", f"/v1/jobs/{job_id}/abort", body=body)
 
+    async def throttle(self, job_id: str, rate: int | None) -> JSON:
+        """``POST /v1/jobs/{id}/throttle``: the job with its new bandwidth limit
+        (``rate`` bytes per second, ``None``: none)."""
+        return await self._json("POST", f"/v1/jobs/{job_id}/throttle", body={"max_rate": rate})
+
+    async def global_rate(self, rate: int | None = None, *, change: bool = False) -> JSON:
+        """``GET /v1/throttle``, or with ``change`` ``POST`` it: the daemon's global
+        bandwidth limit (``{"max_rate": ...}``)."""
+        if change:
+            return await self._json("POST", "/v1/throttle", body={"max_rate": rate})
+        return await self._json("GET", "/v1/throttle")
+
     async def metrics(self) -> str:
         return cast(str, await self.request("GET", "/metrics"))
 

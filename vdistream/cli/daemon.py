@@ -1,6 +1,11 @@
 """The daemon's commands on the command line: ``serve``, ``status``, ``jobs``, ``job``,
-``abort``, ``submit backup|restore|verify`` and ``backup --daemon``
+``abort``, ``throttle``, ``submit backup|restore|verify`` and ``backup --daemon``
 (:func:`submit_backup_to_daemon`).
+
+``throttle JOB RATE`` changes a queued or running job's bandwidth limit, ``throttle
+--global RATE`` the daemon's global one (all running jobs together, until its next
+reload), ``throttle --global`` shows it; RATE is bytes per second as
+``vdistream.throttle.parse_rate`` reads it (``200M``, ``1.5G``, ``10MB``, ``off``).
 
 The client commands talk to the daemon over its Unix socket: ``--socket``, else
 ``$VDISTREAM_SOCKET``, else the settings' ``service.socket`` (``--config``,
@@ -47,6 +52,7 @@ __all__ = (
     "status",
     "submit",
     "submit_backup_to_daemon",
+    "throttle",
 )
 
 #: HTTP statuses of an invalid request (exit 2): bad body, unknown job or database,
@@ -250,6 +256,75 @@ async def abort(client: ApiClient, params: Params) -> int:
         params["json_output"],
         found,
         f"job {found['id']}: abort requested (state now {found['state']})",
+    )
+    return 0
+
+
+def _rate(text: str) -> int | None:
+    """RATE as typed, or a usage error (exit 2) naming it."""
+    from vdistream.errors import ConfigError
+    from vdistream.throttle import parse_rate
+
+    try:
+        return parse_rate(text, what="RATE")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("RATE: "), param_hint="RATE") from None
+
+
+def _throttle_args(params: Params) -> tuple[str | None, int | None]:
+    """(job id or ``None`` for ``--global``, the rate) from ``throttle``'s arguments."""
+    given = [a for a in (params["job_or_rate"], params["rate"]) if a is not None]
+    if params["global_limit"]:
+        if len(given) > 1:
+            raise click.UsageError("throttle --global takes one RATE, not a job id")
+        return None, _rate(given[0]) if given else None
+    if len(given) != 2:
+        raise click.UsageError("throttle needs a JOB and a RATE (or --global RATE)")
+    return given[0], _rate(given[1])
+
+
+@click.command("throttle", short_help="Change a job's bandwidth limit, or the daemon's.")
+@click.argument(
+    "job_or_rate",
+    metavar="[JOB]",
+    required=False,
+    help="The job's id (from `vdistream jobs`); with --global, the RATE.",
+)
+@click.argument(
+    "rate",
+    metavar="RATE",
+    required=False,
+    help="Bytes per second: 200M, 1.5G, 500K (powers of 1024), 10MB (powers of 1000), or off.",
+)
+@click.option(
+    "--global",
+    "global_limit",
+    is_flag=True,
+    help="The daemon's global limit (all running jobs together) instead of a job's; "
+    "without RATE: show it.",
+)
+@_client_command("the change may or may not have been made")
+async def throttle(client: ApiClient, params: Params) -> int:
+    """Set the bandwidth limit of a queued or running job (JOB RATE), or the daemon's
+    global one (--global RATE), at once. RATE is bytes per second: 200M, 1.5G, 500K
+    (powers of 1024), 10MB (powers of 1000), or off."""
+    from vdistream.throttle import format_rate
+
+    job_id, rate = _throttle_args(params)
+    if job_id is not None:
+        found = await client.throttle(job_id, rate)
+        line = (
+            f"job {found['id']}: bandwidth limit {format_rate(found['max_rate'])} "
+            f"(state {found['state']})"
+        )
+        emit(params["json_output"], found, line)
+        return 0
+    change = params["job_or_rate"] is not None
+    answer = await client.global_rate(rate, change=change)
+    emit(
+        params["json_output"],
+        answer,
+        f"global bandwidth limit {format_rate(answer['max_rate'])}",
     )
     return 0
 

@@ -40,6 +40,13 @@ Contracts
   request line or header, a ``Content-Encoding`` aiohttp has no decoder for) gets
   aiohttp's own plain-text 400, and an ``Expect`` other than ``100-continue`` its
   417, before the application sees the request.
+* **Bandwidth** (``vdistream.throttle``): ``POST /v1/jobs/{id}/throttle`` with
+  ``{"max_rate": RATE}`` sets a queued or running job's own limit and answers its view
+  (``max_rate`` in bytes per second); ``POST /v1/throttle`` sets the daemon's global
+  limit (all running jobs together, until the next reload) and ``GET /v1/throttle``
+  reads it. ``RATE`` is bytes per second as ``parse_rate`` reads it: an integer or a
+  string (``"200M"``, ``"1.5G"``, ``"10MB"``); ``0``, ``"off"`` or ``null``: no limit.
+  A rate that is no rate is a 400 ``invalid_request`` naming it.
 * **Progress streams** (``GET /v1/jobs/{id}/events``) are newline-delimited JSON, or
   server-sent events with ``Accept: text/event-stream`` or ``?format=sse``: one
   ``{"event": "progress" | "end", "job": {...}}`` per interval and state change, the
@@ -79,6 +86,7 @@ from vdistream.service.manager import JobManager
 from vdistream.service.metrics import CONTENT_TYPE
 from vdistream.service.settings import ServiceSettings, Settings
 from vdistream.service.state import JobState, JobType
+from vdistream.throttle import parse_rate
 
 __all__ = ("MAX_BODY", "MAX_DEPTH", "ApiBackend", "ApiServer", "ApiStartError", "create_app")
 
@@ -463,6 +471,36 @@ async def _abort(request: web.Request) -> web.Response:
     return web.json_response(await manager.view(job_id), status=202)
 
 
+async def _rate_body(request: web.Request) -> int | None:
+    """The ``max_rate`` of a throttle request's body (module doc)."""
+    body = await _json_body(request, required=True)
+    for name in body if isinstance(body, dict) else ():
+        if name != "max_rate":
+            raise InvalidRequestError(f"unknown field {name!r} (known: max_rate)")
+    if not isinstance(body, dict) or "max_rate" not in body:
+        raise InvalidRequestError(
+            'the body of a throttle request is an object: {"max_rate": "200M"} '
+            '(bytes per second; 0 or "off": no limit)'
+        )
+    try:
+        return parse_rate(body["max_rate"], what="max_rate")
+    except VdistreamError as exc:
+        raise InvalidRequestError(str(exc)) from None
+
+
+async def _throttle(request: web.Request) -> web.Response:
+    rate = await _rate_body(request)
+    manager = request.app[_BACKEND].manager
+    return web.json_response(await manager.throttle(request.match_info["job_id"], rate))
+
+
+async def _global_rate(request: web.Request) -> web.Response:
+    _query(request, ())
+    if request.method == "POST":
+        request.app[_BACKEND].manager.throttle_global(await _rate_body(request))
+    return web.json_response({"max_rate": request.app[_BACKEND].manager.global_rate})
+
+
 async def _events(request: web.Request) -> web.StreamResponse:
     query = _query(request, ("interval", "format"))
     interval = 1.0
@@ -511,6 +549,9 @@ def create_app(backend: ApiBackend) -> web.Application:
     app.router.add_get("/v1/jobs/{job_id}", _job)
     app.router.add_get("/v1/jobs/{job_id}/events", _events)
     app.router.add_post("/v1/jobs/{job_id}/abort", _abort)
+    app.router.add_post("/v1/jobs/{job_id}/throttle", _throttle)
+    app.router.add_get("/v1/throttle", _global_rate)
+    app.router.add_post("/v1/throttle", _global_rate)
     return app
 
 

@@ -286,9 +286,11 @@ def job_view(
     live: Mapping[str, Any] | None = None,
     *,
     queue_position: int | None = None,
+    max_rate: int | None = None,
 ) -> dict[str, Any]:
     """The JSON form of a job: the stored record, with the live per-device progress of
-    a running job (``live``) instead of the last stored one."""
+    a running job (``live``) instead of the last stored one; ``max_rate`` is a live
+    job's own bandwidth limit in bytes per second (``None``: none, or the job ended)."""
     return {
         "id": record.id,
         "kind": record.kind.value,
@@ -304,4 +306,5 @@ def job_view(
         "result": None if record.result is None else dict(record.result),
         "error": record.error,
         "queue_position": queue_position,
+        "max_rate": max_rate,
     }

@@ -22,12 +22,22 @@ queue and the limits), ``runners`` (one job's run to its ``Outcome``, and its ab
   ``diff``, ``log``, ``copy-only``; ``outcome`` the job's state), registered with the
   service's other metrics when the manager is made; its job record's ``params`` and
   ``result`` say the mode too.
+* Bandwidth (``vdistream.throttle``): one global limit, ``service.max_rate``, for all
+  running jobs together (a reload sets it anew; ``throttle_global(rate)`` changes it
+  until the next reload), and each job's own limit, its database's ``max_rate`` when
+  the job is accepted, that ``throttle(job_id, rate)`` changes while the job is queued
+  or running (within a second: at once for a device already waiting). The job's
+  devices share both, first come, first served; a job view says its limit
+  (``max_rate``, bytes per second or ``None``). Both reach the job's coordinator through
+  ``throttle.sharing``, set in the job's own task.
+* ``on_event(record, outcome)`` is called at every job's end (the webhooks,
+  ``vdistream.service.notify``); it must not block, and its errors are logged.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +72,7 @@ from vdistream.service.state import (
     StateError,
 )
 from vdistream.storage.s3 import observe_retries
+from vdistream.throttle import RateLimit, sharing
 
 __all__ = ("JobManager",)
 
@@ -105,10 +116,18 @@ class JobManager:
         tick: float = 1.0,
         persist_every: float = 5.0,
         abort_fallback: float = 20.0,
+        on_event: Callable[[JobRecord, Outcome], None] | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._metrics = metrics
+        #: told of every job's end (its final record and outcome): the webhooks
+        #: (``vdistream.service.notify``); must not block, its errors are logged
+        self._on_event = on_event
+        #: all running jobs together (module doc)
+        self._global = RateLimit(settings.service.max_rate, name="global")
+        #: each live job's own limit, by job id (module doc)
+        self._rates: dict[str, RateLimit] = {}
         self._jobs = Admission()
         self._runner = JobRunner(
             store=store, metrics=metrics, changed=self._notify, in_use=self._jobs.backups_in_use
@@ -170,8 +189,10 @@ class JobManager:
             await prune_history(self._store, self._settings)
 
     def update_settings(self, settings: Settings) -> None:
-        """Use new settings for jobs that start from now on (running jobs keep theirs)."""
+        """Use new settings for jobs that start from now on (running jobs keep theirs,
+        but for the global bandwidth limit, which applies at once)."""
         self._settings = settings
+        self._global.set_rate(settings.service.max_rate)
         self._start_ready()
 
     def close_intake(self) -> None:
@@ -214,11 +235,13 @@ class JobManager:
             raise ShuttingDownError("the daemon is shutting down: it accepts no new jobs")
         request, database = self._jobs.resolve(self._settings, request)
         job = self._jobs.admit(self._settings, request, database, internal=internal)
+        self._rates[job.id] = RateLimit(database.max_rate, name="job")
         try:
             with anyio.CancelScope(shield=True):
                 job.record = await self._store.add(job.record)
         except BaseException:
             self._jobs.release(job)
+            self._rates.pop(job.id, None)
             self._notify()
             raise
         job.stored = True
@@ -272,6 +295,36 @@ class JobManager:
         if self._jobs.dequeue(job):
             await self._finish(job, job.abort_queued(reason, cause))
 
+    # --- bandwidth ---------------------------------------------------------------------
+
+    @property
+    def global_rate(self) -> int | None:
+        """The global limit now, bytes per second (``None``: none)."""
+        return self._global.rate
+
+    def throttle_global(self, rate: int | None) -> None:
+        """Set the global limit (``None``: none) until the next reload (module doc)."""
+        log.info("throttle_changed", scope="global", max_rate=rate)
+        self._global.set_rate(rate)
+
+    async def throttle(self, job_id: str, rate: int | None) -> dict[str, Any]:
+        """Set a queued or running job's own limit (``None``: none): ``UnknownJobError``,
+        ``JobFinishedError``, or the job's view with its new limit."""
+        job = self._jobs.get(job_id)
+        limit = self._rates.get(job_id)
+        if job is None or limit is None or job.finished:
+            try:
+                record = await self._store.get(job_id)
+            except JobNotFoundError:
+                raise UnknownJobError(f"no job {job_id!r}") from None
+            raise JobFinishedError(
+                f"job {job_id} already ended ({record.state.value}); its bandwidth limit "
+                "cannot change"
+            )
+        log.info("throttle_changed", scope="job", job_id=job_id, max_rate=rate)
+        limit.set_rate(rate)
+        return await self.view(job_id)
+
     # --- running ----------------------------------------------------------------------
 
     async def _run_job(self, job: LiveJob) -> None:
@@ -281,6 +334,7 @@ class JobManager:
         with (
             structlog.contextvars.bound_contextvars(job_id=job.id, database=job.database),
             observe_retries(self._metrics.count_retry),
+            sharing(self._rates.setdefault(job.id, RateLimit(name="job")), self._global),
         ):
             try:
                 outcome = await self._runner.run(job, self._settings)
@@ -311,7 +365,13 @@ class JobManager:
             self._by_mode.labels(job.database, job.request.mode, state.value).inc()
         level = 20 if state is JobState.SUCCEEDED else 30
         log.log(level, "job_ended", job_id=job.id, state=state.value, error=outcome.error)
+        if self._on_event is not None:
+            try:
+                self._on_event(job.record, outcome)
+            except Exception:  # a notification never fails a job
+                log.exception("job_event_hook_failed", job_id=job.id)
         self._jobs.release(job)
+        self._rates.pop(job.id, None)
         self._start_ready()
         self._notify()
 
@@ -344,7 +404,13 @@ class JobManager:
         if job is None or not job.stored:
             return job_view(record)
         live = job.sample(self._metrics) if job in self._jobs.running() else None
-        return job_view(job.record, live, queue_position=self._jobs.position(job))
+        limit = self._rates.get(job.id)
+        return job_view(
+            job.record,
+            live,
+            queue_position=self._jobs.position(job),
+            max_rate=None if limit is None else limit.rate,
+        )
 
     async def view(self, job_id: str) -> dict[str, Any]:
         """The job's JSON form (``jobs.job_view``), live when it is queued or running."""
