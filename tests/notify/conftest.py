@@ -2,7 +2,8 @@
 
 ``receiver(*script)`` starts one; each request is recorded (``Received``: headers and
 raw body) and answered by the next word of ``script`` (an HTTP status as an int, or
-``"hang"``: read the request and never answer until the receiver stops), then 200
+``"hang"``: read the request and never answer until the receiver stops;
+``"endless"``: answer 200 with a body that never ends, 64 KiB every 10 ms), then 200
 for every request after the script. ``receiver.url`` is where it listens;
 ``await receiver.wait(n)`` waits for ``n`` requests. Every receiver stops at the end
 of its test. The daemon fixtures are those of ``tests/daemon``.
@@ -53,6 +54,17 @@ class Receiver:
                     action = receiver.script.pop(0) if receiver.script else 200
                 if action == "hang":
                     receiver.stopped.wait(60)
+                    return
+                if action == "endless":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(10**12))
+                    self.end_headers()
+                    chunk = bytes(64 * 1024)
+                    try:
+                        while not receiver.stopped.wait(0.01):
+                            self.wfile.write(chunk)
+                    except OSError:  # the client hung up: what it should do
+                        pass
                     return
                 assert isinstance(action, int)
                 self.send_response(action)

@@ -149,3 +149,119 @@ def test_a_receiver_refuses_a_changed_body_an_old_timestamp_and_another_secret()
     old = str(int(now) - 301)
     assert not verify_signature(SECRET.encode(), body, old, sign(SECRET.encode(), old, body))
     assert not verify_signature(SECRET.encode(), body, "12x", signature)
+
+
+def two_hooks(tmp_path: Path, dead: str, good: str) -> Settings:
+    """A receiver of ``finished`` that never answers (3 s per attempt, 2 attempts) and
+    one of ``failed`` whose notifications must arrive within 2 s of the event."""
+    path = tmp_path / "vdistream.toml"
+    path.write_text(
+        f'[destinations.local]\nurl = "{tmp_path}/backups"\n'
+        f'[databases.app]\nurl = "sqlite:///{tmp_path}/app.db"\ndestination = "local"\n'
+        f'[[service.webhooks]]\nurl = "{dead}"\nsecret_env = "HOOK_SECRET"\n'
+        'events = ["finished"]\ntimeout = 3\nattempts = 2\n'
+        f'[[service.webhooks]]\nurl = "{good}"\nsecret_env = "HOOK_SECRET"\n'
+        'events = ["failed"]\ndeadline = 2\n'
+    )
+    return load_settings(path, env={"HOOK_SECRET": SECRET})
+
+
+@pytest.mark.asyncio
+async def test_a_dead_receiver_does_not_hold_the_others(
+    tmp_path: Path, receiver: Callable[..., Receiver]
+) -> None:
+    """Six notifications for a receiver that never answers, then one for a healthy
+    receiver: the healthy one gets it (delivered, within its 2 s deadline) although
+    the dead one has more notifications than there are workers."""
+    dead, good = receiver(*["hang"] * 20), receiver()
+    registry = CollectorRegistry()
+    notifier = Notifier(two_hooks(tmp_path, dead.url, good.url), registry, backoff=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(notifier.run)
+        for _ in range(6):
+            notifier.job_event(*ended(JobType.BACKUP, JobState.SUCCEEDED))
+        notifier.job_event(*ended(JobType.BACKUP, JobState.FAILED))
+        await wait_for(
+            lambda: sample(registry, "failed", "delivered") + sample(registry, "failed", "failed"),
+            what="the healthy receiver's notification ended",
+        )
+        during = len(dead.requests)
+        tg.cancel_scope.cancel()
+    assert sample(registry, "failed", "delivered") == 1
+    assert sample(registry, "failed", "failed") == 0
+    assert len(good.requests) == 1
+    assert during <= 1  # one attempt at a time per receiver (the shutdown then tries all)
+
+
+@pytest.mark.asyncio
+async def test_an_endless_answer_is_delivered_once_without_reading_it_all(
+    tmp_path: Path, receiver: Callable[..., Receiver]
+) -> None:
+    """200 and a body that never ends: delivered after one attempt (the status is
+    what counts), not read until the 1 s timeout, retried and counted failed."""
+    hook = receiver("endless", "endless")
+    registry = CollectorRegistry()
+    notifier = Notifier(settings(tmp_path, hook.url, timeout=1, attempts=2), registry, backoff=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(notifier.run)
+        notifier.job_event(*ended(JobType.BACKUP, JobState.SUCCEEDED))
+        await wait_for(
+            lambda: (
+                sample(registry, "finished", "delivered") + sample(registry, "finished", "failed")
+            ),
+            what="the notification ended",
+        )
+        tg.cancel_scope.cancel()
+    assert sample(registry, "finished", "delivered") == 1
+    assert len(hook.requests) == 1
+
+
+@pytest.mark.asyncio
+async def test_the_shutdown_flush_counts_a_4xx_rejected(
+    tmp_path: Path, receiver: Callable[..., Receiver]
+) -> None:
+    hook = receiver(410)
+    registry = CollectorRegistry()
+    notifier = Notifier(settings(tmp_path, hook.url), registry, flush_timeout=5)
+    async with anyio.create_task_group() as tg:
+        await tg.start(notifier.run)
+        notifier.job_event(*ended(JobType.BACKUP, JobState.FAILED))
+        tg.cancel_scope.cancel()  # before any worker took it: the flush's attempt
+    assert len(hook.requests) == 1
+    assert sample(registry, "failed", "rejected") == 1
+    assert sample(registry, "failed", "failed") == 0
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "signature"),
+    [
+        ("\u00b2", "sha256=00"),  # a Latin-1 header byte that str.isdigit() accepts
+        ("1" * 5000, "sha256=00"),  # more digits than int() reads
+        (None, "sha256=\u00e9"),  # non-ASCII: hmac.compare_digest raises on str
+    ],
+)
+def test_a_hostile_signature_or_timestamp_is_refused_not_raised(
+    timestamp: str | None, signature: str
+) -> None:
+    body = b"{}"
+    timestamp = str(int(time.time())) if timestamp is None else timestamp
+    assert verify_signature(SECRET.encode(), body, timestamp, signature) is False
+
+
+@pytest.mark.asyncio
+async def test_the_shutdown_flush_sends_nothing_past_its_deadline(
+    tmp_path: Path, receiver: Callable[..., Receiver]
+) -> None:
+    """A notification whose deadline (1 s) passed while it was queued is counted failed
+    at shutdown, not sent after all."""
+    hook = receiver()
+    registry = CollectorRegistry()
+    notifier = Notifier(settings(tmp_path, hook.url, deadline=1), registry, flush_timeout=5)
+    notifier.job_event(*ended(JobType.BACKUP, JobState.FAILED))
+    await anyio.sleep(1.2)
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # the notifier runs only to stop: its flush has the notification
+        await notifier.run()
+    assert hook.requests == []
+    assert sample(registry, "failed", "failed") == 1
+    assert sample(registry, "failed", "delivered") == 0

@@ -226,7 +226,7 @@ def test_bad_webhook_values_each_name_their_key_and_line(tmp_path: Path, secret_
         f"{path}, line {line_of(text, 'events')}: {key}.events: unknown event 'done' (known: "
         "finished, failed, verify_failed, retention_pruned)",
         f"{path}, line {line_of(text, 'timeout')}: {key}.timeout: expected more than 0 "
-        "seconds, got 0",
+        "and at most 86400 seconds, got 0",
         f"{path}, line {line_of(text, 'attempts')}: {key}.attempts: expected an integer from 1 "
         "to 20, got 0",
     ]
@@ -411,3 +411,142 @@ def test_the_example_file_documents_every_new_key() -> None:
         assert re.search(rf"^#\s*{key} =", text, re.M), key
     assert "azure://ACCOUNT/CONTAINER/PREFIX" in text
     load_settings(example, env={})  # still loads, every new key commented out
+
+
+@pytest.mark.parametrize(
+    ("main", "other"),
+    [
+        ("/var/backups/x", "file:///var/backups/x/"),
+        ("/var/backups/x", "/var/backups/./x"),
+        ("s3://bucket/prefix?region=eu-central-1", "s3://bucket/prefix/"),
+        ("azure://acct/container/p", "azure://ACCT/container/p/"),
+    ],
+)
+def test_a_mirror_at_the_same_place_under_another_name(
+    tmp_path: Path, main: str, other: str
+) -> None:
+    """Two names, one place: every backup would be refused when it starts (the mirror
+    is the destination itself); refused at load, naming both tables."""
+    text = BASE.replace("/var/backups/x", main).replace("azure://acct/container/prefix", other)
+    text += 'mirror = "offsite"\n'
+    found = error(tmp_path, text)
+    assert found.startswith(
+        f"{write(tmp_path, text)}, line {line_of(text, 'mirror')}: databases.app.mirror: "
+        "[destinations.offsite] is the same place as the database's destination "
+        "[destinations.local] ("
+    ), found
+    assert found.endswith("): a mirror needs another place")
+    assert "\n" not in found
+
+
+def test_a_mirror_elsewhere_on_the_same_storage_is_fine(tmp_path: Path) -> None:
+    text = BASE.replace("azure://acct/container/prefix", "/var/backups/y") + 'mirror = "offsite"\n'
+    assert load_settings(write(tmp_path, text), env={}).databases["app"].mirror == "offsite"
+
+
+def test_an_identity_that_is_no_private_key_or_not_a_recipients(
+    tmp_path: Path, x25519: tuple[Path, Path]
+) -> None:
+    """decrypt_identity_file must hold an X25519 private key; with recipients alone
+    (and the verification after each backup) it must be one of theirs, else every
+    verification after a backup fails."""
+    public, private = x25519
+    where = "databases.app.decrypt_identity_file: "
+    text = BASE + f'encrypt_recipients = ["{public}"]\ndecrypt_identity_file = "{public}"\n'
+    found = error(tmp_path, text)
+    line = f"{write(tmp_path, text)}, line {line_of(text, 'decrypt_identity_file')}: "
+    assert found.startswith(line + where + f"{public} holds a public key"), found
+
+    other = tmp_path / "other.key"
+    other.write_bytes(
+        X25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    other.chmod(0o600)
+    text = BASE + f'encrypt_recipients = ["{public}"]\ndecrypt_identity_file = "{other}"\n'
+    assert error(tmp_path, text) == line + where + (
+        f"{other} is the private key of none of encrypt_recipients: the verification after "
+        "each backup could not open it (give the private key of one of them, or set "
+        "verify_after_backup = false)"
+    )
+    # not verified here: another host's key is fine; and the right key loads
+    load_settings(write(tmp_path, text + "verify_after_backup = false\n"), env={})
+    text = BASE + f'encrypt_recipients = ["{public}"]\ndecrypt_identity_file = "{private}"\n'
+    assert load_settings(write(tmp_path, text), env={}).databases["app"].decrypt_identity_file
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("-1", "-1"), ("86401", "86401"), ('"0s"', "'0s'"), ("1e9", "1000000000.0")],
+)
+def test_webhook_seconds_out_of_range_say_the_range(
+    tmp_path: Path, secret_file: Path, value: str, shown: str
+) -> None:
+    """Not "0 to 86400" (0 is refused too): one message for both ends."""
+    text = (
+        BASE + f'\n[[service.webhooks]]\nurl = "http://a.example"\nsecret_file = "{secret_file}"\n'
+        f"deadline = {value}\n"
+    )
+    assert error(tmp_path, text) == (
+        f"{write(tmp_path, text)}, line {line_of(text, 'deadline')}: service.webhooks[0]."
+        f"deadline: expected more than 0 and at most 86400 seconds, got {shown}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ("webhooks = {}", "databases.app.webhooks", "expected an array, got a table"),
+        ("retention = []", "databases.app.retention", "expected a table, got an array"),
+        ("webhooks = [[]]", "databases.app.webhooks[0]", "expected a table, got an array"),
+    ],
+)
+def test_a_table_or_an_array_of_the_wrong_kind_is_named_once(
+    tmp_path: Path, line: str, key: str, problem: str
+) -> None:
+    text = BASE + line + "\n"
+    assert error(tmp_path, text) == (
+        f"{write(tmp_path, text)}, line {line_of(text, line)}: {key}: {problem}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (
+            "azure://acct:c2VjcmV0a2V5@acct/container/p",
+            "azure://***@acct/container/p: an azure URL must not carry credentials; set "
+            "AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_KEY",
+        ),
+        (
+            "azure://c2VjcmV0a2V5@acct/container/p",
+            "azure://***@acct/container/p: an azure URL must not carry credentials; set "
+            "AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_KEY",
+        ),
+        (
+            "azure://acct/container/p?sv=2024-01-01&sig=c2VjcmV0c2ln",
+            "azure://acct/container/p?***: unknown azure URL option 'sv' (known: endpoint)",
+        ),
+    ],
+)
+def test_credentials_or_unknown_options_in_an_azure_url_are_refused_unrepeated(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    """Every job would fail on them; refused at load, and the error (a terminal, a
+    journal) repeats no key, password or SAS signature."""
+    text = BASE.replace("azure://acct/container/prefix", url)
+    found = error(tmp_path, text)
+    assert found == (
+        f"{write(tmp_path, text)}, line {line_of(text, url)}: destinations.offsite.url: {problem}"
+    )
+    assert "c2VjcmV0" not in found
+
+
+def test_the_azure_url_options_are_the_storages_own() -> None:
+    from vdistream.service.settings import _schema
+    from vdistream.storage.azure import client as azure
+
+    assert _schema._URL_OPTIONS == {"azure": azure._URL_OPTIONS}

@@ -42,7 +42,9 @@ of one notification to one receiver: a receiver drops a ``delivery`` it has seen
 Headers: ``X-Vdistream-Event`` (the event), ``X-Vdistream-Delivery`` (``delivery``),
 ``X-Vdistream-Timestamp`` (Unix seconds of this attempt) and
 ``X-Vdistream-Signature: sha256=<hex>``, the HMAC-SHA256 with the receiver's secret
-of ``<timestamp>.<body>`` (the header's decimal digits, a dot, the raw body bytes).
+(its UTF-8 bytes: the value of ``secret_env``, or the first line of ``secret_file``,
+surrounding whitespace stripped) of ``<timestamp>.<body>`` (the header's decimal
+digits, a dot, the raw body bytes).
 A receiver checks it so (``verify_signature`` does exactly this)::
 
     expected = hmac.new(secret, ts.encode() + b"." + body, "sha256").hexdigest()
@@ -56,19 +58,24 @@ Delivery
 
 * One notification per receiver and event, queued (at most ``queue_size``; when
   full, the oldest is dropped and counted ``dropped``), sent by ``workers`` tasks at
-  once, so one slow receiver does not hold the others.
-* An answer 2xx is ``delivered``. A connection error, a timeout (the receiver's
-  ``timeout`` per attempt), 408, 429 or 5xx is retried after an exponential backoff
-  with full jitter (``backoff`` x 2^n seconds, at most 60, times a random factor in
-  [0.5, 1]), up to the receiver's ``attempts`` and never after its ``deadline`` (from
-  the event); then ``failed``. Any other answer (4xx, 3xx: redirects are not followed)
-  is ``rejected`` at once: retrying would not change it.
+  once. One slow or dead receiver does not hold the others: a receiver has at most
+  one attempt in flight (the other workers serve the other receivers), and a
+  notification waiting for its retry holds no worker (it waits in the queue).
+* An answer 2xx is ``delivered`` (at most 64 KiB of its body is read: an endless
+  answer neither fills the memory nor turns a delivery into a timeout). A connection
+  error, a timeout (the receiver's ``timeout`` per attempt), 408, 429 or 5xx is
+  retried after an exponential backoff with full jitter (``backoff`` x 2^n seconds,
+  at most 60, times a random factor in [0.5, 1]), up to the receiver's ``attempts``
+  and never after its ``deadline`` (from the event; a notification still queued at
+  its deadline is not sent); then ``failed``. Any other answer (4xx, 3xx: redirects
+  are not followed) is ``rejected`` at once: retrying would not change it.
 * Every notification's end is counted in ``vdistream_notifications_total{event,
   outcome}`` (``delivered``, ``failed``, ``rejected``, ``dropped``) and logged
   (``notification_failed`` at warning level); ``vdistream_notifications_queued`` is
   the queue's length. No error of a receiver is ever raised to the job or the service.
 * At shutdown (``run`` cancelled) what is queued or in flight gets one last attempt
-  each, shielded, within ``flush_timeout`` seconds in all; the rest is ``dropped``.
+  each (unless past its deadline: ``failed``), shielded, within ``flush_timeout``
+  seconds in all; the rest is ``dropped``.
 """
 
 from __future__ import annotations
@@ -117,6 +124,10 @@ TOLERANCE = 300.0
 _MAX_BACKOFF = 60.0
 #: answers worth another attempt besides 5xx: timeout, too many requests
 _RETRY_STATUS = frozenset({408, 429})
+#: the most of an answer's body read (only its status matters)
+_MAX_ANSWER = 64 * 1024
+#: the longest a signature header or timestamp ``verify_signature`` looks at
+_MAX_HEADER = 200
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -136,11 +147,15 @@ def verify_signature(
 ) -> bool:
     """A receiver's check (module doc): the signature matches and the timestamp is
     within ``tolerance`` seconds of ``now``."""
-    if not timestamp.isdigit():
+    # Both come from the request: anything (non-ASCII digits like "²", which int()
+    # refuses; non-ASCII text, which compare_digest refuses) is a False, not an error.
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 20):
+        return False
+    if not (signature.isascii() and len(signature) <= _MAX_HEADER):
         return False
     if abs((time.time() if now is None else now) - int(timestamp)) > tolerance:
         return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+    return hmac.compare_digest(sign(secret, timestamp, body).encode(), signature.encode())
 
 
 # --- what is sent ----------------------------------------------------------------------
@@ -203,6 +218,19 @@ class _Delivery:
     #: ``anyio.current_time()``-independent: the event's wall time (``time.monotonic``)
     created: float
     attempts: int = 0
+    #: not attempted before this ``time.monotonic()`` (a retry's backoff)
+    due: float = 0.0
+    #: why the last attempt failed
+    why: str | None = None
+
+    @property
+    def receiver(self) -> str:
+        """Who gets it: at most one attempt in flight per receiver."""
+        return self.webhook.url
+
+    @property
+    def deadline(self) -> float:
+        return self.created + self.webhook.deadline
 
 
 # --- metrics ---------------------------------------------------------------------------
@@ -271,6 +299,8 @@ class Notifier:
         self._flush_timeout = flush_timeout
         self._wake: anyio.Event | None = None  # made in ``run``: it needs the event loop
         self._in_flight: set[_Delivery] = set()
+        #: receivers with an attempt in flight (module doc: Delivery)
+        self._busy: set[str] = set()
 
     def update_settings(self, settings: Settings) -> None:
         """Use these receivers for events from now on (queued ones keep theirs)."""
@@ -302,6 +332,10 @@ class Notifier:
             self._count(dropped, "dropped", "the queue is full")
         self._queue.append(item)
         self._metrics.queued.set(len(self._queue))
+        self._signal()
+
+    def _signal(self) -> None:
+        """Wake the idle workers: a notification is queued or a receiver is free."""
         if self._wake is not None:
             self._wake.set()
 
@@ -344,57 +378,76 @@ class Notifier:
                     self._count(item, "dropped", "the service stopped")
                 self._queue.clear()
                 self._in_flight.clear()
+                self._busy.clear()
                 self._metrics.queued.set(0)
                 self._wake = None
                 await session.close()
 
     async def _next(self) -> _Delivery:
-        while not self._queue:
+        """The oldest queued notification that is due and whose receiver has no
+        attempt in flight; waits for one."""
+        while True:
+            now, soonest = time.monotonic(), float("inf")
+            for item in self._queue:
+                if item.receiver in self._busy:
+                    continue
+                if item.due <= now:
+                    self._queue.remove(item)  # by identity (eq=False); at most queue_size
+                    self._metrics.queued.set(len(self._queue))
+                    return item
+                soonest = min(soonest, item.due)
             assert self._wake is not None
             if self._wake.is_set():
                 self._wake = anyio.Event()
-            await self._wake.wait()
-        item = self._queue.popleft()
-        self._metrics.queued.set(len(self._queue))
-        return item
+            with anyio.move_on_after(soonest - now):
+                await self._wake.wait()
 
     async def _work(self, session: aiohttp.ClientSession) -> None:
         while True:
             item = await self._next()
+            if time.monotonic() >= item.deadline:  # waited in the queue past it
+                self._count(item, "failed", item.why or "its deadline passed before it was sent")
+                continue
             self._in_flight.add(item)
+            self._busy.add(item.receiver)
             try:
-                await self._deliver(session, item)
+                retry, why = await self._attempt(session, item, item.deadline)
+                # cancelled in the attempt: stays in flight, for the last attempt
+                self._in_flight.discard(item)
+                self._settle(item, retry, why)
             except Exception as exc:  # a bug here must not take the service down
+                self._in_flight.discard(item)
                 log.exception("notification_crashed", notify_event=item.event)
                 self._count(item, "failed", repr(exc))
-            self._in_flight.discard(item)
+            finally:
+                self._busy.discard(item.receiver)
+                self._signal()
 
-    async def _deliver(self, session: aiohttp.ClientSession, item: _Delivery) -> None:
-        """Attempts with backoff until an end (module doc: Delivery); counted."""
-        webhook = item.webhook
-        deadline = item.created + webhook.deadline
-        while True:
-            retry, why = await self._attempt(session, item, deadline)
-            if why is None:
-                self._count(item, "delivered")
-                return
-            if not retry:
-                self._count(item, "rejected", why)
-                return
-            wait = min(_MAX_BACKOFF, self._backoff * 2 ** (item.attempts - 1))
-            wait *= random.uniform(0.5, 1.0)  # jitter, not a secret
-            if item.attempts >= webhook.attempts or time.monotonic() + wait >= deadline:
-                self._count(item, "failed", why)
-                return
-            log.info(
-                "notification_retry",
-                notify_event=item.event,
-                url=webhook.display_url,
-                attempts=item.attempts,
-                error=why,
-                wait=round(wait, 3),
-            )
-            await anyio.sleep(wait)
+    def _settle(self, item: _Delivery, retry: bool, why: str | None) -> None:
+        """After an attempt: counted (delivered, rejected, failed) or queued again for
+        a retry after its backoff (module doc: Delivery)."""
+        if why is None:
+            self._count(item, "delivered")
+            return
+        item.why = why
+        if not retry:
+            self._count(item, "rejected", why)
+            return
+        wait = min(_MAX_BACKOFF, self._backoff * 2 ** (item.attempts - 1))
+        wait *= random.uniform(0.5, 1.0)  # jitter, not a secret
+        if item.attempts >= item.webhook.attempts or time.monotonic() + wait >= item.deadline:
+            self._count(item, "failed", why)
+            return
+        log.info(
+            "notification_retry",
+            notify_event=item.event,
+            url=item.webhook.display_url,
+            attempts=item.attempts,
+            error=why,
+            wait=round(wait, 3),
+        )
+        item.due = time.monotonic() + wait
+        self._put(item)
 
     async def _attempt(
         self, session: aiohttp.ClientSession, item: _Delivery, deadline: float
@@ -424,7 +477,9 @@ class Notifier:
                     timeout=aiohttp.ClientTimeout(total=limit),
                 ) as response:
                     status = response.status
-                    await response.read()
+                    # only the status matters: a bounded read (an endless answer is
+                    # cut off, its connection closed, not read until the timeout)
+                    await response.content.read(_MAX_ANSWER)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             return True, f"no answer within {limit:g} s"
         except aiohttp.ClientError as exc:
@@ -445,9 +500,18 @@ class Notifier:
         self._in_flight.update(pending)  # counted dropped by ``run`` if not done in time
 
         async def last(item: _Delivery) -> None:
-            _, why = await self._attempt(session, item, time.monotonic() + 60.0)
+            if time.monotonic() >= item.deadline:  # never after its deadline, even now
+                self._in_flight.discard(item)
+                self._count(item, "failed", item.why or "its deadline passed before it was sent")
+                return
+            try:
+                retry, why = await self._attempt(session, item, time.monotonic() + 60.0)
+            except Exception as exc:  # one bug must not cost the others their attempt
+                log.exception("notification_crashed", notify_event=item.event)
+                retry, why = True, repr(exc)
             self._in_flight.discard(item)
-            self._count(item, "delivered" if why is None else "failed", why)
+            outcome = "delivered" if why is None else "failed" if retry else "rejected"
+            self._count(item, outcome, why)
 
         async with anyio.create_task_group() as tg:
             for item in pending:

@@ -310,6 +310,11 @@ def _later_checks(
     return found
 
 
+def _got(value: object) -> str:
+    """What a value is, once: "an integer 3", "a table" (not "a table a table")."""
+    return show(value) if isinstance(value, dict | list) else f"{type_name(value)} {show(value)}"
+
+
 def _dotted(path: KeyPath) -> str:
     """A key as the user reads it: ``databases.app.webhooks[0].url``."""
     return "".join(f"[{p}]" if p.isdigit() and i else f".{p}" for i, p in enumerate(path))[1:]
@@ -342,9 +347,9 @@ def _problem(path: KeyPath, error: ErrorDetails) -> str:
             return f"expected a table, got {type_name(value)}"
         if len(path) == 2:  # a named table
             return f"expected a table [{'.'.join(path)}], got {type_name(value)}"
-        return f"expected a table, got {type_name(value)} {show(value)}"
+        return f"expected a table, got {_got(value)}"
     if kind == "list_type":
-        return f"expected an array, got {type_name(value)} {show(value)}"
+        return f"expected an array, got {_got(value)}"
     if kind == "string_type" or (kind == "literal_error" and not isinstance(value, str)):
         return f"expected a string, got {type_name(value)} {show(value)}"
     if kind == "bool_type":
@@ -580,16 +585,37 @@ def _check_public_key(path: Path) -> None:
     load_public_key(path)
 
 
-def _check_readable(path: Path) -> None:
+def _public(path: Path) -> bytes:
+    from vdistream.pipeline.keys import load_public_key
+
+    return load_public_key(path).public_key
+
+
+def _check_identity(path: Path) -> bytes:
+    """The raw public key of the X25519 private key in ``path`` (``ValueError`` or
+    ``VdistreamError`` if it holds none: a public key, another kind, a passphrase)."""
+    from vdistream.pipeline.envelope import load_identity
+
     if not path.is_file():
         raise ValueError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
+    return load_identity(path).recipient.public_key
+
+
+def _place(url: str) -> tuple[str, ...]:
+    """Where a destination URL stores: two URLs of one place compare equal
+    (``/b``, ``file:///b/``; ``s3://bucket/p`` whatever its query)."""
+    parts = urlsplit(url)
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", url) or parts.scheme.lower() == "file":
+        path = url if not parts.scheme else parts.path
+        return ("file", os.path.normpath(path))
+    return (parts.scheme.lower(), parts.netloc.lower(), parts.path.strip("/"))
 
 
 def _database(
     name: str,
     d: DatabaseIn,
     where: _Where,
-    destinations: Collection[str],
+    destinations: Mapping[str, DestinationSettings] | Collection[str],
     service: ServiceSettings | None = None,
 ) -> DatabaseSettings:
     def at(key: str) -> KeyPath:
@@ -647,6 +673,16 @@ def _database(
                 f"the mirror is the database's destination itself ({d.mirror}): name another "
                 "[destinations.NAME]",
             )
+        if isinstance(destinations, Mapping):  # (the later checks know only the names)
+            main, mirror = destinations[d.destination], destinations[d.mirror]
+            if _place(main.url) == _place(mirror.url):
+                # every backup would be refused when it starts (one copy, not two)
+                raise where.error(
+                    at("mirror"),
+                    f"[destinations.{d.mirror}] is the same place as the database's "
+                    f"destination [destinations.{d.destination}] ({mirror.display_url}): "
+                    "a mirror needs another place",
+                )
     if d.encrypt_key_file is not None:
         key_file = fields["encrypt_key_file"] = where.path(
             at("encrypt_key_file"), d.encrypt_key_file
@@ -664,7 +700,22 @@ def _database(
         identity = fields["decrypt_identity_file"] = where.path(
             at("decrypt_identity_file"), d.decrypt_identity_file
         )
-        where.check(at("decrypt_identity_file"), functools.partial(_check_readable, identity))
+        found = where.check(
+            at("decrypt_identity_file"), functools.partial(_check_identity, identity)
+        )  # the private key itself is dropped: read again by each job
+        recipients_only = d.encrypt_recipients and d.encrypt_key_file is None
+        if recipients_only and d.verify_after_backup is not False:
+            publics = [
+                where.check(at("encrypt_recipients"), functools.partial(_public, p))
+                for p in fields["encrypt_recipients"]
+            ]
+            if found not in publics:
+                raise where.error(
+                    at("decrypt_identity_file"),
+                    f"{identity} is the private key of none of encrypt_recipients: the "
+                    "verification after each backup could not open it (give the private "
+                    "key of one of them, or set verify_after_backup = false)",
+                )
     if (
         d.encrypt_recipients
         and d.encrypt_key_file is None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
@@ -164,9 +164,14 @@ def _connect_timeout(value: Any) -> float:
 
 
 def _positive_seconds(value: Any) -> float:
+    # one message for both ends (``_seconds``' own says "0 to", and 0 is refused here)
+    problem = f"expected more than 0 and at most 86400 seconds, got {value!r}"
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and not 0 < value <= 86400:
+        raise ValueError(problem)
     seconds = _seconds(value)
     if seconds <= 0:
-        raise ValueError(f"expected more than 0 seconds, got {value!r}")
+        raise ValueError(problem)
     return seconds
 
 
@@ -257,6 +262,14 @@ def _name(name: str) -> str:
 _DESTINATION_SCHEMES = ("file", "s3", "azure", "memory", "null")
 
 
+#: where azure:// takes the credentials its URL must not carry (an s3:// URL with
+#: them is still loaded, masked, as before issue 16; its storage refuses it per job)
+_CREDENTIALS = {"azure": "set AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_KEY"}
+#: azure:// URLs' query options (``vdistream.storage.azure.client._URL_OPTIONS``; a
+#: test compares them)
+_URL_OPTIONS = {"azure": frozenset({"endpoint"})}
+
+
 def destination_url(url: str, base: Path) -> str:
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", url)
     if scheme is None:  # a plain path
@@ -269,6 +282,21 @@ def destination_url(url: str, base: Path) -> str:
             f"{', '.join(s + '://' for s in _DESTINATION_SCHEMES)})"
         )
     parts = urlsplit(url)
+    if name in _CREDENTIALS and "@" in parts.netloc:
+        # refused at load, not by every job; the user info is not repeated (a key)
+        shown = urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+        raise ValueError(f"{shown}: an {name} URL must not carry credentials; {_CREDENTIALS[name]}")
+    if name in _URL_OPTIONS:
+        # an unknown option would fail every job; it may be a credential (a SAS's
+        # "sig"), so neither its value nor the query is repeated
+        given_names = [n for n, _ in parse_qsl(parts.query, keep_blank_values=True)]
+        unknown = [n for n in given_names if n not in _URL_OPTIONS[name]]
+        if unknown:
+            shown = urlunsplit(parts._replace(query="***"))
+            raise ValueError(
+                f"{shown}: unknown {name} URL option {unknown[0]!r} (known: "
+                f"{', '.join(sorted(_URL_OPTIONS[name]))})"
+            )
     if name == "s3" and not parts.hostname:
         raise ValueError(f"{mask(url)} names no bucket: s3://BUCKET/PREFIX")
     if name == "azure" and (not parts.netloc or not parts.path.strip("/")):
