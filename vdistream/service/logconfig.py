@@ -23,6 +23,7 @@ import sys
 from typing import TextIO
 
 import structlog
+import structlog.tracebacks
 from structlog.typing import Processor
 
 __all__ = ("configure_logging",)
@@ -56,7 +57,10 @@ def configure_logging(log_format: str, level: str, *, stream: TextIO | None = No
     if chosen == "json":
         final = [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.dict_tracebacks,
+            # no frame locals: they can hold a webhook URL's token or a request's headers
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(default=str),
         ]
     else:
