@@ -67,6 +67,8 @@ def child(case: str, data: str, workdir: str, devices: int) -> None:
         outcome = await run_backup(f"cmd:cat {data}", str(work / "one"), settings)
         if not outcome.ok:
             raise SystemExit(f"the backup failed: {outcome.result.error}")
+        if case == "mirrored" and not (work / "two" / "bench" / "manifest.json").is_file():
+            raise SystemExit("the mirror holds no backup: nothing was mirrored")
         return outcome.result.bytes
 
     with Timer() as timer:

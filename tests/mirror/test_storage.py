@@ -69,8 +69,14 @@ async def test_a_key_taken_on_one_side_publishes_on_neither(tmp_path: Path) -> N
     await storage.secondary.write_bytes("b/s", b"old")
     sink = await storage.open_sink("b/s")
     await sink.write(memoryview(b"new stream"))
-    with pytest.raises(StorageExistsError):
+    with pytest.raises(StorageError) as caught:
         await sink.commit()
+    # not the retryable refusal: the sink is failed, nothing may be deleted for a retry
+    assert not isinstance(caught.value, StorageExistsError)
+    assert str(caught.value) == (
+        f"b/s exists in only one destination ({(tmp_path / 'two' / 'b' / 's').as_uri()}): "
+        f"the destinations disagree ({(tmp_path / 'one' / 'b' / 's').as_uri()})"
+    )
     assert not (tmp_path / "one" / "b" / "s").exists()
     assert (tmp_path / "two" / "b" / "s").read_bytes() == b"old"
     await sink.abort()

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -223,11 +224,14 @@ async def run_backup(
     manifest of its own, naming its own streams, so that restore and verify work from
     either alone. SQL Server's rule for ``MIRROR TO``: the backup is complete only when
     both committed every stream and both manifests are durable; a failure of either
-    (preflight, a stream, a commit, a manifest) leaves nothing of it in either. Both
-    destinations are swept and probed, both hold the in-progress mark, and the id must
-    be free in both. The manifests are written one after the other (the destination's
-    first): a process killed between the two leaves the destination's backup complete
-    and the mirror's streams as debris, which the mirror's next sweep removes.
+    (preflight, a stream, a commit, a manifest) or a cancellation (Ctrl-C, SIGTERM)
+    leaves nothing of it in either. The mirror may be neither the destination (also
+    not under another name: a symlink, ``..``) nor inside it or around it
+    (``ConfigError``). Both destinations are swept and probed, both hold the
+    in-progress mark, and the id must be free in both. The manifests are written one
+    after the other (the destination's first): a process killed between the two
+    (``kill -9``, a power cut) leaves the destination's backup complete and the
+    mirror's streams as debris, which the mirror's next sweep removes.
     """
     settings = settings or BackupSettings()
     source: DatabaseSource | SqlServerSource
@@ -243,7 +247,7 @@ async def run_backup(
         mirror = None
         if settings.mirror is not None:
             mirror = await stack.enter_async_context(opened_storage(settings.mirror))
-            _check_mirror(storage, mirror)
+            await _check_mirror(storage, mirror)
         versions = {"vdistream": __version__, "python": platform.python_version()}
         versions.update(await source.describe())
         key = await backup_key(settings.encryption)
@@ -265,12 +269,46 @@ async def run_backup(
     raise AssertionError("unreachable")  # mypy: the block above returns or raises
 
 
-def _check_mirror(storage: Storage, mirror: Storage) -> None:
-    """``ConfigError`` when the mirror is the destination itself (one copy, not two)."""
-    if storage.url.rstrip("/") == mirror.url.rstrip("/"):
+async def _check_mirror(storage: Storage, mirror: Storage) -> None:
+    """``ConfigError`` when the mirror is the destination itself (one copy, not two):
+    the same URL, or two directories that are one (a symlink, ``..``, a bind mount);
+    or when one is inside the other (each one's sweep, audit and retention would see
+    the other's backups as foreign objects)."""
+    one, two = storage.url.rstrip("/"), mirror.url.rstrip("/")
+    where = "same" if one == two else None
+    if one.startswith(two + "/") or two.startswith(one + "/"):
+        where = "inside"
+    if one.startswith("file:") and two.startswith("file:"):
+        from vdistream.storage.file import FileStorage  # loaded only for two directories
+
+        if isinstance(storage, FileStorage) and isinstance(mirror, FileStorage):
+            # the paths decide (``a/../a`` is not inside ``a``; a symlink is the same)
+            where = await threads.run_sync(_directories_overlap, storage.path, mirror.path)
+    if where == "same":
         raise ConfigError(
             f"the mirror {mirror.url} is the destination itself: give another destination"
         )
+    if where == "inside":
+        raise ConfigError(
+            f"the mirror {mirror.url} and the destination {storage.url} are one inside "
+            "the other: give two separate destinations"
+        )
+
+
+def _directories_overlap(one: Path, two: Path) -> str | None:
+    """``"same"`` when two paths name one directory, ``"inside"`` when one is within
+    the other, else ``None`` (either may not exist yet)."""
+    first, second = one.resolve(), two.resolve()
+    if first == second:
+        return "same"
+    try:
+        if os.path.samefile(one, two):
+            return "same"
+    except OSError:
+        pass  # one of them does not exist yet
+    if first.is_relative_to(second) or second.is_relative_to(first):
+        return "inside"
+    return None
 
 
 async def _sweep(storage: Storage) -> list[str]:
@@ -349,6 +387,7 @@ async def _backup_job(
         return BackupOutcome(result, mirrored=mirrored)
     destinations = storage.storages if isinstance(storage, MirrorStorage) else (storage,)
     written: list[tuple[Storage, str]] = []
+    writing: Storage | None = None  # the destination whose manifest is being written
     try:
         devices = []
         for index, device in enumerate(result.devices):
@@ -402,8 +441,10 @@ async def _backup_job(
         # One manifest per destination, each naming its own streams (a mirror is
         # restored from alone); the backup exists only once every one is durable.
         for each in destinations:
+            writing = each
             url = await write_manifest(each, manifest.relocated(each.url))
             written.append((each, url))  # one by one: a later failure takes these back
+            writing = None
     except (CatalogError, StorageError) as exc:
         # Streams without a manifest (in either destination) are no backup: take them
         # away again, and the manifest one destination already got with them.
@@ -415,6 +456,17 @@ async def _backup_job(
         return BackupOutcome(
             dataclasses.replace(failed, reason=str(exc), error=exc), mirrored=mirrored
         )
+    except BaseException:
+        # Cancelled (Ctrl-C, SIGTERM, a daemon's abort) after every stream committed:
+        # the same take-back, or one destination would keep a complete backup and the
+        # other unmarked streams no sweep removes. The manifest being written may have
+        # committed before the cancellation arrived: it goes too. Bounded like the
+        # job's own cleanup; what is left is logged.
+        if writing is not None:
+            written.append((writing, f"{writing.url.rstrip('/')}/{manifest_key(backup_id)}"))
+        with anyio.CancelScope(shield=True), anyio.move_on_after(options.drain_timeout):
+            await _take_back(storage, result, written)
+        raise
     urls = [url for _, url in written]
     return BackupOutcome(
         result,
@@ -459,8 +511,11 @@ async def _take_back(
         except StorageNotFoundError:
             pass
         except StorageError as exc:
-            _log.error("stream_not_removed", url=device.url, error=str(exc))
-            left.append(device.url)
+            # The error's URL: a mirror's delete names the side that refused (the
+            # device's URL is the destination's, which may be gone already).
+            where = exc.url or device.url
+            _log.error("stream_not_removed", url=where, error=str(exc))
+            left.append(where)
     return left
 
 

@@ -21,8 +21,8 @@ stored bytes are teed. The rule is all or nothing across both:
   command that removes it). When *both* refuse because the key exists
   (``StorageExistsError``), the sink stays sealed and ``commit`` may be retried, as
   the contract says; when only one side refuses, the other side's new object is
-  deleted again and the sink fails (the destinations disagree: a retry could not be
-  made atomic).
+  deleted again and the sink fails with a plain ``StorageError`` (the destinations
+  disagree: a retry could not be made atomic, so it is not the retryable refusal).
 * ``abort`` aborts both, and deletes what one side had already published.
 
 Everything else of the storage goes to both where it writes or marks (``delete``,
@@ -196,6 +196,20 @@ class MirrorSink(Sink):
             left = await self._unpublish()
             if left:
                 raise self._orphans(left, str(errors[0])) from errors[0]
+            if all(isinstance(e, StorageExistsError) for e in errors):
+                # Only one side has the key: not the retryable StorageExistsError (the
+                # sink is failed, and a caller that deleted "the old object" and
+                # committed again would have lost it for nothing).
+                taken = errors[0]
+                where = taken.url if isinstance(taken, StorageError) else None
+                raise StorageError(
+                    f"{self._key} exists in only one destination "
+                    f"({where or 'unknown'}): the destinations disagree",
+                    url=self.url,
+                    device=self.device,
+                ) from taken
+            # the other side's own error first: never the retryable type from a failed sink
+            errors.sort(key=lambda error: isinstance(error, StorageExistsError))
             raise _combined(errors)
 
     async def abort(self) -> None:
