@@ -78,7 +78,13 @@ from vdistream.operations import (
     run_restore,
     run_verify,
 )
-from vdistream.service.backups import apply_retention, backup_ended, group_of, verified_ids
+from vdistream.service.backups import (
+    apply_retention,
+    backup_ended,
+    delete_backup,
+    group_of,
+    verified_ids,
+)
 from vdistream.service.jobs import LATEST, JobRequest, UnknownDatabaseError, new_backup_id
 from vdistream.service.metrics import Metrics
 from vdistream.service.progress import MOVING, JobProgress
@@ -401,7 +407,44 @@ class JobRunner:
             )
             if database.retention.enabled:
                 result["retention"] = await self._retention(job, storage, database, backup_id)
+                if database.mirror is not None:
+                    mirror = settings.destinations[database.mirror]
+                    deleted = result["retention"].get("deleted", [])
+                    result["retention"]["mirror_deleted"] = await self._prune_mirror(
+                        mirror, database, deleted
+                    )
         return Outcome(JobState.SUCCEEDED, result)
+
+    async def _prune_mirror(
+        self, mirror: DestinationSettings, database: DatabaseSettings, deleted: list[str]
+    ) -> list[str]:
+        """The backups retention deleted from the destination, deleted from the mirror
+        too (the mirror holds the same backups; without this it would only grow). One
+        that is not there is no error; one that cannot be deleted is logged and stays
+        for the next run."""
+        gone: list[str] = []
+        if not deleted:
+            return gone
+        async with open_storage(mirror.url) as storage:
+            for backup_id in deleted:
+                done = await delete_backup(storage, backup_id)
+                if done.error is None:
+                    gone.append(backup_id)
+                    log.info(
+                        "backup_deleted",
+                        database=database.name,
+                        backup_id=backup_id,
+                        destination=mirror.display_url,
+                    )
+                else:
+                    log.error(
+                        "backup_delete_failed",
+                        database=database.name,
+                        backup_id=backup_id,
+                        destination=mirror.display_url,
+                        error=done.error,
+                    )
+        return gone
 
     async def _retention(
         self, job: LiveJob, storage: Storage, database: DatabaseSettings, backup_id: str
