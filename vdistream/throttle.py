@@ -5,7 +5,9 @@ A :class:`RateLimit` is a token bucket on anyio's clock, in bytes per second
 
 * **Fair.** Waiters are served first come, first served (one FIFO lock): the devices
   of a job that all wait get equal turns, whatever their speed. Under a limit shared
-  by several jobs the turns are the devices', so a job with more devices gets more.
+  by several jobs the turns are the devices', so a job with more devices gets more,
+  and a turn is one transfer: a job of 64 KiB transfers gets a sixteenth of the bytes
+  of one of 1 MiB transfers (turns, not bytes, are shared; never a starved job).
 * **Live.** ``set_rate(n | None)`` applies at once, also to a waiter already asleep:
   it is woken and recomputes its wait at the new rate (no polling).
 * **Bounded burst.** The bucket holds at most ``burst`` seconds of the rate (0.25 s);
@@ -60,6 +62,9 @@ __all__ = (
 
 #: How many seconds of its rate a bucket holds at most (the largest burst).
 BURST_SECONDS = 0.25
+#: The largest rate (a pebibyte per second): beyond it a rate is no limit in practice,
+#: and the bucket's float arithmetic would overflow.
+_MOST = 1024**5
 
 _OFF = frozenset({"0", "off", "none", "unlimited", "no"})
 _RATE = re.compile(
@@ -86,6 +91,8 @@ def parse_rate(value: str | int | None, *, what: str = "rate") -> int | None:
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{what}: {value} is negative; {_HINT}")
+        if value > _MOST:
+            raise ConfigError(f"{what}: {_shown(value)} is more than 1024T (a pebibyte) per second")
         return value or None
     text = value.strip()
     if text.lower() in _OFF:
@@ -100,7 +107,15 @@ def parse_rate(value: str | int | None, *, what: str = "rate") -> int | None:
         return None
     if rate < 1:
         raise ConfigError(f"{what}: {value!r} is less than 1 byte per second; {_HINT}")
+    if rate > _MOST:  # also what float() made infinite of a few hundred digits
+        raise ConfigError(f"{what}: {_shown(value)} is more than 1024T (a pebibyte) per second")
     return round(rate)
+
+
+def _shown(value: str | int) -> str:
+    """``value`` as an error message names it: a few hundred digits are cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:32]}...({len(text)} characters)"
 
 
 def format_rate(rate: int | None) -> str:
@@ -117,8 +132,10 @@ def format_rate(rate: int | None) -> str:
 def _checked(rate: int | None) -> int | None:
     if rate is None:
         return None
-    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
-        raise ValueError(f"a rate is bytes per second, a positive integer or None: {rate!r}")
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 0 <= rate <= _MOST:
+        raise ValueError(
+            f"a rate is bytes per second, a positive integer up to 1024**5, or None: {rate!r}"
+        )
     return rate or None
 
 
@@ -161,8 +178,8 @@ class RateLimit:
         rate = _checked(rate)
         if rate == self._rate:
             return
-        if self._rate is not None:
-            self._refill()
+        if self._rate is not None and self._stamp is not None:
+            self._refill()  # (no stamp: nothing earned yet, and maybe no event loop here)
         else:
             self._tokens, self._stamp = 0.0, None
         self._rate = rate

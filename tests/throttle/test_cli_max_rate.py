@@ -63,13 +63,17 @@ def test_backup_and_restore_at_a_limited_rate(tmp_path: Path) -> None:
     # ~12.5 MiB at 8 MiB/s: about 1.5 s
     assert 2 * MIB < back["bytes"] / back["seconds"] < 9.2 * MIB, back
 
-    # verify's checksum pass (no trial restore) reads under the limit too: ~1.5 s at 8M
-    started = time.monotonic()
-    checked = _run("verify", f"{dest}/slow", "--no-content", "--max-rate", "8M", "--json")
-    took = time.monotonic() - started
-    assert checked.returncode == 0, checked.stderr
-    assert json.loads(checked.stdout)["status"] == "verified"
-    assert took > 1.2, took
+    # verify's checksum pass (no trial restore) reads under the limit too: ~3 s at 4M
+    # more than the same verify unlimited (both times include the command's start-up,
+    # which a loaded machine can stretch beyond any fixed bound)
+    took = {}
+    for rate in ("off", "4M"):
+        started = time.monotonic()
+        checked = _run("verify", f"{dest}/slow", "--no-content", "--max-rate", rate, "--json")
+        took[rate] = time.monotonic() - started
+        assert checked.returncode == 0, checked.stderr
+        assert json.loads(checked.stdout)["status"] == "verified"
+    assert took["4M"] > took["off"] + 1.5, took
 
 
 @pytest.mark.parametrize("command", ["backup", "restore"])

@@ -127,6 +127,9 @@ def test_a_job_throttled_live_through_the_command_line(
     assert status == 400
     assert answer["error"]["code"] == "invalid_request"
     assert answer["error"]["message"].startswith("max_rate: 'lots' is not a rate")
+    status, answer = _post(daemon, "/v1/throttle", {"max_rate": "9" * 400})  # no HTTP 500
+    assert (status, answer["error"]["code"]) == (400, "invalid_request")
+    assert answer["error"]["message"].endswith("is more than 1024T (a pebibyte) per second")
     status, answer = _post(daemon, f"/v1/jobs/{job_id}/throttle", {"max_rate": 1024})
     assert (status, answer["error"]["code"]) == (409, "job_finished")
     status, answer = _post(daemon, "/v1/jobs/nope/throttle", {"max_rate": "off"})

@@ -56,6 +56,11 @@ def test_parse_rate(text: str | int | None, rate: int | None) -> None:
         (-1, "--max-rate: -1 is negative"),
         (True, "--max-rate: expected a rate like 200M, got bool"),
         (1.5, "--max-rate: expected a rate like 200M, got float"),
+        ("1025T", "--max-rate: '1025T' is more than 1024T (a pebibyte) per second"),
+        # float() makes these digits infinite: refused, not an OverflowError
+        ("9" * 400, "--max-rate: '9999999999999999999999999999999...(402 characters) is more"),
+        (10**40, "--max-rate: 10000000000000000000000000000000...(41 characters) is more than"),
+        (1024**5 + 1, "--max-rate: 1125899906842625 is more than 1024T (a pebibyte) per second"),
     ],
 )
 def test_parse_rate_refuses(value: object, message: str) -> None:
@@ -78,10 +83,29 @@ def test_format_rate() -> None:
     assert format_rate(1000) == "1000/s"
 
 
+def test_set_rate_outside_an_event_loop() -> None:
+    """A limit made and changed before any event loop runs (settings, a host
+    application): no tokens were counted yet, so there is no clock to read."""
+    limit = RateLimit(5 * MIB, name="global")
+    limit.set_rate(7 * MIB)
+    limit.set_rate(None)
+    limit.set_rate(MIB)
+    assert limit.rate == MIB
+
+    async def main() -> float:
+        start = anyio.current_time()
+        await limit.acquire(MIB // 4)  # the bucket starts empty: 0.25 s at 1 MiB/s
+        return anyio.current_time() - start
+
+    assert run(main) == pytest.approx(0.25, abs=0.001)
+
+
 def test_set_rate_checks() -> None:
     limit = RateLimit(name="job")
-    with pytest.raises(ValueError, match="positive integer or None"):
+    with pytest.raises(ValueError, match=r"positive integer up to 1024\*\*5, or None"):
         limit.set_rate(-3)
+    with pytest.raises(ValueError, match="up to 1024"):
+        limit.set_rate(1024**5 + 1)  # the bucket's float arithmetic would overflow
     limit.set_rate(0)
     assert limit.rate is None
     assert repr(RateLimit(MIB, name="job")) == "RateLimit(1M/s, name='job')"
