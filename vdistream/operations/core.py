@@ -393,7 +393,9 @@ async def _backup_job(
         for index, device in enumerate(result.devices):
             stored_bytes, sha256 = device.stored_bytes, device.stored_sha256
             if sha256 is None or stored_bytes is None:  # written out of order: read it back
-                stored_bytes, sha256 = await _hash_everywhere(destinations, device.key)
+                stored_bytes, sha256 = await _hash_everywhere(
+                    destinations, device.key, Limits(job.limits)
+                )
             devices.append(
                 DeviceEntry(
                     index,
@@ -477,10 +479,16 @@ async def _backup_job(
     )
 
 
-async def _hash_everywhere(destinations: tuple[Storage, ...], key: str) -> tuple[int, str]:
+async def _hash_everywhere(
+    destinations: tuple[Storage, ...], key: str, limits: Limits
+) -> tuple[int, str]:
     """A stream written out of order, read back: its size and SHA-256, which must be
-    the same in every destination of a mirror (``StorageIntegrityError`` otherwise)."""
-    found = [await hash_stream(each, key) for each in destinations]
+    the same in every destination of a mirror (``StorageIntegrityError`` otherwise).
+    The read honours the job's bandwidth limits (a live ``vdistream throttle`` too)."""
+    found = [
+        await (_hash_limited(each, key, limits) if limits.active else hash_stream(each, key))
+        for each in destinations
+    ]
     for each, other in zip(destinations[1:], found[1:], strict=True):
         if other != found[0]:
             raise StorageIntegrityError(
