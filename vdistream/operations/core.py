@@ -859,7 +859,7 @@ async def _verify(
         checks.append(Check("key", False, str(exc)))
         return VerifyReport(backup_id, tuple(checks))
     if pipeline.encrypted:
-        checks.append(Check("key", True, "matches the backup's key fingerprint"))
+        checks.append(Check("key", True, "opens the backup's data key"))
     checks.extend(await _reread_all(storage, manifest, pipeline, max_rate))
     if not content or not all(c.ok for c in checks):
         return VerifyReport(backup_id, tuple(checks))

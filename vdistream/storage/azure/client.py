@@ -50,6 +50,7 @@ from azure.storage.blob.aio import BlobServiceClient, ExponentialRetry
 from vdistream.errors import StorageError, StorageExistsError, StorageURLError
 from vdistream.log import get_logger
 from vdistream.storage._common import check_key, join_url
+from vdistream.storage._objects import PrefixedKeys
 from vdistream.storage.azure.blocks import (
     BLOCK_GROWTH_INTERVAL,
     DEFAULT_BLOCK_SIZE,
@@ -101,7 +102,7 @@ def parse_connection_string(text: str) -> dict[str, str]:
 
 
 @dataclasses.dataclass(eq=False, repr=False)
-class AzureConnection:
+class AzureConnection(PrefixedKeys):
     """The account, container, prefix and options of an Azure storage, its client and
     its requests.
 
@@ -365,16 +366,3 @@ class AzureConnection:
                 device=device,
                 exists=exists,
             ) from exc
-
-    def _full_key(self, key: str) -> str:
-        check_key(key, url=self.url)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _url(self, full_key: str) -> str:
-        return join_url(self.url, self._relative(full_key))
-
-    def _relative(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
-
-    def _root(self) -> str:
-        return f"{self.prefix}/" if self.prefix else ""

@@ -55,16 +55,16 @@ from vdistream.errors import (
     StorageError,
     StorageExistsError,
     StorageFullError,
-    StorageIntegrityError,
 )
+from vdistream.storage._streams import PieceSink
 from vdistream.storage.azure.blocks import (
     MAX_BLOCKS,
     SINGLE_PUT_LIMIT,
     block_id,
     block_size_for,
 )
-from vdistream.storage.base import OrphanUploadsError, SinkBase, SinkState
-from vdistream.storage.s3.tasks import Call, TaskOwner
+from vdistream.storage.base import OrphanUploadsError, SinkState
+from vdistream.storage.s3.tasks import Call
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 __all__ = ("AzureSink",)
 
 
-class AzureSink(TaskOwner, SinkBase):
+class AzureSink(PieceSink[int]):
     """One device stream as one block blob; see the module docstring."""
 
     random_access = False
@@ -93,20 +93,17 @@ class AzureSink(TaskOwner, SinkBase):
         self._capacity = self._block_size(1)
         self._next_block = 1
         self._in_flight: dict[int, Call[int]] = {}
-        self._staged: dict[int, int] = {}  # block number -> size
+        self._landed: dict[int, int] = {}  # block number -> size
         self._peak = 0
         #: a block was (or may have been) staged: abort has blocks to remove
         self._blocks_sent = False
         #: the commit was sent and its outcome is unknown: abort looks for our blob
         self._commit_unsure = False
 
-    async def _finish(self) -> None:
-        await self.abort()
-
     @property
     def blocks(self) -> tuple[int, ...]:
         """The sizes of the blocks staged so far, in order."""
-        return tuple(self._staged[number] for number in sorted(self._staged))
+        return tuple(self._landed[number] for number in sorted(self._landed))
 
     @property
     def blocks_in_flight(self) -> int:
@@ -123,30 +120,9 @@ class AzureSink(TaskOwner, SinkBase):
             number, initial=self._initial, growth_interval=self._storage.block_growth_interval
         )
 
-    def _harvest(self) -> None:
-        """Collect finished stagings; re-raise the first failure."""
-        for number, call in list(self._in_flight.items()):
-            if call.done:
-                del self._in_flight[number]
-                self._staged[number] = call.result(url=self.url, device=self.device)
-
-    async def _wait_in_flight(self, *, below: int) -> None:
-        while len(self._in_flight) >= max(below, 1):
-            await self._wait_any(self._in_flight.values())
-            self._harvest()
-
     async def _write(self, view: memoryview, start: int) -> None:
         self._harvest()
-        async with self._tasks() as group:
-            done = 0
-            while done < view.nbytes:
-                take = min(self._capacity - len(self._buffer), view.nbytes - done)
-                with view[done : done + take] as piece:
-                    self._buffer += piece  # copies: the caller's buffer is not retained
-                done += take
-                if len(self._buffer) >= self._capacity:
-                    await self._ship(group)
-        self._harvest()
+        await self._fill(view)
 
     async def _ship(self, group: TaskGroup) -> None:
         """Hand the filled buffer to a background staging; start a new buffer."""
@@ -181,27 +157,13 @@ class AzureSink(TaskOwner, SinkBase):
         )
         return len(data)
 
-    async def _flush(self) -> None:
-        await self._wait_in_flight(below=1)
-
     async def _seal(self) -> None:
         """Stage the last block and wait for all: the data is final from here on. A
         stream that never filled a block is sent by ``_publish`` in one ``Put Blob``, if
         it is small enough (``SINGLE_PUT_LIMIT``); else it is staged here as one block."""
         if not self._blocks_sent and len(self._buffer) <= SINGLE_PUT_LIMIT:
             return
-        async with self._tasks() as group:
-            if self._buffer:
-                await self._ship(group)
-            await self._wait_in_flight(below=1)
-        stored = sum(self._staged.values())
-        if stored != self._size or sorted(self._staged) != list(range(1, len(self._staged) + 1)):
-            raise StorageIntegrityError(
-                f"commit refused: {len(self._staged)} blocks hold {stored} bytes, "
-                f"the sink wrote {self._size}",
-                url=self.url,
-                device=self.device,
-            )
+        await self._send_rest("blocks", int)
 
     async def _publish(self) -> None:
         storage = self._storage
@@ -210,7 +172,7 @@ class AzureSink(TaskOwner, SinkBase):
             self._buffer = bytearray()
             return
         blob = await storage._blob(self.key)
-        ids = [block_id(self.token, number) for number in sorted(self._staged)]
+        ids = [block_id(self.token, number) for number in sorted(self._landed)]
         # Unsure from the moment the list is sent until the blob is verified ours: a
         # lost answer, or a refusal that cannot be told from our own replayed attempt,
         # leaves abort to take back the blob if (and only if) it carries our token.

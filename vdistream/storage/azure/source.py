@@ -13,78 +13,37 @@ fails (``StorageIntegrityError``); the SDK retries broken connections itself.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
 
 from vdistream.errors import StorageIntegrityError
-from vdistream.storage.base import SourceBase
-from vdistream.storage.s3.tasks import Call, TaskOwner
+from vdistream.storage._streams import RangedSource
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup
-
     from vdistream.storage.azure.storage import AzureStorage
 
 __all__ = ("AzureSource",)
 
 
-class AzureSource(TaskOwner, SourceBase):
+class AzureSource(RangedSource):
     """Reads a committed blob with ranged downloads (see the module docstring)."""
 
     def __init__(self, storage: AzureStorage, full_key: str, *, size: int, etag: str) -> None:
-        super().__init__(storage._url(full_key), size)
+        super().__init__(storage._url(full_key), size, chunk_size=storage.read_chunk_size)
         self.key = full_key
         self._storage = storage
         self._shared = storage.current_background()
         self._etag = etag
-        self._chunk_size = storage.read_chunk_size
-        self._chunks: dict[int, Call[bytes]] = {}
 
     def __repr__(self) -> str:
         return f"<AzureSource {self.url} {self._size} bytes>"
 
-    async def _finish(self) -> None:
-        await self.close()
-
     async def _readinto(self, view: memoryview, start: int) -> int:
-        sequential = start == self._position
-        end = min(self._size, start + view.nbytes)
-        done = 0
-        async with self._tasks() as group:
-            while start + done < end:
-                offset = start + done
-                index = offset // self._chunk_size
-                chunk = await self._chunk(group, index, sequential, end)
-                within = offset - index * self._chunk_size
-                count = min(len(chunk) - within, view.nbytes - done)
-                with memoryview(chunk) as whole, whole[within : within + count] as piece:
-                    view[done : done + count] = piece
-                done += count
-        return done
+        return await self._read_ranges(view, start)
 
-    async def _chunk(self, group: TaskGroup, index: int, sequential: bool, end: int) -> bytes:
-        """Chunk ``index``; keeps the next ``read_ahead`` in flight when sequential
-        (without a group of its own: only those this read ends in, before ``end``)."""
-        last = (self._size - 1) // self._chunk_size
-        if self._background is None:
-            last = min(last, (end - 1) // self._chunk_size)
-        high = min(index + (self._storage.read_ahead if sequential else 0), last)
-        for stale in [i for i in self._chunks if i < index or i > high]:
-            self._chunks.pop(stale).cancel()
-        for i in range(index, high + 1):
-            if i not in self._chunks:
-                self._chunks[i] = self._start(
-                    group, functools.partial(self._fetch, i), f"read of range {i}"
-                )
-        call = self._chunks[index]
-        await call.wait()
-        try:
-            return call.result(url=self.url)
-        except BaseException:
-            del self._chunks[index]  # a later read tries again
-            raise
+    def _read_ahead(self) -> int:
+        return self._storage.read_ahead
 
     async def _fetch(self, index: int) -> bytes:
         storage = self._storage
@@ -115,5 +74,4 @@ class AzureSource(TaskOwner, SourceBase):
         return data
 
     async def _close(self) -> None:
-        await self._cancel(self._chunks.values())
-        self._chunks.clear()
+        await self._drop_chunks()

@@ -37,8 +37,8 @@ import dataclasses
 import io
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
@@ -53,39 +53,27 @@ from vdistream.errors import (
     StorageURLError,
 )
 from vdistream.log import get_logger
-from vdistream.ownership import owner_record, record_owner_gone, record_owner_state
 from vdistream.storage._common import (
     INTERNAL_PREFIX,
-    MANIFEST_NAME,
-    OwnerMark,
-    check_backup_id,
     check_key,
-    join_url,
-    owner_text,
 )
+from vdistream.storage._objects import MARK_NAME, MarkedObjectStore
 from vdistream.storage.azure.blocks import SINGLE_PUT_LIMIT, block_id, initial_block_size
 from vdistream.storage.azure.client import AzureConnection
 from vdistream.storage.azure.errors import is_ambiguous, probe_reason
 from vdistream.storage.azure.sink import AzureSink
 from vdistream.storage.azure.source import AzureSource
 from vdistream.storage.base import (
-    BackupInProgressError,
     OrphanUploadsError,
-    Storage,
     StorageProbeError,
 )
-from vdistream.storage.s3.tasks import BACKGROUNDS, Background
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup
     from azure.storage.blob import BlobProperties
 
 __all__ = ("MARK_NAME", "AzureObject", "AzureStorage", "AzureUpload")
 
 _log = get_logger(__name__)
-
-#: the owner mark ``in_progress`` writes under ``<backup_id>/``
-MARK_NAME = ".vdistream-owner.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +96,12 @@ class AzureUpload:
     initiated: datetime | None
 
 
-class AzureStorage(AzureConnection, Storage):
+class AzureStorage(AzureConnection, MarkedObjectStore):
     """The blobs under ``prefix`` in ``container`` of ``account``; options as
     ``AzureConnection`` (URL form and credentials in ``vdistream.storage.azure``).
     Sinks are append-only (``random_access`` is False)."""
 
+    _events = _log
     #: the metadata entry holding a committed blob's writer token
     WRITER: ClassVar[str] = "vdistream_writer"
     #: the upload id ``list_uploads`` gives a blob of uncommitted blocks
@@ -129,33 +118,6 @@ class AzureStorage(AzureConnection, Storage):
         return {"match_condition": MatchConditions.IfNotModified}
 
     # --- the Storage contract ---
-
-    @contextlib.asynccontextmanager
-    async def background(self) -> AsyncIterator[None]:
-        """Block stagings and read-ahead of the sinks and sources opened in this block
-        run in one task group of the storage's (as ``S3Storage.background``)."""
-        failure: Exception | None = None
-        async with anyio.create_task_group() as group:
-            block = Background(self, group)
-            token = BACKGROUNDS.set((block, *BACKGROUNDS.get()))
-            try:
-                yield
-            except Exception as exc:
-                failure = exc
-            finally:
-                block.open = False
-                BACKGROUNDS.reset(token)
-        if failure is not None:
-            raise failure
-
-    def current_background(self) -> Background | None:
-        """The innermost ``background()`` block of this storage the caller runs in."""
-        return next((b for b in BACKGROUNDS.get() if b.storage is self and b.open), None)
-
-    @property
-    def background_group(self) -> TaskGroup | None:
-        block = self.current_background()
-        return block.group if block is not None else None
 
     async def open_sink(
         self, key: str, *, device: str | None = None, expected_size: int | None = None
@@ -181,9 +143,6 @@ class AzureStorage(AzureConnection, Storage):
     async def _props(self, full_key: str, *, what: str) -> BlobProperties:
         blob = await self._blob(full_key)
         return await self._call(what, blob.get_blob_properties, blob=full_key)
-
-    async def list(self, prefix: str = "") -> builtins.list[str]:
-        return [obj.key for obj in await self.list_objects(prefix)]
 
     async def list_objects(self, prefix: str = "") -> builtins.list[AzureObject]:
         """The committed blobs whose key starts with ``prefix``, sorted by key, with
@@ -525,58 +484,10 @@ class AzureStorage(AzureConnection, Storage):
             await self._delete(full_key, device=device, etag=etag)
         return True
 
-    # --- debris: owner marks, sweep, probe ---
+    # --- debris: owner marks (the sweep is MarkedObjectStore's), probe ---
 
-    @contextlib.asynccontextmanager
-    async def in_progress(self, backup_id: str) -> AsyncIterator[None]:
-        """The owner mark (see the module docstring and ``Storage.in_progress``)."""
-        check_backup_id(backup_id, url=self.url)
-        full_key = f"{self._root()}{backup_id}/{MARK_NAME}"
-        token = secrets.token_hex(8)
-        body = json.dumps(
-            {
-                **owner_record(),
-                "backup_id": backup_id,
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                "token": token,
-            }
-        ).encode()
-        with anyio.CancelScope(shield=True):
-            await self._place_mark(backup_id, full_key, body, token)
-        try:
-            yield
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._delete(full_key)
-                except StorageError as exc:
-                    _log.warning("owner_mark_not_removed", key=full_key, error=str(exc))
-
-    async def _place_mark(self, backup_id: str, full_key: str, body: bytes, token: str) -> None:
-        for _ in range(3):
-            try:
-                await self._put_new(full_key, body, token, device=None)
-                return
-            except StorageExistsError:
-                pass
-            record, etag = await self._read_mark_version(full_key)
-            if not record_owner_gone(record):
-                raise BackupInProgressError(
-                    f"backup {backup_id} is being written by another process "
-                    f"({owner_text(record)})",
-                    url=join_url(self.url, backup_id),
-                )
-            # A dead owner's: ours now. Only that version of the mark (If-Match): a
-            # process that took it over meanwhile placed a live mark, never deleted.
-            with contextlib.suppress(StorageNotFoundError, StorageExistsError):
-                await self._delete(full_key, etag=etag)
-        raise BackupInProgressError(
-            f"backup {backup_id} is being started by another process at the same time",
-            url=join_url(self.url, backup_id),
-        )
-
-    async def _read_mark(self, full_key: str) -> dict[str, Any] | None:
-        return (await self._read_mark_version(full_key))[0]
+    async def _put_mark(self, full_key: str, body: bytes, token: str) -> None:
+        await self._put_new(full_key, body, token, device=None)
 
     async def _read_mark_version(self, full_key: str) -> tuple[dict[str, Any] | None, str | None]:
         """The owner record and the ETag of the mark it was read from."""
@@ -592,70 +503,11 @@ class AzureStorage(AzureConnection, Storage):
             return None, None  # gone, or unreadable: no proof of anything
         return (record if isinstance(record, dict) else None), etag
 
-    async def owner_marks(self) -> builtins.list[OwnerMark]:
-        """Every backup's owner mark: ``alive`` False when its owner is provably gone,
-        True when it is this host's and runs, None when it cannot be told."""
-        marks: builtins.list[OwnerMark] = []
-        for obj in await self._list_raw():
-            backup_id, _, name = obj.key.partition("/")
-            if name != MARK_NAME:
-                continue
-            record = await self._read_mark(self._root() + obj.key)
-            marks.append(
-                OwnerMark(backup_id, obj.key, record_owner_state(record), obj.last_modified, record)
-            )
-        return marks
-
-    async def remove_mark(self, mark: OwnerMark) -> None:
-        """Delete an owner mark (``vdistream.catalog.audit`` decides which)."""
-        with anyio.CancelScope(shield=True), contextlib.suppress(StorageNotFoundError):
-            await self._delete(self._root() + mark.name)
-
-    async def sweep(self) -> builtins.list[str]:
-        """``Storage.sweep``: for each backup whose mark proves its owner gone, remove
-        the uncommitted blocks under ``<backup_id>/``, its blobs unless a committed
-        manifest is there, then the mark. Other hosts' marks are kept."""
-        removed: builtins.list[str] = []
-        with anyio.CancelScope(shield=True):
-            for mark in await self.owner_marks():
-                if mark.alive is not False:
-                    continue
-                try:
-                    removed += await self._sweep_backup(mark)
-                except StorageError as exc:
-                    _log.warning("debris_not_removed", storage=self.url, error=str(exc))
-        return removed
-
-    async def _sweep_backup(self, mark: OwnerMark) -> builtins.list[str]:
-        prefix = f"{mark.backup_id}/"
-        removed: builtins.list[str] = []
-
-        def gone(item: str) -> None:
-            removed.append(item)
-            _log.info("debris_removed", storage=self.url, item=item)
-
-        async def still_dead() -> bool:
-            # a new backup with the same id may take the dead mark over at any time
-            return await self._read_mark(self._root() + mark.name) == mark.record
-
-        uploads = await self.list_uploads(prefix)
-        if not await still_dead():
-            return removed
-        for upload in uploads:
-            await self.abort_upload(upload.key, upload.upload_id)
-            gone(f"upload {upload.key} {upload.upload_id}")
-        keys = await self.list(prefix)
-        if f"{prefix}{MANIFEST_NAME}" not in keys:
-            if not await still_dead():
-                return removed
-            for key in keys:
-                with contextlib.suppress(StorageNotFoundError):
-                    await self._delete(self._full_key(key))
-                gone(key)
-        if await still_dead():
-            await self.remove_mark(mark)
-            gone(mark.name)
-        return removed
+    async def _delete_dead_mark(self, full_key: str, version: str | None) -> None:
+        # Only the version of the mark read (If-Match): a process that took it over
+        # meanwhile placed a live mark, never deleted.
+        with contextlib.suppress(StorageNotFoundError, StorageExistsError):
+            await self._delete(full_key, etag=version)
 
     async def probe(self) -> None:
         """A listing of one blob under the prefix, then a tiny put and delete of

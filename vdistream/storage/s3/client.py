@@ -39,6 +39,7 @@ from botocore.handlers import add_expect_header
 from vdistream.errors import StorageError, StorageExistsError, StorageURLError
 from vdistream.log import get_logger
 from vdistream.storage._common import check_key, join_url
+from vdistream.storage._objects import PrefixedKeys
 from vdistream.storage.s3.errors import ShortBody, is_transient, translate_s3_error
 from vdistream.storage.s3.hooks import retry_observer
 from vdistream.storage.s3.parts import (
@@ -86,7 +87,7 @@ def backoff_delay(
 
 
 @dataclasses.dataclass(eq=False, repr=False)
-class S3Connection:
+class S3Connection(PrefixedKeys):
     """The bucket, prefix and options of an S3 storage, its client and its requests.
 
     Tuning knobs (keyword-only): ``part_size`` (the first part size; refused if the
@@ -319,16 +320,3 @@ class S3Connection:
                     observer(_NUMBERED.sub("", what))
             await anyio.sleep(delay)
             attempts += 1
-
-    def _full_key(self, key: str) -> str:
-        check_key(key, url=self.url)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _url(self, full_key: str) -> str:
-        return join_url(self.url, self._relative(full_key))
-
-    def _relative(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
-
-    def _root(self) -> str:
-        return f"{self.prefix}/" if self.prefix else ""

@@ -46,11 +46,11 @@ from vdistream.errors import (
     StorageError,
     StorageExistsError,
     StorageFullError,
-    StorageIntegrityError,
     StorageNotFoundError,
 )
 from vdistream.log import get_logger
-from vdistream.storage.base import OrphanUploadsError, SinkBase, SinkState
+from vdistream.storage._streams import PieceSink
+from vdistream.storage.base import OrphanUploadsError, SinkState
 from vdistream.storage.s3.errors import is_ambiguous
 from vdistream.storage.s3.parts import (
     MAX_OBJECT_SIZE,
@@ -60,7 +60,7 @@ from vdistream.storage.s3.parts import (
     multipart_etag,
     part_size_for,
 )
-from vdistream.storage.s3.tasks import Call, TaskOwner
+from vdistream.storage.s3.tasks import Call
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -83,7 +83,7 @@ class S3Part:
     sha256: str
 
 
-class S3Sink(TaskOwner, SinkBase):
+class S3Sink(PieceSink[S3Part]):
     """One device stream as one multipart upload; see the module docstring."""
 
     random_access = False
@@ -106,7 +106,7 @@ class S3Sink(TaskOwner, SinkBase):
         self._next_part = 1
         self._upload_id: str | None = None
         self._in_flight: dict[int, Call[S3Part]] = {}
-        self._parts: dict[int, S3Part] = {}
+        self._landed: dict[int, S3Part] = {}  # part number -> part
         self._single_sha256: str | None = None
         #: uploads on this key before our first create: never ours to abort
         self._foreign_uploads: frozenset[str] = frozenset()
@@ -116,9 +116,6 @@ class S3Sink(TaskOwner, SinkBase):
         #: may exist all the same (a lost answer)
         self._complete_unsure = False
 
-    async def _finish(self) -> None:
-        await self.abort()
-
     @property
     def upload_id(self) -> str | None:
         """The multipart upload's id, once the first part has been sent."""
@@ -127,7 +124,7 @@ class S3Sink(TaskOwner, SinkBase):
     @property
     def parts(self) -> tuple[S3Part, ...]:
         """The parts uploaded so far, by number."""
-        return tuple(self._parts[number] for number in sorted(self._parts))
+        return tuple(self._landed[number] for number in sorted(self._landed))
 
     @property
     def part_checksums(self) -> tuple[str, ...]:
@@ -151,34 +148,13 @@ class S3Sink(TaskOwner, SinkBase):
         """The arguments naming this sink in every request and error."""
         return {"Key": self.key, "device": self.device}
 
-    def _harvest(self) -> None:
-        """Collect finished part uploads; re-raise the first failure."""
-        for number, call in list(self._in_flight.items()):
-            if call.done:
-                del self._in_flight[number]
-                self._parts[number] = call.result(url=self.url, device=self.device)
-
-    async def _wait_in_flight(self, *, below: int) -> None:
-        while len(self._in_flight) >= max(below, 1):
-            await self._wait_any(self._in_flight.values())
-            self._harvest()
-
     async def _write(self, view: memoryview, start: int) -> None:
         self._harvest()
         if self._size + view.nbytes > MAX_OBJECT_SIZE:
             raise StorageFullError(
                 f"S3 objects hold at most {MAX_OBJECT_SIZE} bytes", url=self.url, device=self.device
             )
-        async with self._tasks() as group:
-            done = 0
-            while done < view.nbytes:
-                take = min(self._capacity - len(self._buffer), view.nbytes - done)
-                with view[done : done + take] as piece:
-                    self._buffer += piece  # copies
-                done += take
-                if len(self._buffer) >= self._capacity:
-                    await self._ship(group)
-        self._harvest()
+        await self._fill(view)
 
     async def _ship(self, group: TaskGroup) -> None:
         """Hand the filled buffer to a background upload; start a new buffer."""
@@ -233,25 +209,11 @@ class S3Sink(TaskOwner, SinkBase):
         )
         return S3Part(number, len(data), str(response["ETag"]), sha256.hex())
 
-    async def _flush(self) -> None:
-        await self._wait_in_flight(below=1)
-
     async def _seal(self) -> None:
         """Upload the last part and wait for all: the data is final from here on."""
         if self._upload_id is None:
             return
-        async with self._tasks() as group:
-            if self._buffer:
-                await self._ship(group)
-            await self._wait_in_flight(below=1)
-        stored = sum(part.size for part in self._parts.values())
-        if stored != self._size or sorted(self._parts) != list(range(1, len(self._parts) + 1)):
-            raise StorageIntegrityError(
-                f"commit refused: {len(self._parts)} parts hold {stored} bytes, "
-                f"the sink wrote {self._size}",
-                url=self.url,
-                device=self.device,
-            )
+        await self._send_rest("parts", lambda part: part.size)
 
     async def _publish(self) -> None:
         if self._upload_id is None:

@@ -30,21 +30,17 @@ read-ahead).
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from vdistream.errors import StorageError
 from vdistream.log import get_logger
-from vdistream.storage.base import SourceBase
+from vdistream.storage._streams import RangedSource
 from vdistream.storage.s3.client import FAILURES, backoff_delay
 from vdistream.storage.s3.errors import ChangedError, ShortBody, is_transient, translate_s3_error
-from vdistream.storage.s3.tasks import Call, TaskOwner
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup
-
     from vdistream.storage.s3.storage import S3Storage
 
 __all__ = ("S3Source",)
@@ -52,17 +48,15 @@ __all__ = ("S3Source",)
 _log = get_logger(__name__)
 
 
-class S3Source(TaskOwner, SourceBase):
+class S3Source(RangedSource):
     """Reads a committed object with one streamed GET, or ranged GETs (module doc)."""
 
     def __init__(self, storage: S3Storage, full_key: str, *, size: int, etag: str | None) -> None:
-        super().__init__(storage._url(full_key), size)
+        super().__init__(storage._url(full_key), size, chunk_size=storage.read_chunk_size)
         self.key = full_key
         self._storage = storage
         self._shared = storage.current_background()
         self._etag = etag
-        self._chunk_size = storage.read_chunk_size
-        self._chunks: dict[int, Call[bytes]] = {}
         self._streamed = storage.read_ahead is None
         self._body: Any = None  # the open streamed GET's body (aiobotocore's)
         self._body_at = 0  # the object offset its next byte has
@@ -70,49 +64,13 @@ class S3Source(TaskOwner, SourceBase):
     def __repr__(self) -> str:
         return f"<S3Source {self.url} {self._size} bytes>"
 
-    async def _finish(self) -> None:
-        await self.close()
-
     async def _readinto(self, view: memoryview, start: int) -> int:
         if self._streamed:
             return await self._read_stream(view, start)
-        sequential = start == self._position
-        end = min(self._size, start + view.nbytes)
-        done = 0
-        async with self._tasks() as group:
-            while start + done < end:
-                offset = start + done
-                index = offset // self._chunk_size
-                chunk = await self._chunk(group, index, sequential, end)
-                within = offset - index * self._chunk_size
-                count = min(len(chunk) - within, view.nbytes - done)
-                with memoryview(chunk) as whole, whole[within : within + count] as piece:
-                    view[done : done + count] = piece
-                done += count
-        return done
+        return await self._read_ranges(view, start)
 
-    async def _chunk(self, group: TaskGroup, index: int, sequential: bool, end: int) -> bytes:
-        """Chunk ``index``; keeps the next ``read_ahead`` in flight when sequential
-        (without a group of its own: only those this read ends in, before ``end``)."""
-        last = (self._size - 1) // self._chunk_size
-        if self._background is None:
-            last = min(last, (end - 1) // self._chunk_size)
-        ahead = self._storage.read_ahead or 0
-        high = min(index + (ahead if sequential else 0), last)
-        stale = [i for i in self._chunks if i < index or i > high]
-        for i in stale:
-            self._chunks.pop(i).cancel()  # it ends in the group, at its next checkpoint
-        for i in range(index, high + 1):
-            if i not in self._chunks:
-                fetch = functools.partial(self._fetch, i)
-                self._chunks[i] = self._start(group, fetch, f"read of range {i}")
-        call = self._chunks[index]
-        await call.wait()
-        try:
-            return call.result(url=self.url)
-        except BaseException:
-            del self._chunks[index]  # a later read tries again
-            raise
+    def _read_ahead(self) -> int:
+        return self._storage.read_ahead or 0
 
     async def _fetch(self, index: int) -> bytes:
         first = index * self._chunk_size
@@ -131,8 +89,7 @@ class S3Source(TaskOwner, SourceBase):
 
     async def _close(self) -> None:
         self._drop_body()
-        await self._cancel(self._chunks.values())
-        self._chunks.clear()
+        await self._drop_chunks()
 
     # --- streamed ------------------------------------------------------------------
 

@@ -24,13 +24,11 @@ import dataclasses
 import hashlib
 import json
 import secrets
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import TaskGroup
 
 from vdistream.errors import (
     StorageError,
@@ -40,20 +38,13 @@ from vdistream.errors import (
     StorageURLError,
 )
 from vdistream.log import get_logger
-from vdistream.ownership import owner_record, record_owner_gone, record_owner_state
 from vdistream.storage._common import (
     INTERNAL_PREFIX,
-    MANIFEST_NAME,
-    OwnerMark,
-    check_backup_id,
     check_key,
-    join_url,
-    owner_text,
 )
+from vdistream.storage._objects import MARK_NAME, MarkedObjectStore
 from vdistream.storage.base import (
-    BackupInProgressError,
     OrphanUploadsError,
-    Storage,
     StorageProbeError,
 )
 from vdistream.storage.s3.client import S3Connection
@@ -61,14 +52,10 @@ from vdistream.storage.s3.errors import is_ambiguous, probe_reason
 from vdistream.storage.s3.parts import digest, initial_part_size, md5
 from vdistream.storage.s3.sink import S3Sink
 from vdistream.storage.s3.source import S3Source
-from vdistream.storage.s3.tasks import BACKGROUNDS, Background
 
 __all__ = ("MARK_NAME", "S3Object", "S3Storage", "S3Upload")
 
 _log = get_logger(__name__)
-
-#: the owner mark ``in_progress`` writes under ``<backup_id>/``
-MARK_NAME = ".vdistream-owner.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +77,7 @@ class S3Object:
     last_modified: datetime | None
 
 
-class S3Storage(S3Connection, Storage):
+class S3Storage(S3Connection, MarkedObjectStore):
     """The objects under ``prefix`` in ``bucket``; options as ``S3Connection``.
 
     URL form: ``s3://bucket/some/prefix?endpoint_url=http://127.0.0.1:9000&region=us-east-1``
@@ -99,37 +86,9 @@ class S3Storage(S3Connection, Storage):
     the query. Sinks are append-only (``random_access`` is False).
     """
 
+    _events = _log
+
     # --- the Storage contract ---
-
-    @contextlib.asynccontextmanager
-    async def background(self) -> AsyncIterator[None]:
-        """Part uploads and read-ahead of the sinks and sources opened in this block
-        run in one task group of the storage's, so they overlap the next calls. Each
-        sink or source still ends its own calls (commit, abort, close) before the block
-        does; an error of the block comes out as itself, not as an exception group.
-        Blocks may nest, and jobs may share a storage: each sees its own block."""
-        failure: Exception | None = None
-        async with anyio.create_task_group() as group:
-            block = Background(self, group)
-            token = BACKGROUNDS.set((block, *BACKGROUNDS.get()))
-            try:
-                yield
-            except Exception as exc:
-                failure = exc
-            finally:
-                block.open = False
-                BACKGROUNDS.reset(token)
-        if failure is not None:
-            raise failure
-
-    def current_background(self) -> Background | None:
-        """The innermost ``background()`` block of this storage the caller runs in."""
-        return next((b for b in BACKGROUNDS.get() if b.storage is self and b.open), None)
-
-    @property
-    def background_group(self) -> TaskGroup | None:
-        block = self.current_background()
-        return block.group if block is not None else None
 
     async def open_sink(
         self, key: str, *, device: str | None = None, expected_size: int | None = None
@@ -156,9 +115,6 @@ class S3Storage(S3Connection, Storage):
 
     async def _head(self, full_key: str, *, what: str) -> Any:
         return await self._call(what, "head_object", Key=full_key)
-
-    async def list(self, prefix: str = "") -> builtins.list[str]:
-        return [obj.key for obj in await self.list_objects(prefix)]
 
     async def list_objects(self, prefix: str = "") -> builtins.list[S3Object]:
         """The committed objects whose key starts with ``prefix``, sorted by key, with
@@ -349,133 +305,23 @@ class S3Storage(S3Connection, Storage):
                 _log.error("s3_discard_failed", bucket=self.bucket, key=full_key, error=str(exc))
             raise
 
-    # --- debris: owner marks, sweep, probe ---
+    # --- debris: owner marks (the sweep is MarkedObjectStore's), probe ---
 
-    @contextlib.asynccontextmanager
-    async def in_progress(self, backup_id: str) -> AsyncIterator[None]:
-        """The owner mark (see the module docstring and ``Storage.in_progress``). A mark
-        whose owner is provably gone is replaced; any other (a live owner, or one on
-        another host) raises ``BackupInProgressError``. One that cannot be deleted at
-        exit is logged: its owner is gone by then, so the next ``sweep`` removes it."""
-        check_backup_id(backup_id, url=self.url)
-        full_key = f"{self._root()}{backup_id}/{MARK_NAME}"
-        body = json.dumps(
-            {
-                **owner_record(),
-                "backup_id": backup_id,
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                # unique, so that a conditional put meeting another holder's mark in
-                # this very process is never mistaken for its own replay
-                "token": secrets.token_hex(8),
-            }
-        ).encode()
-        with anyio.CancelScope(shield=True):
-            await self._place_mark(backup_id, full_key, body)
-        try:
-            yield
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._delete(full_key)
-                except StorageError as exc:
-                    _log.warning("owner_mark_not_removed", key=full_key, error=str(exc))
+    async def _put_mark(self, full_key: str, body: bytes, token: str) -> None:
+        await self._put_new(full_key, body, device=None)
 
-    async def _place_mark(self, backup_id: str, full_key: str, body: bytes) -> None:
-        for _ in range(3):
-            try:
-                await self._put_new(full_key, body, device=None)
-                return
-            except StorageExistsError:
-                pass
-            record = await self._read_mark(full_key)
-            if not record_owner_gone(record):
-                raise BackupInProgressError(
-                    f"backup {backup_id} is being written by another process "
-                    f"({owner_text(record)})",
-                    url=join_url(self.url, backup_id),
-                )
-            with contextlib.suppress(StorageNotFoundError):
-                await self._delete(full_key)  # a dead owner's: ours now
-        raise BackupInProgressError(
-            f"backup {backup_id} is being started by another process at the same time",
-            url=join_url(self.url, backup_id),
-        )
-
-    async def _read_mark(self, full_key: str) -> dict[str, Any] | None:
+    async def _read_mark_version(self, full_key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The owner record; no version (S3's delete of the dead mark is plain)."""
         try:
             data = await self._call("read owner mark", "get_object", Key=full_key, read=-1)
             record = json.loads(data)
         except (StorageNotFoundError, ValueError):
-            return None  # gone, or unreadable: no proof of anything
-        return record if isinstance(record, dict) else None
+            return None, None  # gone, or unreadable: no proof of anything
+        return (record if isinstance(record, dict) else None), None
 
-    async def owner_marks(self) -> builtins.list[OwnerMark]:
-        """Every backup's owner mark: ``alive`` False when its owner is provably gone,
-        True when it is this host's and runs, None when it cannot be told (another
-        host, an unreadable mark)."""
-        marks: builtins.list[OwnerMark] = []
-        for obj in await self._list_raw():
-            backup_id, _, name = obj.key.partition("/")
-            if name != MARK_NAME:
-                continue
-            record = await self._read_mark(self._root() + obj.key)
-            marks.append(
-                OwnerMark(backup_id, obj.key, record_owner_state(record), obj.last_modified, record)
-            )
-        return marks
-
-    async def remove_mark(self, mark: OwnerMark) -> None:
-        """Delete an owner mark (``vdistream.catalog.audit`` decides which)."""
-        with anyio.CancelScope(shield=True), contextlib.suppress(StorageNotFoundError):
-            await self._delete(self._root() + mark.name)
-
-    async def sweep(self) -> builtins.list[str]:
-        """``Storage.sweep``: for each backup whose mark proves its owner gone, abort the
-        uploads under ``<backup_id>/``, delete its objects unless a committed manifest
-        is there, then the mark. Other hosts' marks are kept."""
-        removed: builtins.list[str] = []
-        with anyio.CancelScope(shield=True):
-            for mark in await self.owner_marks():
-                if mark.alive is not False:
-                    continue
-                try:
-                    removed += await self._sweep_backup(mark)
-                except StorageError as exc:
-                    _log.warning("debris_not_removed", storage=self.url, error=str(exc))
-        return removed
-
-    async def _sweep_backup(self, mark: OwnerMark) -> builtins.list[str]:
-        prefix = f"{mark.backup_id}/"
-        removed: builtins.list[str] = []
-
-        def gone(item: str) -> None:
-            removed.append(item)
-            _log.info("debris_removed", storage=self.url, item=item)
-
-        async def still_dead() -> bool:
-            # A new backup with the same id may take the dead mark over at any time
-            # (``_place_mark``): then everything under the id is its own. Checked after
-            # each listing, before anything listed is removed.
-            return await self._read_mark(self._root() + mark.name) == mark.record
-
-        uploads = await self.list_uploads(prefix)
-        if not await still_dead():
-            return removed
-        for upload in uploads:
-            await self.abort_upload(upload.key, upload.upload_id)
-            gone(f"upload {upload.key} {upload.upload_id}")
-        keys = await self.list(prefix)
-        if f"{prefix}{MANIFEST_NAME}" not in keys:
-            if not await still_dead():
-                return removed
-            for key in keys:
-                with contextlib.suppress(StorageNotFoundError):
-                    await self._delete(self._full_key(key))
-                gone(key)
-        if await still_dead():
-            await self.remove_mark(mark)
-            gone(mark.name)
-        return removed
+    async def _delete_dead_mark(self, full_key: str, version: str | None) -> None:
+        with contextlib.suppress(StorageNotFoundError):
+            await self._delete(full_key)
 
     async def probe(self) -> None:
         """``HeadBucket``, then a tiny ``PutObject`` and ``DeleteObject`` of
