@@ -24,7 +24,7 @@ from vdistream.engines.files import remove_stale_partials
 from vdistream.engines.streams import partial_path
 from vdistream.errors import VdistreamError
 from vdistream.log import get_logger
-from vdistream.service.backups import remove_partial_backup
+from vdistream.service.backups import delete_backup, remove_partial_backup
 from vdistream.service.settings import Settings
 from vdistream.service.state import WRITE_TIMEOUT, JobRecord, JobStore, JobType, StateError
 from vdistream.storage import open_storage
@@ -55,6 +55,12 @@ async def recover(store: JobStore, settings: Settings, started_at: datetime) -> 
             cleanup = {"removed": removed}
         elif record.kind is JobType.BACKUP and record.backup_id is not None:
             cleanup = await _remove_partial_backup(record, settings, started_at)
+            mirror = _mirror_url_of(record, settings)
+            destination = _storage_url_of(record, settings)
+            if cleanup is not None and mirror is not None and destination is not None:
+                cleanup = await _remove_partial_mirror(
+                    record, mirror, destination, cleanup, before=started_at
+                )
         if cleanup is not None:
             result = {**dict(record.result or {}), "cleanup": cleanup}
             await store.update(record.id, result=result)
@@ -107,6 +113,54 @@ async def _remove_partial_backup(
         committed=cleanup.get("committed"),
     )
     return cleanup
+
+
+def _mirror_url_of(record: JobRecord, settings: Settings) -> str | None:
+    """The mirror a backup job recorded as it started (``runners``), if still configured."""
+    name = (record.result or {}).get("mirror")
+    if isinstance(name, str) and name in settings.destinations:
+        return settings.destinations[name].url
+    return None
+
+
+async def _remove_partial_mirror(
+    record: JobRecord,
+    url: str,
+    destination: str,
+    cleanup: dict[str, Any],
+    *,
+    before: datetime,
+) -> dict[str, Any]:
+    """A mirrored backup interrupted by the daemon's death: what it left in the mirror
+    goes as in the destination. Killed between its two manifests, it is complete in
+    one place only; SQL Server's rule for ``MIRROR TO`` (complete in both or in
+    neither) and the job's record (failed) say it goes from that place too."""
+    assert record.backup_id is not None
+    try:
+        with anyio.fail_after(60):
+            async with open_storage(url) as storage:
+                mirrored = await remove_partial_backup(
+                    storage, record.backup_id, started=record.started, before=before
+                )
+                one_sided = bool(mirrored.get("committed")) != bool(cleanup.get("committed"))
+                if one_sided and mirrored.get("committed"):
+                    done = await delete_backup(storage, record.backup_id)
+                    mirrored = {**mirrored, "committed": False, "rolled_back": done.error is None}
+            if one_sided and cleanup.get("committed"):
+                async with open_storage(destination) as storage:
+                    done = await delete_backup(storage, record.backup_id)
+                cleanup = {**cleanup, "committed": False, "rolled_back": done.error is None}
+    except (VdistreamError, OSError, TimeoutError) as exc:
+        log.error("partial_backup_not_removed", job_id=record.id, mirror=url, error=str(exc))
+        return {**cleanup, "mirror": {"error": f"cannot remove the partial backup: {exc}"}}
+    log.info(
+        "partial_backup_removed",
+        job_id=record.id,
+        backup_id=record.backup_id,
+        mirror=url,
+        removed=len(mirrored.get("removed", ())),
+    )
+    return {**cleanup, "mirror": mirrored}
 
 
 def _storage_url_of(record: JobRecord, settings: Settings) -> str | None:

@@ -265,8 +265,14 @@ class JobRunner:
         destination = settings.destinations[database.destination]
         backup_id = job.request.backup_id or new_backup_id(database.name)
         keys = [stream_key(backup_id, i, database.devices) for i in range(database.devices)]
+        # the mirror is recorded as the job starts: a restart after a crash cleans it too
+        mirrored = {} if database.mirror is None else {"result": {"mirror": database.mirror}}
         await self._started(
-            job, backup_id=backup_id, storage_url=destination.display_url, add_storage_keys=keys
+            job,
+            backup_id=backup_id,
+            storage_url=destination.display_url,
+            add_storage_keys=keys,
+            **mirrored,
         )
         sqlserver = database.kind == "mssql"
         options = BackupSettings(
