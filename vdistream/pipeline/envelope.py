@@ -68,7 +68,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vdistream.errors import KeyMissingError, PipelineError, WrongKeyError
-from vdistream.pipeline.keys import KEY_SIZE, Key, ScryptParams
+from vdistream.pipeline.keys import KEY_SIZE, Key, ScryptParams, write_new_file
 
 __all__ = (
     "ENVELOPE_VERSION",
@@ -589,31 +589,10 @@ def generate_identity(
     public_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_new(private_target, private_pem, 0o600)
+    write_new_file(private_target, private_pem, 0o600)
     try:
-        _write_new(public_target, public_pem, 0o644)
+        write_new_file(public_target, public_pem, 0o644)
     except BaseException:
         private_target.unlink(missing_ok=True)
         raise
     return identity
-
-
-def _write_new(target: Path, data: bytes, mode: int) -> None:
-    try:
-        # O_EXCL: never replace a file (a symlink is not followed either)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    except FileExistsError as exc:
-        raise PipelineError(f"{target} already exists; not overwriting it") from exc
-    except OSError as exc:
-        raise PipelineError(f"cannot create {target}: {exc.strerror or exc}") from exc
-    try:
-        os.fchmod(fd, mode)  # the umask may have removed bits, never added: make sure
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        target.unlink(missing_ok=True)
-        raise PipelineError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    os.close(fd)

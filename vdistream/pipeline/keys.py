@@ -60,6 +60,7 @@ __all__ = (
     "generate_key_file",
     "load_key",
     "load_public_key",
+    "write_new_file",
 )
 
 KEY_SIZE: Final = 32
@@ -284,25 +285,32 @@ def generate_key_file(path: str | os.PathLike[str]) -> Key:
     """Write a new random key to ``path`` as 64 hex digits, mode 0600; never overwrites."""
     target = Path(path)
     key = Key(secrets.token_bytes(KEY_SIZE), origin=f"key file {target}")
+    # an existing key file may be the only copy of a key that backups need
+    write_new_file(target, key.reveal().hex().encode("ascii") + b"\n", 0o600, what="key file ")
+    return key
+
+
+def write_new_file(target: Path, data: bytes, mode: int, *, what: str = "") -> None:
+    """Create ``target`` (never replacing a file, nor following a symlink) with exactly
+    ``mode`` and ``data``, fsynced; a failed write leaves no file. ``what`` starts the
+    name in the messages (``"key file "``)."""
     try:
-        # O_EXCL: an existing key file may be the only copy of a key that backups need.
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     except FileExistsError as exc:
-        raise PipelineError(f"key file {target} already exists; not overwriting it") from exc
+        raise PipelineError(f"{what}{target} already exists; not overwriting it") from exc
     except OSError as exc:
-        raise PipelineError(f"cannot create key file {target}: {exc.strerror or exc}") from exc
+        raise PipelineError(f"cannot create {what}{target}: {exc.strerror or exc}") from exc
     try:
-        os.fchmod(fd, 0o600)  # the umask may have removed bits, never added: make sure
-        data = memoryview(key.reveal().hex().encode("ascii") + b"\n")
-        while data:
-            data = data[os.write(fd, data) :]
+        os.fchmod(fd, mode)  # the umask may have removed bits, never added: make sure
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
         target.unlink(missing_ok=True)
-        raise PipelineError(f"cannot write key file {target}: {exc.strerror or exc}") from exc
+        raise PipelineError(f"cannot write {what}{target}: {exc.strerror or exc}") from exc
     os.close(fd)
-    return key
 
 
 def load_public_key(path: str | os.PathLike[str]) -> Recipient:
