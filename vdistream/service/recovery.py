@@ -55,12 +55,6 @@ async def recover(store: JobStore, settings: Settings, started_at: datetime) -> 
             cleanup = {"removed": removed}
         elif record.kind is JobType.BACKUP and record.backup_id is not None:
             cleanup = await _remove_partial_backup(record, settings, started_at)
-            mirror = _mirror_url_of(record, settings)
-            destination = _storage_url_of(record, settings)
-            if cleanup is not None and mirror is not None and destination is not None:
-                cleanup = await _remove_partial_mirror(
-                    record, mirror, destination, cleanup, before=started_at
-                )
         if cleanup is not None:
             result = {**dict(record.result or {}), "cleanup": cleanup}
             await store.update(record.id, result=result)
@@ -84,7 +78,11 @@ async def prune_history(store: JobStore, settings: Settings) -> None:
 async def _remove_partial_backup(
     record: JobRecord, settings: Settings, started_at: datetime
 ) -> dict[str, Any] | None:
-    """What an interrupted backup left (``None``: its storage is unknown now)."""
+    """What an interrupted backup left (``None``: its storage is unknown now), in its
+    destination and in the mirror it recorded as it started (``runners``). Killed
+    between its two manifests, a mirrored backup is complete in one place only; SQL
+    Server's rule for ``MIRROR TO`` (complete in both or in neither) and the job's
+    record (failed) say it goes from that place too."""
     assert record.backup_id is not None
     url = _storage_url_of(record, settings)
     if url is None:
@@ -96,14 +94,30 @@ async def _remove_partial_backup(
             storage_url=record.storage_url,
         )
         return None
+    cleanup = await _clean(record, url, started_at)
+    mirror = _mirror_url_of(record, settings)
+    if mirror is None:
+        return cleanup
+    mirrored = await _clean(record, mirror, started_at, mirror=mirror)
+    known = "error" not in cleanup and "error" not in mirrored
+    if known and bool(cleanup.get("committed")) != bool(mirrored.get("committed")):
+        side, where = (cleanup, url) if cleanup.get("committed") else (mirrored, mirror)
+        side.update(committed=False, rolled_back=await _roll_back(record, where))
+    return {**cleanup, "mirror": mirrored}
+
+
+async def _clean(record: JobRecord, url: str, before: datetime, **where: str) -> dict[str, Any]:
+    """``remove_partial_backup`` in the storage ``url``, bounded; its failure is the
+    result's ``error``. ``where`` goes into the log events (the mirror's URL)."""
+    assert record.backup_id is not None
     try:
         with anyio.fail_after(60):
             async with open_storage(url) as storage:
                 cleanup = await remove_partial_backup(
-                    storage, record.backup_id, started=record.started, before=started_at
+                    storage, record.backup_id, started=record.started, before=before
                 )
     except (VdistreamError, OSError, TimeoutError) as exc:
-        log.error("partial_backup_not_removed", job_id=record.id, error=str(exc))
+        log.error("partial_backup_not_removed", job_id=record.id, error=str(exc), **where)
         return {"error": f"cannot remove the partial backup: {exc}"}
     log.info(
         "partial_backup_removed",
@@ -111,8 +125,22 @@ async def _remove_partial_backup(
         backup_id=record.backup_id,
         removed=len(cleanup.get("removed", ())),
         committed=cleanup.get("committed"),
+        **where,
     )
     return cleanup
+
+
+async def _roll_back(record: JobRecord, url: str) -> bool:
+    """Delete the complete backup of an interrupted mirrored job from ``url``."""
+    assert record.backup_id is not None
+    try:
+        with anyio.fail_after(60):
+            async with open_storage(url) as storage:
+                done = await delete_backup(storage, record.backup_id)
+    except (VdistreamError, OSError, TimeoutError) as exc:
+        log.error("partial_backup_not_removed", job_id=record.id, storage_url=url, error=str(exc))
+        return False
+    return done.error is None
 
 
 def _mirror_url_of(record: JobRecord, settings: Settings) -> str | None:
@@ -121,46 +149,6 @@ def _mirror_url_of(record: JobRecord, settings: Settings) -> str | None:
     if isinstance(name, str) and name in settings.destinations:
         return settings.destinations[name].url
     return None
-
-
-async def _remove_partial_mirror(
-    record: JobRecord,
-    url: str,
-    destination: str,
-    cleanup: dict[str, Any],
-    *,
-    before: datetime,
-) -> dict[str, Any]:
-    """A mirrored backup interrupted by the daemon's death: what it left in the mirror
-    goes as in the destination. Killed between its two manifests, it is complete in
-    one place only; SQL Server's rule for ``MIRROR TO`` (complete in both or in
-    neither) and the job's record (failed) say it goes from that place too."""
-    assert record.backup_id is not None
-    try:
-        with anyio.fail_after(60):
-            async with open_storage(url) as storage:
-                mirrored = await remove_partial_backup(
-                    storage, record.backup_id, started=record.started, before=before
-                )
-                one_sided = bool(mirrored.get("committed")) != bool(cleanup.get("committed"))
-                if one_sided and mirrored.get("committed"):
-                    done = await delete_backup(storage, record.backup_id)
-                    mirrored = {**mirrored, "committed": False, "rolled_back": done.error is None}
-            if one_sided and cleanup.get("committed"):
-                async with open_storage(destination) as storage:
-                    done = await delete_backup(storage, record.backup_id)
-                cleanup = {**cleanup, "committed": False, "rolled_back": done.error is None}
-    except (VdistreamError, OSError, TimeoutError) as exc:
-        log.error("partial_backup_not_removed", job_id=record.id, mirror=url, error=str(exc))
-        return {**cleanup, "mirror": {"error": f"cannot remove the partial backup: {exc}"}}
-    log.info(
-        "partial_backup_removed",
-        job_id=record.id,
-        backup_id=record.backup_id,
-        mirror=url,
-        removed=len(mirrored.get("removed", ())),
-    )
-    return {**cleanup, "mirror": mirrored}
 
 
 def _storage_url_of(record: JobRecord, settings: Settings) -> str | None:
