@@ -14,14 +14,14 @@ from tests.daemon.conftest import make_sqlite
 from tests.storage.test_file import files_under
 from vdistream.operations import run_restore
 from vdistream.service import Service
-from vdistream.service.settings import load_settings
+from vdistream.service.settings import Settings, load_settings
 
 pytestmark = pytest.mark.asyncio
 
 
-async def test_a_database_with_a_mirror_is_backed_up_to_both(tmp_path: Path) -> None:
-    source = make_sqlite(tmp_path / "app.db", rows=2_000)
-    local, offsite = tmp_path / "local", tmp_path / "offsite"
+def _mirrored(tmp_path: Path, source: Path, *lines: str) -> Settings:
+    """Settings of one database ``app`` backed up to ``local`` and mirrored to
+    ``offsite`` (under ``tmp_path``), with ``lines`` added to its table."""
     config = tmp_path / "vdistream.toml"
     config.write_text(
         "\n".join(
@@ -30,19 +30,25 @@ async def test_a_database_with_a_mirror_is_backed_up_to_both(tmp_path: Path) -> 
                 f'state_dir = "{tmp_path / "state"}"',
                 'timezone = "UTC"',
                 "[destinations.local]",
-                f'url = "{local}"',
+                f'url = "{tmp_path / "local"}"',
                 "[destinations.offsite]",
-                f'url = "{offsite}"',
+                f'url = "{tmp_path / "offsite"}"',
                 "[databases.app]",
                 f'url = "sqlite://{source}"',
                 'destination = "local"',
                 'mirror = "offsite"',
-                "devices = 2",
+                *lines,
             ]
         )
         + "\n"
     )
-    settings = load_settings(config, env={})
+    return load_settings(config, env={})
+
+
+async def test_a_database_with_a_mirror_is_backed_up_to_both(tmp_path: Path) -> None:
+    source = make_sqlite(tmp_path / "app.db", rows=2_000)
+    local, offsite = tmp_path / "local", tmp_path / "offsite"
+    settings = _mirrored(tmp_path, source, "devices = 2")
     async with Service(settings, api=False) as service:
         record = await service.submit("backup", "app", verify=False)
         done = await service.wait(record.id)
@@ -70,28 +76,7 @@ async def test_retention_prunes_the_mirror_as_it_prunes_the_destination(tmp_path
     goes from the mirror too, or the mirror would only grow."""
     source = make_sqlite(tmp_path / "app.db", rows=500)
     local, offsite = tmp_path / "local", tmp_path / "offsite"
-    config = tmp_path / "vdistream.toml"
-    config.write_text(
-        "\n".join(
-            [
-                "[service]",
-                f'state_dir = "{tmp_path / "state"}"',
-                'timezone = "UTC"',
-                "[destinations.local]",
-                f'url = "{local}"',
-                "[destinations.offsite]",
-                f'url = "{offsite}"',
-                "[databases.app]",
-                f'url = "sqlite://{source}"',
-                'destination = "local"',
-                'mirror = "offsite"',
-                "devices = 1",
-                "retention = { keep_last = 1 }",
-            ]
-        )
-        + "\n"
-    )
-    settings = load_settings(config, env={})
+    settings = _mirrored(tmp_path, source, "devices = 1", "retention = { keep_last = 1 }")
     made = []
     async with Service(settings, api=False) as service:
         for _ in range(3):
