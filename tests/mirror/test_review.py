@@ -11,6 +11,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from tests.jobs.test_manifest_failure import ManifestRefusingStorage
 from tests.s3.conftest import MotoServer
 from tests.storage.test_file import files_under
 from vdistream.catalog import MANIFEST_NAME
@@ -117,21 +118,9 @@ async def test_the_mirror_cannot_be_the_destination_under_another_name(
     assert files_under(one) == []
 
 
-class StuckMirror(FileStorage):
+class StuckMirror(ManifestRefusingStorage):
     """A real directory that refuses the manifest and then every delete (a store that
     turned read-only after the streams were committed)."""
-
-    async def write_bytes(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        overwrite: bool = False,
-        device: str | None = None,
-    ) -> None:
-        if key.endswith(MANIFEST_NAME):
-            raise StorageError("injected manifest write failure", url=self.url)
-        await super().write_bytes(key, data, overwrite=overwrite, device=device)
 
     async def delete(self, key: str) -> None:
         await anyio.lowlevel.checkpoint()
