@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 
 from vdistream import threads
 from vdistream.catalog.manifest import MANIFEST_NAME, CatalogError, Manifest, manifest_key
@@ -149,11 +150,18 @@ async def check_streams(storage: Storage, manifest: Manifest) -> None:
             )
 
 
-async def hash_stream(storage: Storage, key: str) -> tuple[int, str]:
-    """Read a stored stream back: its size and SHA-256."""
+async def hash_stream(
+    storage: Storage,
+    key: str,
+    *,
+    after_read: Callable[[int], Awaitable[object]] | None = None,
+    chunk: int = _CHUNK,
+) -> tuple[int, str]:
+    """Read a stored stream back: its size and SHA-256. ``after_read(n)`` is awaited
+    after each read of ``n`` bytes (a bandwidth limit's wait), reads of ``chunk``."""
     hasher = hashlib.sha256()
     size = 0
-    buffer = bytearray(_CHUNK)
+    buffer = bytearray(chunk)
     view = memoryview(buffer)
     async with await storage.open_source(key) as source:
         while True:
@@ -162,4 +170,6 @@ async def hash_stream(storage: Storage, key: str) -> tuple[int, str]:
                 break
             await threads.run_sync(hasher.update, view[:got])
             size += got
+            if after_read is not None:
+                await after_read(got)
     return size, hasher.hexdigest()

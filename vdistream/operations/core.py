@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import os
 import platform
 from collections.abc import Callable
@@ -485,10 +484,7 @@ async def _hash_everywhere(
     """A stream written out of order, read back: its size and SHA-256, which must be
     the same in every destination of a mirror (``StorageIntegrityError`` otherwise).
     The read honours the job's bandwidth limits (a live ``vdistream throttle`` too)."""
-    found = [
-        await (_hash_limited(each, key, limits) if limits.active else hash_stream(each, key))
-        for each in destinations
-    ]
+    found = [await _hash_limited(each, key, limits) for each in destinations]
     for each, other in zip(destinations[1:], found[1:], strict=True):
         if other != found[0]:
             raise StorageIntegrityError(
@@ -992,10 +988,7 @@ async def _reread(
     stream is now (``Manifest.relocated``); every read waits for ``limits``."""
     name = f"device {device.index}"
     if not pipeline.any:
-        if limits.active:
-            size, sha256 = await _hash_limited(storage, device.key, limits)
-        else:
-            size, sha256 = await hash_stream(storage, device.key)
+        size, sha256 = await _hash_limited(storage, device.key, limits)
         if size == device.bytes and sha256 == device.sha256:
             return Check(name, True, f"{size} bytes stored (no stages), sha256 {sha256[:16]}...")
         return Check(
@@ -1057,17 +1050,11 @@ async def _reread(
 
 
 async def _hash_limited(storage: Storage, key: str, limits: Limits) -> tuple[int, str]:
-    """``hash_stream`` with a wait for ``limits`` after each read."""
-    hasher = hashlib.sha256()
-    size = 0
-    view = memoryview(bytearray(1 << 20))
-    async with await storage.open_source(key) as source:
-        while got := await source.readinto(view):
-            await threads.run_sync(hasher.update, view[:got])
-            size += got
-            if limits.active:
-                await limits.take(got)
-    return size, hasher.hexdigest()
+    """``hash_stream`` waiting for ``limits`` after each read (of 1 MiB, a transfer's
+    size, so the limit's window holds) when any is in effect."""
+    if not limits.active:
+        return await hash_stream(storage, key)
+    return await hash_stream(storage, key, after_read=limits.take, chunk=1 << 20)
 
 
 async def list_backups(destination: str) -> tuple[list[Manifest], list[str]]:
