@@ -32,6 +32,7 @@ import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
+from tests.servers import environment, free_port
 from vdistream.storage.azure.client import DEVELOPMENT_KEY
 from vdistream.storage.azure.storage import AzureStorage
 
@@ -120,13 +121,6 @@ class Azurite:
         return held
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[Azurite]:
     """Azurite's blob service for the session (see the module docstring)."""
@@ -137,19 +131,8 @@ def azurite() -> Iterator[Azurite]:
             "npm install --prefix .cache/azurite azurite@3)",
             pytrace=False,
         )
-    saved = {name: os.environ.get(name) for name in (*_ENV, *_UNSET)}
-    os.environ.update(_ENV)
-    for name in _UNSET:
-        os.environ.pop(name, None)
-    try:
-        with tempfile.TemporaryDirectory(prefix="azurite-") as workspace:
-            yield from _run_azurite(Path(workspace))
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with environment(_ENV, _UNSET), tempfile.TemporaryDirectory(prefix="azurite-") as workspace:
+        yield from _run_azurite(Path(workspace))
 
 
 def _run_azurite(workspace: Path) -> Iterator[Azurite]:
@@ -158,7 +141,7 @@ def _run_azurite(workspace: Path) -> Iterator[Azurite]:
     stop it."""
     with open(workspace / "azurite.log", "w+b") as log:
         for _ in range(3):
-            port = _free_port()
+            port = free_port()
             process = _start(port, workspace, log)
             try:
                 if _wait_listening(process, port, log):

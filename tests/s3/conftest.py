@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 import pytest_asyncio
 
 from tests.s3.proxy import FaultProxy
+from tests.servers import environment, free_port
 from vdistream.storage.s3 import S3Storage
 
 #: The smallest part the test server accepts (and the sinks' first part size).
@@ -43,13 +43,6 @@ _ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 _UNSET = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -98,25 +91,14 @@ def moto_server() -> Iterator[MotoServer]:
             "(declared in vdistream's test extra)",
             pytrace=False,
         )
-    saved = {name: os.environ.get(name) for name in (*_ENV, *_UNSET)}
-    os.environ.update(_ENV)
-    for name in _UNSET:
-        os.environ.pop(name, None)
-    try:
-        with tempfile.TemporaryFile() as log:
-            yield from _run_moto(log)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with environment(_ENV, _UNSET), tempfile.TemporaryFile() as log:
+        yield from _run_moto(log)
 
 
 def _run_moto(log: IO[bytes]) -> Iterator[MotoServer]:
     """Start ``python -m moto.server`` on a free loopback port, wait until it answers,
     yield it, stop it."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = dict(
         os.environ,
